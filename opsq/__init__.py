@@ -1,0 +1,15 @@
+"""opsq: bitsandbytes-compatible 4-bit (NF4/FP4) and 8-bit (LLM.int8) quantization, every
+kernel a ``torch.library`` custom op (``torch.ops.opsq.*``) with a fake kernel, a reference
+kernel, an optional CUDA kernel and an autograd registration.
+
+Import order matters: the schemas are defined first (``_schemas``), then the fake kernels
+(``meta``), the reference kernels (``reference``), autograd, and finally the CUDA extension,
+which only adds ``TORCH_LIBRARY_IMPL(opsq, CUDA, ...)`` kernels.
+"""
+from . import _schemas  # noqa: F401  (defines torch.ops.opsq.*)
+from . import meta  # noqa: F401  (fake kernels)
+from . import reference  # noqa: F401  (reference kernels)
+from . import _autograd  # noqa: F401
+from ._extension import backends, load_extension
+
+load_extension()

@@ -1,0 +1,68 @@
+"""The opsq op registry: every schema of ``torch.ops.opsq.*``, written exactly once.
+
+Backends only add implementations: the fake kernels in :mod:`opsq.meta`, the pure-PyTorch
+reference kernels in :mod:`opsq.reference` (the CPU path and the test oracle) and the CUDA
+kernels registered from C++ (``opsq/csrc``, ``TORCH_LIBRARY_IMPL(opsq, CUDA, m)``).
+
+Vocabulary (the same name means the same thing in every layer):
+
+* ``A``: the main input (activations, or the tensor being quantized / dequantized).
+* ``B``: a weight. For 4-bit ops it is the packed code tensor, shape ``(k, 1)`` in any
+  ``quant_storage`` dtype (viewed as bytes); ``shapeB`` is the logical weight shape
+  ``[N, K]`` (out_features, in_features). For int8 ops it is ``CB`` (int8 ``(N, K)``) or a
+  floating-point weight that is quantized per call.
+* ``absmax``: fp32 per-block scale (or uint8 codes when nested, with ``nested_absmax``,
+  ``nested_code``, ``offset`` and ``nested_blocksize`` describing the 8-bit second level).
+* ``code``: a 256-entry fp32 map for 8-bit blockwise quantization.
+* ``threshold``: LLM.int8 outlier threshold; 0.0 disables outlier handling.
+* Outliers are returned as a static boolean column mask ``outlier_cols`` of shape ``(K,)``,
+  never as data-dependent index tensors, so every op has static output shapes.
+"""
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "opsq"
+
+_NESTED = ("Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+           "int nested_blocksize=256")
+
+SCHEMAS: dict[str, str] = {
+    # ---- 4-bit (NF4 / FP4) -------------------------------------------------------------
+    "quantize_4bit":
+        "(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)",
+    "dequantize_4bit":
+        "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+        f"ScalarType dtype, {_NESTED}) -> Tensor",
+    "gemv_4bit":
+        "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+        f"Tensor? bias=None, {_NESTED}) -> Tensor",
+    "linear_4bit":
+        "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+        f"Tensor? bias=None, {_NESTED}) -> Tensor",
+    # ---- 8-bit blockwise (dynamic map), used for nested absmax ---------------------------
+    "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    "dequantize_blockwise":
+        "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor",
+    # ---- LLM.int8 --------------------------------------------------------------------------
+    "vectorwise_quant": "(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor)",
+    "double_quant":
+        "(Tensor A, float threshold=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "igemmlt": "(Tensor A, Tensor B) -> Tensor",
+    "mm_dequant":
+        "(Tensor A, Tensor row_stats, Tensor col_stats, Tensor? bias=None, "
+        "ScalarType? dtype=None) -> Tensor",
+    "int8_linear":
+        "(Tensor A, Tensor B, Tensor? SCB=None, Tensor? bias=None, float threshold=0.0) -> Tensor",
+    # ---- legacy cuBLASLt int8 layouts ------------------------------------------------------
+    "transform": "(Tensor A, str from_order, str to_order, SymInt[] shape) -> Tensor",
+}
+
+_lib = torch.library.Library(NAMESPACE, "DEF")
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+
+
+def qualname(name: str) -> str:
+    """``"quantize_4bit"`` -> ``"opsq::quantize_4bit"``."""
+    return f"{NAMESPACE}::{name}"

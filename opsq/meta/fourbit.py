@@ -1,0 +1,132 @@
+"""Fake kernels and shared validation for the 4-bit family: ``quantize_4bit``,
+``dequantize_4bit``, ``gemv_4bit`` and ``linear_4bit``.
+
+The ``check_*`` helpers are the single source of validation for this family: the fake kernels
+below and the reference kernels (``opsq.reference.fourbit``) both call them.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE
+from ._common import (ceil_div, check_blocksize, check_dim, check_dtype, check_float_dtype,
+                      check_min_dim, check_numel, check_quant_storage, check_quant_type,
+                      check_same_device, check_shape_arg, numel_of)
+
+
+def packed_numel(n, itemsize: int):
+    """Elements of a ``quant_storage`` tensor (itemsize bytes each) holding ``n`` 4-bit codes."""
+    return ceil_div(ceil_div(n, 2), itemsize)
+
+
+def check_quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str,
+                        quant_storage: torch.dtype):
+    check_dtype("A", A, FLOAT_DTYPES)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    check_quant_storage(quant_storage)
+    n = A.numel()
+    itemsize = torch.empty((), dtype=quant_storage).element_size()
+    return (packed_numel(n, itemsize), 1), (ceil_div(n, blocksize),)
+
+
+def check_absmax(A: torch.Tensor, absmax: torch.Tensor, n, blocksize: int,
+                 nested_absmax, nested_code, offset, nested_blocksize: int) -> None:
+    """Validate a (possibly nested) absmax for ``n`` elements quantized in ``blocksize`` blocks."""
+    blocks = ceil_div(n, blocksize)
+    check_dtype("absmax", absmax, (torch.float32, torch.uint8))
+    check_numel("absmax", absmax, blocks, f" (one per block of {blocksize} of {n} elements)")
+    check_same_device("A", A, absmax=absmax, nested_absmax=nested_absmax,
+                      nested_code=nested_code, offset=offset)
+    if absmax.dtype == torch.uint8:
+        torch._check_value(
+            nested_absmax is not None and nested_code is not None and offset is not None,
+            lambda: "absmax is uint8 (nested statistics): nested_absmax, nested_code and offset "
+                    "are required")
+        check_blocksize(nested_blocksize, "nested_blocksize")
+        check_dtype("nested_absmax", nested_absmax, (torch.float32,))
+        check_numel("nested_absmax", nested_absmax, ceil_div(blocks, nested_blocksize),
+                    f" (one per {nested_blocksize} absmax codes)")
+        check_dtype("nested_code", nested_code, (torch.float32,))
+        check_numel("nested_code", nested_code, 256)
+        check_dtype("offset", offset, (torch.float32,))
+        check_numel("offset", offset, 1)
+    else:
+        torch._check_value(
+            nested_absmax is None and nested_code is None and offset is None,
+            lambda: "nested_absmax/nested_code/offset given but absmax is float32; nested "
+                    "statistics need absmax as uint8 codes")
+
+
+def check_packed(name: str, B: torch.Tensor, n) -> None:
+    check_quant_storage(B.dtype)
+    expected = packed_numel(n, B.element_size())
+    check_numel(name, B, expected,
+                f" ({n} 4-bit codes in {B.dtype} storage)")
+
+
+def check_dequantize_4bit(A, absmax, blocksize, quant_type, shape: Sequence, dtype,
+                          nested_absmax=None, nested_code=None, offset=None,
+                          nested_blocksize=NESTED_BLOCKSIZE):
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    check_float_dtype("dtype", dtype)
+    check_shape_arg("shape", shape)
+    n = numel_of(shape)
+    check_packed("A", A, n)
+    check_absmax(A, absmax, n, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
+    return tuple(shape)
+
+
+def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bias=None,
+                      nested_absmax=None, nested_code=None, offset=None,
+                      nested_blocksize=NESTED_BLOCKSIZE):
+    check_dtype("A", A, FLOAT_DTYPES)
+    check_min_dim("A", A, 1)
+    check_blocksize(blocksize)
+    check_quant_type(quant_type)
+    torch._check_value(len(shapeB) == 2,
+                       lambda: f"shapeB must be [N, K] (out_features, in_features), got "
+                               f"{list(shapeB)}")
+    check_shape_arg("shapeB", shapeB)
+    N, K = shapeB
+    torch._check(A.shape[-1] == K,
+                 lambda: f"A's last dimension ({A.shape[-1]}) must equal shapeB[1] = K ({K})")
+    check_same_device("A", A, B=B, bias=bias)
+    check_packed("B", B, N * K)
+    check_absmax(A, absmax, N * K, blocksize, nested_absmax, nested_code, offset,
+                 nested_blocksize)
+    if bias is not None:
+        check_dtype("bias", bias, FLOAT_DTYPES)
+        check_dim("bias", bias, 1)
+        check_numel("bias", bias, N, " (shapeB[0] = N)")
+    return tuple(A.shape[:-1]) + (N,)
+
+
+@torch.library.register_fake("opsq::quantize_4bit")
+def _quantize_4bit_fake(A, blocksize, quant_type, quant_storage):
+    packed_shape, absmax_shape = check_quantize_4bit(A, blocksize, quant_type, quant_storage)
+    return (A.new_empty(packed_shape, dtype=quant_storage),
+            A.new_empty(absmax_shape, dtype=torch.float32))
+
+
+@torch.library.register_fake("opsq::dequantize_4bit")
+def _dequantize_4bit_fake(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
+                          nested_code=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE):
+    out_shape = check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
+                                      nested_absmax, nested_code, offset, nested_blocksize)
+    return A.new_empty(out_shape, dtype=dtype)
+
+
+def _linear_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None,
+                      nested_absmax=None, nested_code=None, offset=None,
+                      nested_blocksize=NESTED_BLOCKSIZE):
+    out_shape = check_linear_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias,
+                                  nested_absmax, nested_code, offset, nested_blocksize)
+    return A.new_empty(out_shape)
+
+
+torch.library.register_fake("opsq::gemv_4bit", _linear_4bit_fake)
+torch.library.register_fake("opsq::linear_4bit", _linear_4bit_fake)

@@ -1,0 +1,31 @@
+"""Pure-PyTorch reference kernels of every opsq op.
+
+They are registered as each op's ``CompositeExplicitAutograd`` kernel: they serve the CPU, and
+any device for which no native kernel is registered (a CUDA kernel from ``opsq/csrc`` takes
+precedence on CUDA). Called directly (``opsq.reference.quantize_4bit(...)``) they are the test
+oracle on any device. They validate their inputs with the same helpers as the fake kernels.
+"""
+import torch
+
+from .blockwise import dequantize_blockwise, quantize_blockwise
+from .fourbit import dequantize_4bit, gemv_4bit, linear_4bit, quantize_4bit
+from .int8 import double_quant, igemmlt, int8_linear, mm_dequant, vectorwise_quant
+from .layout import transform
+
+KERNELS = {
+    "quantize_4bit": quantize_4bit,
+    "dequantize_4bit": dequantize_4bit,
+    "gemv_4bit": gemv_4bit,
+    "linear_4bit": linear_4bit,
+    "quantize_blockwise": quantize_blockwise,
+    "dequantize_blockwise": dequantize_blockwise,
+    "vectorwise_quant": vectorwise_quant,
+    "double_quant": double_quant,
+    "igemmlt": igemmlt,
+    "mm_dequant": mm_dequant,
+    "int8_linear": int8_linear,
+    "transform": transform,
+}
+
+for _name, _fn in KERNELS.items():
+    torch.library.impl(f"opsq::{_name}", "CompositeExplicitAutograd")(_fn)
