@@ -13,3 +13,12 @@ from . import _autograd  # noqa: F401
 from ._extension import backends, load_extension
 
 load_extension()
+
+from . import functional, nn, utils  # noqa: E402
+from .autograd import MatmulLtState, MatMul4Bit, MatMul8bitLt, matmul, matmul_4bit  # noqa: E402
+from .functional import QuantState  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "nn", "utils", "QuantState", "matmul", "matmul_4bit", "MatmulLtState",
+           "MatMul8bitLt", "MatMul4Bit", "backends", "__version__"]

@@ -1,0 +1,662 @@
+"""Quantized layers with bitsandbytes' names, state-dict format and construction semantics.
+
+Design:
+
+* The layer owns its quantized state as tensors registered on the module: the packed weight is
+  the ``weight`` parameter (``requires_grad=False``); 4-bit statistics are non-persistent
+  buffers ``weight_absmax``, ``weight_quant_map``, ``weight_nested_absmax``,
+  ``weight_nested_quant_map``, ``weight_offset``; int8 scales are the buffer ``SCB``. Static
+  metadata (shape, blocksize, quant_type) are plain Python ints/strings fixed at quantization.
+  ``forward`` reads only these, so swapping the ``weight`` parameter object (FSDP, ``.to()``)
+  loses nothing; ``weight.quant_state`` is kept in sync for bitsandbytes-style callers.
+* Quantization happens on the first move to a real device (``.to(device)``, ``.cuda()``,
+  ``.to("cpu")``), on loading a state dict, or with ``from_float``/``from_prequantized``.
+  Moves after that change only the device: packed bytes and fp32 statistics are never cast
+  (``.half()`` on a quantized model leaves them bit-exact).
+* ``forward`` is one opsq op (``linear_4bit`` / ``int8_linear``) and mutates nothing.
+* ``state_dict()`` writes bitsandbytes' keys; ``load_state_dict()`` reads them.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import functional as Fq
+from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE,
+                          code_table)
+
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
+
+
+class _DeviceProbe(torch.Tensor):
+    """Records which device a ``Module._apply`` function moves tensors to, without moving."""
+
+    record: dict = {}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        rec = _DeviceProbe.record
+        if name == "to":
+            rec["device"] = torch._C._nn._parse_to(*args[1:], **kwargs)[0]
+        elif name in ("cuda", "xpu"):
+            d = args[1] if len(args) > 1 else kwargs.get("device")
+            rec["device"] = torch.device(name, d) if isinstance(d, int) else \
+                torch.device(d if d is not None else name)
+        elif name == "cpu":
+            rec["device"] = torch.device("cpu")
+        elif name == "empty_like":  # Module.to_empty: materialisation, not a move of data
+            rec["device"] = kwargs.get("device")
+            rec["empty"] = True
+        else:  # queries such as is_floating_point(): answer them normally
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **kwargs)
+        return args[0]
+
+
+def _apply_intent(fn) -> tuple[Optional[torch.device], bool]:
+    """``(target device or None, is_to_empty)`` of a ``Module._apply`` function: None for a
+    pure dtype change (``.half()``, ``.float()``)."""
+    _DeviceProbe.record = {}
+    try:
+        fn(torch.empty(0).as_subclass(_DeviceProbe))
+    except Exception:
+        pass
+    rec, _DeviceProbe.record = _DeviceProbe.record, {}
+    device = rec.get("device")
+    if device is not None and not isinstance(device, torch.device):
+        device = torch.device(device)
+    return device, bool(rec.get("empty"))
+
+
+def _parse_to_device(*args, **kwargs) -> Optional[torch.device]:
+    device, _, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+    return device
+
+
+# =============================================================================================
+# 4-bit
+# =============================================================================================
+class Params4bit(nn.Parameter):
+    """A 4-bit weight parameter (bitsandbytes' ``Params4bit``).
+
+    Before quantization it holds the float weight ``(N, K)``; ``.to(device)`` / ``.cuda()`` /
+    ``.cpu()`` to a real device returns a new ``Params4bit`` holding the packed codes
+    ``(ceil(N*K/2/itemsize), 1)`` in ``quant_storage`` and its :class:`~opsq.functional.QuantState`.
+
+    Args:
+        data: the float weight, or packed codes with ``bnb_quantized=True``.
+        requires_grad: always False for quantized data.
+        quant_state: the state of packed ``data``.
+        blocksize: 32..4096, elements per absmax block (default 64).
+        compress_statistics: nested (8-bit) absmax.
+        quant_type: "nf4" or "fp4".
+        quant_storage: dtype of the packed storage.
+        module: the owning :class:`Linear4bit`, if any.
+        bnb_quantized: whether ``data`` is already packed.
+    """
+
+    def __new__(cls, data: Optional[torch.Tensor] = None, requires_grad: bool = False,
+                quant_state: Optional[Fq.QuantState] = None, blocksize: int = 64,
+                compress_statistics: bool = True, quant_type: str = "fp4",
+                quant_storage: torch.dtype = torch.uint8, module=None,
+                bnb_quantized: bool = False):
+        if data is None:
+            data = torch.empty(0)
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_state = quant_state
+        self.quant_storage = quant_storage
+        self.bnb_quantized = bnb_quantized
+        self.module = module
+        return self
+
+    def _attrs(self) -> dict[str, Any]:
+        return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+                    quant_type=self.quant_type, quant_storage=self.quant_storage)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.data.clone(), self.requires_grad,
+                          copy.deepcopy(self.quant_state, memo), module=None,
+                          bnb_quantized=self.bnb_quantized, **self._attrs())
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild_params4bit, (self.data, self.requires_grad, self.quant_state,
+                                      self.bnb_quantized, self._attrs()))
+
+    def _quantize(self, device) -> "Params4bit":
+        w = self.data.contiguous().to(device)
+        packed, state = Fq.quantize_4bit(w, blocksize=self.blocksize,
+                                         compress_statistics=self.compress_statistics,
+                                         quant_type=self.quant_type,
+                                         quant_storage=self.quant_storage)
+        return type(self)(packed, False, state, module=self.module, bnb_quantized=True,
+                          **self._attrs())
+
+    @classmethod
+    def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict[str, Any],
+                          requires_grad: bool = False, device="cuda", module=None,
+                          **kwargs) -> "Params4bit":
+        """Wrap packed codes and their bitsandbytes state-dict entries (``absmax``,
+        ``quant_map``, ``quant_state.bitsandbytes__<type>``, nested entries) on ``device``.
+
+        Raises:
+            ValueError: malformed ``quantized_stats``.
+        """
+        state = Fq.QuantState.from_dict(quantized_stats, device=device)
+        return cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
+                   compress_statistics=state.nested, quant_type=state.quant_type,
+                   quant_storage=data.dtype, module=module, bnb_quantized=True)
+
+    def to(self, *args, **kwargs):
+        device = _parse_to_device(*args, **kwargs)
+        if device is None:  # dtype-only conversion: a plain tensor, as for any Parameter
+            return super().to(*args, **kwargs)
+        if device.type != "meta" and not self.bnb_quantized \
+                and self.device.type != "meta":
+            return self._quantize(device)
+        if self.bnb_quantized:  # device move only: packed bytes and statistics keep their dtype
+            state = copy.deepcopy(self.quant_state)
+            if state is not None:
+                state.to(device)
+            data = self.data.to(device)
+            return type(self)(data, False, state, module=self.module, bnb_quantized=True,
+                              **self._attrs())
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None, non_blocking=False):
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+
+def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
+    return Params4bit(data, requires_grad, quant_state, bnb_quantized=bnb_quantized, **attrs)
+
+
+_STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
+               "weight_nested_quant_map", "weight_offset")
+
+
+class Linear4bit(nn.Linear):
+    """4-bit (NF4 / FP4) linear layer, bitsandbytes' ``Linear4bit``; QLoRA's storage format
+    (Dettmers et al., "QLoRA", 2023).
+
+    ``y = x @ dequant(W).T + bias`` computed in ``compute_dtype`` (default: the input's dtype)
+    by one ``torch.ops.opsq.linear_4bit`` call; output in the input's dtype.
+
+    Args:
+        input_features: K.
+        output_features: N.
+        bias: add a bias of shape ``(N,)``.
+        compute_dtype: fp16/bf16/fp32 or None (use the input's dtype).
+        compress_statistics: nested (8-bit) absmax.
+        quant_type: "nf4" or "fp4".
+        quant_storage: dtype the packed weight is stored as (e.g. bf16 for FSDP1).
+        device: where the float weight is created (quantization happens on the first move).
+        blocksize: 32..4096 (default 64).
+    Shapes:
+        input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
+    Raises:
+        RuntimeError: ``forward`` before the weight is quantized.
+    """
+
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
+                 quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8,
+                 device=None, blocksize: int = 64):
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(self.weight.data, requires_grad=False,
+                                 compress_statistics=compress_statistics, quant_type=quant_type,
+                                 quant_storage=quant_storage, blocksize=blocksize, module=self)
+        self.compute_dtype = compute_dtype
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_storage = quant_storage
+        self.blocksize = blocksize
+        self.nested_blocksize = NESTED_BLOCKSIZE
+        self.weight_shape = (output_features, input_features)
+        self.weight_dtype = self.weight.dtype
+        for name in _STATE_4BIT:
+            self.register_buffer(name, None, persistent=False)
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_absmax is not None
+
+    @property
+    def quant_state(self) -> Optional[Fq.QuantState]:
+        """The weight's :class:`~opsq.functional.QuantState`, rebuilt from the module's tensors."""
+        if not self.is_quantized:
+            return None
+        state2 = offset = None
+        if self.weight_nested_absmax is not None:
+            state2 = Fq.QuantState(absmax=self.weight_nested_absmax, code=self.weight_nested_quant_map,
+                                   blocksize=self.nested_blocksize, dtype=torch.float32)
+            offset = self.weight_offset.reshape(())
+        return Fq.QuantState(absmax=self.weight_absmax, shape=self.weight_shape,
+                             code=self.weight_quant_map, blocksize=self.blocksize,
+                             quant_type=self.quant_type, dtype=self.weight_dtype,
+                             offset=offset, state2=state2)
+
+    def _set_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
+        """Adopt packed codes and their state (shape must be this layer's ``(N, K)``)."""
+        if tuple(state.shape) != self.weight_shape:
+            raise ValueError(f"quantized weight has shape {tuple(state.shape)}, layer expects "
+                             f"{self.weight_shape} (out_features, in_features)")
+        self.blocksize = state.blocksize
+        self.quant_type = state.quant_type
+        self.quant_storage = packed.dtype
+        self.weight_dtype = state.dtype
+        self.compress_statistics = state.nested
+        self.weight_absmax = state.absmax
+        self.weight_quant_map = state.code
+        if state.nested:
+            self.weight_nested_absmax = state.state2.absmax
+            self.weight_nested_quant_map = state.state2.code
+            self.weight_offset = state.offset.reshape(1).to(torch.float32)
+            self.nested_blocksize = state.state2.blocksize
+        else:
+            self.weight_nested_absmax = self.weight_nested_quant_map = None
+            self.weight_offset = None
+        self.weight = Params4bit(packed, False, None, blocksize=self.blocksize,
+                                 compress_statistics=state.nested, quant_type=self.quant_type,
+                                 quant_storage=packed.dtype, module=self, bnb_quantized=True)
+        self._sync_weight_state()
+
+    def _sync_weight_state(self) -> None:
+        if isinstance(self.weight, Params4bit):
+            self.weight.quant_state = self.quant_state
+            self.weight.bnb_quantized = self.is_quantized
+
+    def _apply(self, fn, recurse=True):
+        device, to_empty = _apply_intent(fn)
+        w = self.weight
+        if not self.is_quantized and isinstance(w, Params4bit) and w.bnb_quantized:
+            # A pre-quantized Params4bit was assigned directly: adopt its state.
+            self._set_quantized(w.data, w.quant_state)
+        elif (not self.is_quantized and device is not None and device.type != "meta"
+              and not to_empty and w is not None and w.device.type != "meta"):
+            packed, state = Fq.quantize_4bit(
+                w.data.contiguous().to(device), blocksize=self.blocksize,
+                compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+                quant_storage=self.quant_storage)
+            self.weight_dtype = w.dtype
+            self._set_quantized(packed, state)
+        if not self.is_quantized:
+            return super()._apply(fn, recurse)
+        # Quantized tensors only follow device moves; everything else gets fn.
+        held = {"weight": self._parameters.pop("weight")}
+        for name in _STATE_4BIT:
+            held[name] = self._buffers.pop(name)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in held.items():
+                if t is not None and device is not None:
+                    t = torch.empty_like(t, device=device) if to_empty else t.to(device)
+                if name == "weight":
+                    self._parameters["weight"] = Params4bit(
+                        t.data if isinstance(t, torch.Tensor) else t, False, None,
+                        blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+                        quant_type=self.quant_type, quant_storage=self.quant_storage,
+                        module=self, bnb_quantized=True)
+                else:
+                    self._buffers[name] = t
+        self._sync_weight_state()
+        return self
+
+    # ---- construction helpers -----------------------------------------------------------------
+    @classmethod
+    def from_float(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                   compress_statistics: bool = False, quant_storage: torch.dtype = torch.uint8,
+                   compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """A quantized copy of ``linear`` on ``linear``'s device (weights quantized now).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``. ValueError: bad options.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        dev = linear.weight.device
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    compute_dtype=compute_dtype, compress_statistics=compress_statistics,
+                    quant_type=quant_type, quant_storage=quant_storage, device="meta",
+                    blocksize=blocksize)
+        packed, state = Fq.quantize_4bit(linear.weight.detach().contiguous(),
+                                         blocksize=blocksize,
+                                         compress_statistics=compress_statistics,
+                                         quant_type=quant_type, quant_storage=quant_storage)
+        layer._set_quantized(packed, state)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone().to(dev),
+                                      requires_grad=linear.bias.requires_grad)
+        return layer
+
+    # ---- state dict -----------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_quantized:
+            for k, v in self.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        wkey = prefix + "weight"
+        qs_keys = [k for k in state_dict if k.startswith(wkey + ".")]
+        incoming = state_dict.get(wkey)
+        if qs_keys or (incoming is not None and self.is_quantized):
+            if incoming is None:
+                missing_keys.append(wkey)
+                return
+            qs = {k[len(wkey) + 1:]: state_dict.pop(k) for k in qs_keys}
+            state_dict.pop(wkey)
+            device = self._device_for_load(incoming)
+            try:
+                if qs:
+                    state = Fq.QuantState.from_dict(qs, device=device)
+                    packed = incoming.detach().to(device)
+                else:  # float weight into a quantized layer: quantize it with our settings
+                    packed, state = Fq.quantize_4bit(
+                        incoming.detach().to(device), blocksize=self.blocksize,
+                        compress_statistics=self.compress_statistics,
+                        quant_type=self.quant_type, quant_storage=self.quant_storage)
+                self._set_quantized(packed, state)
+            except (ValueError, TypeError, RuntimeError) as e:
+                error_msgs.append(f"While loading {wkey}: {e}")
+                return
+            held = self._parameters.pop("weight")
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                              missing_keys, unexpected_keys, error_msgs)
+            finally:
+                self._parameters["weight"] = held
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _device_for_load(self, incoming: torch.Tensor) -> torch.device:
+        own = self.weight.device if self.weight is not None else incoming.device
+        return incoming.device if own.type == "meta" else own
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_quantized:
+            raise RuntimeError(
+                "Linear4bit: the weight is not quantized yet; move the layer to a device "
+                "(.to(device), .cuda(), .to('cpu')), use Linear4bit.from_float, or load a "
+                "quantized state dict first")
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        out = torch.ops.opsq.linear_4bit(
+            x, self.weight, list(self.weight_shape), self.weight_absmax, self.blocksize,
+            self.quant_type, self.bias, self.weight_nested_absmax, self.weight_nested_quant_map,
+            self.weight_offset, self.nested_blocksize)
+        return out if out.dtype == inp_dtype else out.to(inp_dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
+                f"quant_storage={self.quant_storage}, quantized={self.is_quantized}")
+
+
+class LinearFP4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="fp4"``."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None,
+                 blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype,
+                         compress_statistics, "fp4", quant_storage, device, blocksize)
+
+
+class LinearNF4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="nf4"`` (QLoRA's NormalFloat4)."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None,
+                 blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype,
+                         compress_statistics, "nf4", quant_storage, device, blocksize)
+
+
+# =============================================================================================
+# int8 (LLM.int8)
+# =============================================================================================
+class Int8Params(nn.Parameter):
+    """An int8 weight parameter (bitsandbytes' ``Int8Params``).
+
+    With ``has_fp16_weights=False``, ``.to(device)`` to a real device returns a new
+    ``Int8Params`` holding ``CB`` (int8 ``(N, K)``, row-wise absmax-quantized to ±127) with
+    ``SCB`` (fp32 ``(N,)`` row absmax). With ``has_fp16_weights=True`` it stays a float weight.
+    """
+
+    def __new__(cls, data: Optional[torch.Tensor] = None, requires_grad: bool = True,
+                has_fp16_weights: bool = False, CB: Optional[torch.Tensor] = None,
+                SCB: Optional[torch.Tensor] = None):
+        if data is None:
+            data = torch.empty(0)
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.has_fp16_weights = has_fp16_weights
+        self.CB = CB
+        self.SCB = SCB
+        return self
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.data.clone(), self.requires_grad, self.has_fp16_weights,
+                          None if self.CB is None else self.data.clone(),
+                          None if self.SCB is None else self.SCB.clone())
+
+    def __reduce_ex__(self, proto):
+        return (Int8Params, (self.data, self.requires_grad, self.has_fp16_weights, self.CB,
+                             self.SCB))
+
+    def _quantize(self, device) -> "Int8Params":
+        CB, SCB, _ = Fq.int8_vectorwise_quant(self.data.contiguous().to(device))
+        return type(self)(CB, False, False, CB, SCB)
+
+    def to(self, *args, **kwargs):
+        device = _parse_to_device(*args, **kwargs)
+        if device is None:  # dtype-only conversion: a plain tensor, as for any Parameter
+            return super().to(*args, **kwargs)
+        if device.type != "meta" and not self.has_fp16_weights \
+                and self.CB is None and self.data.is_floating_point() \
+                and self.device.type != "meta":
+            return self._quantize(device)
+        if self.CB is not None:  # device move only
+            data = self.data.to(device)
+            scb = None if self.SCB is None else self.SCB.to(device)
+            return type(self)(data, False, False, data, scb)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None, non_blocking=False):
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+
+class Linear8bitLt(nn.Linear):
+    """LLM.int8 linear layer (Dettmers et al., "LLM.int8()", 2022), bitsandbytes'
+    ``Linear8bitLt``.
+
+    Inputs are quantized row-wise to int8 per call; the weight is int8 ``CB`` with row scales
+    ``SCB`` (``has_fp16_weights=False``, quantized on the first move to a device) or a float
+    weight quantized per call (``has_fp16_weights=True``, trainable). With ``threshold > 0``
+    input columns holding a value with |x| >= threshold are multiplied in 16-bit precision.
+    ``forward`` is one ``torch.ops.opsq.int8_linear`` call.
+
+    Args:
+        input_features: K. output_features: N. bias: add a bias ``(N,)``.
+        has_fp16_weights: keep a float, trainable weight.
+        threshold: outlier threshold (0 disables the mixed-precision decomposition).
+        index: accepted for compatibility, unused.
+        device: where the float weight is created.
+    Shapes:
+        input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
+    """
+
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 has_fp16_weights: bool = True, threshold: float = 0.0, index=None,
+                 device=None):
+        super().__init__(input_features, output_features, bias, device)
+        if not (threshold >= 0.0):
+            raise ValueError(f"threshold must be >= 0 (0 disables outliers), got {threshold}")
+        from ..autograd import MatmulLtState
+        self.state = MatmulLtState()
+        self.state.threshold = float(threshold)
+        self.state.has_fp16_weights = has_fp16_weights
+        self.threshold = float(threshold)
+        self.has_fp16_weights = has_fp16_weights
+        self.index = index
+        self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
+                                 requires_grad=has_fp16_weights)
+        self.register_buffer("SCB", None, persistent=False)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.SCB is not None
+
+    def _set_quantized(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
+        if tuple(CB.shape) != (self.out_features, self.in_features) or CB.dtype != torch.int8:
+            raise ValueError(f"CB must be int8 of shape ({self.out_features}, "
+                             f"{self.in_features}), got {CB.dtype} {tuple(CB.shape)}")
+        if SCB.numel() != self.out_features:
+            raise ValueError(f"SCB must have {self.out_features} elements, got {SCB.numel()}")
+        self.weight = Int8Params(CB, False, False, CB, None)
+        self.SCB = SCB.reshape(-1).to(torch.float32)
+        self._sync_weight_state()
+
+    def _sync_weight_state(self) -> None:
+        if isinstance(self.weight, Int8Params) and self.is_quantized:
+            self.weight.CB = self.weight.data
+            self.weight.SCB = self.SCB
+        self.state.CB = self.weight.data if self.is_quantized else None
+        self.state.SCB = self.SCB
+
+    def _apply(self, fn, recurse=True):
+        device, to_empty = _apply_intent(fn)
+        w = self.weight
+        if not self.is_quantized and isinstance(w, Int8Params) and w.CB is not None \
+                and w.SCB is not None:
+            self._set_quantized(w.data, w.SCB)
+        elif (not self.is_quantized and not self.has_fp16_weights and device is not None
+              and device.type != "meta" and not to_empty and w.device.type != "meta"
+              and w.is_floating_point()):
+            CB, SCB, _ = Fq.int8_vectorwise_quant(w.data.contiguous().to(device))
+            self._set_quantized(CB, SCB)
+        if not self.is_quantized:
+            return super()._apply(fn, recurse)
+        held = {"weight": self._parameters.pop("weight"), "SCB": self._buffers.pop("SCB")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in held.items():
+                if device is not None:
+                    t = torch.empty_like(t, device=device) if to_empty else t.to(device)
+                if name == "weight":
+                    self._parameters["weight"] = Int8Params(t.data, False, False, t.data, None)
+                else:
+                    self._buffers["SCB"] = t
+        self._sync_weight_state()
+        return self
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, threshold: float = 6.0,
+                   has_fp16_weights: bool = False) -> "Linear8bitLt":
+        """An int8 copy of ``linear`` on its device (quantized now unless
+        ``has_fp16_weights``).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``. ValueError: ``threshold`` < 0.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    has_fp16_weights=has_fp16_weights, threshold=threshold, device="meta")
+        w = linear.weight.detach()
+        if has_fp16_weights:
+            layer.weight = Int8Params(w.clone(), True, True)
+        else:
+            CB, SCB, _ = Fq.int8_vectorwise_quant(w.contiguous())
+            layer._set_quantized(CB, SCB)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(),
+                                      requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.is_quantized:
+            destination[prefix + "SCB"] = self.SCB if keep_vars else self.SCB.detach()
+            destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        wkey, skey, fkey = prefix + "weight", prefix + "SCB", prefix + "weight_format"
+        fmt = state_dict.pop(fkey, None)
+        if skey in state_dict:
+            SCB = state_dict.pop(skey)
+            if wkey not in state_dict:
+                missing_keys.append(wkey)
+                return
+            CB = state_dict.pop(wkey)
+            try:
+                code = 0 if fmt is None else int(fmt.item() if isinstance(fmt, torch.Tensor)
+                                                 else fmt)
+                order = INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING.get(code)
+                if order is None:
+                    raise ValueError(f"weight_format must be one of "
+                                     f"{sorted(INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)}, "
+                                     f"got {code}")
+                if order != "row":  # legacy cuBLASLt tiled checkpoint: undo the layout
+                    CB = torch.ops.opsq.transform(CB.reshape(-1).contiguous(), order, "row",
+                                                  [self.out_features, self.in_features])
+                device = self.weight.device if self.weight.device.type != "meta" else CB.device
+                self._set_quantized(CB.detach().to(device), SCB.detach().to(device))
+            except (ValueError, TypeError, RuntimeError) as e:
+                error_msgs.append(f"While loading {wkey}: {e}")
+                return
+            held = self._parameters.pop("weight")
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                              missing_keys, unexpected_keys, error_msgs)
+            finally:
+                self._parameters["weight"] = held
+            return
+        if self.is_quantized and wkey in state_dict and state_dict[wkey].is_floating_point():
+            w = state_dict.pop(wkey)
+            CB, SCB, _ = Fq.int8_vectorwise_quant(w.detach().to(self.weight.device))
+            self._set_quantized(CB, SCB)
+            held = self._parameters.pop("weight")
+            try:
+                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                              missing_keys, unexpected_keys, error_msgs)
+            finally:
+                self._parameters["weight"] = held
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.is_quantized:
+            return torch.ops.opsq.int8_linear(x, self.weight, self.SCB, self.bias,
+                                              self.threshold)
+        # Float weight (has_fp16_weights=True, or not yet moved): quantized per call.
+        return torch.ops.opsq.int8_linear(x, self.weight, None, self.bias, self.threshold)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}, "
+                f"has_fp16_weights={self.has_fp16_weights}, quantized={self.is_quantized}")
