@@ -417,6 +417,8 @@ class SchemeResult:
     compiled_ms: float = float("nan")
     compile_s: float = float("nan")
     meets_target: bool = False
+    eager_batch_ms: list[float] = field(default_factory=list)
+    compiled_batch_ms: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -531,7 +533,7 @@ def run_scheme(scheme: str, fp32: torch.nn.Module, reference: torch.Tensor, batc
     progress.start(f"{scheme}: eager run")
     warm_up(model, batches)
     eager, eager_times = embed_all(model, batches, device)
-    res.eager_ms = _median(eager_times)
+    res.eager_ms, res.eager_batch_ms = _median(eager_times), eager_times
     res.eager_cos_mean = _cosines(eager, reference).mean().item()
     progress.step()
 
@@ -554,7 +556,7 @@ def run_scheme(scheme: str, fp32: torch.nn.Module, reference: torch.Tensor, batc
     res.graph_breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     res.compiled_graphs = counting.graphs
     res.recompiles = max(counting.graphs - 1, 0)
-    res.compiled_ms = _median(compiled_times)
+    res.compiled_ms, res.compiled_batch_ms = _median(compiled_times), compiled_times
     cos = _cosines(out, reference)
     res.cos_mean, res.cos_min = cos.mean().item(), cos.min().item()
     res.max_abs_eager_vs_compiled = (out - eager).abs().max().item()

@@ -1,0 +1,89 @@
+"""Quantized models under torch.compile(fullgraph=True): zero graph breaks, no recompiles when
+the batch size changes (mark_dynamic), outputs equal to eager, compiled backward."""
+import pytest
+import torch
+from torch import nn
+
+import opsq
+from opsq.nn import Linear4bit, Linear8bitLt
+
+
+class _Counter:
+    """A backend that counts compiled graphs and runs them eagerly (aot_eager)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        from torch._dynamo.backends.debugging import aot_eager
+        return aot_eager(gm, example_inputs)
+
+
+def _model(kind, **kw):
+    torch.manual_seed(0)
+    if kind == "4bit":
+        layers = [Linear4bit(64, 96, quant_type=kw.get("quant_type", "nf4"),
+                             compress_statistics=kw.get("nested", True),
+                             compute_dtype=kw.get("compute_dtype")),
+                  nn.GELU(), Linear4bit(96, 32, bias=False, quant_type="fp4")]
+    else:
+        layers = [Linear8bitLt(64, 96, has_fp16_weights=False, threshold=kw.get("threshold", 6.0)),
+                  nn.GELU(), Linear8bitLt(96, 32, has_fp16_weights=False,
+                                          threshold=kw.get("threshold", 6.0))]
+    return nn.Sequential(*layers).to("cpu")
+
+
+CONFIGS = [("4bit", {}), ("4bit", {"nested": False, "quant_type": "fp4"}),
+           ("4bit", {"compute_dtype": torch.bfloat16}),
+           ("int8", {"threshold": 6.0}), ("int8", {"threshold": 0.0})]
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS, ids=[f"{k}-{kw}" for k, kw in CONFIGS])
+def test_fullgraph_no_graph_breaks_no_recompile(kind, kw):
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    model = _model(kind, **kw)
+    backend = _Counter()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for batch in (4, 7, 2, 13):  # size 1 is specialised by dynamo itself (0/1 rule)
+        x = torch.randn(batch, 64) * 4
+        if batch == 4:
+            torch._dynamo.mark_dynamic(x, 0)
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+    assert sum(counters["graph_break"].values()) == 0
+    assert backend.graphs == 1, f"recompiled: {backend.graphs} graphs"
+
+
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_one_opsq_op_per_layer_in_graph(kind):
+    model = _model(kind)
+    gm = torch.export.export(model, (torch.randn(3, 64),)).graph_module
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    name = "linear_4bit" if kind == "4bit" else "int8_linear"
+    opsq_calls = [t for t in targets if "opsq" in str(t)]
+    assert len(opsq_calls) == 2 and all(name in str(t) for t in opsq_calls)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_compiled_backward_matches_eager(kind):
+    torch._dynamo.reset()
+    model = _model(kind)
+    x = (torch.randn(5, 64) * 4).requires_grad_(True)
+    y = model(x).square().sum()
+    gx, = torch.autograd.grad(y, x)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x2 = x.detach().clone().requires_grad_(True)
+    gx2, = torch.autograd.grad(compiled(x2).square().sum(), x2)
+    torch.testing.assert_close(gx2, gx)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_inductor_matches_eager(kind):
+    torch._dynamo.reset()
+    model = _model(kind)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(6, 64) * 4
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,162 @@
+"""Layer semantics: quantize on first move, dtype-safe moves, state dicts, errors."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import opsq
+from opsq.nn import Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit
+
+
+def test_linear4bit_quantizes_on_first_move_only():
+    layer = Linear4bit(64, 32, quant_type="nf4")
+    assert not layer.is_quantized
+    with pytest.raises(RuntimeError, match="not quantized yet"):
+        layer(torch.randn(2, 64))
+    layer = layer.half()  # dtype change only: not a move
+    assert not layer.is_quantized
+    layer = layer.to("cpu")
+    assert layer.is_quantized and layer.weight.dtype == torch.uint8
+    assert isinstance(layer.weight, Params4bit) and layer.weight.quant_state is not None
+    assert layer.weight.shape == (64 * 32 // 2, 1)
+
+
+def test_quantized_state_survives_dtype_moves():
+    layer = Linear4bit(64, 32, quant_type="fp4", quant_storage=torch.bfloat16).to("cpu")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer = layer.half().float().bfloat16()
+    after = layer.state_dict()
+    for k in before:
+        if k == "bias":
+            continue
+        assert after[k].dtype == before[k].dtype and torch.equal(after[k].view(torch.uint8)
+                                                                 if after[k].dtype == torch.bfloat16
+                                                                 else after[k], before[k].view(torch.uint8)
+                                                                 if before[k].dtype == torch.bfloat16
+                                                                 else before[k]), k
+    assert layer.bias.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("cls,qt", [(LinearNF4, "nf4"), (LinearFP4, "fp4")])
+def test_nf4_fp4_classes(cls, qt):
+    layer = cls(32, 16).to("cpu")
+    assert layer.quant_type == qt and layer.is_quantized
+
+
+def test_from_float_matches_reference_and_state_dict_roundtrip():
+    lin = nn.Linear(128, 48)
+    q = Linear4bit.from_float(lin, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(3, 128)
+    W = opsq.functional.dequantize_4bit(q.weight, q.weight.quant_state)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, W, lin.bias), rtol=1e-5,
+                               atol=1e-5)
+    sd = q.state_dict()
+    assert "weight.quant_state.bitsandbytes__nf4" in sd and "weight.nested_absmax" in sd
+    fresh = Linear4bit(128, 48, quant_type="nf4")
+    fresh.load_state_dict(sd)
+    torch.testing.assert_close(fresh(x), q(x), rtol=0, atol=0)
+
+
+def test_from_prequantized():
+    lin = nn.Linear(64, 32)
+    q = Linear4bit.from_float(lin, quant_type="fp4")
+    sd = q.state_dict()
+    stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+    p = Params4bit.from_prequantized(sd["weight"], stats, device="cpu")
+    assert p.bnb_quantized and p.quant_state.quant_type == "fp4"
+    layer = Linear4bit(64, 32, quant_type="fp4")
+    layer.weight = p
+    layer.bias = nn.Parameter(lin.bias.detach().clone())
+    layer = layer.to("cpu")
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer(x), q(x), rtol=0, atol=0)
+
+
+def test_swapping_weight_parameter_keeps_metadata():
+    layer = Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64)
+    y = layer(x)
+    layer.weight = nn.Parameter(layer.weight.data.clone(), requires_grad=False)  # plain param
+    torch.testing.assert_close(layer(x), y, rtol=0, atol=0)
+
+
+def test_deepcopy_and_pickle():
+    layer = Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(copy.deepcopy(layer)(x), layer(x), rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(layer.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    other = Linear4bit(64, 32, quant_type="nf4")
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+
+
+def test_load_float_weight_into_quantized_layer_quantizes_it():
+    lin = nn.Linear(64, 32)
+    q = Linear4bit(64, 32, quant_type="nf4").to("cpu")
+    q.load_state_dict(lin.state_dict())
+    ref = Linear4bit.from_float(lin, quant_type="nf4", compress_statistics=True)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(q(x), ref(x), rtol=0, atol=0)
+
+
+def test_bad_quant_state_reports_error():
+    q = Linear4bit.from_float(nn.Linear(64, 32), quant_type="nf4")
+    sd = q.state_dict()
+    sd["weight.quant_state.bitsandbytes__nf4"] = torch.tensor(list(b"{not json"),
+                                                              dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="not valid UTF-8 JSON"):
+        Linear4bit(64, 32, quant_type="nf4").load_state_dict(sd)
+    sd = q.state_dict()
+    del sd["weight.absmax"]
+    with pytest.raises(RuntimeError, match="absmax"):
+        Linear4bit(64, 32, quant_type="nf4").load_state_dict(sd)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_linear8bitlt_modes(threshold):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32).half()
+    x = torch.randn(5, 64, dtype=torch.float16) * 3
+    frozen = Linear8bitLt(64, 32, has_fp16_weights=False, threshold=threshold).half()
+    frozen.weight = Int8Params(lin.weight.data.clone(), requires_grad=False,
+                               has_fp16_weights=False)
+    frozen.bias = nn.Parameter(lin.bias.detach().clone())
+    frozen = frozen.to("cpu")
+    assert frozen.is_quantized and frozen.weight.dtype == torch.int8
+    trainable = Linear8bitLt(64, 32, has_fp16_weights=True, threshold=threshold).half()
+    trainable.load_state_dict(lin.state_dict())
+    trainable = trainable.to("cpu")
+    assert not trainable.is_quantized and trainable.weight.requires_grad
+    torch.testing.assert_close(frozen(x), trainable(x), rtol=0, atol=0)
+    ref = lin(x).double()
+    assert ((frozen(x).double() - ref).norm() / ref.norm()) < 0.02
+    out = trainable(x).float().sum()
+    out.backward()
+    assert trainable.weight.grad is not None and trainable.weight.grad.shape == (32, 64)
+    sd = frozen.state_dict()
+    assert set(sd) == {"weight", "bias", "SCB", "weight_format"}
+    assert sd["weight_format"].item() == 0 and sd["weight_format"].dtype == torch.uint8
+
+
+def test_linear8bitlt_loads_legacy_tiled_weight():
+    lin = nn.Linear(70, 40).half()
+    q = Linear8bitLt.from_float(lin, threshold=0.0)
+    sd = q.state_dict()
+    x = torch.randn(3, 70, dtype=torch.float16)
+    for fmt, order in ((1, "col32"), (2, "col_turing"), (3, "col_ampere")):
+        legacy = dict(sd)
+        legacy["weight"] = torch.ops.opsq.transform(sd["weight"], "row", order, [40, 70])
+        legacy["weight_format"] = torch.tensor(fmt, dtype=torch.uint8)
+        layer = Linear8bitLt(70, 40, has_fp16_weights=False).half()
+        layer.load_state_dict(legacy)
+        torch.testing.assert_close(layer(x), q(x), rtol=0, atol=0)
+
+
+def test_linear8bitlt_rejects_negative_threshold():
+    with pytest.raises(ValueError, match="threshold"):
+        Linear8bitLt(8, 8, threshold=-1.0)
