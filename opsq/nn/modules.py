@@ -79,6 +79,15 @@ def _parse_to_device(*args, **kwargs) -> Optional[torch.device]:
     return device
 
 
+def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
+    """Run ``base._load_from_state_dict`` for everything but the (already adopted) weight."""
+    held = module._parameters.pop("weight")
+    try:
+        base._load_from_state_dict(module, state_dict, prefix, *args)
+    finally:
+        module._parameters["weight"] = held
+
+
 # =============================================================================================
 # 4-bit
 # =============================================================================================
@@ -374,12 +383,8 @@ class Linear4bit(nn.Linear):
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return
-            held = self._parameters.pop("weight")
-            try:
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                              missing_keys, unexpected_keys, error_msgs)
-            finally:
-                self._parameters["weight"] = held
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -628,23 +633,15 @@ class Linear8bitLt(nn.Linear):
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return
-            held = self._parameters.pop("weight")
-            try:
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                              missing_keys, unexpected_keys, error_msgs)
-            finally:
-                self._parameters["weight"] = held
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
             return
         if self.is_quantized and wkey in state_dict and state_dict[wkey].is_floating_point():
             w = state_dict.pop(wkey)
             CB, SCB, _ = Fq.int8_vectorwise_quant(w.detach().to(self.weight.device))
             self._set_quantized(CB, SCB)
-            held = self._parameters.pop("weight")
-            try:
-                super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                              missing_keys, unexpected_keys, error_msgs)
-            finally:
-                self._parameters["weight"] = held
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
