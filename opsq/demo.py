@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 
 import torch
 
-import opsq
+import opsq  # noqa: F401  (registers torch.ops.opsq.*)
 
 #: Mean-cosine targets (vs the fp32 model) that the default run is expected to meet.
 COSINE_TARGETS = {"nf4": 0.96, "fp4": 0.93, "int8": 0.995}
@@ -328,7 +328,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def embed_all(fn: Callable, batches: Batches, device: torch.device) -> tuple[torch.Tensor, list[float]]:
+def embed_all(fn: Callable, batches: Batches,
+              device: torch.device) -> tuple[torch.Tensor, list[float]]:
     """Run every batch through ``fn`` once, timing each call.
 
     Args:
@@ -658,7 +659,8 @@ def format_table(result: DemoResult) -> str:
         return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
                          enumerate(zip(cells, widths)))
 
-    out = [f"opsq demo: {Path(result.model).name} on {result.device}, backend={result.backend}, "
+    model = "/".join(Path(result.model).parts[-2:])
+    out = [f"opsq demo: {model} on {result.device}, backend={result.backend}, "
            f"{result.sentences} sentences, {result.batches} batches of {result.batch_size} x "
            f"{result.seq_len} tokens, fp32 eager {_fmt(result.fp32_ms, '.1f')} ms/batch",
            line(headers), line(["-" * w for w in widths])]

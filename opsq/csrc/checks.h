@@ -1,0 +1,123 @@
+// Host-side argument validation of opsq's CUDA kernels. The messages follow the Python checks
+// of opsq/meta (name the argument, show what was expected and what was received) and the
+// exception types match: TypeError for a dtype, ValueError for a value or device,
+// RuntimeError for a shape or element count.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <initializer_list>
+#include <sstream>
+#include <string>
+
+namespace opsq {
+
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBool: return "torch.bool";
+    default: return c10::toString(t);
+  }
+}
+
+inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
+  std::ostringstream os;
+  os << "[";
+  bool first = true;
+  for (auto t : allowed) {
+    os << (first ? "" : ", ") << dtype_name(t);
+    first = false;
+  }
+  os << "]";
+  return os.str();
+}
+
+inline void check_dtype(const char* name, at::ScalarType got,
+                        std::initializer_list<at::ScalarType> allowed) {
+  bool ok = false;
+  for (auto t : allowed) ok = ok || (t == got);
+  TORCH_CHECK_TYPE(ok, name, " must have dtype in ", dtype_list(allowed), ", got ",
+                   dtype_name(got));
+}
+
+constexpr std::initializer_list<at::ScalarType> kFloatDtypes = {at::kHalf, at::kBFloat16,
+                                                                at::kFloat};
+
+inline void check_float_dtype(const char* name, at::ScalarType got) {
+  check_dtype(name, got, kFloatDtypes);
+}
+
+inline void check_quant_storage(const char* name, at::ScalarType got) {
+  check_dtype(name, got,
+              {at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf, at::kBFloat16,
+               at::kFloat, at::kDouble});
+}
+
+inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
+  bool ok = false;
+  for (int64_t b = 32; b <= 4096; b *= 2) ok = ok || (b == blocksize);
+  TORCH_CHECK_VALUE(ok, name, " must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got ",
+                    blocksize);
+}
+
+// Returns true for "nf4", false for "fp4".
+inline bool check_quant_type(c10::string_view quant_type) {
+  const bool nf4 = quant_type == "nf4";
+  TORCH_CHECK_VALUE(nf4 || quant_type == "fp4",
+                    "quant_type must be one of ('nf4', 'fp4'), got '", std::string(quant_type),
+                    "'");
+  return nf4;
+}
+
+inline void check_same_device(const char* main_name, const at::Tensor& main, const char* name,
+                              const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device() == main.device(), name, " must be on the same device as ",
+                    main_name, " (", main.device(), "), got ", t.device());
+}
+inline void check_same_device(const char* main_name, const at::Tensor& main, const char* name,
+                              const std::optional<at::Tensor>& t) {
+  if (t.has_value()) check_same_device(main_name, main, name, *t);
+}
+
+inline void check_cuda(const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+}
+
+inline void check_numel(const char* name, const at::Tensor& t, int64_t expected,
+                        const std::string& what = "") {
+  TORCH_CHECK(t.numel() == expected, name, " must have ", expected, " elements", what, ", got ",
+              t.numel(), " (shape ", t.sizes(), ")");
+}
+
+inline void check_min_dim(const char* name, const at::Tensor& t, int64_t ndim) {
+  TORCH_CHECK(t.dim() >= ndim, name, " must have at least ", ndim, " dimension(s), got shape ",
+              t.sizes());
+}
+
+inline void check_dim(const char* name, const at::Tensor& t, int64_t ndim) {
+  TORCH_CHECK(t.dim() == ndim, name, " must be ", ndim, "-D, got shape ", t.sizes());
+}
+
+inline void check_threshold(double threshold) {
+  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold == threshold,
+                    "threshold must be a finite number >= 0 (0 disables outliers), got ",
+                    threshold);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Elements of a quant_storage tensor (itemsize bytes each) holding n 4-bit codes.
+inline int64_t packed_numel(int64_t n, int64_t itemsize) {
+  return ceil_div(ceil_div(n, 2), itemsize);
+}
+
+}  // namespace opsq

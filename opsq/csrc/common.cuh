@@ -1,0 +1,189 @@
+// Shared device helpers of opsq's CUDA kernels.
+//
+// Exactness: setup.py compiles with --use_fast_math (flush-to-zero, approximate division and
+// reciprocal, FMA contraction). Every operation whose rounding decides a quantization code or
+// must equal the reference kernel bit for bit goes through the inline-PTX helpers below, which
+// are IEEE round-to-nearest-even, keep subnormals (no .ftz) and are never contracted into FMAs.
+#pragma once
+
+#include <cstdint>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace opsq {
+
+// ---- IEEE fp32 arithmetic, independent of --use_fast_math -------------------------------
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float rcp_rn(float a) {
+  float r;
+  asm("rcp.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
+  return r;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
+// |x| as IEEE bits: for non-negative floats the unsigned order of the bits is the float order,
+// and any NaN sorts above +inf, so an integer max over these bits is a NaN-propagating amax
+// (as torch.amax) that ignores flush-to-zero.
+__device__ __forceinline__ uint32_t abs_bits(float x) { return __float_as_uint(x) & 0x7fffffffu; }
+__device__ __forceinline__ bool bits_is_nan(uint32_t b) { return (b & 0x7fffffffu) > 0x7f800000u; }
+
+// 1 / absmax where absmax > 0 (and not NaN), else 0: torch.where(absmax > 0, 1 / absmax, 0).
+__device__ __forceinline__ float safe_rcp_from_bits(uint32_t absbits) {
+  return (absbits != 0u && absbits <= 0x7f800000u) ? rcp_rn(__uint_as_float(absbits)) : 0.0f;
+}
+
+// ---- element conversions -----------------------------------------------------------------
+template <typename T> struct Cvt;
+template <> struct Cvt<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+template <> struct Cvt<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+template <> struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) {
+    return __float2bfloat16_rn(x);
+  }
+};
+
+// Two floats -> two 16-bit values packed in a uint32 (a in the low half), round to nearest even.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b);
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float a, float b) {
+  __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float a, float b) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+// Unpack 8 consecutive 16-bit floats held in a uint4 into fp32.
+template <typename T> __device__ __forceinline__ float half_lo(uint32_t w);
+template <typename T> __device__ __forceinline__ float half_hi(uint32_t w);
+template <> __device__ __forceinline__ float half_lo<__nv_bfloat16>(uint32_t w) {
+  return __uint_as_float(w << 16);
+}
+template <> __device__ __forceinline__ float half_hi<__nv_bfloat16>(uint32_t w) {
+  return __uint_as_float(w & 0xffff0000u);
+}
+template <> __device__ __forceinline__ float half_lo<__half>(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+}
+template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+}
+
+// ---- 4-bit code books (fp32 bits of opsq._constants) -------------------------------------
+// NF4_CODE rounded to fp32 (code_table("nf4")).
+__device__ __constant__ float kNF4Code[16] = {
+    -0x1.0000000000000p+0f, -0x1.6473620000000p-1f, -0x1.0cd6600000000p-1f,
+    -0x1.9465400000000p-2f, -0x1.23449a0000000p-2f, -0x1.7a6a7e0000000p-3f,
+    -0x1.74f0e20000000p-4f, 0x0.0p+0f,              0x1.45f5fe0000000p-4f,
+    0x1.4995c60000000p-3f,  0x1.f809ba0000000p-3f,  0x1.5a06740000000p-2f,
+    0x1.c349700000000p-2f,  0x1.200f560000000p-1f,  0x1.7227660000000p-1f,
+    0x1.0000000000000p+0f};
+// FP4_CODE rounded to fp32 (code_table("fp4")); sign in bit 3.
+__device__ __constant__ float kFP4Code[16] = {
+    0x0.0p+0f,              0x1.5555560000000p-8f,  0x1.5555560000000p-1f,
+    0x1.0000000000000p+0f,  0x1.5555560000000p-2f,  0x1.0000000000000p-1f,
+    0x1.5555560000000p-3f,  0x1.0000000000000p-2f,  -0x0.0p+0f,
+    -0x1.5555560000000p-8f, -0x1.5555560000000p-1f, -0x1.0000000000000p+0f,
+    -0x1.5555560000000p-2f, -0x1.0000000000000p-1f, -0x1.5555560000000p-3f,
+    -0x1.0000000000000p-2f};
+// Midpoints of consecutive NF4 codes, computed in float64 from NF4_CODE and rounded once to
+// fp32 (the reference's decision boundaries; a value equal to a midpoint takes the lower code).
+__device__ __constant__ float kNF4Mid[15] = {
+    -0x1.b239b00000000p-1f, -0x1.38a4e00000000p-1f, -0x1.d709000000000p-2f,
+    -0x1.5bd4ec0000000p-2f, -0x1.e079d80000000p-3f, -0x1.1a71780000000p-3f,
+    -0x1.74f0e20000000p-5f, 0x1.45f5fe0000000p-5f,  0x1.ec90c40000000p-4f,
+    0x1.a0cfc00000000p-3f,  0x1.2b05a80000000p-2f,  0x1.8ea7f20000000p-2f,
+    0x1.00da080000000p-1f,  0x1.491b5e0000000p-1f,  0x1.b913b40000000p-1f};
+// FP4_THRESHOLDS rounded to fp32: |x| > t selects the next larger magnitude.
+__device__ __constant__ float kFP4Thr[7] = {
+    0x1.5555720000000p-9f, 0x1.6000000000000p-4f, 0x1.aaaaaa0000000p-3f,
+    0x1.2aaaaa0000000p-2f, 0x1.aaaaac0000000p-2f, 0x1.2aaaa00000000p-1f,
+    0x1.aaaaaa0000000p-1f};
+// FP4_CODES_ASCENDING: code of each magnitude in ascending order.
+__device__ __constant__ unsigned char kFP4Asc[8] = {0, 1, 6, 7, 4, 5, 2, 3};
+
+constexpr int kZeroCodeNF4 = 7;
+constexpr int kZeroCodeFP4 = 0;
+
+// ---- 4-bit encoder: bucket look-up table ---------------------------------------------------
+// The normalised value v is cut into buckets of width 1/64 (NF4: v in [-1, 1], 128 buckets;
+// FP4: |v| in [0, 1], 64 buckets). Decision boundaries are >= 0.08 apart, so the bucket widened
+// by half a bucket on each side holds at most one boundary: the entry stores it (or +inf) and
+// the codes below / above it. code = v > thr ? hi : lo gives exactly the number of boundaries
+// below v (torch.bucketize(v, boundaries, right=False)) for every float v, whatever rounding put
+// v into a neighbouring bucket. Verified exhaustively against bucketize around every boundary.
+struct LutEntry {
+  float thr;
+  uint32_t codes;  // lo | hi << 8
+};
+
+template <bool NF4> struct Enc {
+  static constexpr int kBuckets = NF4 ? 128 : 64;
+  static constexpr int kZero = NF4 ? kZeroCodeNF4 : kZeroCodeFP4;
+  static constexpr int kNaNCode = NF4 ? 15 : 3;  // bucketize sorts NaN above every boundary
+
+  // Fill lut[0 .. kBuckets) (shared memory); call with all threads, then __syncthreads().
+  static __device__ void build(LutEntry* lut) {
+    constexpr int kN = NF4 ? 15 : 7;
+    const float* bounds = NF4 ? kNF4Mid : kFP4Thr;
+    for (int j = threadIdx.x; j < kBuckets; j += blockDim.x) {
+      const float lo = (NF4 ? -1.0f : 0.0f) + static_cast<float>(j) * (1.0f / 64.0f);
+      const float lo_m = lo - (1.0f / 128.0f);
+      const float hi_m = lo + (1.0f / 64.0f) + (1.0f / 128.0f);
+      int below = 0;
+      float thr = __int_as_float(0x7f800000);  // +inf: no boundary near this bucket
+      for (int i = 0; i < kN; ++i) {
+        const float b = bounds[i];
+        if (b < lo_m) ++below;
+        else if (b <= hi_m) thr = b;
+      }
+      uint32_t c_lo = below, c_hi = below + 1 > kN ? kN : below + 1;
+      if (!NF4) { c_lo = kFP4Asc[c_lo]; c_hi = kFP4Asc[c_hi]; }
+      lut[j].thr = thr;
+      lut[j].codes = c_lo | (c_hi << 8);
+    }
+  }
+
+  // Code (0..15) of one normalised value.
+  static __device__ __forceinline__ uint32_t encode(const LutEntry* lut, float v) {
+    const uint32_t bits = __float_as_uint(v);
+    const uint32_t mag = bits & 0x7fffffffu;
+    const float key = NF4 ? v : __uint_as_float(mag);
+    int b = __float2int_rd(NF4 ? fmaf(key, 64.0f, 64.0f) : key * 64.0f);
+    b = min(max(b, 0), kBuckets - 1);
+    const LutEntry e = lut[b];
+    uint32_t code = key > e.thr ? (e.codes >> 8) : (e.codes & 0xffu);
+    if (!NF4) {
+      // normed < 0 (strictly: not -0.0, not NaN), read from the bits so it holds for subnormals.
+      code |= ((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3;
+    }
+    return mag > 0x7f800000u ? static_cast<uint32_t>(kNaNCode) : code;
+  }
+};
+
+__host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+}  // namespace opsq
