@@ -1,0 +1,55 @@
+// Host entry points of opsq's CUDA kernels, registered in register.cpp under
+// TORCH_LIBRARY_IMPL(opsq, CUDA, m). Each validates its arguments (messages and exception types
+// as opsq/meta), runs under a CUDAGuard on the current stream and allocates through torch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/core/SymIntArrayRef.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace opsq {
+
+// ---- 4-bit -------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
+                                                      c10::string_view quant_type,
+                                                      at::ScalarType quant_storage);
+at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
+                                c10::string_view quant_type, c10::SymIntArrayRef shape,
+                                at::ScalarType dtype,
+                                const std::optional<at::Tensor>& nested_absmax,
+                                const std::optional<at::Tensor>& nested_code,
+                                const std::optional<at::Tensor>& offset,
+                                int64_t nested_blocksize);
+// gemv_4bit and linear_4bit (same semantics; the kernel is chosen by the number of rows).
+at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                            const at::Tensor& absmax, int64_t blocksize,
+                            c10::string_view quant_type, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code,
+                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize);
+
+// ---- 8-bit blockwise ---------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,
+                                                           const at::Tensor& code,
+                                                           int64_t blocksize);
+at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absmax,
+                                     const at::Tensor& code, int64_t blocksize,
+                                     at::ScalarType dtype);
+
+// ---- LLM.int8 ----------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> vectorwise_quant_cuda(const at::Tensor& A,
+                                                                     double threshold);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(
+    const at::Tensor& A, double threshold);
+at::Tensor igemmlt_cuda(const at::Tensor& A, const at::Tensor& B);
+at::Tensor mm_dequant_cuda(const at::Tensor& A, const at::Tensor& row_stats,
+                           const at::Tensor& col_stats, const std::optional<at::Tensor>& bias,
+                           std::optional<at::ScalarType> dtype);
+at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
+                            const std::optional<at::Tensor>& SCB,
+                            const std::optional<at::Tensor>& bias, double threshold);
+
+}  // namespace opsq
