@@ -8,7 +8,7 @@ from opsq._constants import create_dynamic_map
 from opsq.nn import Linear4bit, Linear8bitLt
 from opsq.reference.fourbit import unpack_codes
 
-from conftest import fixture_cases, load_fixture, quant_meta
+from fixture_utils import fixture_cases, load_fixture, quant_meta
 
 FOURBIT = fixture_cases("4bit") or ["nf4_bs64_bf16"]
 
