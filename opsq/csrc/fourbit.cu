@@ -279,6 +279,8 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
 }
 
 constexpr int kGemvWarps = 4;
+// Rows up to which linear_4bit / gemv_4bit use the fused kernel instead of dequantize + GEMM.
+constexpr int64_t kGemvMaxRows = 32;
 
 template <typename T, bool NESTED>
 __global__ void __launch_bounds__(kGemvWarps * 32)
@@ -629,24 +631,28 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   const at::Tensor x = A.reshape({M, K}).contiguous();
   const auto cp = reinterpret_cast<uintptr_t>(codes.data_ptr());
   const auto xp = reinterpret_cast<uintptr_t>(x.data_ptr());
-  const bool gemv = (dt == at::kHalf || dt == at::kBFloat16) && M <= 8 && K > 0 && K % 32 == 0 &&
-                    cp % 16 == 0 && xp % 16 == 0;
+  // Few rows: the fused kernel, 8 rows a launch (each launch streams the packed weight once).
+  const bool gemv = (dt == at::kHalf || dt == at::kBFloat16) && M <= kGemvMaxRows && K > 0 &&
+                    K % 32 == 0 && cp % 16 == 0 && xp % 16 == 0;
   if (gemv) {
     auto out = at::empty({M, N}, A.options());
     const Absmax am = prepare_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
     const int bs_log2 = log2_exact(blocksize);
-    if (dt == at::kHalf) {
-      launch_gemv4<__half>(reinterpret_cast<const __half*>(x.data_ptr()), static_cast<int>(M), K,
-                           w, N, am, bs_log2, nf4,
-                           b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
-                           reinterpret_cast<__half*>(out.data_ptr()), stream);
-    } else {
-      launch_gemv4<__nv_bfloat16>(
-          reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), static_cast<int>(M), K, w, N, am,
-          bs_log2, nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
-          reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), stream);
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
+      if (dt == at::kHalf) {
+        launch_gemv4<__half>(reinterpret_cast<const __half*>(x.data_ptr()) + m0 * K, rows, K, w,
+                             N, am, bs_log2, nf4,
+                             b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
+                             reinterpret_cast<__half*>(out.data_ptr()) + m0 * N, stream);
+      } else {
+        launch_gemv4<__nv_bfloat16>(
+            reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + m0 * K, rows, K, w, N, am,
+            bs_log2, nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
+            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) + m0 * N, stream);
+      }
     }
     return out.reshape(out_shape);
   }
