@@ -59,8 +59,16 @@ def test_fullgraph_no_graph_breaks_no_recompile(kind, kw):
 @pytest.mark.parametrize("kind", ["4bit", "int8"])
 def test_one_opsq_op_per_layer_in_graph(kind):
     model = _model(kind)
-    gm = torch.export.export(model, (torch.randn(3, 64),)).graph_module
-    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(model, fullgraph=True, backend=capture)(torch.randn(3, 64))
+    assert len(graphs) == 1
+    targets = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
     name = "linear_4bit" if kind == "4bit" else "int8_linear"
     opsq_calls = [t for t in targets if "opsq" in str(t)]
     assert len(opsq_calls) == 2 and all(name in str(t) for t in opsq_calls)

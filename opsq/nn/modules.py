@@ -2,13 +2,19 @@
 
 Design:
 
-* The layer owns its quantized state as tensors registered on the module: the packed weight is
-  the ``weight`` parameter (``requires_grad=False``); 4-bit statistics are non-persistent
-  buffers ``weight_absmax``, ``weight_quant_map``, ``weight_nested_absmax``,
-  ``weight_nested_quant_map``, ``weight_offset``; int8 scales are the buffer ``SCB``. Static
-  metadata (shape, blocksize, quant_type) are plain Python ints/strings fixed at quantization.
-  ``forward`` reads only these, so swapping the ``weight`` parameter object (FSDP, ``.to()``)
-  loses nothing; ``weight.quant_state`` is kept in sync for bitsandbytes-style callers.
+* The layer owns its quantized state as tensors registered on the module, never as Python
+  attributes of a parameter: the packed weight is the ``weight`` parameter
+  (``requires_grad=False``); the per-block statistics ``weight_absmax`` /
+  ``weight_nested_absmax`` (4-bit) and ``weight_scb`` (int8) are parameters too, so FSDP2
+  shards them with the weight. They are stored with a non-floating dtype (fp32 values as int32
+  bit patterns, read back with a same-size ``.view(torch.float32)``), so no mixed-precision
+  cast and no float copy ever touches them. Exception, the FSDP1 convention: with a floating
+  ``quant_storage`` (e.g. bf16, so the packed weight joins FSDP1's flat parameter) the 4-bit
+  statistics are buffers in their natural dtype. The small code tables ``weight_quant_map``,
+  ``weight_nested_quant_map`` and ``weight_offset`` are always buffers. Static metadata (shape,
+  blocksize, quant_type) are plain Python ints/strings fixed at quantization. ``forward`` reads
+  only these, so swapping parameter objects (FSDP, ``.to()``) loses nothing;
+  ``weight.quant_state`` is kept in sync for bitsandbytes-style callers.
 * Quantization happens on the first move to a real device (``.to(device)``, ``.cuda()``,
   ``.to("cpu")``), on loading a state dict, or with ``from_float``/``from_prequantized``.
   Moves after that change only the device: packed bytes and fp32 statistics are never cast
@@ -80,12 +86,101 @@ def _parse_to_device(*args, **kwargs) -> Optional[torch.device]:
 
 
 def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
-    """Run ``base._load_from_state_dict`` for everything but the (already adopted) weight."""
-    held = module._parameters.pop("weight")
+    """Run ``base._load_from_state_dict`` for everything but the (already adopted) quantized
+    tensors."""
+    saved = dict(module._parameters)
+    for name in module._quantized_names():
+        module._parameters.pop(name, None)
     try:
         base._load_from_state_dict(module, state_dict, prefix, *args)
     finally:
-        module._parameters["weight"] = held
+        module._parameters.clear()
+        module._parameters.update(saved)
+
+
+def _save_without_quantized(module, base, destination, prefix, keep_vars) -> None:
+    """``base._save_to_state_dict`` without the internal statistics parameters (they are
+    written under bitsandbytes' keys by the caller)."""
+    saved = dict(module._parameters)
+    for name in module._quantized_names():
+        if name != "weight":
+            module._parameters.pop(name, None)
+    try:
+        base._save_to_state_dict(module, destination, prefix, keep_vars)
+    finally:
+        module._parameters.clear()
+        module._parameters.update(saved)
+
+
+def _bits(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Storage form of a statistic: fp32 as its int32 bit pattern (same shape), else as is."""
+    return t.view(torch.int32) if t is not None and t.dtype == torch.float32 else t
+
+
+def _value(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Inverse of :func:`_bits`: int32 bit patterns read back as fp32 (a view)."""
+    return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
+
+
+def _set_tensor(module: nn.Module, name: str, t: Optional[torch.Tensor], as_param: bool) -> None:
+    """Register ``t`` under ``name`` as a frozen parameter or a non-persistent buffer."""
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+    if as_param and t is not None:
+        module._parameters[name] = nn.Parameter(t, requires_grad=False)
+    else:
+        module._buffers[name] = t
+        module._non_persistent_buffers_set.add(name)
+
+
+def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """In-place copy that keeps ``dst``'s identity (and its FSDP2 sharding). A full tensor
+    loaded into a sharded (DTensor) parameter is sliced locally to ``dst``'s placement."""
+    src = _bits(src) if dst.dtype == torch.int32 else src
+    if _is_dtensor(dst) and not _is_dtensor(src):
+        from torch.distributed.tensor import distribute_tensor
+        src = distribute_tensor(src.to(dst.device), dst.device_mesh, dst.placements,
+                                src_data_rank=None)
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
+    """Forget our internal statistic names in an incoming state dict (the bitsandbytes keys
+    carry the values; torch.distributed.checkpoint may add the internal ones)."""
+    for name in module._quantized_names():
+        if name != "weight":
+            state_dict.pop(prefix + name, None)
+
+
+def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -> None:
+    """``base._apply(fn)`` for everything but the quantized tensors ``names``, which only follow
+    device moves (never dtype casts), keeping parameter/buffer kind."""
+    held = {}
+    for name in names:
+        if name in module._parameters:
+            held[name] = (True, module._parameters.pop(name))
+        elif name in module._buffers:
+            held[name] = (False, module._buffers.pop(name))
+    try:
+        base._apply(module, fn, recurse)
+    finally:
+        for name, (is_param, t) in held.items():
+            if t is not None and device is not None:
+                t = torch.empty_like(t, device=device) if to_empty else t.to(device)
+            if is_param:
+                module._parameters[name] = t if isinstance(t, nn.Parameter) else \
+                    nn.Parameter(t, requires_grad=False)
+            else:
+                module._buffers[name] = t
 
 
 # =============================================================================================
@@ -193,6 +288,22 @@ def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
 
 _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
                "weight_nested_quant_map", "weight_offset")
+#: Statistics stored as (shardable) parameters when ``quant_storage`` is not floating.
+_SHARDED_4BIT = ("weight_absmax", "weight_nested_absmax")
+
+
+class _KeyPath:
+    """Attribute chain ``weight.absmax`` ... ``weight.quant_state.bitsandbytes__nf4`` so that
+    ``torch.distributed.checkpoint`` can resolve bitsandbytes' dotted state-dict keys
+    (it walks them with ``getattr``; see :meth:`Linear4bit._fqn_modifiers`)."""
+
+    def __init__(self, **children):
+        self.__dict__.update(children)
+
+
+_BNB_WEIGHT_KEYS = _KeyPath(weight=_KeyPath(
+    absmax=None, quant_map=None, nested_absmax=None, nested_quant_map=None,
+    quant_state=_KeyPath(bitsandbytes__nf4=None, bitsandbytes__fp4=None)))
 
 
 class Linear4bit(nn.Linear):
@@ -243,16 +354,30 @@ class Linear4bit(nn.Linear):
         return self.weight_absmax is not None
 
     @property
+    def _stats_as_params(self) -> bool:
+        return not self.quant_storage.is_floating_point
+
+    def _quantized_names(self) -> tuple[str, ...]:
+        return ("weight",) + _STATE_4BIT if self.is_quantized else ()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint resolves "weight.absmax" & co. through this chain.
+        return {"weight": "_bnb_weight_keys"} if self.is_quantized else {}
+
+    _bnb_weight_keys = _BNB_WEIGHT_KEYS
+
+    @property
     def quant_state(self) -> Optional[Fq.QuantState]:
         """The weight's :class:`~opsq.functional.QuantState`, rebuilt from the module's tensors."""
         if not self.is_quantized:
             return None
         state2 = offset = None
         if self.weight_nested_absmax is not None:
-            state2 = Fq.QuantState(absmax=self.weight_nested_absmax, code=self.weight_nested_quant_map,
+            state2 = Fq.QuantState(absmax=_value(self.weight_nested_absmax),
+                                   code=self.weight_nested_quant_map,
                                    blocksize=self.nested_blocksize, dtype=torch.float32)
             offset = self.weight_offset.reshape(())
-        return Fq.QuantState(absmax=self.weight_absmax, shape=self.weight_shape,
+        return Fq.QuantState(absmax=_value(self.weight_absmax), shape=self.weight_shape,
                              code=self.weight_quant_map, blocksize=self.blocksize,
                              quant_type=self.quant_type, dtype=self.weight_dtype,
                              offset=offset, state2=state2)
@@ -267,19 +392,42 @@ class Linear4bit(nn.Linear):
         self.quant_storage = packed.dtype
         self.weight_dtype = state.dtype
         self.compress_statistics = state.nested
-        self.weight_absmax = state.absmax
-        self.weight_quant_map = state.code
+        shard = self._stats_as_params
+        _set_tensor(self, "weight_absmax", _bits(state.absmax) if shard else state.absmax, shard)
+        _set_tensor(self, "weight_quant_map", state.code, False)
+        nested_absmax = state.state2.absmax if state.nested else None
+        _set_tensor(self, "weight_nested_absmax",
+                    _bits(nested_absmax) if shard else nested_absmax, shard)
+        _set_tensor(self, "weight_nested_quant_map",
+                    state.state2.code if state.nested else None, False)
+        _set_tensor(self, "weight_offset",
+                    state.offset.reshape(1).to(torch.float32) if state.nested else None, False)
         if state.nested:
-            self.weight_nested_absmax = state.state2.absmax
-            self.weight_nested_quant_map = state.state2.code
-            self.weight_offset = state.offset.reshape(1).to(torch.float32)
             self.nested_blocksize = state.state2.blocksize
-        else:
-            self.weight_nested_absmax = self.weight_nested_quant_map = None
-            self.weight_offset = None
         self.weight = Params4bit(packed, False, None, blocksize=self.blocksize,
                                  compress_statistics=state.nested, quant_type=self.quant_type,
                                  quant_storage=packed.dtype, module=self, bnb_quantized=True)
+        self._sync_weight_state()
+
+    def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
+        """Whether ``packed``/``state`` fit the current tensors exactly (in-place load)."""
+        return (self.is_quantized and packed.shape == self.weight.shape
+                and packed.dtype == self.weight.dtype and state.nested == self.compress_statistics
+                and state.blocksize == self.blocksize and state.quant_type == self.quant_type
+                and state.absmax.shape == self.weight_absmax.shape
+                and (not state.nested
+                     or state.state2.absmax.shape == self.weight_nested_absmax.shape))
+
+    def _copy_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
+        """Load into the existing tensors in place (keeps FSDP2's sharded parameters)."""
+        _copy_into(self.weight, packed)
+        _copy_into(self.weight_absmax, state.absmax)
+        _copy_into(self.weight_quant_map, state.code)
+        if state.nested:
+            _copy_into(self.weight_nested_absmax, state.state2.absmax)
+            _copy_into(self.weight_nested_quant_map, state.state2.code)
+            _copy_into(self.weight_offset, state.offset.reshape(1))
+        self.weight_dtype = state.dtype
         self._sync_weight_state()
 
     def _sync_weight_state(self) -> None:
@@ -303,24 +451,13 @@ class Linear4bit(nn.Linear):
             self._set_quantized(packed, state)
         if not self.is_quantized:
             return super()._apply(fn, recurse)
-        # Quantized tensors only follow device moves; everything else gets fn.
-        held = {"weight": self._parameters.pop("weight")}
-        for name in _STATE_4BIT:
-            held[name] = self._buffers.pop(name)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in held.items():
-                if t is not None and device is not None:
-                    t = torch.empty_like(t, device=device) if to_empty else t.to(device)
-                if name == "weight":
-                    self._parameters["weight"] = Params4bit(
-                        t.data if isinstance(t, torch.Tensor) else t, False, None,
-                        blocksize=self.blocksize, compress_statistics=self.compress_statistics,
-                        quant_type=self.quant_type, quant_storage=self.quant_storage,
-                        module=self, bnb_quantized=True)
-                else:
-                    self._buffers[name] = t
+        _held_apply(self, nn.Linear, fn, recurse, device, to_empty, self._quantized_names())
+        w = self._parameters["weight"]
+        if not isinstance(w, Params4bit) and type(w) is nn.Parameter:
+            self._parameters["weight"] = Params4bit(
+                w.data, False, None, blocksize=self.blocksize,
+                compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+                quant_storage=self.quant_storage, module=self, bnb_quantized=True)
         self._sync_weight_state()
         return self
 
@@ -353,13 +490,14 @@ class Linear4bit(nn.Linear):
 
     # ---- state dict -----------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_without_quantized(self, nn.Linear, destination, prefix, keep_vars)
         if self.is_quantized:
             for k, v in self.quant_state.as_dict(packed=True).items():
                 destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _drop_internal_keys(self, state_dict, prefix)
         wkey = prefix + "weight"
         qs_keys = [k for k in state_dict if k.startswith(wkey + ".")]
         incoming = state_dict.get(wkey)
@@ -379,7 +517,10 @@ class Linear4bit(nn.Linear):
                         incoming.detach().to(device), blocksize=self.blocksize,
                         compress_statistics=self.compress_statistics,
                         quant_type=self.quant_type, quant_storage=self.quant_storage)
-                self._set_quantized(packed, state)
+                if self._same_layout(packed, state):
+                    self._copy_quantized(packed, state)
+                else:
+                    self._set_quantized(packed, state)
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return
@@ -403,10 +544,16 @@ class Linear4bit(nn.Linear):
         inp_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
+        if self.weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"Linear4bit: the packed weight arrived as {self.weight.dtype}, not its "
+                f"quant_storage {self.quant_storage}: something cast it (e.g. an FSDP2 "
+                "MixedPrecisionPolicy param_dtype different from a floating quant_storage); use "
+                "quant_storage=torch.uint8 with FSDP2 mixed precision")
         out = torch.ops.opsq.linear_4bit(
-            x, self.weight, list(self.weight_shape), self.weight_absmax, self.blocksize,
-            self.quant_type, self.bias, self.weight_nested_absmax, self.weight_nested_quant_map,
-            self.weight_offset, self.nested_blocksize)
+            x, self.weight, list(self.weight_shape), _value(self.weight_absmax), self.blocksize,
+            self.quant_type, self.bias, _value(self.weight_nested_absmax),
+            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
         return out if out.dtype == inp_dtype else out.to(inp_dtype)
 
     def extra_repr(self) -> str:
@@ -527,11 +674,24 @@ class Linear8bitLt(nn.Linear):
         self.index = index
         self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
                                  requires_grad=has_fp16_weights)
-        self.register_buffer("SCB", None, persistent=False)
+        self.register_parameter("weight_scb", None)
 
     @property
     def is_quantized(self) -> bool:
-        return self.SCB is not None
+        return self.weight_scb is not None
+
+    @property
+    def SCB(self) -> Optional[torch.Tensor]:
+        """fp32 ``(N,)`` row absmax of the int8 weight (a view of the ``weight_scb`` bits)."""
+        return _value(self.weight_scb)
+
+    @property
+    def weight_format(self) -> torch.Tensor:
+        """bitsandbytes' ``weight_format`` code of the stored weight: always 0 (row-major)."""
+        return torch.tensor(0, dtype=torch.uint8)
+
+    def _quantized_names(self) -> tuple[str, ...]:
+        return ("weight", "weight_scb") if self.is_quantized else ()
 
     def _set_quantized(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
         if tuple(CB.shape) != (self.out_features, self.in_features) or CB.dtype != torch.int8:
@@ -540,7 +700,7 @@ class Linear8bitLt(nn.Linear):
         if SCB.numel() != self.out_features:
             raise ValueError(f"SCB must have {self.out_features} elements, got {SCB.numel()}")
         self.weight = Int8Params(CB, False, False, CB, None)
-        self.SCB = SCB.reshape(-1).to(torch.float32)
+        _set_tensor(self, "weight_scb", _bits(SCB.reshape(-1).to(torch.float32)), True)
         self._sync_weight_state()
 
     def _sync_weight_state(self) -> None:
@@ -563,17 +723,10 @@ class Linear8bitLt(nn.Linear):
             self._set_quantized(CB, SCB)
         if not self.is_quantized:
             return super()._apply(fn, recurse)
-        held = {"weight": self._parameters.pop("weight"), "SCB": self._buffers.pop("SCB")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in held.items():
-                if device is not None:
-                    t = torch.empty_like(t, device=device) if to_empty else t.to(device)
-                if name == "weight":
-                    self._parameters["weight"] = Int8Params(t.data, False, False, t.data, None)
-                else:
-                    self._buffers["SCB"] = t
+        _held_apply(self, nn.Linear, fn, recurse, device, to_empty, self._quantized_names())
+        w = self._parameters["weight"]
+        if not isinstance(w, Int8Params) and type(w) is nn.Parameter:
+            self._parameters["weight"] = Int8Params(w.data, False, False, w.data, None)
         self._sync_weight_state()
         return self
 
@@ -602,13 +755,14 @@ class Linear8bitLt(nn.Linear):
         return layer
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_without_quantized(self, nn.Linear, destination, prefix, keep_vars)
         if self.is_quantized:
             destination[prefix + "SCB"] = self.SCB if keep_vars else self.SCB.detach()
             destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        _drop_internal_keys(self, state_dict, prefix)
         wkey, skey, fkey = prefix + "weight", prefix + "SCB", prefix + "weight_format"
         fmt = state_dict.pop(fkey, None)
         if skey in state_dict:
@@ -629,7 +783,13 @@ class Linear8bitLt(nn.Linear):
                     CB = torch.ops.opsq.transform(CB.reshape(-1).contiguous(), order, "row",
                                                   [self.out_features, self.in_features])
                 device = self.weight.device if self.weight.device.type != "meta" else CB.device
-                self._set_quantized(CB.detach().to(device), SCB.detach().to(device))
+                if self.is_quantized and CB.shape == self.weight.shape \
+                        and CB.dtype == self.weight.dtype:  # in place: keeps FSDP2 shards
+                    _copy_into(self.weight, CB)
+                    _copy_into(self.weight_scb, SCB.reshape(-1).to(torch.float32))
+                    self._sync_weight_state()
+                else:
+                    self._set_quantized(CB.detach().to(device), SCB.detach().to(device))
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return

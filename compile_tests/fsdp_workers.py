@@ -1,0 +1,264 @@
+"""Worker bodies of the FSDP suites (run in 2 processes by test_fsdp.py; gloo on the CPU, NCCL on
+2 GPUs). Every check compares the sharded model with a single-process copy made before
+sharding; failures raise AssertionError in the worker, which the spawning test reports."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import opsq
+from opsq.nn import Linear4bit, Linear8bitLt
+
+
+class LoRA(nn.Module):
+    """A frozen base layer plus a trainable low-rank update ``B(A(x)) * scale``."""
+
+    def __init__(self, base: nn.Module, rank: int = 4, dtype=torch.float32):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, hidden: int, storage=torch.uint8, dtype=torch.float32):
+        super().__init__()
+        # odd sizes: packed weights, absmax and SCB split unevenly across 2 ranks
+        self.up = LoRA(Linear4bit(dim, hidden, quant_type="nf4", compress_statistics=True,
+                                  quant_storage=storage), dtype=dtype)
+        self.mid = Linear8bitLt(hidden, hidden, has_fp16_weights=False, threshold=6.0)
+        self.down = LoRA(Linear4bit(hidden, dim, bias=False, quant_type="fp4",
+                                    compress_statistics=False, quant_storage=storage),
+                         dtype=dtype)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.mid(self.up(x))))
+
+
+def make_model(device, storage=torch.uint8, dtype=torch.float32, seed=0, n_blocks=2,
+               dim=72, hidden=100):
+    torch.manual_seed(seed)
+    model = nn.Sequential(*[Block(dim, hidden, storage, dtype) for _ in range(n_blocks)])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.requires_grad_(True)
+    return model.to(device)
+
+
+def quantized_tensors(model):
+    """The quantized data and statistics parameters (what FSDP2 must shard)."""
+    for mod in model.modules():
+        if isinstance(mod, (Linear4bit, Linear8bitLt)):
+            for name in mod._quantized_names():
+                if mod._parameters.get(name) is not None:
+                    yield mod._parameters[name]
+
+
+def local_bytes(t):
+    t = t.to_local() if hasattr(t, "to_local") else t
+    return t.numel() * t.element_size()
+
+
+def setup(rank, world, port, backend):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        return torch.device("cuda", rank)
+    return torch.device("cpu")
+
+
+def lora_grads(model):
+    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def report(rank, msg):
+    if rank == 0:
+        print(f"[fsdp] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+def fsdp2_worker(rank, world, port, backend, results_dir):
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    device = setup(rank, world, port, backend)
+    try:
+        for mp, dtype, reshard in ((None, torch.float32, True),
+                                   (torch.bfloat16, torch.bfloat16, False)):
+            model = make_model(device, dtype=dtype)
+            if mp is not None:
+                # every float parameter already in param_dtype, so the single-process copy
+                # computes exactly what mixed precision computes; quantized tensors must not move
+                model = model.to(mp)
+            ref = copy.deepcopy(model)
+            full_bytes = sum(local_bytes(t) for t in quantized_tensors(model))
+            policy = MixedPrecisionPolicy(param_dtype=mp) if mp else MixedPrecisionPolicy()
+            for block in model:
+                fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+            # 1. sharded, not replicated
+            for t in quantized_tensors(model):
+                assert hasattr(t, "to_local"), f"quantized tensor not sharded: {type(t)}"
+            shard_bytes = sum(local_bytes(t) for t in quantized_tensors(model))
+            ratio = shard_bytes / full_bytes
+            assert ratio <= 0.5 + 0.05, ratio
+            report(rank, f"mp={mp}: quantized bytes per rank {shard_bytes} of {full_bytes} "
+                         f"single-process ({ratio:.3f})")
+            # 2. forward bit for bit (same input on every rank)
+            g = torch.Generator().manual_seed(1)
+            x = (torch.randn(3, 5, 72, generator=g) * 2).to(device, dtype)
+            out, out_ref = model(x), ref(x)
+            assert torch.equal(out, out_ref), (out - out_ref).abs().max()
+            # 3. LoRA gradients and 5 optimizer steps
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+            opt_ref = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.05)
+            for step in range(5):
+                xs = (torch.randn(2, 7, 72, generator=g) * 2).to(device, dtype)
+                model(xs).float().square().mean().backward()
+                ref(xs).float().square().mean().backward()
+                if step == 0:
+                    ga, gb = lora_grads(model), lora_grads(ref)
+                    assert ga.keys() == gb.keys()
+                    for k in ga:
+                        torch.testing.assert_close(ga[k], gb[k], rtol=1e-5, atol=1e-7)
+                opt.step(), opt_ref.step()
+                opt.zero_grad(), opt_ref.zero_grad()
+            out, out_ref = model(x), ref(x)
+            tol = 0 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(out.float(), out_ref.float(), rtol=tol, atol=tol)
+            # 4. state dicts in bitsandbytes' format
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            want = ref.state_dict()
+            assert sorted(full) == sorted(want), set(full) ^ set(want)
+            assert "0.up.base.weight.quant_state.bitsandbytes__nf4" in full
+            for k in want:
+                if "lora_" not in k:
+                    assert full[k].dtype == want[k].dtype and torch.equal(full[k], want[k]), k
+            on_rank0 = get_model_state_dict(model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True))
+            assert (sorted(on_rank0) == sorted(want)) if rank == 0 else not on_rank0
+            sharded = get_model_state_dict(model)
+            set_model_state_dict(model, sharded)
+            set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+            torch.testing.assert_close(model(x).float(), out_ref.float(), rtol=tol, atol=tol)
+            # 5. compile of the sharded blocks: zero graph breaks, same output
+            from torch._dynamo.utils import counters
+            torch._dynamo.reset()
+            counters.clear()
+            for block in model:
+                block.compile(fullgraph=True, backend="aot_eager")
+            torch.testing.assert_close(model(x).float(), out.float(), rtol=0, atol=0)
+            assert sum(counters["graph_break"].values()) == 0
+            # 6. activation checkpointing through the sharded blocks
+            from torch.utils.checkpoint import checkpoint
+            y = x
+            for block in model:
+                y = checkpoint(block, y, use_reentrant=False)
+            y.float().square().mean().backward()
+            assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+            report(rank, f"mp={mp}: forward, grads, 5 steps, state dicts, compile, "
+                         "checkpointing OK")
+        with open(os.path.join(results_dir, f"fsdp2_rank{rank}.ok"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp2_meta_worker(rank, world, port, backend, results_dir):
+    """Meta-device construction, fully_shard, to_empty, load of a bitsandbytes-format full state
+    dict (every rank reads the checkpoint; DCP's broadcast_from_rank0 only carries keys that are
+    parameter/buffer names, not bitsandbytes' dotted metadata keys); CPU offload with CUDA."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    device = setup(rank, world, port, backend)
+    try:
+        ref = make_model(device, seed=3)
+        full = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        with torch.device("meta"):
+            model = make_model("meta", seed=3)
+        # quantize the layout on meta (fake kernels give the shapes), before sharding
+        for mod in model.modules():
+            for name, child in list(mod.named_children()):
+                if isinstance(child, nn.Linear) and not isinstance(child, (Linear4bit,
+                                                                           Linear8bitLt)):
+                    continue
+                if isinstance(child, Linear4bit):
+                    lin = nn.Linear(child.in_features, child.out_features,
+                                    child.bias is not None, device="meta")
+                    setattr(mod, name, Linear4bit.from_float(
+                        lin, quant_type=child.quant_type,
+                        compress_statistics=child.compress_statistics))
+                elif isinstance(child, Linear8bitLt):
+                    lin = nn.Linear(child.in_features, child.out_features,
+                                    child.bias is not None, device="meta")
+                    setattr(mod, name, Linear8bitLt.from_float(lin, threshold=6.0))
+        for t in quantized_tensors(model):
+            assert t.device.type == "meta"
+        offload = backend == "nccl"  # CPU offload pairs a CUDA compute device with host memory
+        kw = {"offload_policy": CPUOffloadPolicy()} if offload else {}
+        for block in model:
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        model.to_empty(device="cpu" if offload else device)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+        x = torch.randn(2, 3, 72, generator=torch.Generator().manual_seed(5)).to(device)
+        torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
+        report(rank, f"meta init + to_empty + full bnb load OK (cpu offload={offload})")
+        with open(os.path.join(results_dir, f"fsdp2meta_rank{rank}.ok"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp1_worker(rank, world, port, backend, results_dir):
+    """FSDP1 with the quant_storage=bfloat16 convention, use_orig_params True and False,
+    sync_module_states from rank 0 (the other ranks start from different weights)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    device = setup(rank, world, port, backend)
+    try:
+        for use_orig in (True, False):
+            ref = make_model(device, storage=torch.bfloat16, dtype=torch.bfloat16, seed=7,
+                             n_blocks=1)
+            # FSDP1 flattens per unit: only bf16 params (packed bf16 weights, LoRA) there;
+            # the int8 layer keeps its own unit.
+            model = make_model(device, storage=torch.bfloat16, dtype=torch.bfloat16,
+                               seed=7 + rank, n_blocks=1)
+            for mod in model.modules():
+                if isinstance(mod, Linear8bitLt):
+                    pass
+            kw = dict(sync_module_states=True, use_orig_params=use_orig)
+            if backend == "nccl":
+                kw["device_id"] = device
+            block = model[0]
+            block.mid = FSDP(block.mid, **kw)
+            model = FSDP(model, **kw)
+            x = (torch.randn(2, 5, 72, generator=torch.Generator().manual_seed(9)) * 2).to(
+                device)
+            out = model(x)
+            torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+            out.float().square().mean().backward()
+            report(rank, f"FSDP1 use_orig_params={use_orig}: sync from rank 0, forward OK")
+        with open(os.path.join(results_dir, f"fsdp1_rank{rank}.ok"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,54 @@
+"""FSDP2 (fully_shard) and FSDP1 with opsq's quantized layers, 2 processes.
+
+On the CPU: gloo (runs in CI). On a machine with 2 GPUs: the same workers with NCCL
+(NVLink multicast kept off). See fsdp_workers.py for what each worker checks."""
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fsdp_workers  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
+
+BACKENDS = ["gloo"] + (["nccl"] if torch.cuda.is_available() and torch.cuda.device_count() >= 2
+                       and dist.is_nccl_available() else [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, backend, tmp_path):
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
+    torch.multiprocessing.spawn(worker, args=(2, _free_port(), backend, str(tmp_path)),
+                                nprocs=2, join=True)
+    return sorted(os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_sharded_exact_trainable_statedict_compile(backend, tmp_path):
+    assert _spawn(fsdp_workers.fsdp2_worker, backend, tmp_path) == [
+        "fsdp2_rank0.ok", "fsdp2_rank1.ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_meta_init_to_empty_broadcast_load(backend, tmp_path):
+    assert _spawn(fsdp_workers.fsdp2_meta_worker, backend, tmp_path) == [
+        "fsdp2meta_rank0.ok", "fsdp2meta_rank1.ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp1_quant_storage_bf16(backend, tmp_path):
+    if backend == "gloo":
+        pytest.skip("FSDP1 (FullyShardedDataParallel) needs an accelerator device in torch "
+                    ">= 2.11; it runs in the NCCL suite on 2 GPUs")
+    assert _spawn(fsdp_workers.fsdp1_worker, backend, tmp_path) == [
+        "fsdp1_rank0.ok", "fsdp1_rank1.ok"]
