@@ -45,6 +45,11 @@ def diagnostics() -> int:
     return 0
 
 
+def _bench(argv) -> int:
+    from . import bench
+    return bench.main(list(argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``opsq`` argument parser with one subparser per subcommand.
 
@@ -68,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_arguments(p_demo)
     p_demo.set_defaults(handler=demo.run_from_args)
 
-    # ---- `opsq bench` goes here: sub.add_parser("bench", ...), its options from the bench
-    # module's add_arguments(), and set_defaults(handler=<bench>.run_from_args). ----
+    # `opsq bench ARGS`: main() hands ARGS to opsq.bench.main (its own parser and --help).
+    sub.add_parser("bench", help="time every op on the GPU vs copy bandwidth, bf16 and "
+                                 "bitsandbytes (see `opsq bench --help`)")
 
     return parser
 
@@ -83,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The subcommand's exit status; 2 when no subcommand is given (the help is printed).
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
