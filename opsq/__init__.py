@@ -22,3 +22,11 @@ __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "utils", "QuantState", "matmul", "matmul_4bit", "MatmulLtState",
            "MatMul8bitLt", "MatMul4Bit", "backends", "__version__"]
+
+from . import integrations, optim  # noqa: E402
+from .layout_utils import (get_inverse_transform_indices, get_tile_inds,  # noqa: E402
+                           supports_igemmlt, undo_layout)
+from .outlier_tools import GlobalOutlierPooler  # noqa: E402
+
+__all__ += ["integrations", "optim", "GlobalOutlierPooler", "get_inverse_transform_indices",
+            "get_tile_inds", "undo_layout", "supports_igemmlt"]

@@ -51,3 +51,11 @@ def sync_gpu(t: torch.Tensor) -> None:
         torch.cuda.synchronize(t.device)
     elif t.device.type == "xpu":
         torch.xpu.synchronize(t.device)
+
+
+from ._constants import INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING  # noqa: E402,F401
+from .execute import execute_and_return  # noqa: E402
+from .outlier_tools import OutlierTracer, find_outlier_dims  # noqa: E402
+
+__all__ += ["INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING", "execute_and_return", "OutlierTracer",
+            "find_outlier_dims"]

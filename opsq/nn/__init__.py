@@ -3,3 +3,14 @@
 from .modules import Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
+from .embedding import (  # noqa: E402
+    Embedding, Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4, StableEmbedding)
+from .outliers import OutlierAwareLinear  # noqa: E402
+from .switchback import (  # noqa: E402
+    StandardLinear, SwitchBackLinear, SwitchBackLinearBnb, SwitchBackLinearGlobal,
+    SwitchBackLinearGlobalMemEfficient, SwitchBackLinearVectorwise)
+
+__all__ += ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
+            "Embedding8bit", "OutlierAwareLinear", "SwitchBackLinear", "SwitchBackLinearGlobal",
+            "SwitchBackLinearGlobalMemEfficient", "SwitchBackLinearVectorwise", "StandardLinear",
+            "SwitchBackLinearBnb"]
