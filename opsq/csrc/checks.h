@@ -2,16 +2,43 @@
 // of opsq/meta (name the argument, show what was expected and what was received) and the
 // exception types match: TypeError for a dtype, ValueError for a value or device,
 // RuntimeError for a shape or element count.
+//
+// Messages are assembled as std::string before they reach TORCH_CHECK: numbers are formatted
+// with std::to_string / snprintf, never streamed. The device toolchain links libstdc++ into the
+// extension statically, and its iostream number formatting (locale facets of that private copy)
+// crashed when a check failed; string insertion alone is safe.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <initializer_list>
-#include <sstream>
 #include <string>
 
 namespace opsq {
+
+inline std::string fmt(int64_t v) { return std::to_string(v); }
+
+inline std::string fmt(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+// [a, b, c] (a Python list)
+inline std::string fmt_list(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
+
+// (a, b, c) / (a,) (a Python tuple, as tuple(t.shape) prints)
+inline std::string fmt_shape(at::IntArrayRef a) {
+  std::string s = "(";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + (a.size() == 1 ? ",)" : ")");
+}
 
 inline const char* dtype_name(at::ScalarType t) {
   switch (t) {
@@ -30,23 +57,22 @@ inline const char* dtype_name(at::ScalarType t) {
 }
 
 inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
-  std::ostringstream os;
-  os << "[";
+  std::string s = "[";
   bool first = true;
   for (auto t : allowed) {
-    os << (first ? "" : ", ") << dtype_name(t);
+    s += (first ? "" : ", ");
+    s += dtype_name(t);
     first = false;
   }
-  os << "]";
-  return os.str();
+  return s + "]";
 }
 
 inline void check_dtype(const char* name, at::ScalarType got,
                         std::initializer_list<at::ScalarType> allowed) {
   bool ok = false;
   for (auto t : allowed) ok = ok || (t == got);
-  TORCH_CHECK_TYPE(ok, name, " must have dtype in ", dtype_list(allowed), ", got ",
-                   dtype_name(got));
+  TORCH_CHECK_TYPE(ok, std::string(name) + " must have dtype in " + dtype_list(allowed) +
+                           ", got " + dtype_name(got));
 }
 
 constexpr std::initializer_list<at::ScalarType> kFloatDtypes = {at::kHalf, at::kBFloat16,
@@ -65,23 +91,25 @@ inline void check_quant_storage(const char* name, at::ScalarType got) {
 inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
   bool ok = false;
   for (int64_t b = 32; b <= 4096; b *= 2) ok = ok || (b == blocksize);
-  TORCH_CHECK_VALUE(ok, name, " must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got ",
-                    blocksize);
+  TORCH_CHECK_VALUE(ok, std::string(name) +
+                            " must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got " +
+                            fmt(blocksize));
 }
 
 // Returns true for "nf4", false for "fp4".
 inline bool check_quant_type(c10::string_view quant_type) {
   const bool nf4 = quant_type == "nf4";
   TORCH_CHECK_VALUE(nf4 || quant_type == "fp4",
-                    "quant_type must be one of ('nf4', 'fp4'), got '", std::string(quant_type),
-                    "'");
+                    "quant_type must be one of ('nf4', 'fp4'), got '" + std::string(quant_type) +
+                        "'");
   return nf4;
 }
 
 inline void check_same_device(const char* main_name, const at::Tensor& main, const char* name,
                               const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.device() == main.device(), name, " must be on the same device as ",
-                    main_name, " (", main.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == main.device(),
+                    std::string(name) + " must be on the same device as " + main_name + " (" +
+                        main.device().str() + "), got " + t.device().str());
 }
 inline void check_same_device(const char* main_name, const at::Tensor& main, const char* name,
                               const std::optional<at::Tensor>& t) {
@@ -89,28 +117,31 @@ inline void check_same_device(const char* main_name, const at::Tensor& main, con
 }
 
 inline void check_cuda(const char* name, const at::Tensor& t) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.is_cuda(),
+                    std::string(name) + " must be a CUDA tensor, got device " + t.device().str());
 }
 
 inline void check_numel(const char* name, const at::Tensor& t, int64_t expected,
                         const std::string& what = "") {
-  TORCH_CHECK(t.numel() == expected, name, " must have ", expected, " elements", what, ", got ",
-              t.numel(), " (shape ", t.sizes(), ")");
+  TORCH_CHECK(t.numel() == expected, std::string(name) + " must have " + fmt(expected) +
+                                         " elements" + what + ", got " + fmt(t.numel()) +
+                                         " (shape " + fmt_shape(t.sizes()) + ")");
 }
 
 inline void check_min_dim(const char* name, const at::Tensor& t, int64_t ndim) {
-  TORCH_CHECK(t.dim() >= ndim, name, " must have at least ", ndim, " dimension(s), got shape ",
-              t.sizes());
+  TORCH_CHECK(t.dim() >= ndim, std::string(name) + " must have at least " + fmt(ndim) +
+                                   " dimension(s), got shape " + fmt_shape(t.sizes()));
 }
 
 inline void check_dim(const char* name, const at::Tensor& t, int64_t ndim) {
-  TORCH_CHECK(t.dim() == ndim, name, " must be ", ndim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == ndim, std::string(name) + " must be " + fmt(ndim) + "-D, got shape " +
+                                   fmt_shape(t.sizes()));
 }
 
 inline void check_threshold(double threshold) {
   TORCH_CHECK_VALUE(threshold >= 0.0 && threshold == threshold,
-                    "threshold must be a finite number >= 0 (0 disables outliers), got ",
-                    threshold);
+                    "threshold must be a finite number >= 0 (0 disables outliers), got " +
+                        fmt(threshold));
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

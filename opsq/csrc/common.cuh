@@ -133,18 +133,21 @@ constexpr int kZeroCodeFP4 = 0;
 // the codes below / above it. code = v > thr ? hi : lo gives exactly the number of boundaries
 // below v (torch.bucketize(v, boundaries, right=False)) for every float v, whatever rounding put
 // v into a neighbouring bucket. Verified exhaustively against bucketize around every boundary.
-struct LutEntry {
-  float thr;
-  uint32_t codes;  // lo | hi << 8
+// Two shared arrays (not one array of 8-byte entries): 4-byte accesses keep the look-ups of a
+// warp free of bank conflicts for the buckets that data concentrates in.
+template <bool NF4> struct Lut {
+  static constexpr int kBuckets = NF4 ? 128 : 64;
+  float thr[kBuckets];
+  uint32_t codes[kBuckets];  // lo | hi << 8
 };
 
 template <bool NF4> struct Enc {
-  static constexpr int kBuckets = NF4 ? 128 : 64;
+  static constexpr int kBuckets = Lut<NF4>::kBuckets;
   static constexpr int kZero = NF4 ? kZeroCodeNF4 : kZeroCodeFP4;
   static constexpr int kNaNCode = NF4 ? 15 : 3;  // bucketize sorts NaN above every boundary
 
-  // Fill lut[0 .. kBuckets) (shared memory); call with all threads, then __syncthreads().
-  static __device__ void build(LutEntry* lut) {
+  // Fill the table (shared memory); call with all threads, then __syncthreads().
+  static __device__ void build(Lut<NF4>& lut) {
     constexpr int kN = NF4 ? 15 : 7;
     const float* bounds = NF4 ? kNF4Mid : kFP4Thr;
     for (int j = threadIdx.x; j < kBuckets; j += blockDim.x) {
@@ -160,20 +163,23 @@ template <bool NF4> struct Enc {
       }
       uint32_t c_lo = below, c_hi = below + 1 > kN ? kN : below + 1;
       if (!NF4) { c_lo = kFP4Asc[c_lo]; c_hi = kFP4Asc[c_hi]; }
-      lut[j].thr = thr;
-      lut[j].codes = c_lo | (c_hi << 8);
+      lut.thr[j] = thr;
+      lut.codes[j] = c_lo | (c_hi << 8);
     }
   }
 
   // Code (0..15) of one normalised value.
-  static __device__ __forceinline__ uint32_t encode(const LutEntry* lut, float v) {
+  static __device__ __forceinline__ uint32_t encode(const Lut<NF4>& lut, float v) {
     const uint32_t bits = __float_as_uint(v);
     const uint32_t mag = bits & 0x7fffffffu;
     const float key = NF4 ? v : __uint_as_float(mag);
-    int b = __float2int_rd(NF4 ? fmaf(key, 64.0f, 64.0f) : key * 64.0f);
-    b = min(max(b, 0), kBuckets - 1);
-    const LutEntry e = lut[b];
-    uint32_t code = key > e.thr ? (e.codes >> 8) : (e.codes & 0xffu);
+    // bucket = floor(key * 64 (+ 64)) on key clamped below 1 (fmaxf drops a NaN): rounding the
+    // sum down onto 1.5 * 2^23 leaves the integer in the low mantissa bits.
+    const float kc = fminf(fmaxf(key, NF4 ? -1.0f : 0.0f), 0x1.fffffep-1f);
+    const float f = __fmaf_rd(kc, 64.0f, (NF4 ? 64.0f : 0.0f) + 12582912.0f);
+    const uint32_t b = __float_as_uint(f) & (kBuckets - 1);
+    const uint32_t codes = lut.codes[b];
+    uint32_t code = key > lut.thr[b] ? (codes >> 8) : (codes & 0xffu);
     if (!NF4) {
       // normed < 0 (strictly: not -0.0, not NaN), read from the bits so it holds for subnormals.
       code |= ((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3;

@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cstdlib>
+
 #include "checks.h"
 #include "common.cuh"
 #include "ops.h"
@@ -171,8 +173,9 @@ __global__ void __launch_bounds__(kThreads)
 quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restrict__ packed,
               int64_t nbytes, float* __restrict__ absmax, int64_t nblocks) {
   using Encoder = Enc<NF4>;
-  __shared__ LutEntry lut[Encoder::kBuckets];
-  __shared__ uint32_t red[kThreads / 32];
+  constexpr int S = 2;  // independent block groups per trip (loads in flight)
+  __shared__ Lut<NF4> lut;
+  __shared__ uint32_t red[S][kThreads / 32];
   Encoder::build(lut);
   __syncthreads();
 
@@ -183,71 +186,91 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 
-  for (int64_t b0 = int64_t{blockIdx.x} * per_cta; b0 < nblocks;
-       b0 += int64_t{gridDim.x} * per_cta) {
-    const int64_t qb = b0 + gb;
-    const bool active = qb < nblocks;
-    const int64_t e0 = (qb << bs_log2) + int64_t{gi} * EPT;
-    float x[EPT];
-    if (VEC && active && e0 + EPT <= n) {
-      load_elems<T, EPT>(A + e0, x);
-    } else {
+  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks;
+       b0 += int64_t{gridDim.x} * per_cta * S) {
+    float x[S][EPT];
+    int64_t qb[S], e0[S];
+    bool active[S];
 #pragma unroll
-      for (int i = 0; i < EPT; ++i)
-        x[i] = (active && e0 + i < n) ? Cvt<T>::to_float(A[e0 + i]) : 0.0f;
+    for (int s = 0; s < S; ++s) {
+      qb[s] = b0 + s * per_cta + gb;
+      active[s] = qb[s] < nblocks;
+      e0[s] = (qb[s] << bs_log2) + int64_t{gi} * EPT;
+      if (VEC && active[s] && e0[s] + EPT <= n) {
+        load_elems<T, EPT>(A + e0[s], x[s]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < EPT; ++i)
+          x[s][i] = (active[s] && e0[s] + i < n) ? Cvt<T>::to_float(A[e0[s] + i]) : 0.0f;
+      }
     }
-    uint32_t m = 0;
+    uint32_t m[S];
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) m = max(m, abs_bits(x[i]));
-    for (int o = (G < 32 ? G : 32) >> 1; o > 0; o >>= 1)
-      m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int s = 0; s < S; ++s) {
+      m[s] = 0;
+#pragma unroll
+      for (int i = 0; i < EPT; ++i) m[s] = max(m[s], abs_bits(x[s][i]));
+    }
+    for (int o = (G < 32 ? G : 32) >> 1; o > 0; o >>= 1) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) m[s] = max(m[s], __shfl_xor_sync(0xffffffffu, m[s], o));
+    }
     if (G > 32) {  // uniform over the CTA
-      if (lane == 0) red[warp] = m;
+      if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) red[s][warp] = m[s];
+      }
       __syncthreads();
       const int w0 = (gb * G) >> 5;
-      for (int k = 0; k < (G >> 5); ++k) m = max(m, red[w0 + k]);
+#pragma unroll
+      for (int s = 0; s < S; ++s)
+        for (int k = 0; k < (G >> 5); ++k) m[s] = max(m[s], red[s][w0 + k]);
       __syncthreads();
     }
-    if (!active) continue;
-    if (gi == 0) absmax[qb] = __uint_as_float(m);
-    const float scale = safe_rcp_from_bits(m);
-
-    uint32_t word[EPT / 8];
 #pragma unroll
-    for (int k = 0; k < EPT / 8; ++k) word[k] = 0;
+    for (int s = 0; s < S; ++s) {
+      if (!active[s]) continue;
+      if (gi == 0) absmax[qb[s]] = __uint_as_float(m[s]);
+      const float scale = safe_rcp_from_bits(m[s]);
+      uint32_t word[EPT / 8];
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) {
-      const uint32_t c = (e0 + i < n) ? Encoder::encode(lut, mul_rn(x[i], scale))
-                                      : static_cast<uint32_t>(Encoder::kZero);
-      // element 2j -> high nibble of byte j; bytes little-endian within the 32-bit word
-      word[i / 8] |= c << (8 * ((i % 8) / 2) + ((i & 1) ? 0 : 4));
-    }
-    const int64_t bo = e0 >> 1;
-    if (bo + EPT / 2 <= nbytes) {
-      if constexpr (EPT == 8) {
-        *reinterpret_cast<uint32_t*>(packed + bo) = word[0];
-      } else {
-        *reinterpret_cast<uint2*>(packed + bo) = make_uint2(word[0], word[1]);
+      for (int k = 0; k < EPT / 8; ++k) word[k] = 0;
+#pragma unroll
+      for (int i = 0; i < EPT; ++i) {
+        const uint32_t c = (e0[s] + i < n) ? Encoder::encode(lut, mul_rn(x[s][i], scale))
+                                           : static_cast<uint32_t>(Encoder::kZero);
+        // element 2j -> high nibble of byte j; bytes little-endian within the 32-bit word
+        word[i / 8] |= c << (8 * ((i % 8) / 2) + ((i & 1) ? 0 : 4));
       }
-    } else {
+      const int64_t bo = e0[s] >> 1;
+      if (bo + EPT / 2 <= nbytes) {
+        if constexpr (EPT == 8) {
+          *reinterpret_cast<uint32_t*>(packed + bo) = word[0];
+        } else {
+          *reinterpret_cast<uint2*>(packed + bo) = make_uint2(word[0], word[1]);
+        }
+      } else {
 #pragma unroll
-      for (int k = 0; k < EPT / 2; ++k)
-        if (bo + k < nbytes) packed[bo + k] = static_cast<uint8_t>(word[k / 4] >> (8 * (k % 4)));
+        for (int k = 0; k < EPT / 2; ++k)
+          if (bo + k < nbytes) packed[bo + k] = static_cast<uint8_t>(word[k / 4] >> (8 * (k % 4)));
+      }
     }
   }
 }
 
 // -------------------------------------------------------------------------------------------
-// gemv_4bit: y[M, N] = A[M, K] . dequant(W)[N, K]^T (+ bias), M <= 8, fp16 / bf16.
+// gemv_4bit: y[M, N] = A[M, K] . dequant(W)[N, K]^T (+ bias), M <= 8 a launch, fp16 / bf16.
 // Tensor-core mma.m16n8k16 with the weight as the 16-row operand and the (<= 8) activation rows
 // as the 8-column operand; fp32 accumulation. The weight is dequantized in registers to A.dtype
-// (round(code * absmax)), exactly the values dequantize_4bit produces. A CTA of 4 warps owns 16
-// output features; the warps split K in steps of 128 and reduce through shared memory.
-// Within a step, lane (g = lane / 4, q = lane % 4) loads 32 consecutive codes (16 bytes) of rows
-// g and g + 8 at k = step * 128 + 32 q, and the same 32 activations of row g. The mma's k index
-// is a permutation of the physical k (a dot product is order-free): logical k = 2q, 2q+1,
-// 2q+8, 2q+9 of mma j map to physical k = 32q + 4j + 0..3, for the weight and the activations
-// alike, since both fragments place logical k by q.
+// (round(code * absmax)), exactly the values dequantize_4bit produces. A CTA of kGemvWarps
+// warps owns 16 output features; the warps split K in steps and reduce through shared memory.
+// Lane (g = lane / 4, q = lane % 4) owns rows g and g + 8; per 32-code chunk at k = kq it loads
+// 16 bytes of each row and the same 32 activations of row g. The mma's k index is a
+// permutation of the physical k (a dot product is order-free): logical k = 2q, 2q+1, 2q+8,
+// 2q+9 of mma j map to physical k = kq + 4j + 0..3, for the weight and the activations alike,
+// since both fragments place logical k by q. Default kernel: steps of 256 k, lane q owning
+// k = 64q .. 64q + 63 of the step (two chunks), so a row's 4 lanes read one 128-byte line;
+// gemv4_k128_kernel (OPSQ_GEMV_IMPL=1): steps of 128 k, one chunk per lane (same speed on H200).
 // Requires K % 32 == 0 and 16-byte aligned A rows and packed codes.
 // -------------------------------------------------------------------------------------------
 template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
@@ -272,18 +295,25 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
 
 __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                : "l"(p));
   return r;
 }
 
-constexpr int kGemvWarps = 4;
+constexpr int kGemvWarps = 8;
+constexpr int64_t kGemvStepK = 256;
 // Rows up to which linear_4bit / gemv_4bit use the fused kernel instead of dequantize + GEMM.
-constexpr int64_t kGemvMaxRows = 32;
+constexpr int64_t kGemvMaxRows = 16;
+
+// Value of the code whose index * 4 is byte `b` of `idx4` (byte offsets into the table).
+__device__ __forceinline__ float tab_at(const float* tab, uint32_t idx4, int b) {
+  const uint32_t off = __byte_perm(idx4, 0u, 0x4440u | static_cast<uint32_t>(b));
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab) + off);
+}
 
 template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kGemvWarps * 32)
+__global__ void __launch_bounds__(kGemvWarps * 32, 3)
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, bool nf4, const T* __restrict__ bias,
              T* __restrict__ out) {
@@ -300,26 +330,152 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   const int64_t ra = row0 + g, rb = row0 + g + 8;
   const bool oka = ra < N, okb = rb < N;
   const bool has_x = g < M;
+  const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
+
+  // A step covers kGemvStepK = 256 k: lane q owns k = step * 256 + 64 q + [0, 64), i.e. 32
+  // bytes of rows g and g + 8, so the 4 lanes of a row read one whole 128-byte line; half h
+  // (32 codes, one absmax: blocks hold >= 32 codes at multiples of 32) feeds 8 mma.
+  struct Wt {
+    uint4 a[2], b[2];
+    float sa[2], sb[2];
+  };
+  auto load_w = [&](int64_t s, Wt& w) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
+      w.a[h] = make_uint4(0, 0, 0, 0); w.b[h] = make_uint4(0, 0, 0, 0);
+      w.sa[h] = 0.f; w.sb[h] = 0.f;
+      if (s < steps && kq < K) {
+        if (oka) {
+          const int64_t e = ra * K + kq;
+          w.a[h] = ld_stream16(W + (e >> 1));
+          w.sa[h] = ams.get(am, e >> bs_log2);
+        }
+        if (okb) {
+          const int64_t e = rb * K + kq;
+          w.b[h] = ld_stream16(W + (e >> 1));
+          w.sb[h] = ams.get(am, e >> bs_log2);
+        }
+      }
+    }
+  };
+
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  Wt cur;
+  load_w(warp, cur);
+  for (int64_t s = warp; s < steps; s += kGemvWarps) {
+    Wt nxt;
+    load_w(s + kGemvWarps, nxt);  // in flight while this step computes
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
+      uint32_t xw[16];
+      if (kq < K && has_x) {
+        const uint4* xp = reinterpret_cast<const uint4*>(A + g * K + kq);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint4 v = __ldg(xp + i);
+          xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) xw[i] = 0;
+      }
+      const float sa = cur.sa[h], sb = cur.sb[h];
+      const uint32_t wav[4] = {cur.a[h].x, cur.a[h].y, cur.a[h].z, cur.a[h].w};
+      const uint32_t wbv[4] = {cur.b[h].x, cur.b[h].y, cur.b[h].z, cur.b[h].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        // byte offsets (code * 4) of the high / low nibble of every byte of the word
+        const uint32_t ha = (wav[i] >> 2) & 0x3c3c3c3cu, la = (wav[i] << 2) & 0x3c3c3c3cu;
+        const uint32_t hb = (wbv[i] >> 2) & 0x3c3c3c3cu, lb = (wbv[i] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * i + jj;  // mma j: bytes 2j (elements 4j, 4j+1), 2j+1 (4j+2, 4j+3)
+          const int b0 = 2 * jj, b1 = 2 * jj + 1;
+          uint32_t frag[4];
+          frag[0] = pack2<T>(mul_rn(tab_at(tab, ha, b0), sa), mul_rn(tab_at(tab, la, b0), sa));
+          frag[1] = pack2<T>(mul_rn(tab_at(tab, hb, b0), sb), mul_rn(tab_at(tab, lb, b0), sb));
+          frag[2] = pack2<T>(mul_rn(tab_at(tab, ha, b1), sa), mul_rn(tab_at(tab, la, b1), sa));
+          frag[3] = pack2<T>(mul_rn(tab_at(tab, hb, b1), sb), mul_rn(tab_at(tab, lb, b1), sb));
+          mma16816<T>(acc[jj], frag, xw[2 * j], xw[2 * j + 1]);
+        }
+      }
+    }
+    cur = nxt;
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[0][k] += acc[1][k];
+  red[warp][g][2 * q] = acc[0][0];
+  red[warp][g][2 * q + 1] = acc[0][1];
+  red[warp][g + 8][2 * q] = acc[0][2];
+  red[warp][g + 8][2 * q + 1] = acc[0][3];
+  __syncthreads();
+  if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
+    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+    if (n < M && row0 + r < N) {
+      float y = red[0][r][n];
+#pragma unroll
+      for (int w = 1; w < kGemvWarps; ++w) y += red[w][r][n];
+      if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
+      out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
+    }
+  }
+}
+
+// Previous variant (selected with OPSQ_GEMV_IMPL=1): steps of 128 k (16 bytes per lane and
+// row), 4 warps per CTA. Same fragment mapping, one 16-byte chunk per lane and step.
+constexpr int kGemvWarpsV1 = 4;
+
+template <typename T, bool NESTED>
+__global__ void __launch_bounds__(kGemvWarpsV1 * 32)
+gemv4_k128_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
+                  int64_t N, AbsmaxArgs am, int bs_log2, bool nf4, const T* __restrict__ bias,
+                  T* __restrict__ out) {
+  __shared__ float tab[16];
+  __shared__ AbsmaxSmem<NESTED> ams;
+  __shared__ float red[kGemvWarpsV1][16][8];
+  if (threadIdx.x < 16) tab[threadIdx.x] = nf4 ? kNF4Code[threadIdx.x] : kFP4Code[threadIdx.x];
+  ams.load(am);
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t row0 = int64_t{blockIdx.x} * 16;
+  const int64_t ra = row0 + g, rb = row0 + g + 8;
+  const bool oka = ra < N, okb = rb < N;
+  const bool has_x = g < M;
   const int64_t steps = (K + 127) / 128;
 
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t s = warp; s < steps; s += kGemvWarps) {
+  auto load_w = [&](int64_t s, uint4& wa, uint4& wb, float& sa, float& sb) {
     const int64_t kq = s * 128 + 32 * q;
-    const bool kv = kq < K;
-    uint4 wa = make_uint4(0, 0, 0, 0), wb = make_uint4(0, 0, 0, 0);
-    float sa = 0.f, sb = 0.f;
-    if (kv && oka) {
-      const int64_t e = ra * K + kq;
-      wa = ld_stream16(W + (e >> 1));
-      sa = ams.get(am, e >> bs_log2);
+    wa = make_uint4(0, 0, 0, 0); wb = make_uint4(0, 0, 0, 0);
+    sa = 0.f; sb = 0.f;
+    if (s < steps && kq < K) {
+      if (oka) {
+        const int64_t e = ra * K + kq;
+        wa = ld_stream16(W + (e >> 1));
+        sa = ams.get(am, e >> bs_log2);
+      }
+      if (okb) {
+        const int64_t e = rb * K + kq;
+        wb = ld_stream16(W + (e >> 1));
+        sb = ams.get(am, e >> bs_log2);
+      }
     }
-    if (kv && okb) {
-      const int64_t e = rb * K + kq;
-      wb = ld_stream16(W + (e >> 1));
-      sb = ams.get(am, e >> bs_log2);
-    }
+  };
+
+  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  uint4 wa, wb;
+  float sa, sb;
+  load_w(warp, wa, wb, sa, sb);
+  for (int64_t s = warp; s < steps; s += kGemvWarpsV1) {
+    uint4 na, nb;
+    float nsa, nsb;
+    load_w(s + kGemvWarpsV1, na, nb, nsa, nsb);
+    const int64_t kq = s * 128 + 32 * q;
     uint32_t xw[16];
-    if (kv && has_x) {
+    if (kq < K && has_x) {
       const uint4* xp = reinterpret_cast<const uint4*>(A + g * K + kq);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -333,28 +489,35 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
     const uint32_t wav[4] = {wa.x, wa.y, wa.z, wa.w};
     const uint32_t wbv[4] = {wb.x, wb.y, wb.z, wb.w};
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int sh = 16 * (j & 1);
-      const uint32_t a_lo = (wav[j >> 1] >> sh) & 0xffu, a_hi = (wav[j >> 1] >> (sh + 8)) & 0xffu;
-      const uint32_t b_lo = (wbv[j >> 1] >> sh) & 0xffu, b_hi = (wbv[j >> 1] >> (sh + 8)) & 0xffu;
-      uint32_t frag[4];
-      frag[0] = pack2<T>(mul_rn(tab[a_lo >> 4], sa), mul_rn(tab[a_lo & 0xfu], sa));
-      frag[1] = pack2<T>(mul_rn(tab[b_lo >> 4], sb), mul_rn(tab[b_lo & 0xfu], sb));
-      frag[2] = pack2<T>(mul_rn(tab[a_hi >> 4], sa), mul_rn(tab[a_hi & 0xfu], sa));
-      frag[3] = pack2<T>(mul_rn(tab[b_hi >> 4], sb), mul_rn(tab[b_hi & 0xfu], sb));
-      mma16816<T>(acc, frag, xw[2 * j], xw[2 * j + 1]);
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t ha = (wav[i] >> 2) & 0x3c3c3c3cu, la = (wav[i] << 2) & 0x3c3c3c3cu;
+      const uint32_t hb = (wbv[i] >> 2) & 0x3c3c3c3cu, lb = (wbv[i] << 2) & 0x3c3c3c3cu;
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = 2 * i + jj;
+        const int b0 = 2 * jj, b1 = 2 * jj + 1;
+        uint32_t frag[4];
+        frag[0] = pack2<T>(mul_rn(tab_at(tab, ha, b0), sa), mul_rn(tab_at(tab, la, b0), sa));
+        frag[1] = pack2<T>(mul_rn(tab_at(tab, hb, b0), sb), mul_rn(tab_at(tab, lb, b0), sb));
+        frag[2] = pack2<T>(mul_rn(tab_at(tab, ha, b1), sa), mul_rn(tab_at(tab, la, b1), sa));
+        frag[3] = pack2<T>(mul_rn(tab_at(tab, hb, b1), sb), mul_rn(tab_at(tab, lb, b1), sb));
+        mma16816<T>(acc[jj], frag, xw[2 * j], xw[2 * j + 1]);
+      }
     }
+    wa = na; wb = nb; sa = nsa; sb = nsb;
   }
-  red[warp][g][2 * q] = acc[0];
-  red[warp][g][2 * q + 1] = acc[1];
-  red[warp][g + 8][2 * q] = acc[2];
-  red[warp][g + 8][2 * q + 1] = acc[3];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[0][k] += acc[1][k];
+  red[warp][g][2 * q] = acc[0][0];
+  red[warp][g][2 * q + 1] = acc[0][1];
+  red[warp][g + 8][2 * q] = acc[0][2];
+  red[warp][g + 8][2 * q + 1] = acc[0][3];
   __syncthreads();
   const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
   if (n < M && row0 + r < N) {
     float y = red[0][r][n];
 #pragma unroll
-    for (int w = 1; w < kGemvWarps; ++w) y += red[w][r][n];
+    for (int w = 1; w < kGemvWarpsV1; ++w) y += red[w][r][n];
     if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
     out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
   }
@@ -498,11 +661,11 @@ void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, in
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
   if (blocksize == 4096) {
-    const int grid = grid_for(nblocks, 1);
+    const int grid = grid_for(nblocks, 2);
     if (vec) quant4_kernel<T, NF4, 16, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
     else quant4_kernel<T, NF4, 16, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
   } else {
-    const int grid = grid_for(nblocks, kThreads / (blocksize / 8));
+    const int grid = grid_for(nblocks, 2 * kThreads / (blocksize / 8));
     if (vec) quant4_kernel<T, NF4, 8, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
     else quant4_kernel<T, NF4, 8, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
   }
@@ -513,12 +676,21 @@ template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
                   int bs_log2, bool nf4, const T* bias, T* out, cudaStream_t stream) {
   const int grid = static_cast<int>(ceil_div(N, 16));
-  if (am.nested)
+  const char* impl = std::getenv("OPSQ_GEMV_IMPL");  // "1": the previous variant (comparison)
+  if (impl != nullptr && impl[0] == '1') {
+    if (am.nested)
+      gemv4_k128_kernel<T, true><<<grid, kGemvWarpsV1 * 32, 0, stream>>>(A, M, K, W, N, am.args,
+                                                                         bs_log2, nf4, bias, out);
+    else
+      gemv4_k128_kernel<T, false><<<grid, kGemvWarpsV1 * 32, 0, stream>>>(A, M, K, W, N, am.args,
+                                                                          bs_log2, nf4, bias, out);
+  } else if (am.nested) {
     gemv4_kernel<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N, am.args, bs_log2,
                                                                 nf4, bias, out);
-  else
+  } else {
     gemv4_kernel<T, false><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N, am.args,
                                                                  bs_log2, nf4, bias, out);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -576,7 +748,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
   TORCH_CHECK_VALUE(!out_shape.empty(), "shape must not be empty, got []");
   int64_t n = 1;
   for (int64_t s : out_shape) {
-    TORCH_CHECK(s >= 0, "shape must have non-negative sizes, got ", at::IntArrayRef(out_shape));
+    TORCH_CHECK(s >= 0, "shape must have non-negative sizes, got " + fmt_list(out_shape));
     n *= s;
   }
   check_packed("A", A, n);
@@ -600,12 +772,11 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   const bool nf4 = check_quant_type(quant_type);
   const std::vector<int64_t> sb = shape_vec(shapeB);
   TORCH_CHECK_VALUE(sb.size() == 2,
-                    "shapeB must be [N, K] (out_features, in_features), got ", at::IntArrayRef(sb));
-  TORCH_CHECK(sb[0] >= 0 && sb[1] >= 0, "shapeB must have non-negative sizes, got ",
-              at::IntArrayRef(sb));
+                    "shapeB must be [N, K] (out_features, in_features), got " + fmt_list(sb));
+  TORCH_CHECK(sb[0] >= 0 && sb[1] >= 0, "shapeB must have non-negative sizes, got " + fmt_list(sb));
   const int64_t N = sb[0], K = sb[1];
-  TORCH_CHECK(A.size(-1) == K, "A's last dimension (", A.size(-1), ") must equal shapeB[1] = K (",
-              K, ")");
+  TORCH_CHECK(A.size(-1) == K, "A's last dimension (" + fmt(A.size(-1)) +
+                                   ") must equal shapeB[1] = K (" + fmt(K) + ")");
   check_same_device("A", A, "B", B);
   check_same_device("A", A, "bias", bias);
   check_packed("B", B, N * K);

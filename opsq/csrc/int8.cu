@@ -20,10 +20,11 @@ constexpr int kMaxGridY = 65535;
 
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
-// 127 / stats where stats > 0 (not NaN), else 0 (IEEE division).
+// torch.where(stats > 0, 127.0 / stats, 0). Tensor.__rtruediv__ computes 127.0 / stats as
+// stats.reciprocal() * 127.0: two IEEE roundings, reproduced here.
 __device__ __forceinline__ float int8_scale(float stats) {
   const uint32_t b = __float_as_uint(stats);
-  return (b != 0u && b <= 0x7f800000u) ? div_rn(127.0f, stats) : 0.0f;
+  return (b != 0u && b <= 0x7f800000u) ? mul_rn(rcp_rn(stats), 127.0f) : 0.0f;
 }
 __device__ __forceinline__ int quant_int8(float x, float scale) {
   const int q = __float2int_rn(mul_rn(x, scale));
@@ -84,6 +85,7 @@ rowquant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, int8_t* __rest
        r += warps) {
     const T* a = A + r * K;
     uint32_t m = 0;
+#pragma unroll 4
     for (int64_t k = int64_t{lane} * W; k < K; k += 32 * W) {
       float x[W];
       load_w<T, W>(a + k, x);
@@ -95,6 +97,7 @@ rowquant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, int8_t* __rest
     const float st = __uint_as_float(m);
     if (lane == 0) stats[r] = st;
     const float scale = int8_scale(st);
+#pragma unroll 4
     for (int64_t k = int64_t{lane} * W; k < K; k += 32 * W) {
       float x[W];
       load_w<T, W>(a + k, x);
@@ -188,6 +191,7 @@ quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
   const int64_t row_chunks = (rows + kRowsPerCta - 1) / kRowsPerCta;
   for (int64_t rc = blockIdx.y; rc < row_chunks; rc += gridDim.y) {
     const int64_t r_end = min(rows, (rc + 1) * kRowsPerCta);
+#pragma unroll 4
     for (int64_t r = rc * kRowsPerCta; r < r_end; ++r) {
       const float rscale = int8_scale(row_stats[r]);
       float x[W];
@@ -239,6 +243,7 @@ mm_dequant_kernel(const int32_t* __restrict__ A, int64_t rows, int64_t N,
   const int64_t row_chunks = (rows + kRowsPerCta - 1) / kRowsPerCta;
   for (int64_t rc = blockIdx.y; rc < row_chunks; rc += gridDim.y) {
     const int64_t r_end = min(rows, (rc + 1) * kRowsPerCta);
+#pragma unroll 4
     for (int64_t r = rc * kRowsPerCta; r < r_end; ++r) {
       const float rs = row_stats[r];
       int32_t a[W];
@@ -450,9 +455,9 @@ at::Tensor igemmlt_cuda(const at::Tensor& A, const at::Tensor& B) {
   check_min_dim("A", A, 1);
   check_dim("B", B, 2);
   check_same_device("A", A, "B", B);
-  TORCH_CHECK(A.size(-1) == B.size(1), "A's last dimension (", A.size(-1),
-              ") must equal B's K (B.shape[1] = ", B.size(1),
-              "); B is (N, K) and the op computes A @ B.T");
+  TORCH_CHECK(A.size(-1) == B.size(1),
+              "A's last dimension (" + fmt(A.size(-1)) + ") must equal B's K (B.shape[1] = " +
+                  fmt(B.size(1)) + "); B is (N, K) and the op computes A @ B.T");
   check_cuda("A", A);
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t K = A.size(-1), N = B.size(0);
@@ -542,8 +547,9 @@ at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
   check_same_device("A", A, "B", B);
   check_same_device("A", A, "SCB", SCB);
   check_same_device("A", A, "bias", bias);
-  TORCH_CHECK(A.size(-1) == B.size(1), "A's last dimension (", A.size(-1),
-              ") must equal B.shape[1] (in_features = ", B.size(1), ")");
+  TORCH_CHECK(A.size(-1) == B.size(1), "A's last dimension (" + fmt(A.size(-1)) +
+                                           ") must equal B.shape[1] (in_features = " +
+                                           fmt(B.size(1)) + ")");
   const int64_t N = B.size(0), K = A.size(-1);
   if (B.scalar_type() == at::kChar) {
     TORCH_CHECK_VALUE(SCB.has_value(),

@@ -1,0 +1,617 @@
+"""CUDA kernels of opsq (``opsq/csrc``) against the pure-PyTorch reference kernels.
+
+Every test is marked ``cuda`` and skips (with the reason) when no CUDA device is present or when
+the op has no native CUDA kernel registered (``opsq._extension.has_native_kernel``). Inputs are
+fresh random data for every case; quantization codes must equal the reference except at exact
+ties (a tiny fraction, neighbouring codes only); dequantized values, int8 codes and statistics
+must be bit-identical; matmul outputs are compared within tolerances stated per dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import opsq  # noqa: F401  (registers the ops and loads opsq._C)
+from opsq import _extension
+from opsq import reference as ref
+from opsq._constants import (BLOCKSIZES, FP4_CODES_ASCENDING, NESTED_BLOCKSIZE, ZERO_CODE,
+                             create_dynamic_map)
+
+pytestmark = pytest.mark.cuda
+
+OPS = torch.ops.opsq
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+DEV = "cuda"
+
+
+def need(op: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    if not _extension.has_native_kernel(op):
+        err = _extension.extension_error()
+        pytest.skip(f"opsq::{op} has no native CUDA kernel"
+                    + (f" (opsq._C not loaded: {err})" if err else ""))
+
+
+def gen(seed: int) -> torch.Generator:
+    g = torch.Generator(device=DEV)
+    g.manual_seed(seed)
+    return g
+
+
+def randn(shape, dtype, seed, scale=1.0):
+    x = torch.randn(shape, generator=gen(seed), device=DEV, dtype=torch.float32) * scale
+    return x.to(dtype)
+
+
+def unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    raw = packed.reshape(-1).view(torch.uint8).cpu()
+    return torch.stack((raw >> 4, raw & 0xF), dim=-1).reshape(-1)[:n].long()
+
+
+def assert_codes_close(got: torch.Tensor, want: torch.Tensor, order_index: torch.Tensor,
+                       max_frac: float = 1e-3) -> int:
+    """Codes equal except a tiny fraction of exact ties, which may only pick the neighbouring
+    code in value order (``order_index[code]`` = rank of the code's value)."""
+    got, want = got.reshape(-1).cpu().long(), want.reshape(-1).cpu().long()
+    diff = got != want
+    n_diff = int(diff.sum())
+    if n_diff:
+        rank_gap = (order_index[got[diff]] - order_index[want[diff]]).abs()
+        assert int(rank_gap.max()) <= 1, f"non-neighbour code mismatch (max rank gap {rank_gap.max()})"
+        assert n_diff <= max(1, max_frac * got.numel()), f"{n_diff} / {got.numel()} codes differ"
+    return n_diff
+
+
+def code_rank(quant_type: str) -> torch.Tensor:
+    """Rank of each 4-bit code's value (NF4: the code itself; FP4: signed magnitude order)."""
+    if quant_type == "nf4":
+        return torch.arange(16)
+    rank = torch.zeros(16, dtype=torch.long)
+    for i, c in enumerate(FP4_CODES_ASCENDING):
+        rank[c] = 8 + i        # +magnitudes ascending
+        rank[c | 8] = 7 - i    # -magnitudes descending
+    rank[8] = 8  # -0.0 == +0.0
+    return rank
+
+
+def no_new_nan(out: torch.Tensor, inp: torch.Tensor | None = None) -> None:
+    if inp is None or not torch.isnan(inp.float()).any():
+        assert not torch.isnan(out.float()).any(), "NaN in output for NaN-free input"
+
+
+# =============================================================================================
+# quantize_4bit
+# =============================================================================================
+SIZES = [1, 7, 64, 1001, 4096 * 3 + 33, 262147]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_4bit_matches_reference(quant_type, blocksize, dtype):
+    need("quantize_4bit")
+    for i, n in enumerate(SIZES):
+        A = randn((n,), dtype, seed=1000 + i + blocksize, scale=3.0)
+        for storage in (torch.uint8, torch.bfloat16):
+            packed, absmax = OPS.quantize_4bit(A, blocksize, quant_type, storage)
+            rp, ra = ref.quantize_4bit(A.cpu(), blocksize, quant_type, storage)
+            assert packed.dtype == storage and packed.shape == rp.shape
+            assert torch.equal(absmax.cpu(), ra), "absmax differs"
+            # every byte, storage padding included
+            nb = rp.numel() * rp.element_size()
+            assert_codes_close(unpack(packed, 2 * nb), unpack(rp, 2 * nb), code_rank(quant_type))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.int8, torch.float16, torch.bfloat16,
+                                     torch.int32, torch.float32, torch.int64, torch.float64])
+def test_quantize_4bit_storage_padding(quant_type, storage):
+    need("quantize_4bit")
+    for n in (1, 2, 3, 5, 15, 17, 63, 127, 129):
+        A = randn((n,), torch.float32, seed=n)
+        packed, absmax = OPS.quantize_4bit(A, 64, quant_type, storage)
+        rp, ra = ref.quantize_4bit(A.cpu(), 64, quant_type, storage)
+        assert packed.shape == rp.shape
+        assert torch.equal(packed.view(torch.uint8).cpu(), rp.view(torch.uint8))
+        z = ZERO_CODE[quant_type]
+        raw = unpack(packed, 2 * rp.numel() * rp.element_size())
+        assert bool((raw[n:] == z).all()), "padding must hold the zero code"
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_4bit_exact_boundaries_and_specials(quant_type):
+    """Values exactly at the decision boundaries (and one ulp either side), zero blocks,
+    subnormals, inf and NaN: codes must equal the reference bit for bit."""
+    need("quantize_4bit")
+    from opsq._constants import FP4_THRESHOLDS, NF4_CODE
+    t = torch.tensor(NF4_CODE, dtype=torch.float64)
+    bounds = ((t[1:] + t[:-1]) / 2).float() if quant_type == "nf4" else \
+        torch.tensor(FP4_THRESHOLDS, dtype=torch.float32)
+    b = torch.cat([bounds, -bounds])
+    vals = torch.cat([b, torch.nextafter(b, torch.full_like(b, 2.0)),
+                      torch.nextafter(b, torch.full_like(b, -2.0))])
+    blocks = []
+    for v in vals.tolist():  # block of 32: absmax 1 (first element), then the probe value
+        blk = torch.zeros(32)
+        blk[0], blk[1], blk[2] = 1.0, v, -v
+        blocks.append(blk)
+    blocks.append(torch.zeros(32))                                   # all-zero block
+    blocks.append(torch.full((32,), 1e-40))                          # subnormal block
+    blocks.append(torch.randn(32) * 1e-39)                           # mixed subnormals
+    for specials in ({3: float("inf")}, {5: float("nan")}, {7: float("-inf"), 9: float("nan")}):
+        blk = torch.randn(32)
+        for k, v in specials.items():
+            blk[k] = v
+        blocks.append(blk)
+    A = torch.cat(blocks).to(DEV)
+    packed, absmax = OPS.quantize_4bit(A, 32, quant_type, torch.uint8)
+    rp, ra = ref.quantize_4bit(A.cpu(), 32, quant_type, torch.uint8)
+    assert torch.equal(absmax.cpu().isnan(), ra.isnan())
+    assert torch.equal(absmax.cpu().nan_to_num(), ra.nan_to_num())
+    got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
+    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+    # NaN/Inf never corrupt neighbouring blocks
+    nb = len(blocks)
+    assert bool(torch.isfinite(absmax[: nb - 3]).all())
+
+
+def test_quantize_4bit_2d_and_empty():
+    need("quantize_4bit")
+    A = randn((37, 129), torch.bfloat16, seed=5)
+    packed, absmax = OPS.quantize_4bit(A, 128, "nf4", torch.uint8)
+    rp, ra = ref.quantize_4bit(A.cpu(), 128, "nf4", torch.uint8)
+    assert torch.equal(packed.cpu(), rp) and torch.equal(absmax.cpu(), ra)
+    E = torch.empty((0, 5), device=DEV)
+    p, a = OPS.quantize_4bit(E, 64, "fp4", torch.uint8)
+    assert p.shape == (0, 1) and a.shape == (0,)
+
+
+def test_quantize_4bit_non_contiguous_and_unaligned():
+    need("quantize_4bit")
+    base = randn((300, 130), torch.float16, seed=9)
+    for A in (base.t(), base[:, 1:], base.reshape(-1)[3:3 + 5000]):
+        packed, absmax = OPS.quantize_4bit(A, 64, "nf4", torch.uint8)
+        rp, ra = ref.quantize_4bit(A.cpu(), 64, "nf4", torch.uint8)
+        assert torch.equal(packed.cpu(), rp) and torch.equal(absmax.cpu(), ra)
+
+
+# =============================================================================================
+# dequantize_4bit
+# =============================================================================================
+def random_packed(n, seed, storage=torch.uint8):
+    itemsize = torch.empty((), dtype=storage).element_size()
+    nbytes = -(-(-(-n // 2)) // itemsize) * itemsize
+    raw = torch.randint(0, 256, (nbytes,), generator=gen(seed), device=DEV, dtype=torch.int32)
+    return raw.to(torch.uint8).view(storage).reshape(-1, 1)
+
+
+def random_absmax(blocks, seed):
+    return torch.rand(blocks, generator=gen(seed), device=DEV) * 4 + 0.01
+
+
+def nested_stats(blocks, seed):
+    q = torch.randint(0, 256, (blocks,), generator=gen(seed), device=DEV,
+                      dtype=torch.int32).to(torch.uint8)
+    nabs = torch.rand(-(-blocks // NESTED_BLOCKSIZE), generator=gen(seed + 1), device=DEV) + 0.5
+    code = create_dynamic_map().to(DEV)
+    offset = torch.rand(1, generator=gen(seed + 2), device=DEV) + 1.0
+    return q, nabs, code, offset
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_4bit_matches_reference(quant_type, blocksize, dtype, nested):
+    need("dequantize_4bit")
+    for i, shape in enumerate([(1,), (7,), (33, 3), (1001,), (129, 257), (4096 * 5 + 17,)]):
+        n = 1
+        for s in shape:
+            n *= s
+        blocks = -(-n // blocksize)
+        for storage in (torch.uint8, torch.bfloat16):
+            A = random_packed(n, seed=i + blocksize, storage=storage)
+            if nested:
+                q, nabs, code, off = nested_stats(blocks, seed=7 * i + 1)
+                args = (A, q, blocksize, quant_type, list(shape), dtype, nabs, code, off,
+                        NESTED_BLOCKSIZE)
+            else:
+                args = (A, random_absmax(blocks, seed=3 * i), blocksize, quant_type,
+                        list(shape), dtype)
+            out = OPS.dequantize_4bit(*args)
+            want = ref.dequantize_4bit(*[a.cpu() if isinstance(a, torch.Tensor) else a
+                                         for a in args])
+            assert out.shape == want.shape and out.dtype == dtype
+            assert torch.equal(out.cpu(), want), \
+                f"max abs diff {(out.cpu().float() - want.float()).abs().max()}"
+            no_new_nan(out)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dequantize_4bit_unaligned_codes_and_empty(dtype):
+    need("dequantize_4bit")
+    n = 4099
+    big = random_packed(n + 6, seed=1)
+    A = big.reshape(-1)[1:1 + -(-n // 2)].reshape(-1, 1)  # storage offset 1: not word-aligned
+    am = random_absmax(-(-n // 64), seed=2)
+    out = OPS.dequantize_4bit(A, am, 64, "nf4", [n], dtype)
+    want = ref.dequantize_4bit(A.cpu(), am.cpu(), 64, "nf4", [n], dtype)
+    assert torch.equal(out.cpu(), want)
+    E = OPS.dequantize_4bit(torch.empty((0, 1), dtype=torch.uint8, device=DEV),
+                            torch.empty(0, device=DEV), 64, "fp4", [0, 7], dtype)
+    assert E.shape == (0, 7) and E.dtype == dtype
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_roundtrip_quantize_dequantize(quant_type):
+    need("quantize_4bit"); need("dequantize_4bit")
+    A = randn((513, 67), torch.bfloat16, seed=11)
+    p, am = OPS.quantize_4bit(A, 64, quant_type, torch.uint8)
+    out = OPS.dequantize_4bit(p, am, 64, quant_type, list(A.shape), torch.bfloat16)
+    want = ref.dequantize_4bit(*ref.quantize_4bit(A.cpu(), 64, quant_type, torch.uint8), 64,
+                               quant_type, list(A.shape), torch.bfloat16)
+    assert torch.equal(out.cpu(), want)
+    err = (out.float() - A.float()).abs().max() / A.float().abs().max()
+    assert err < 0.3
+
+
+def test_errors_name_the_argument():
+    need("dequantize_4bit"); need("quantize_4bit")
+    A = random_packed(256, seed=0)
+    am = random_absmax(4, seed=0)
+    with pytest.raises(RuntimeError, match="absmax"):
+        OPS.dequantize_4bit(A, am[:3], 64, "nf4", [256], torch.float16)
+    with pytest.raises(ValueError, match="blocksize"):
+        OPS.dequantize_4bit(A, am, 48, "nf4", [256], torch.float16)
+    with pytest.raises(ValueError, match="quant_type"):
+        OPS.quantize_4bit(torch.randn(64, device=DEV), 64, "nf5", torch.uint8)
+    with pytest.raises(TypeError, match="A"):
+        OPS.quantize_4bit(torch.ones(64, device=DEV, dtype=torch.int32), 64, "nf4", torch.uint8)
+    with pytest.raises(ValueError, match="device"):
+        OPS.dequantize_4bit(A, am.cpu(), 64, "nf4", [256], torch.float16)
+
+
+def test_errors_every_family():
+    """Messages carrying numbers and shapes, from every kernel family (each must raise the
+    Python exception type of opsq.meta, never crash the process)."""
+    need("quantize_4bit"); need("linear_4bit"); need("mm_dequant"); need("igemmlt")
+    need("vectorwise_quant"); need("dequantize_blockwise")
+    x = torch.randn(4, 64, device=DEV)
+    with pytest.raises(ValueError, match="blocksize must be one of .* got 48"):
+        OPS.quantize_4bit(x, 48, "nf4", torch.uint8)
+    p, am = OPS.quantize_4bit(torch.randn(8, 64, device=DEV), 64, "nf4", torch.uint8)
+    with pytest.raises(RuntimeError, match=r"A's last dimension \(32\) must equal shapeB\[1\]"):
+        OPS.linear_4bit(torch.randn(2, 32, device=DEV), p, [8, 64], am, 64, "nf4")
+    with pytest.raises(RuntimeError, match=r"B must have 512 elements .*got 256 \(shape \(256, 1\)\)"):
+        OPS.linear_4bit(torch.randn(2, 64, device=DEV), p, [16, 64], am, 64, "nf4")
+    with pytest.raises(RuntimeError, match=r"row_stats must have 4 elements.*got 3 \(shape \(3,\)\)"):
+        OPS.mm_dequant(torch.ones(4, 8, dtype=torch.int32, device=DEV),
+                       torch.ones(3, device=DEV), torch.ones(8, device=DEV))
+    with pytest.raises(RuntimeError, match="B's K"):
+        OPS.igemmlt(torch.ones(2, 8, dtype=torch.int8, device=DEV),
+                    torch.ones(3, 9, dtype=torch.int8, device=DEV))
+    with pytest.raises(ValueError, match="threshold"):
+        OPS.vectorwise_quant(x, -1.0)
+    with pytest.raises(RuntimeError, match="absmax must have 1 elements"):
+        OPS.dequantize_blockwise(torch.zeros(64, dtype=torch.uint8, device=DEV),
+                                 torch.ones(2, device=DEV), create_dynamic_map().to(DEV), 64,
+                                 torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        OPS.dequantize_4bit(p, am, 64, "nf4", [8, 64], torch.int32)
+
+
+# =============================================================================================
+# gemv_4bit / linear_4bit
+# =============================================================================================
+TOL = {torch.float16: (4e-3, 2e-3), torch.bfloat16: (1.6e-2, 1e-2), torch.float32: (1e-4, 1e-5)}
+
+
+def assert_matmul_close(out, want, dtype):
+    rtol, atol_rel = TOL[dtype]
+    scale = max(float(want.float().abs().max()), 1e-6)
+    torch.testing.assert_close(out.float(), want.float(), rtol=rtol, atol=atol_rel * scale)
+
+
+@pytest.mark.parametrize("op", ["gemv_4bit", "linear_4bit"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("impl", ["default", "1"])
+def test_linear_4bit_matches_reference(op, quant_type, dtype, nested, impl, monkeypatch):
+    need(op)
+    if impl != "default":  # the alternative fused kernel (OPSQ_GEMV_IMPL)
+        monkeypatch.setenv("OPSQ_GEMV_IMPL", impl)
+    cases = [((1, 64), 1, 64), ((1, 4096), 1000, 64), ((3, 96), 17, 32), ((8, 512), 129, 128),
+             ((2, 5, 256), 48, 256), ((33, 128), 40, 64), ((4, 100), 21, 64), ((300,), 7, 32),
+             ((1, 8192), 3000, 4096), ((17, 1024), 64, 2048)]
+    for i, (ashape, N, bs) in enumerate(cases):
+        K = ashape[-1]
+        A = randn(ashape, dtype, seed=100 + i)
+        W = randn((N, K), torch.float32, seed=200 + i, scale=0.05)
+        packed, absmax = OPS.quantize_4bit(W, bs, quant_type, torch.uint8)
+        extra = ()
+        if nested:
+            offset = absmax.mean().reshape(1)
+            q, nabs = ref.quantize_blockwise(absmax - offset, create_dynamic_map().to(DEV),
+                                             NESTED_BLOCKSIZE)
+            absmax = q
+            extra = (nabs, create_dynamic_map().to(DEV), offset, NESTED_BLOCKSIZE)
+        for bias in (None, randn((N,), dtype, seed=300 + i), randn((N,), torch.float32, seed=4)):
+            out = getattr(OPS, op)(A, packed, [N, K], absmax, bs, quant_type, bias, *extra)
+            want = ref.linear_4bit(A, packed, [N, K], absmax, bs, quant_type, bias, *extra)
+            assert out.shape == want.shape and out.dtype == dtype
+            assert_matmul_close(out, want, dtype)
+            no_new_nan(out)
+
+
+def test_linear_4bit_unaligned_and_empty():
+    need("linear_4bit")
+    N, K = 33, 128
+    W = randn((N, K), torch.float32, seed=1, scale=0.1)
+    packed, absmax = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+    big = torch.cat([torch.zeros(1, 1, dtype=torch.uint8, device=DEV), packed])
+    shifted = big[1:]  # same bytes at storage offset 1 (falls back from the fused kernel)
+    A = randn((2, K), torch.bfloat16, seed=2)
+    out = OPS.linear_4bit(A, shifted, [N, K], absmax, 64, "nf4")
+    want = ref.linear_4bit(A, packed, [N, K], absmax, 64, "nf4")
+    assert_matmul_close(out, want, torch.bfloat16)
+    E = OPS.linear_4bit(A[:0], packed, [N, K], absmax, 64, "nf4")
+    assert E.shape == (0, N)
+
+
+# =============================================================================================
+# 8-bit blockwise
+# =============================================================================================
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_blockwise_matches_reference(blocksize, dtype):
+    need("quantize_blockwise")
+    code = create_dynamic_map().to(DEV)
+    rank = torch.empty(256, dtype=torch.long)
+    rank[torch.sort(code.cpu()).indices] = torch.arange(256)
+    for i, shape in enumerate([(1,), (5, 3), (1000,), (4096 * 3 + 7,), (257, 129)]):
+        A = randn(shape, dtype, seed=50 + i + blocksize, scale=2.0)
+        q, absmax = OPS.quantize_blockwise(A, code, blocksize)
+        rq, ra = ref.quantize_blockwise(A.cpu(), code.cpu(), blocksize)
+        assert q.shape == rq.shape and q.dtype == torch.uint8
+        assert torch.equal(absmax.cpu(), ra)
+        assert_codes_close(q, rq, rank)
+
+
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_dequantize_blockwise_matches_reference(blocksize, dtype):
+    need("dequantize_blockwise")
+    code = create_dynamic_map().to(DEV)
+    for i, shape in enumerate([(1,), (5, 3), (1001,), (4096 * 3 + 7,), (257, 129)]):
+        n = 1
+        for s in shape:
+            n *= s
+        A = torch.randint(0, 256, shape, generator=gen(i), device=DEV,
+                          dtype=torch.int32).to(torch.uint8)
+        am = random_absmax(-(-n // blocksize), seed=i)
+        out = OPS.dequantize_blockwise(A, am, code, blocksize, dtype)
+        want = ref.dequantize_blockwise(A.cpu(), am.cpu(), code.cpu(), blocksize, dtype)
+        assert torch.equal(out.cpu(), want)
+
+
+def test_blockwise_specials():
+    need("quantize_blockwise")
+    code = create_dynamic_map().to(DEV)
+    x = torch.randn(64 * 6)
+    x[64:128] = 0
+    x[130] = float("nan")
+    x[200] = float("inf")
+    x[300:310] = 1e-40
+    A = x.to(DEV)
+    q, am = OPS.quantize_blockwise(A, code, 64)
+    rq, ra = ref.quantize_blockwise(x, code.cpu(), 64)
+    assert torch.equal(am.cpu().nan_to_num(), ra.nan_to_num())
+    assert torch.equal(q.cpu(), rq)
+
+
+# =============================================================================================
+# LLM.int8
+# =============================================================================================
+INT8_SHAPES = [(1, 1), (7, 13), (64, 4096), (3, 5, 64), (130, 1000), (1, 8192), (300, 24)]
+
+
+def with_outliers(shape, dtype, seed):
+    x = randn(shape, torch.float32, seed=seed)
+    g = gen(seed + 1)
+    hot = torch.rand(shape, generator=g, device=DEV) < 0.002
+    x = torch.where(hot, x.sign() * 8.0 + x, x)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_vectorwise_quant_matches_reference(dtype, threshold):
+    need("vectorwise_quant")
+    for i, shape in enumerate(INT8_SHAPES):
+        A = with_outliers(shape, dtype, seed=i)
+        got = OPS.vectorwise_quant(A, threshold)
+        want = ref.vectorwise_quant(A.cpu(), threshold)
+        for g, w, name in zip(got, want, ("CA", "SCA", "outlier_cols")):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            assert torch.equal(g.cpu(), w), f"{name} differs for shape {shape}"
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threshold", [0.0, 3.0])
+def test_double_quant_matches_reference(dtype, threshold):
+    need("double_quant")
+    for i, shape in enumerate(INT8_SHAPES):
+        A = with_outliers(shape, dtype, seed=20 + i)
+        got = OPS.double_quant(A, threshold)
+        want = ref.double_quant(A.cpu(), threshold)
+        for g, w, name in zip(got, want, ("out_row", "out_col", "row_stats", "col_stats",
+                                           "outlier_cols")):
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            assert torch.equal(g.cpu(), w), f"{name} differs for shape {shape}"
+
+
+def test_int8_quant_empty():
+    need("double_quant")
+    for shape in [(0, 8), (0, 3, 5)]:
+        A = torch.empty(shape, device=DEV)
+        for g, w in zip(OPS.double_quant(A, 0.0), ref.double_quant(A.cpu(), 0.0)):
+            assert g.shape == w.shape and torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float16, torch.float32])
+def test_mm_dequant_matches_reference(out_dtype, bias_dtype):
+    need("mm_dequant")
+    for i, shape in enumerate([(1, 1), (5, 7), (64, 4096), (2, 3, 40)]):
+        N = shape[-1]
+        A = torch.randint(-2**20, 2**20, shape, generator=gen(i), device=DEV, dtype=torch.int32)
+        rows = A.numel() // N
+        rs = torch.rand(rows, generator=gen(i + 1), device=DEV) * 10
+        cs = torch.rand(N, generator=gen(i + 2), device=DEV) * 10
+        bias = None if bias_dtype is None else randn((N,), bias_dtype, seed=i)
+        got = OPS.mm_dequant(A, rs, cs, bias, out_dtype)
+        want = ref.mm_dequant(A.cpu(), rs.cpu(), cs.cpu(),
+                              None if bias is None else bias.cpu(), out_dtype)
+        assert got.dtype == want.dtype and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("shape", [(1, 64, 32), (16, 72, 40), (17, 64, 48), (33, 72, 8),
+                                   (5, 13, 7), (64, 4096, 1024), (2, 3, 96, 24), (1, 8192, 333)])
+def test_igemmlt_matches_reference(shape):
+    need("igemmlt")
+    *lead, K, N = shape
+    A = torch.randint(-127, 128, (*lead, K), generator=gen(K), device=DEV,
+                      dtype=torch.int32).to(torch.int8)
+    B = torch.randint(-127, 128, (N, K), generator=gen(N), device=DEV,
+                      dtype=torch.int32).to(torch.int8)
+    got = OPS.igemmlt(A, B)
+    want = ref.igemmlt(A.cpu(), B.cpu())
+    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("int8_weight", [True, False])
+def test_int8_linear_matches_reference(dtype, threshold, int8_weight):
+    need("int8_linear")
+    for i, (ashape, N) in enumerate([((1, 64), 32), ((3, 7, 128), 72), ((40, 256), 200)]):
+        K = ashape[-1]
+        A = with_outliers(ashape, dtype, seed=i)
+        Wf = randn((N, K), dtype, seed=10 + i, scale=0.1)
+        if int8_weight:
+            CB, SCB, _ = ref.vectorwise_quant(Wf, 0.0)
+            B, scb = CB, SCB
+        else:
+            B, scb = Wf, None
+        bias = randn((N,), dtype, seed=5)
+        got = OPS.int8_linear(A, B, scb, bias, threshold)
+        want = ref.int8_linear(A, B, scb, bias, threshold)
+        assert got.shape == want.shape and got.dtype == dtype
+        assert_matmul_close(got, want, dtype if dtype != torch.float32 else torch.float16)
+
+
+# =============================================================================================
+# > 2**31 elements (64-bit indexing)
+# =============================================================================================
+@pytest.mark.slow
+def test_4bit_beyond_int32_elements():
+    need("quantize_4bit"); need("dequantize_4bit")
+    free, _ = torch.cuda.mem_get_info()
+    if free < 24 * 2**30:
+        pytest.skip("needs ~24 GiB of free GPU memory")
+    tail = 64 * 3 + 5  # the last blocks, starting at a block boundary past 2**31
+    n = 2**31 + tail
+    A = torch.empty(n, device=DEV, dtype=torch.bfloat16)
+    A.normal_(generator=gen(0))
+    packed, absmax = OPS.quantize_4bit(A, 64, "nf4", torch.uint8)
+    start = n - tail
+    rp, ra = ref.quantize_4bit(A[start:].cpu(), 64, "nf4", torch.uint8)
+    assert torch.equal(absmax[start // 64:].cpu(), ra)
+    assert torch.equal(packed.reshape(-1)[start // 2:].cpu(), rp.reshape(-1))
+    out = OPS.dequantize_4bit(packed, absmax, 64, "nf4", [n], torch.bfloat16)
+    want = ref.dequantize_4bit(rp, ra, 64, "nf4", [tail], torch.bfloat16)
+    assert torch.equal(out[start:].cpu(), want)
+    del out, packed, A
+
+
+# =============================================================================================
+# CUDA graphs: capture once, copy new data into the static inputs, replay
+# =============================================================================================
+def graph_check(fn, static_inputs, fresh_inputs, exact=True):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = fn(*static_inputs)
+    for st, fr in zip(static_inputs, fresh_inputs):
+        if isinstance(st, torch.Tensor):
+            st.copy_(fr)
+    g.replay()
+    torch.cuda.synchronize()
+    eager = fn(*fresh_inputs)
+    outs = static_out if isinstance(static_out, (tuple, list)) else (static_out,)
+    eagers = eager if isinstance(eager, (tuple, list)) else (eager,)
+    for o, e in zip(outs, eagers):
+        if exact:
+            assert torch.equal(o.view(torch.uint8) if o.dtype == torch.bfloat16 else o,
+                               e.view(torch.uint8) if e.dtype == torch.bfloat16 else e)
+        else:  # cuBLAS inside: the graph may pick another algorithm than the eager call
+            torch.testing.assert_close(o, e, rtol=4e-3, atol=1e-3 * float(e.abs().max()))
+
+
+def _packed_weight(N, K, seed, quant_type="nf4"):
+    W = randn((N, K), torch.float32, seed=seed, scale=0.05)
+    return OPS.quantize_4bit(W, 64, quant_type, torch.uint8)
+
+
+GRAPH_CASES = {
+    "quantize_4bit": lambda s: ((randn((4099,), torch.bfloat16, s), 64, "nf4", torch.uint8),
+                                OPS.quantize_4bit),
+    "dequantize_4bit": lambda s: ((random_packed(4099, s), random_absmax(65, s), 64, "fp4",
+                                   [4099], torch.float16), OPS.dequantize_4bit),
+    "gemv_4bit": lambda s: ((randn((1, 256), torch.bfloat16, s), *_packed_weight(96, 256, s),
+                             64, "nf4"),
+                            lambda A, B, am, bs, qt: OPS.gemv_4bit(A, B, [96, 256], am, bs, qt)),
+    "linear_4bit": lambda s: ((randn((40, 256), torch.float16, s), *_packed_weight(96, 256, s),
+                               64, "fp4"),
+                              lambda A, B, am, bs, qt: OPS.linear_4bit(A, B, [96, 256], am, bs,
+                                                                       qt)),
+    "quantize_blockwise": lambda s: ((randn((5000,), torch.float32, s),
+                                      create_dynamic_map().to(DEV), 256),
+                                     OPS.quantize_blockwise),
+    "dequantize_blockwise": lambda s: ((torch.randint(0, 256, (5000,), generator=gen(s),
+                                                      device=DEV, dtype=torch.int32).to(
+                                            torch.uint8),
+                                        random_absmax(20, s), create_dynamic_map().to(DEV), 256,
+                                        torch.bfloat16), OPS.dequantize_blockwise),
+    "vectorwise_quant": lambda s: ((with_outliers((33, 256), torch.float16, s), 3.0),
+                                   OPS.vectorwise_quant),
+    "double_quant": lambda s: ((with_outliers((33, 256), torch.bfloat16, s), 3.0),
+                               OPS.double_quant),
+    "igemmlt": lambda s: ((torch.randint(-127, 128, (40, 64), generator=gen(s), device=DEV,
+                                         dtype=torch.int32).to(torch.int8),
+                           torch.randint(-127, 128, (24, 64), generator=gen(s + 1), device=DEV,
+                                         dtype=torch.int32).to(torch.int8)), OPS.igemmlt),
+    "mm_dequant": lambda s: ((torch.randint(-1000, 1000, (33, 40), generator=gen(s), device=DEV,
+                                            dtype=torch.int32),
+                              torch.rand(33, generator=gen(s), device=DEV),
+                              torch.rand(40, generator=gen(s + 1), device=DEV)),
+                             OPS.mm_dequant),
+    "int8_linear": lambda s: ((with_outliers((20, 128), torch.float16, s),
+                               randn((48, 128), torch.float16, s + 1), None, None, 6.0),
+                              OPS.int8_linear),
+}
+
+
+@pytest.mark.parametrize("op", sorted(GRAPH_CASES))
+def test_cuda_graph_capture_replay(op):
+    need(op)
+    static, fn = GRAPH_CASES[op](1)
+    fresh, _ = GRAPH_CASES[op](2)
+    graph_check(fn, static, fresh, exact=op not in ("linear_4bit", "int8_linear"))
