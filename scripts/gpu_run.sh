@@ -56,6 +56,7 @@ if [ $BUILD_RC -ne 0 ]; then grep -E "error|Error" "$BUILD_LOG" | head -40; fi
 $PY -m opsq >"$OUT/diagnostics.log" 2>&1
 cat "$OUT/diagnostics.log"
 NATIVE=$(grep -c "cuda-native" "$OUT/diagnostics.log")
+[ "${OPSQ_BUILD_ONLY:-0}" = "1" ] && exit $BUILD_RC
 
 # ---- tests ---------------------------------------------------------------------------------
 # One pytest process per op group, so that a fault in one kernel (a sticky CUDA error) cannot
@@ -96,6 +97,8 @@ print(f"{passed} passed, {tot['failures']} failed, {tot['errors']} errors, "
       f"{tot['skipped']} skipped (of {tot['tests']})")
 PYEOF
 )
+
+[ "${OPSQ_SKIP_TIMINGS:-0}" = "1" ] && { echo "$TEST_SUMMARY"; exit 0; }
 
 # ---- timings -------------------------------------------------------------------------------
 $PY - >"$OUT/bench.log" 2>&1 <<'PYEOF'

@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,9 @@ import torch
 
 import opsq  # noqa: F401  (registers torch.ops.opsq.*)
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+# ../shared/fixtures beside the checkout; OPSQ_FIXTURES overrides (the GPU machine gets a copy).
+FIXTURES = Path(os.environ.get("OPSQ_FIXTURES") or
+                Path(__file__).resolve().parents[2] / "shared" / "fixtures")
 BNB = FIXTURES / "bnb-0.50.2"
 
 

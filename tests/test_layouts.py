@@ -1,6 +1,7 @@
 """Tests for opsq._layouts: legacy cuBLASLt int8 tile layouts."""
 
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -32,7 +33,7 @@ def _load_layouts():
 
 L = _load_layouts()
 
-FIXTURES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = pathlib.Path(os.environ.get("OPSQ_FIXTURES") or pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures")
 LAYOUTS_PT = FIXTURES / "cublaslt" / "layouts.pt"
 TILED = ("col32", "col_turing", "col_ampere")
 

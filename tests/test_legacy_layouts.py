@@ -1,5 +1,6 @@
 """Legacy cuBLASLt int8 layouts at the op and tensor level, against NVIDIA's own output
 (shared/fixtures/cublaslt/layouts.pt), and legacy Linear8bitLt checkpoints."""
+import os
 import functools
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from opsq.nn import Linear8bitLt
 from opsq.utils import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
                         LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)
 
-LAYOUTS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "cublaslt" / "layouts.pt"
+LAYOUTS = Path(os.environ.get("OPSQ_FIXTURES") or Path(__file__).resolve().parents[2] / "shared"
+               / "fixtures") / "cublaslt" / "layouts.pt"
 TILED = ("col32", "col_turing", "col_ampere")
 ops = torch.ops.opsq
 

@@ -52,4 +52,8 @@ at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
                             const std::optional<at::Tensor>& SCB,
                             const std::optional<at::Tensor>& bias, double threshold);
 
+// ---- legacy cuBLASLt int8 layouts ----------------------------------------------------------
+at::Tensor transform_cuda(const at::Tensor& A, c10::string_view from_order,
+                          c10::string_view to_order, c10::SymIntArrayRef shape);
+
 }  // namespace opsq

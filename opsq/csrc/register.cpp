@@ -18,6 +18,7 @@ TORCH_LIBRARY_IMPL(opsq, CUDA, m) {
   m.impl("igemmlt", &opsq::igemmlt_cuda);
   m.impl("mm_dequant", &opsq::mm_dequant_cuda);
   m.impl("int8_linear", &opsq::int8_linear_cuda);
+  m.impl("transform", &opsq::transform_cuda);
 }
 
 // `import opsq._C` loads the shared library, which runs the registration above.

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The session's device run, phase by phase (PHASES, comma-separated; default: all but the
+# sanitizer): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
+# the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
+# `opsq demo --device cuda`, `opsq bench --json`, compute-sanitizer memcheck/racecheck over the
+# op tests. Logs and results under $OUT; a summary table is printed last.
+#   OUT=/tmp/o bash scripts/gpu_all.sh
+#   PHASES=bench,sanitizer bash scripts/gpu_all.sh
+set -u -o pipefail
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/opsq_gpu}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OPSQ_FIXTURES=${OPSQ_FIXTURES:-$PWD/.fixtures}
+PHASES=${PHASES:-build,cuda_ops,tests,fsdp,demo,bench}
+PY=${PYTHON:-python3}
+SUMMARY="$OUT/summary.txt"
+: >"$SUMMARY"
+has() { [[ ",$PHASES," == *",$1,"* ]]; }
+note() { echo "$1" | tee -a "$SUMMARY"; }
+last() { grep -E "passed|failed|error" "$1" | tail -1; }
+
+if has build; then
+  t0=$(date +%s)
+  OPSQ_BUILD_ONLY=1 OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/build_stdout.log" 2>&1
+  note "build rc=$? ($(( $(date +%s) - t0 ))s); native ops: $(grep -c cuda-native "$OUT/diagnostics.log")/12"
+fi
+if has cuda_ops; then
+  OPSQ_SKIP_TIMINGS=1 OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/cuda_ops_stdout.log" 2>&1
+  note "cuda op tests: $(grep -E '^pytest rc' "$OUT/cuda_ops_stdout.log") $(grep -E 'passed' "$OUT/cuda_ops_stdout.log" | tail -1)"
+fi
+if has tests; then
+  t0=$(date +%s)
+  timeout 420 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_fixtures.py \
+    compile_tests/test_opcheck.py $(ls tests/test_autograd.py compile_tests/test_compiled_training.py 2>/dev/null) \
+    -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
+  note "CUDA suite (fixtures, opcheck, compiles, training) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
+fi
+if has fsdp; then
+  t0=$(date +%s)
+  timeout 300 $PY -m pytest -q -rfE -s -p no:cacheprovider compile_tests/test_fsdp.py -k nccl \
+    >"$OUT/fsdp_nccl.log" 2>&1
+  note "FSDP NCCL 2 GPUs rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/fsdp_nccl.log")"
+  grep "^\[fsdp\]" "$OUT/fsdp_nccl.log" | tee -a "$SUMMARY"
+fi
+if has demo; then
+  t0=$(date +%s)
+  timeout 300 $PY -m opsq.cli demo --device cuda --no-progress --json "$OUT/demo_cuda.json" \
+    >"$OUT/demo_cuda.log" 2>&1
+  note "opsq demo --device cuda rc=$? ($(( $(date +%s) - t0 ))s)"
+  grep -v "^opsq demo:" "$OUT/demo_cuda.log" | tail -6 | tee -a "$SUMMARY"
+fi
+if has bench; then
+  t0=$(date +%s)
+  timeout 300 $PY -m opsq.cli bench --no-bnb --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
+fi
+if has sanitizer; then
+  for tool in memcheck racecheck; do
+    t0=$(date +%s)
+    timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
+      -p no:cacheprovider tests/test_cuda_ops.py \
+      -k "matches_reference and not int8_linear and (64 or 4096) or transform" \
+      >"$OUT/sanitizer_$tool.log" 2>&1
+    note "compute-sanitizer $tool rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
+  done
+fi
+echo "================ summary ================"
+cat "$SUMMARY"
+[ -f "$OUT/bench_table.log" ] && cat "$OUT/bench_table.log"
+exit 0
