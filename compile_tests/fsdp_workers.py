@@ -20,12 +20,13 @@ class LoRA(nn.Module):
     def __init__(self, base: nn.Module, rank: int = 4, dtype=torch.float32):
         super().__init__()
         self.base = base
+        self.lora_dtype = dtype
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
         nn.init.normal_(self.lora_B.weight, std=0.02)
 
     def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype))).to(x.dtype)
+        return self.base(x) + self.lora_B(self.lora_A(x.to(self.lora_dtype))).to(x.dtype)
 
 
 class Block(nn.Module):
@@ -75,6 +76,8 @@ def setup(rank, world, port, backend):
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
     dist.init_process_group(backend, rank=rank, world_size=world)
+    import opsq.fsdp
+    opsq.fsdp.enable_fsdp2_integer_params()  # torch < 2.12 only; see opsq/fsdp.py
     if backend == "nccl":
         torch.cuda.set_device(rank)
         return torch.device("cuda", rank)
@@ -237,23 +240,31 @@ def fsdp1_worker(rank, world, port, backend, results_dir):
     device = setup(rank, world, port, backend)
     try:
         for use_orig in (True, False):
-            ref = make_model(device, storage=torch.bfloat16, dtype=torch.bfloat16, seed=7,
-                             n_blocks=1)
-            # FSDP1 flattens per unit: only bf16 params (packed bf16 weights, LoRA) there;
-            # the int8 layer keeps its own unit.
-            model = make_model(device, storage=torch.bfloat16, dtype=torch.bfloat16,
-                               seed=7 + rank, n_blocks=1)
-            for mod in model.modules():
-                if isinstance(mod, Linear8bitLt):
-                    pass
+            def build(seed):
+                torch.manual_seed(seed)
+                m = nn.Sequential(
+                    LoRA(Linear4bit(72, 100, quant_type="nf4", compress_statistics=True,
+                                    quant_storage=torch.bfloat16), dtype=torch.bfloat16),
+                    nn.GELU(),
+                    LoRA(Linear4bit(100, 72, quant_type="fp4", compress_statistics=False,
+                                    quant_storage=torch.bfloat16), dtype=torch.bfloat16))
+                m = m.to(torch.bfloat16).to(device)  # bias/LoRA bf16; packed bf16 untouched
+                for n, p in m.named_parameters():
+                    p.requires_grad_("lora_" in n)
+                return m
+            ref = build(7)
+            # the other ranks start from different weights; sync_module_states fixes that
+            model = build(7 + rank)
             kw = dict(sync_module_states=True, use_orig_params=use_orig)
             if backend == "nccl":
                 kw["device_id"] = device
-            block = model[0]
-            block.mid = FSDP(block.mid, **kw)
+            if not use_orig:  # one requires_grad per flat parameter: adapters get own units
+                for mod in model.modules():
+                    if isinstance(mod, LoRA):
+                        mod.lora_A, mod.lora_B = FSDP(mod.lora_A, **kw), FSDP(mod.lora_B, **kw)
             model = FSDP(model, **kw)
             x = (torch.randn(2, 5, 72, generator=torch.Generator().manual_seed(9)) * 2).to(
-                device)
+                device, torch.bfloat16)
             out = model(x)
             torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
             out.float().square().mean().backward()

@@ -15,18 +15,20 @@ from ._extension import backends, load_extension
 load_extension()
 
 from . import functional, nn, utils  # noqa: E402
-from .autograd import MatmulLtState, MatMul4Bit, MatMul8bitLt, matmul, matmul_4bit  # noqa: E402
+from .autograd import (MatmulLtState, MatMul4Bit, MatMul8bit, MatMul8bitLt,  # noqa: E402
+                       bmm_cublas, matmul, matmul_4bit, matmul_cublas, mm_cublas)
 from .functional import QuantState  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "nn", "utils", "QuantState", "matmul", "matmul_4bit", "MatmulLtState",
-           "MatMul8bitLt", "MatMul4Bit", "backends", "__version__"]
+           "MatMul8bitLt", "MatMul4Bit", "MatMul8bit", "matmul_cublas", "mm_cublas",
+           "bmm_cublas", "backends", "__version__"]
 
-from . import integrations, optim  # noqa: E402
+from . import fsdp, integrations, lora, optim  # noqa: E402
 from .layout_utils import (get_inverse_transform_indices, get_tile_inds,  # noqa: E402
                            supports_igemmlt, undo_layout)
 from .outlier_tools import GlobalOutlierPooler  # noqa: E402
 
-__all__ += ["integrations", "optim", "GlobalOutlierPooler", "get_inverse_transform_indices",
+__all__ += ["fsdp", "integrations", "lora", "optim", "GlobalOutlierPooler", "get_inverse_transform_indices",
             "get_tile_inds", "undo_layout", "supports_igemmlt"]

@@ -1,62 +1,173 @@
 """Autograd of the opsq ops, attached with ``torch.library.register_autograd``.
 
-Differentiable inputs and their gradients:
+bitsandbytes keeps its gradients in ``torch.autograd.Function`` classes; opsq puts them on the
+ops, so ``torch.ops.opsq.*`` are differentiable wherever they are called and a compiled backward
+graph contains opsq ops. Every backward below is built from opsq ops and torch ops only (so it
+compiles, and is itself differentiable: double backward works), saves its tensors with
+``ctx.save_for_backward`` (so non-reentrant activation checkpointing can drop and recompute
+them) and saves only what ``ctx.needs_input_grad`` asks for.
 
-* ``linear_4bit`` / ``gemv_4bit``: ``A`` (grad @ dequant(B)) and ``bias`` (sum over rows).
-  The packed weight and its statistics are frozen: their gradient is None.
-* ``dequantize_4bit``: ``absmax`` when it is fp32 (per-block sum of grad * code value), and for
-  nested statistics ``nested_absmax`` and ``offset``; the packed codes get None.
-* ``dequantize_blockwise``: ``absmax``; the codes and the map get None.
-* ``int8_linear``: ``A`` (grad @ dequant(W)), ``bias``, and ``B`` when it is a floating-point
-  weight quantized per call (grad.T @ A: the straight-through estimator of LLM.int8 training);
-  an int8 ``B`` and its ``SCB`` get None.
-* ``mm_dequant``: ``bias``; the statistics get None.
-* Quantizers (``quantize_4bit``, ``quantize_blockwise``, ``vectorwise_quant``, ``double_quant``)
-  and ``igemmlt``/``transform``: outputs are marked non-differentiable; inputs get None.
+The answer for every input, op by op (``W`` = the dequantized weight, ``G`` = the incoming
+gradient, flattened to rows):
 
-Every backward is built from opsq ops and torch ops, so compiled backward graphs contain them.
+* ``linear_4bit`` / ``gemv_4bit``: ``A`` -> ``G @ W``; ``bias`` -> ``G.sum(0)``; a float32
+  ``absmax`` -> per-block sums of ``(G.T @ A) * code_values``; with nested statistics,
+  ``nested_absmax``, ``nested_code`` and ``offset`` by the chain rule through
+  ``absmax = nested_code[q] * nested_absmax + offset``. The packed codes ``B`` get None even
+  when their storage dtype is floating point (bf16 storage holds bytes, not numbers).
+* ``dequantize_4bit``: as above with ``G`` itself as the gradient of ``W``: ``absmax`` (fp32),
+  ``nested_absmax``, ``nested_code``, ``offset``; the packed codes get None.
+* ``dequantize_blockwise``: ``absmax`` and ``code``; the uint8 codes ``A`` cannot require grad.
+* ``int8_linear``: ``A`` -> ``G @ dequant(CB)`` (the derivative of the forward with the input
+  quantization treated as identity; ``CB`` is the int8 weight, or the per-call quantization of a
+  float ``B``, as bitsandbytes' ``MatMul8bitLt``); a floating-point ``B`` -> ``G.T @ A`` (the
+  straight-through estimator of LLM.int8 training); ``SCB`` -> the exact derivative
+  ``(G * (dequant(CA) @ CB.T + outlier part) / 127).sum(0)`` (the output is linear in ``SCB``);
+  ``bias`` -> ``G.sum(0)``. The outlier threshold does not change the gradients (outlier
+  columns are multiplied against the same dequantized weight).
+* ``mm_dequant``: ``row_stats``, ``col_stats`` and ``bias`` (the output is linear in each); the
+  int32 ``A`` cannot require grad.
+* Quantizers (``quantize_4bit``, ``quantize_blockwise``, ``vectorwise_quant``, ``double_quant``):
+  rounding has a zero derivative almost everywhere, so every output, statistics included, is
+  marked non-differentiable and the inputs get None. Train through a quantizer with an explicit
+  straight-through estimator (as ``int8_linear`` does for a float ``B``).
+* ``igemmlt`` and ``transform`` take only int8 tensors, which cannot require grad.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ._schemas import SCHEMAS
 
+ops = torch.ops.opsq
+_INV127 = 1.0 / 127.0
+_INV127SQ = 1.0 / (127.0 * 127.0)
+
+
+@functools.lru_cache(maxsize=None)
+def _names(name: str) -> tuple[str, ...]:
+    schema = torch._C.parse_schema(f"opsq::{name}{SCHEMAS[name]}")
+    return tuple(a.name for a in schema.arguments)
+
 
 def _arg_names(name: str) -> list[str]:
-    schema = torch._C.parse_schema(f"opsq::{name}{SCHEMAS[name]}")
-    return [a.name for a in schema.arguments]
+    """The argument names of op ``name``, in schema order."""
+    return list(_names(name))
 
 
 class _Args:
     """Inputs of an op call by schema name (``setup_context`` receives them positionally)."""
 
     def __init__(self, name: str, inputs):
-        self.__dict__.update(zip(_arg_names(name), inputs))
+        self.__dict__.update(zip(_names(name), inputs))
 
 
-def _sum_to_bias(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return grad.reshape(-1, grad.shape[-1]).sum(0).to(bias.dtype)
+def _need(ctx, name: str, *args: str) -> dict[str, bool]:
+    """``{arg: needs grad}`` for the named arguments of op ``name``."""
+    index = {n: i for i, n in enumerate(_names(name))}
+    need = ctx.needs_input_grad  # only as long as the arguments actually passed
+    return {a: index[a] < len(need) and bool(need[index[a]]) for a in args}
 
 
-# ---- linear_4bit / gemv_4bit ---------------------------------------------------------------
+def _grads(name: str, **grads) -> tuple:
+    """The backward's return tuple: ``grads`` by argument name, None everywhere else."""
+    return tuple(grads.get(n) for n in _names(name))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _bias_grad(grad: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _rows(grad).sum(0, dtype=torch.float32).to(dtype)
+
+
+def _block_sums(values: torch.Tensor, blocksize: int, blocks) -> torch.Tensor:
+    """Sums of consecutive blocks of ``blocksize`` flat elements (last block zero-padded)."""
+    flat = values.reshape(-1)
+    flat = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel()))
+    return flat.view(blocks, blocksize).sum(1)
+
+
+def _per_element(scales: torch.Tensor, blocksize: int, n) -> torch.Tensor:
+    """``scales[i // blocksize]`` for ``i < n``."""
+    return scales.reshape(-1, 1).expand(-1, blocksize).reshape(-1)[:n]
+
+
+def _code_grad(codes: torch.Tensor, values: torch.Tensor, code_numel: int) -> torch.Tensor:
+    """Gradient of a code table: ``values`` summed per code index."""
+    out = torch.zeros(code_numel, dtype=torch.float32, device=values.device)
+    return out.index_add(0, codes.reshape(-1).long(), values.reshape(-1).float())
+
+
+# ---- statistics of the 4-bit format ------------------------------------------------------------
+_STATS_4BIT = ("absmax", "nested_absmax", "nested_code", "offset")
+
+
+def _stat_grads_4bit(need: dict, grad_W: torch.Tensor, B, absmax, blocksize, quant_type, shape,
+                     nested_absmax, nested_code, offset, nested_blocksize) -> dict:
+    """Gradients of the 4-bit statistics given ``grad_W``, the gradient of the dequantized
+    weight (any float dtype, the logical shape). Only the entries ``need`` asks for."""
+    out: dict = {}
+    if not any(need[k] for k in _STATS_4BIT):
+        return out
+    blocks = absmax.numel()
+    # The code values (absmax = 1) times the gradient, summed per block.
+    ones = torch.ones(blocks, dtype=torch.float32, device=grad_W.device)
+    unit = ops.dequantize_4bit(B, ones, blocksize, quant_type, shape, torch.float32)
+    grad_absmax = _block_sums(grad_W.float() * unit, blocksize, blocks)
+    if absmax.dtype == torch.float32:
+        if need["absmax"]:
+            out["absmax"] = grad_absmax
+        return out
+    # Nested: absmax = nested_code[q] * nested_absmax[i // nested_blocksize] + offset.
+    if need["nested_absmax"]:
+        ones2 = torch.ones_like(nested_absmax)
+        unit2 = ops.dequantize_blockwise(absmax, ones2, nested_code, nested_blocksize,
+                                         torch.float32)
+        out["nested_absmax"] = _block_sums(grad_absmax * unit2, nested_blocksize,
+                                           nested_absmax.numel())
+    if need["nested_code"]:
+        scale = _per_element(nested_absmax, nested_blocksize, blocks)
+        out["nested_code"] = _code_grad(absmax, grad_absmax * scale, nested_code.numel())
+    if need["offset"]:
+        out["offset"] = grad_absmax.sum().reshape(offset.shape)
+    return out
+
+
+# ---- linear_4bit / gemv_4bit -------------------------------------------------------------------
 def _make_linear_4bit_autograd(name: str):
     def setup_context(ctx, inputs, output):
         a = _Args(name, inputs)
-        ctx.a = a if ctx.needs_input_grad[0] else None
+        need = _need(ctx, name, "A", "bias", *_STATS_4BIT)
+        ctx.need = need
+        ctx.meta = (list(a.shapeB), a.blocksize, a.quant_type, a.nested_blocksize)
         ctx.bias_dtype = None if a.bias is None else a.bias.dtype
+        stats = any(need[k] for k in _STATS_4BIT)
+        keep = need["A"] or stats
+        ctx.save_for_backward(
+            a.A if stats else None, a.B if keep else None, a.absmax if keep else None,
+            a.nested_absmax if keep else None, a.nested_code if keep else None,
+            a.offset if keep else None)
 
     def backward(ctx, grad):
-        grad_A = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            a = ctx.a
-            W = torch.ops.opsq.dequantize_4bit(
-                a.B, a.absmax, a.blocksize, a.quant_type, a.shapeB, grad.dtype,
-                a.nested_absmax, a.nested_code, a.offset, a.nested_blocksize)
-            grad_A = grad.matmul(W)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return (grad_A, None, None, None, None, None, grad_bias, None, None, None, None)
+        A, B, absmax, nabs, ncode, offset = ctx.saved_tensors
+        shapeB, blocksize, quant_type, nbs = ctx.meta
+        need = ctx.need
+        grads = {}
+        if need["A"]:
+            W = ops.dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, grad.dtype, nabs,
+                                    ncode, offset, nbs)
+            grads["A"] = grad.matmul(W)
+        if need["bias"] and ctx.bias_dtype is not None:
+            grads["bias"] = _bias_grad(grad, ctx.bias_dtype)
+        if any(need[k] for k in _STATS_4BIT):
+            grad_W = _rows(grad).t().float().matmul(_rows(A).float())
+            grads.update(_stat_grads_4bit(need, grad_W, B, absmax, blocksize, quant_type,
+                                          shapeB, nabs, ncode, offset, nbs))
+        return _grads(name, **grads)
 
     torch.library.register_autograd(f"opsq::{name}", backward, setup_context=setup_context)
 
@@ -65,128 +176,151 @@ _make_linear_4bit_autograd("linear_4bit")
 _make_linear_4bit_autograd("gemv_4bit")
 
 
-# ---- dequantize_4bit -----------------------------------------------------------------------
+# ---- dequantize_4bit ---------------------------------------------------------------------------
 def _dq4_setup(ctx, inputs, output):
     a = _Args("dequantize_4bit", inputs)
-    ctx.a = a
-
-
-def _block_sums(values: torch.Tensor, blocksize: int, blocks) -> torch.Tensor:
-    flat = values.reshape(-1)
-    flat = torch.nn.functional.pad(flat, (0, blocks * blocksize - flat.numel()))
-    return flat.view(blocks, blocksize).sum(1)
+    ctx.need = _need(ctx, "dequantize_4bit", *_STATS_4BIT)
+    ctx.meta = (a.blocksize, a.quant_type, list(a.shape), a.nested_blocksize)
+    if any(ctx.need.values()):
+        ctx.save_for_backward(a.A, a.absmax, a.nested_absmax, a.nested_code, a.offset)
 
 
 def _dq4_backward(ctx, grad):
-    a = ctx.a
-    need = ctx.needs_input_grad
-    grads = [None] * 10
-    if not (need[1] or need[6] or need[8]):
-        return tuple(grads)
-    # Code values (absmax = 1) times the incoming gradient, summed per block.
-    blocks = a.absmax.numel()
-    ones = torch.ones(blocks, dtype=torch.float32, device=grad.device)
-    unit = torch.ops.opsq.dequantize_4bit(a.A, ones, a.blocksize, a.quant_type, a.shape,
-                                          torch.float32)
-    grad_absmax = _block_sums(grad.float() * unit, a.blocksize, blocks)
-    if a.absmax.dtype == torch.float32:
-        grads[1] = grad_absmax
-        return tuple(grads)
-    # Nested: absmax = code2[q] * nested_absmax[block2] + offset.
-    if need[6]:
-        ones2 = torch.ones_like(a.nested_absmax)
-        unit2 = torch.ops.opsq.dequantize_blockwise(a.absmax, ones2, a.nested_code,
-                                                    a.nested_blocksize, torch.float32)
-        grads[6] = _block_sums(grad_absmax * unit2, a.nested_blocksize, a.nested_absmax.numel())
-    if need[8]:
-        grads[8] = grad_absmax.sum().reshape(a.offset.shape)
-    return tuple(grads)
+    if not any(ctx.need.values()):
+        return _grads("dequantize_4bit")
+    A, absmax, nabs, ncode, offset = ctx.saved_tensors
+    blocksize, quant_type, shape, nbs = ctx.meta
+    return _grads("dequantize_4bit",
+                  **_stat_grads_4bit(ctx.need, grad, A, absmax, blocksize, quant_type, shape,
+                                     nabs, ncode, offset, nbs))
 
 
 torch.library.register_autograd("opsq::dequantize_4bit", _dq4_backward, setup_context=_dq4_setup)
 
 
-# ---- dequantize_blockwise ------------------------------------------------------------------
+# ---- dequantize_blockwise ----------------------------------------------------------------------
 def _dqb_setup(ctx, inputs, output):
-    ctx.a = _Args("dequantize_blockwise", inputs)
+    a = _Args("dequantize_blockwise", inputs)
+    ctx.need = _need(ctx, "dequantize_blockwise", "absmax", "code")
+    ctx.blocksize = a.blocksize
+    if any(ctx.need.values()):
+        ctx.save_for_backward(a.A, a.absmax, a.code)
 
 
 def _dqb_backward(ctx, grad):
-    a = ctx.a
-    grad_absmax = None
-    if ctx.needs_input_grad[1]:
-        ones = torch.ones_like(a.absmax)
-        unit = torch.ops.opsq.dequantize_blockwise(a.A, ones, a.code, a.blocksize, torch.float32)
-        grad_absmax = _block_sums(grad.float() * unit, a.blocksize, a.absmax.numel())
-    return None, grad_absmax, None, None, None
+    grads = {}
+    if any(ctx.need.values()):
+        A, absmax, code = ctx.saved_tensors
+        bs = ctx.blocksize
+        if ctx.need["absmax"]:
+            ones = torch.ones_like(absmax)
+            unit = ops.dequantize_blockwise(A, ones, code, bs, torch.float32)
+            grads["absmax"] = _block_sums(grad.float() * unit, bs, absmax.numel())
+        if ctx.need["code"]:
+            scale = _per_element(absmax, bs, A.numel())
+            grads["code"] = _code_grad(A, grad.reshape(-1).float() * scale,
+                                       code.numel()).to(code.dtype)
+    return _grads("dequantize_blockwise", **grads)
 
 
 torch.library.register_autograd("opsq::dequantize_blockwise", _dqb_backward,
                                 setup_context=_dqb_setup)
 
 
-# ---- int8_linear ---------------------------------------------------------------------------
+# ---- int8_linear -------------------------------------------------------------------------------
+def _dequant_rows(CB: torch.Tensor, SCB: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``CB * SCB / 127`` (int8 rows times their absmax), in ``dtype``."""
+    return (CB.float() * (SCB.reshape(-1, 1) * _INV127)).to(dtype)
+
+
 def _i8l_setup(ctx, inputs, output):
     a = _Args("int8_linear", inputs)
-    need = ctx.needs_input_grad
-    ctx.B = a.B if need[0] else None
-    ctx.SCB = a.SCB if need[0] else None
-    ctx.A = a.A if (need[1] and a.B.is_floating_point()) else None
+    need = _need(ctx, "int8_linear", "A", "B", "SCB", "bias")
+    ctx.need = need
     ctx.B_dtype = a.B.dtype
+    ctx.threshold = a.threshold
     ctx.bias_dtype = None if a.bias is None else a.bias.dtype
+    keep_A = need["B"] or need["SCB"]
+    keep_B = need["A"] or need["SCB"]
+    ctx.save_for_backward(a.A if keep_A else None, a.B if keep_B else None,
+                          a.SCB if keep_B else None)
 
 
 def _i8l_backward(ctx, grad):
-    need = ctx.needs_input_grad
-    grad_A = grad_B = grad_bias = None
-    if need[0]:
-        if ctx.B.dtype == torch.int8:
-            # dequant(CB) = CB * SCB / 127, applied as a per-output-feature scale on grad.
-            scale = (ctx.SCB / 127.0).to(grad.dtype)
-            grad_A = (grad * scale).matmul(ctx.B.to(grad.dtype))
-        else:
-            grad_A = grad.matmul(ctx.B.to(grad.dtype))
-    if need[1] and ctx.A is not None:
-        g = grad.reshape(-1, grad.shape[-1])
-        grad_B = g.t().matmul(ctx.A.reshape(-1, ctx.A.shape[-1]).to(g.dtype)).to(ctx.B_dtype)
-    if need[3] and ctx.bias_dtype is not None:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return grad_A, grad_B, None, grad_bias, None
+    A, B, SCB = ctx.saved_tensors
+    need = ctx.need
+    grads = {}
+    if need["A"]:
+        if B.dtype == torch.int8:
+            CB, scb = B, SCB
+        else:  # the weight the forward multiplied with: B quantized per call
+            CB, scb, _ = ops.vectorwise_quant(B, 0.0)
+        grads["A"] = grad.matmul(_dequant_rows(CB, scb, grad.dtype))
+    if need["B"]:  # only a floating-point B can require grad
+        g = _rows(grad)
+        grads["B"] = g.t().matmul(_rows(A).to(g.dtype)).to(ctx.B_dtype)
+    if need["SCB"]:
+        # Exact: y[m, n] = (C[m, n] * SCA[m] / 127 + (A * outlier_cols)[m] . CB[n]) * SCB[n] / 127
+        # with C = igemmlt(CA, CB); dy/dSCB[n] is the same without the factor SCB[n].
+        A2 = _rows(A)
+        CA, SCA, cols = ops.vectorwise_quant(A2, ctx.threshold)
+        ones = torch.ones_like(SCB)
+        dy = ops.mm_dequant(ops.igemmlt(CA, B), SCA, ones, None, torch.float32)
+        if ctx.threshold > 0.0:
+            dy = dy + (A2.float() * cols).matmul(B.float().t()) * _INV127
+        grads["SCB"] = (_rows(grad).float() * dy).sum(0).to(SCB.dtype)
+    if need["bias"] and ctx.bias_dtype is not None:
+        grads["bias"] = _bias_grad(grad, ctx.bias_dtype)
+    return _grads("int8_linear", **grads)
 
 
 torch.library.register_autograd("opsq::int8_linear", _i8l_backward, setup_context=_i8l_setup)
 
 
-# ---- mm_dequant ----------------------------------------------------------------------------
+# ---- mm_dequant --------------------------------------------------------------------------------
 def _mmd_setup(ctx, inputs, output):
     a = _Args("mm_dequant", inputs)
+    need = _need(ctx, "mm_dequant", "row_stats", "col_stats", "bias")
+    ctx.need = need
     ctx.bias_dtype = None if a.bias is None else a.bias.dtype
+    stats = need["row_stats"] or need["col_stats"]
+    ctx.save_for_backward(a.A if stats else None, a.row_stats if stats else None,
+                          a.col_stats if stats else None)
 
 
 def _mmd_backward(ctx, grad):
-    grad_bias = None
-    if ctx.needs_input_grad[3] and ctx.bias_dtype is not None:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
-    return None, None, None, grad_bias, None
+    A, row, col = ctx.saved_tensors
+    need = ctx.need
+    grads = {}
+    if need["row_stats"] or need["col_stats"]:
+        # out = A * row[:, None] * col[None, :] / 127**2 (+ bias)
+        gA = _rows(grad).float() * _rows(A).float() * _INV127SQ
+        if need["row_stats"]:
+            grads["row_stats"] = gA.matmul(col.reshape(-1).float()).reshape(row.shape)
+        if need["col_stats"]:
+            grads["col_stats"] = row.reshape(1, -1).float().matmul(gA).reshape(col.shape)
+    if need["bias"] and ctx.bias_dtype is not None:
+        grads["bias"] = _bias_grad(grad, ctx.bias_dtype)
+    return _grads("mm_dequant", **grads)
 
 
 torch.library.register_autograd("opsq::mm_dequant", _mmd_backward, setup_context=_mmd_setup)
 
 
-# ---- non-differentiable ops ----------------------------------------------------------------
+# ---- non-differentiable ops --------------------------------------------------------------------
 def _register_non_differentiable(name: str):
-    n_args = len(_arg_names(name))
-
     def setup_context(ctx, inputs, output):
         outs = output if isinstance(output, tuple) else (output,)
         ctx.mark_non_differentiable(*[o for o in outs if isinstance(o, torch.Tensor)])
 
     def backward(ctx, *grads):
-        return (None,) * n_args
+        return _grads(name)
 
     torch.library.register_autograd(f"opsq::{name}", backward, setup_context=setup_context)
 
 
-for _name in ("quantize_4bit", "quantize_blockwise", "vectorwise_quant", "double_quant",
-              "igemmlt", "transform"):
+NON_DIFFERENTIABLE = ("quantize_4bit", "quantize_blockwise", "vectorwise_quant", "double_quant",
+                      "igemmlt", "transform")
+
+for _name in NON_DIFFERENTIABLE:
     _register_non_differentiable(_name)
