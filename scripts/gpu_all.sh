@@ -36,6 +36,7 @@ if has tests; then
     compile_tests/test_opcheck.py $(ls tests/test_autograd.py compile_tests/test_compiled_training.py 2>/dev/null) \
     -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
   note "CUDA suite (fixtures, opcheck, compiles, training) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | cut -c1-300 | head -10 | tee -a "$SUMMARY"
 fi
 if has fsdp; then
   t0=$(date +%s)
@@ -43,11 +44,15 @@ if has fsdp; then
     >"$OUT/fsdp_nccl.log" 2>&1
   note "FSDP NCCL 2 GPUs rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/fsdp_nccl.log")"
   grep "^\[fsdp\]" "$OUT/fsdp_nccl.log" | tee -a "$SUMMARY"
+  grep -E "^E  .*(Error|error):" "$OUT/fsdp_nccl.log" | cut -c1-300 | sort | uniq | head -8 | tee -a "$SUMMARY"
 fi
 if has demo; then
   t0=$(date +%s)
-  timeout 300 $PY -m opsq.cli demo --device cuda --no-progress --json "$OUT/demo_cuda.json" \
-    >"$OUT/demo_cuda.log" 2>&1
+  # the model package is not installed there and too large to carry: a local copy of the same
+  # model (fp16 weights, 45 MB) in .demo_model is used when present
+  DEMO_MODEL=(); [ -d .demo_model ] && DEMO_MODEL=(--model .demo_model)
+  timeout 300 $PY -m opsq.cli demo --device cuda --no-progress "${DEMO_MODEL[@]}" \
+    --json "$OUT/demo_cuda.json" >"$OUT/demo_cuda.log" 2>&1
   note "opsq demo --device cuda rc=$? ($(( $(date +%s) - t0 ))s)"
   grep -v "^opsq demo:" "$OUT/demo_cuda.log" | tail -6 | tee -a "$SUMMARY"
 fi
@@ -66,7 +71,9 @@ if has sanitizer; then
     note "compute-sanitizer $tool rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
   done
 fi
+# at most 8 files come back: keep the results, pack the logs
+(cd "$OUT" && tar czf logs.tgz --remove-files $(ls *.log 2>/dev/null) 2>/dev/null)
 echo "================ summary ================"
 cat "$SUMMARY"
-[ -f "$OUT/bench_table.log" ] && cat "$OUT/bench_table.log"
+[ -f "$OUT/bench.json" ] && $PY -c "import json,sys; from opsq.bench import format_table; print(format_table(json.load(open(sys.argv[1]))))" "$OUT/bench.json"
 exit 0
