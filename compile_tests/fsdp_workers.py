@@ -223,6 +223,11 @@ def fsdp2_meta_worker(rank, world, port, backend, results_dir):
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+        if offload:  # FSDP2 offloads parameters only: buffers (code tables) go to the GPU
+            for mod in model.modules():
+                for k, b in mod._buffers.items():
+                    if b is not None:
+                        mod._buffers[k] = b.to(device)
         x = torch.randn(2, 3, 72, generator=torch.Generator().manual_seed(5)).to(device)
         torch.testing.assert_close(model(x), ref(x), rtol=0, atol=0)
         report(rank, f"meta init + to_empty + full bnb load OK (cpu offload={offload})")

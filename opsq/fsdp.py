@@ -5,8 +5,10 @@ int8 codes, fp32 statistics as int32 bit patterns), so FSDP2's ``fully_shard`` s
 its mixed precision never casts them. PyTorch releases before 2.12 cannot hold such parameters
 in FSDP2: ``FSDPParam`` wraps every shard in ``nn.Parameter(dtensor)`` with the default
 ``requires_grad=True``, which raises "only Tensors of floating point dtype can require
-gradients" for integer tensors (later releases pass ``requires_grad=param.requires_grad``).
-:func:`enable_fsdp2_integer_params` fixes that one call on those releases.
+gradients" for integer tensors (later releases pass ``requires_grad=param.requires_grad``), and
+its ``MixedPrecisionPolicy(param_dtype=...)`` casts integer parameters too (later releases
+leave non-floating parameters alone). :func:`enable_fsdp2_integer_params` brings those two
+behaviours of the later releases to the older ones.
 """
 from __future__ import annotations
 
@@ -19,17 +21,24 @@ __all__ = ["fsdp2_supports_integer_params", "enable_fsdp2_integer_params"]
 _PATCHED = False
 
 
+def _needs(_fsdp_param) -> tuple[bool, bool]:
+    """(parameter creation needs the fix, mixed-precision dtypes need the fix)."""
+    shard_src = inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+    dtype_src = inspect.getsource(_fsdp_param.FSDPParam.init_dtype_attrs)
+    return ("requires_grad=param.requires_grad" not in shard_src,
+            "is_floating_point" not in dtype_src)
+
+
 def fsdp2_supports_integer_params() -> bool:
-    """Whether this torch's FSDP2 keeps ``requires_grad`` of the parameters it shards (so
-    integer parameters can be sharded) without :func:`enable_fsdp2_integer_params`."""
+    """Whether this torch's FSDP2 shards integer parameters and leaves them out of mixed
+    precision without :func:`enable_fsdp2_integer_params`."""
     if _PATCHED:
         return True
     try:
         from torch.distributed.fsdp._fully_shard import _fsdp_param
     except ImportError:
         return False
-    src = inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
-    return "requires_grad=param.requires_grad" in src
+    return not any(_needs(_fsdp_param))
 
 
 class _FrozenAwareNN:
@@ -58,6 +67,18 @@ def enable_fsdp2_integer_params() -> bool:
     if fsdp2_supports_integer_params():
         return False
     from torch.distributed.fsdp._fully_shard import _fsdp_param
-    _fsdp_param.nn = _FrozenAwareNN()
+    fix_params, fix_dtypes = _needs(_fsdp_param)
+    if fix_params:
+        _fsdp_param.nn = _FrozenAwareNN()
+    if fix_dtypes:
+        original = _fsdp_param.FSDPParam.init_dtype_attrs
+
+        def init_dtype_attrs(self, mp_policy):
+            original(self, mp_policy)
+            if not self.orig_dtype.is_floating_point:  # mixed precision is for floats only
+                self.param_dtype = None
+                self.reduce_dtype = None
+
+        _fsdp_param.FSDPParam.init_dtype_attrs = init_dtype_attrs
     _PATCHED = True
     return True

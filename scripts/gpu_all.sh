@@ -64,9 +64,10 @@ fi
 if has sanitizer; then
   for tool in memcheck racecheck; do
     t0=$(date +%s)
-    timeout 200 compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest -q -x \
-      -p no:cacheprovider tests/test_cuda_ops.py \
-      -k "matches_reference and not int8_linear and (64 or 4096) or transform" \
+    # every op family once (blocksize 64 for the 4-bit/blockwise grids), plus graph capture
+    timeout ${SANITIZER_TIMEOUT:-170} compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_fixtures.py \
+      -k "(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches" \
       >"$OUT/sanitizer_$tool.log" 2>&1
     note "compute-sanitizer $tool rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
   done

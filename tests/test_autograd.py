@@ -340,12 +340,14 @@ def test_gradcheck_int8_and_blockwise(device):
         (lambda a, c: ops.dequantize_blockwise(q, a, c, 64, torch.float32),
          (leaf(absmax), leaf(code))),
     ]
+    # CUDA reductions (sums over blocks, index_add over codes) are not bitwise reproducible
+    gc = dict(GC, nondet_tol=1e-5) if device == "cuda" else GC
     for fn, inputs in cases:
         inputs = tuple(t.to(device).detach().requires_grad_(True) for t in inputs)
         with pytest.warns(UserWarning, match="double precision"):
-            assert torch.autograd.gradcheck(fn, inputs, **GC)
+            assert torch.autograd.gradcheck(fn, inputs, **gc)
         with pytest.warns(UserWarning, match="double precision"):
-            assert torch.autograd.gradgradcheck(fn, inputs, **GC)
+            assert torch.autograd.gradgradcheck(fn, inputs, **gc)
 
 
 @pytest.mark.parametrize("device", DEVICES)
