@@ -143,7 +143,9 @@ def fsdp2_worker(rank, world, port, backend, results_dir):
                 opt.step(), opt_ref.step()
                 opt.zero_grad(), opt_ref.zero_grad()
             out, out_ref = model(x), ref(x)
-            tol = 0 if dtype == torch.float32 else 1e-2
+            # fp32: bit for bit. bf16: 5 SGD steps through a bf16 reduce-scatter may move an
+            # output by an ulp or two (forward and first gradients above are exact)
+            tol = 0 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(out.float(), out_ref.float(), rtol=tol, atol=tol)
             # 4. state dicts in bitsandbytes' format
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

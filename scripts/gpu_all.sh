@@ -56,6 +56,12 @@ if has demo; then
   note "opsq demo --device cuda rc=$? ($(( $(date +%s) - t0 ))s)"
   grep -v "^opsq demo:" "$OUT/demo_cuda.log" | tail -6 | tee -a "$SUMMARY"
 fi
+if has qlora; then
+  t0=$(date +%s)
+  timeout 240 $PY examples/lora_qlora.py --device cuda --steps 300 --plot "$OUT/qlora_loss.png" \
+    >"$OUT/qlora_cuda.log" 2>&1
+  note "QLoRA example on CUDA rc=$? ($(( $(date +%s) - t0 ))s): $(grep -iE 'loss' "$OUT/qlora_cuda.log" | head -1) ... $(grep -iE 'loss' "$OUT/qlora_cuda.log" | tail -1)"
+fi
 if has bench; then
   t0=$(date +%s)
   timeout 300 $PY -m opsq.cli bench --no-bnb --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
