@@ -174,12 +174,12 @@ def run(quick: bool = False, with_bnb: bool = True) -> dict:
     rs, cs = randn(M, dtype=torch.float32).abs(), randn(K, dtype=torch.float32).abs()
     add("int8", "mm_dequant", f"{M}x{K}", lambda: ops.mm_dequant(C, rs, cs, None,
                                                                  torch.float16),
-        _nbytes(C, rs, cs) + M * K * 2)
+        _nbytes(C, rs, cs) + M * K * 2, dtype="i32>f16")
     del C
     I8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
     for order in ("col32", "col_turing", "col_ampere"):
         add("transform", f"transform row->{order}", f"{M}x{K}",
-            lambda o=order: ops.transform(I8, "row", o, [M, K]), 2 * M * K)
+            lambda o=order: ops.transform(I8, "row", o, [M, K]), 2 * M * K, dtype="int8")
     for Ms in (IGEMMLT_M[:2] if quick else IGEMMLT_M):
         for N in ((8192,) if quick else (8192, 28672)):
             a = torch.randint(-127, 128, (Ms, 8192), device=dev, dtype=torch.int8)
