@@ -17,6 +17,7 @@ import sys
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 
 GEMV_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672),
                (28672, 8192)]  # (K, N): x is 1 x K, W is N x K
@@ -65,7 +66,48 @@ def _bnb():
         return None
 
 
-def run(quick: bool = False, with_bnb: bool = True) -> dict:
+def qlora_step_times(timer, dev, layers: int = 4, dim: int = 4096, rank: int = 16,
+                     batch: int = 8, seq: int = 512) -> dict:
+    """Median ms of one compiled QLoRA training step (forward, backward, AdamW on the adapters)
+    through ``layers`` Linear4bit (NF4, bf16 compute) + rank-``rank`` LoRA blocks, against the
+    same step with a frozen bf16 ``nn.Linear`` base (issue 5's comparison)."""
+    from opsq.lora import LoRALinear
+    from opsq.nn import Linear4bit
+
+    def build(quantized: bool):
+        torch.manual_seed(0)
+        blocks = []
+        for _ in range(layers):
+            lin = nn.Linear(dim, dim, bias=False, device=dev, dtype=torch.bfloat16)
+            base = Linear4bit.from_float(lin, quant_type="nf4", compress_statistics=True) \
+                if quantized else lin
+            base.requires_grad_(False)
+            blocks += [LoRALinear(base, r=rank, alpha=2 * rank, dtype=torch.bfloat16).to(dev),
+                       nn.GELU()]
+        model = nn.Sequential(*blocks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        compiled = torch.compile(model, fullgraph=True)  # forward and (AOT) backward
+
+        def step():
+            compiled(x).float().square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    x = torch.randn(batch, seq, dim, device=dev, dtype=torch.bfloat16)
+    out = {}
+    for name, quantized in (("bf16_base_ms", False), ("opsq_nf4_ms", True)):
+        step = build(quantized)
+        for _ in range(3):
+            step()
+        out[name] = timer(step)
+    out["ratio"] = out["opsq_nf4_ms"] / out["bf16_base_ms"]
+    return out
+
+
+def run(quick: bool = False, with_bnb: bool = True, only: Optional[str] = None) -> dict:
     """Run all benchmarks; returns the results dict (see ``--json``).
 
     Raises:
@@ -112,6 +154,16 @@ def run(quick: bool = False, with_bnb: bool = True) -> dict:
               f"{100 * row['efficiency']:5.1f}%", file=sys.stderr, flush=True)
 
     gen = torch.Generator(device=dev).manual_seed(0)
+
+    if only in (None, "qlora"):
+        q = qlora_step_times(timer, dev)
+        rows.append(dict(family="qlora", op="qlora step (4x4096^2 nf4 + r16 LoRA)",
+                         shape="8x512 bf16", ms=q["opsq_nf4_ms"], bf16_ms=q["bf16_base_ms"],
+                         ratio_vs_bf16_base=q["ratio"]))
+        print(f"  qlora step: opsq {q['opsq_nf4_ms']:.3f} ms, bf16 base {q['bf16_base_ms']:.3f} "
+              f"ms ({q['ratio']:.3f}x)", file=sys.stderr, flush=True)
+    if only == "qlora":
+        return _result(rows, copy_bw)
 
     def randn(*shape, dtype=torch.bfloat16):
         return torch.randn(*shape, generator=gen, device=dev, dtype=torch.float32).to(dtype)
@@ -192,6 +244,11 @@ def run(quick: bool = False, with_bnb: bool = True) -> dict:
             print(f"  igemmlt {Ms}x8192x{N}: {t_op:.4f} ms vs _int_mm {t_ref:.4f} ms",
                   file=sys.stderr, flush=True)
 
+    return _result(rows, copy_bw)
+
+
+def _result(rows: list, copy_bw: float) -> dict:
+    import opsq
     return dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
@@ -206,6 +263,11 @@ def format_table(res: dict) -> str:
              f"{'op':30s} {'shape':18s} {'dtype':6s} {'ms':>9s} {'GB/s':>8s} {'eff%':>6s} "
              f"{'vs bf16':>8s} {'vs bnb':>7s}"]
     for r in res["rows"]:
+        if r["family"] == "qlora":
+            lines.append(f"{r['op']:30s} {r['shape']:18s} {'bf16':6s} {r['ms']:9.4f} "
+                         f"{'':8s} {'':6s} {'/bf16':>8s} {r['ratio_vs_bf16_base']:7.3f}  "
+                         f"(bf16-base step {r['bf16_ms']:.4f} ms)")
+            continue
         if r["family"] == "igemmlt":
             lines.append(f"{'igemmlt':30s} {r['shape']:18s} {'int8':6s} {r['ms']:9.4f} "
                          f"{r['tops']:7.0f}T {'':6s} {'x_int_mm':>8s} "
@@ -224,11 +286,12 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even if importable")
+    p.add_argument("--only", choices=["qlora"], help="run only this benchmark")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("opsq bench: no CUDA device (the benchmark times GPU kernels)", file=sys.stderr)
         return 2
-    res = run(quick=args.quick, with_bnb=not args.no_bnb)
+    res = run(quick=args.quick, with_bnb=not args.no_bnb, only=args.only)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)

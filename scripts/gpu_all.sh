@@ -33,6 +33,7 @@ fi
 if has tests; then
   t0=$(date +%s)
   timeout 420 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_fixtures.py \
+    tests/test_cuda_surface.py \
     compile_tests/test_opcheck.py $(ls tests/test_autograd.py compile_tests/test_compiled_training.py 2>/dev/null) \
     -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
   note "CUDA suite (fixtures, opcheck, compiles, training) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
@@ -61,6 +62,17 @@ if has qlora; then
   timeout 240 $PY examples/lora_qlora.py --device cuda --steps 300 --plot "$OUT/qlora_loss.png" \
     >"$OUT/qlora_cuda.log" 2>&1
   note "QLoRA example on CUDA rc=$? ($(( $(date +%s) - t0 ))s): $(grep -iE 'loss' "$OUT/qlora_cuda.log" | head -1) ... $(grep -iE 'loss' "$OUT/qlora_cuda.log" | tail -1)"
+fi
+if has surface; then
+  timeout 200 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_surface.py \
+    >"$OUT/surface_cuda.log" 2>&1
+  note "CUDA surface (embeddings, SwitchBack, integrations) rc=$?: $(last "$OUT/surface_cuda.log")"
+  grep -E "^(FAILED|ERROR)|^E  .*Error" "$OUT/surface_cuda.log" | cut -c1-250 | head -8 | tee -a "$SUMMARY"
+fi
+if has qlora_bench; then
+  timeout 240 $PY -m opsq.cli bench --only qlora --json "$OUT/bench_qlora.json" \
+    >"$OUT/bench_qlora.log" 2>&1
+  note "QLoRA step bench rc=$?: $(grep -E 'qlora step' "$OUT/bench_qlora.log" | tail -1)"
 fi
 if has bench; then
   t0=$(date +%s)
