@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-import opsq
 from opsq.nn import Linear4bit, Linear8bitLt
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-import opsq
 from opsq.nn import Linear4bit, Linear8bitLt
 
 

@@ -4,8 +4,6 @@ fullgraph=True and mode="reduce-overhead" (CUDA graphs) equal to eager."""
 import pytest
 import torch
 
-import opsq
-from opsq import functional as F
 from opsq._extension import has_native_kernel
 from opsq.nn import Linear4bit, Linear8bitLt
 from opsq.reference.fourbit import unpack_codes

@@ -4,9 +4,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
-import opsq
 from opsq.nn import (Embedding4bit, Embedding8bit, EmbeddingNF4, StableEmbedding,
                      SwitchBackLinear, SwitchBackLinearBnb, SwitchBackLinearGlobal,
                      SwitchBackLinearVectorwise)

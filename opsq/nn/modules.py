@@ -28,12 +28,10 @@ import copy
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as Fq
-from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE,
-                          code_table)
+from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
 

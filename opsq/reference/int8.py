@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from ..meta._common import numel_of
 from ..meta.int8 import (check_igemmlt, check_int8_linear, check_mm_dequant,
                          check_vectorwise_quant)
 
