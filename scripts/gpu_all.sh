@@ -79,8 +79,15 @@ if has bench; then
   timeout 300 $PY -m opsq.cli bench --no-bnb --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
 fi
+if has reliability; then
+  timeout 200 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_reliability.py \
+    $(ls tests/test_fuzz.py tests/test_determinism.py tests/test_edge_cases.py tests/test_bad_inputs.py 2>/dev/null) \
+    >"$OUT/reliability_cuda.log" 2>&1
+  note "CUDA reliability (streams, threads, determinism, NaN/Inf, fuzz, bad inputs) rc=$?: $(last "$OUT/reliability_cuda.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/reliability_cuda.log" | cut -c1-250 | head -8 | tee -a "$SUMMARY"
+fi
 if has sanitizer; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     t0=$(date +%s)
     # every op family once (blocksize 64 for the 4-bit/blockwise grids), plus graph capture
     timeout ${SANITIZER_TIMEOUT:-170} compute-sanitizer --tool $tool --error-exitcode 9 \
