@@ -144,7 +144,8 @@ quant8_kernel(const T* __restrict__ A, const float* __restrict__ code, int64_t n
 #pragma unroll
     for (int k = 0; k < EPT / 4; ++k) word[k] = 0;
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) word[i / 4] |= enc.encode(mul_rn(x[i], scale)) << (8 * (i % 4));
+    for (int i = 0; i < EPT; ++i)
+      word[i / 4] |= enc.encode(scale_or_div(x[i], scale, __uint_as_float(m))) << (8 * (i % 4));
     if (full) {
       uint32_t* dst = reinterpret_cast<uint32_t*>(q + e0);
 #pragma unroll

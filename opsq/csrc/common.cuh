@@ -46,6 +46,12 @@ __device__ __forceinline__ float safe_rcp_from_bits(uint32_t absbits) {
   return (absbits != 0u && absbits <= 0x7f800000u) ? rcp_rn(__uint_as_float(absbits)) : 0.0f;
 }
 
+// x * (1 / absmax), or x / absmax where absmax is so small (subnormal) that its reciprocal
+// overflows: the reference's torch.where(isinf(scale), x / absmax, x * scale).
+__device__ __forceinline__ float scale_or_div(float x, float scale, float absmax) {
+  return isinf(scale) ? div_rn(x, absmax) : mul_rn(x, scale);
+}
+
 // ---- element conversions -----------------------------------------------------------------
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {

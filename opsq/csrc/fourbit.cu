@@ -237,7 +237,9 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       for (int k = 0; k < EPT / 8; ++k) word[k] = 0;
 #pragma unroll
       for (int i = 0; i < EPT; ++i) {
-        const uint32_t c = (e0[s] + i < n) ? Encoder::encode(lut, mul_rn(x[s][i], scale))
+        const uint32_t c = (e0[s] + i < n)
+                               ? Encoder::encode(lut, scale_or_div(x[s][i], scale,
+                                                                   __uint_as_float(m[s])))
                                            : static_cast<uint32_t>(Encoder::kZero);
         // element 2j -> high nibble of byte j; bytes little-endian within the 32-bit word
         word[i / 8] |= c << (8 * ((i % 8) / 2) + ((i & 1) ? 0 : 4));

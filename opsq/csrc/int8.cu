@@ -26,8 +26,12 @@ __device__ __forceinline__ float int8_scale(float stats) {
   const uint32_t b = __float_as_uint(stats);
   return (b != 0u && b <= 0x7f800000u) ? mul_rn(rcp_rn(stats), 127.0f) : 0.0f;
 }
-__device__ __forceinline__ int quant_int8(float x, float scale) {
-  const int q = __float2int_rn(mul_rn(x, scale));
+// round(x * scale) clamped to [-127, 127]; where stats is so small that the scale overflows,
+// round((x / stats) * 127) as the reference. A NaN converts to 0 (cvt.rni of NaN), as the
+// reference's nan_to_num(0).
+__device__ __forceinline__ int quant_int8(float x, float scale, float stats) {
+  const float v = isinf(scale) ? mul_rn(div_rn(x, stats), 127.0f) : mul_rn(x, scale);
+  const int q = __float2int_rn(v);
   return min(max(q, -127), 127);
 }
 
@@ -103,7 +107,7 @@ rowquant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, int8_t* __rest
       load_w<T, W>(a + k, x);
       int q[W];
 #pragma unroll
-      for (int i = 0; i < W; ++i) q[i] = quant_int8(x[i], scale);
+      for (int i = 0; i < W; ++i) q[i] = quant_int8(x[i], scale, st);
       store_i8<W>(CA + r * K + k, q);
     }
   }
@@ -180,12 +184,13 @@ quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
   const int64_t c0 = (int64_t{blockIdx.x} * kThreads + threadIdx.x) * W;
   if (c0 >= K) return;
   const bool full = c0 + W <= K;
-  float cscale[W];
+  float cscale[W], cstat[W];
   bool cmask[W];
 #pragma unroll
   for (int j = 0; j < W; ++j) {
     const bool in = c0 + j < K;
-    cscale[j] = (COLS && in) ? int8_scale(col_stats[c0 + j]) : 0.f;
+    cstat[j] = (COLS && in) ? col_stats[c0 + j] : 1.f;
+    cscale[j] = (COLS && in) ? int8_scale(cstat[j]) : 0.f;
     cmask[j] = (THR && in) ? mask[c0 + j] : false;
   }
   const int64_t row_chunks = (rows + kRowsPerCta - 1) / kRowsPerCta;
@@ -193,7 +198,8 @@ quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
     const int64_t r_end = min(rows, (rc + 1) * kRowsPerCta);
 #pragma unroll 4
     for (int64_t r = rc * kRowsPerCta; r < r_end; ++r) {
-      const float rscale = int8_scale(row_stats[r]);
+      const float rstat = row_stats[r];
+      const float rscale = int8_scale(rstat);
       float x[W];
       if (full) {
         load_w<T, W>(A + r * K + c0, x);
@@ -206,8 +212,8 @@ quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
       for (int j = 0; j < W; ++j) {
         float v = x[j];
         if (THR && __uint_as_float(abs_bits(v)) >= thr) v = 0.f;
-        qr[j] = cmask[j] ? 0 : quant_int8(v, rscale);
-        qc[j] = COLS ? quant_int8(v, cscale[j]) : 0;
+        qr[j] = cmask[j] ? 0 : quant_int8(v, rscale, rstat);
+        qc[j] = COLS ? quant_int8(v, cscale[j], cstat[j]) : 0;
       }
       if (full) {
         store_i8<W>(out_row + r * K + c0, qr);

@@ -45,7 +45,7 @@ def check_quant_storage(quant_storage: torch.dtype) -> None:
 
 def check_threshold(threshold: float) -> None:
     torch._check_value(
-        isinstance(threshold, (int, float)) and not math.isnan(threshold) and threshold >= 0.0,
+        isinstance(threshold, (int, float)) and math.isfinite(threshold) and threshold >= 0.0,
         lambda: f"threshold must be a finite number >= 0 (0 disables outliers), got {threshold}")
 
 

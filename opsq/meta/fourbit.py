@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE
+from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
 from ._common import (ceil_div, check_blocksize, check_dim, check_dtype, check_float_dtype,
                       check_min_dim, check_numel, check_quant_storage, check_quant_type,
                       check_same_device, check_shape_arg, numel_of)
@@ -61,7 +61,7 @@ def check_absmax(A: torch.Tensor, absmax: torch.Tensor, n, blocksize: int,
 
 
 def check_packed(name: str, B: torch.Tensor, n) -> None:
-    check_quant_storage(B.dtype)
+    check_dtype(name, B, QUANT_STORAGE_DTYPES)
     expected = packed_numel(n, B.element_size())
     check_numel(name, B, expected,
                 f" ({n} 4-bit codes in {B.dtype} storage)")

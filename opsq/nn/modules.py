@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import functional as Fq
 from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE)
+from ..meta.fourbit import check_dequantize_4bit
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
 
@@ -385,6 +386,14 @@ class Linear4bit(nn.Linear):
         if tuple(state.shape) != self.weight_shape:
             raise ValueError(f"quantized weight has shape {tuple(state.shape)}, layer expects "
                              f"{self.weight_shape} (out_features, in_features)")
+        # Reject a corrupted/truncated checkpoint now (absmax, codes, nested stats), not at the
+        # first forward: the ops' own shared validation.
+        check_dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type,
+                              list(state.shape), state.dtype,
+                              state.state2.absmax if state.nested else None,
+                              state.state2.code if state.nested else None,
+                              state.offset if state.nested else None,
+                              state.state2.blocksize if state.nested else NESTED_BLOCKSIZE)
         self.blocksize = state.blocksize
         self.quant_type = state.quant_type
         self.quant_storage = packed.dtype
@@ -782,7 +791,8 @@ class Linear8bitLt(nn.Linear):
                                                   [self.out_features, self.in_features])
                 device = self.weight.device if self.weight.device.type != "meta" else CB.device
                 if self.is_quantized and CB.shape == self.weight.shape \
-                        and CB.dtype == self.weight.dtype:  # in place: keeps FSDP2 shards
+                        and CB.dtype == self.weight.dtype \
+                        and SCB.numel() == self.out_features:  # in place: keeps FSDP2 shards
                     _copy_into(self.weight, CB)
                     _copy_into(self.weight_scb, SCB.reshape(-1).to(torch.float32))
                     self._sync_weight_state()

@@ -29,7 +29,10 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     x = _blocks(A.reshape(-1).to(torch.float32), blocksize)
     absmax = x.abs().amax(dim=1) if x.numel() else x.new_empty((0,))
     scale = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    q = nearest_code(x * scale[:, None], code.float())
+    normed = x * scale[:, None]
+    # A subnormal absmax has no finite fp32 reciprocal: divide instead (0 * inf would be NaN).
+    normed = torch.where(torch.isinf(scale)[:, None], x / absmax[:, None], normed)
+    q = nearest_code(normed, code.reshape(-1).float())
     return q.reshape(-1)[:n].reshape(shape), absmax
 
 
@@ -37,6 +40,6 @@ def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
                          blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     shape = check_dequantize_blockwise(A, absmax, code, blocksize, dtype)
     n = A.numel()
-    values = code.float()[A.reshape(-1).long()]
-    out = _blocks(values, blocksize) * absmax[:, None]
+    values = code.reshape(-1).float()[A.reshape(-1).long()]
+    out = _blocks(values, blocksize) * absmax.reshape(-1, 1)
     return out.reshape(-1)[:n].to(dtype).reshape(shape)

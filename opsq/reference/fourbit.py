@@ -47,6 +47,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str,
     absmax = x.abs().amax(dim=1) if x.numel() else x.new_empty((0,))
     scale = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
     normed = x * scale[:, None]
+    # A subnormal absmax has no finite fp32 reciprocal: divide instead (0 * inf would be NaN).
+    normed = torch.where(torch.isinf(scale)[:, None], x / absmax[:, None], normed)
     codes = (_nf4_codes if quant_type == "nf4" else _fp4_codes)(normed).reshape(-1)
     codes = codes[:n]
     itemsize = torch.empty((), dtype=quant_storage).element_size()
@@ -81,7 +83,7 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     n = numel_of(out_shape)
     scales = resolve_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     values = code_table(quant_type, A.device)[unpack_codes(A, n).long()]
-    out = _blocks(values, blocksize) * scales[:, None]
+    out = _blocks(values, blocksize) * scales.reshape(-1, 1)
     return out.reshape(-1)[:n].to(dtype).reshape(out_shape)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..meta._common import numel_of
 from ..meta.int8 import (check_igemmlt, check_int8_linear, check_mm_dequant,
                          check_vectorwise_quant)
 
@@ -19,7 +20,7 @@ MM_DEQUANT_SCALE = 1.0 / (127.0 * 127.0)
 
 def _masked(A: torch.Tensor, threshold: float):
     K = A.shape[-1]
-    x = A.reshape(-1, K).to(torch.float32)
+    x = A.reshape(numel_of(A.shape[:-1]), K).to(torch.float32)
     if threshold > 0.0:
         outliers = x.abs() >= threshold
         return x.masked_fill(outliers, 0.0), outliers.any(dim=0)
@@ -34,7 +35,11 @@ def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 def _quant(x: torch.Tensor, stats: torch.Tensor, dim: int) -> torch.Tensor:
     scale = torch.where(stats > 0, 127.0 / stats, torch.zeros_like(stats)).unsqueeze(dim)
-    return torch.round(x * scale).clamp_(-127, 127).to(torch.int8)
+    scaled = x * scale
+    # Tiny stats (< 127 / fp32 max) overflow the reciprocal: divide first instead.
+    scaled = torch.where(torch.isinf(scale), (x / stats.unsqueeze(dim)) * 127.0, scaled)
+    # NaN (a NaN or Inf in the row) -> code 0, deterministically (a NaN -> int8 cast is UB).
+    return torch.round(scaled.nan_to_num(nan=0.0)).clamp_(-127, 127).to(torch.int8)
 
 
 def vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
@@ -58,7 +63,7 @@ def double_quant(A: torch.Tensor, threshold: float = 0.0):
 def igemmlt(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     out_shape = check_igemmlt(A, B)
     # float64 holds every partial sum of int8 products exactly (|sum| < 2**53).
-    a = A.reshape(-1, A.shape[-1]).to(torch.float64)
+    a = A.reshape(numel_of(A.shape[:-1]), A.shape[-1]).to(torch.float64)
     return (a @ B.to(torch.float64).t()).to(torch.int32).reshape(out_shape)
 
 
@@ -66,11 +71,11 @@ def mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor
                dtype=None) -> torch.Tensor:
     shape, out_dtype = check_mm_dequant(A, row_stats, col_stats, bias, dtype)
     N = A.shape[-1]
-    a = A.reshape(-1, N).to(torch.float32)
+    a = A.reshape(numel_of(A.shape[:-1]), N).to(torch.float32)
     # Left-to-right C * row * col * (1/127^2), the order bitsandbytes' kernel uses.
     out = a * row_stats.reshape(-1, 1) * col_stats.reshape(1, N) * MM_DEQUANT_SCALE
     if bias is not None:
-        out = out + bias.to(torch.float32)
+        out = out + bias.reshape(1, N).to(torch.float32)
     return out.to(out_dtype).reshape(shape)
 
 
@@ -84,9 +89,10 @@ def int8_linear(A: torch.Tensor, B: torch.Tensor, SCB=None, bias=None,
         B, SCB, _ = vectorwise_quant(B, 0.0)
     K = A.shape[-1]
     CA, SCA, mask = vectorwise_quant(A, threshold)
-    out = mm_dequant(igemmlt(CA.reshape(-1, K), B), SCA, SCB, None, torch.float32)
+    rows = numel_of(A.shape[:-1])
+    out = mm_dequant(igemmlt(CA.reshape(rows, K), B), SCA, SCB, None, torch.float32)
     if threshold > 0.0:
-        a = A.reshape(-1, K).to(torch.float32) * mask
+        a = A.reshape(rows, K).to(torch.float32) * mask
         w = B.to(torch.float32) * (SCB.reshape(-1, 1) / 127.0) * mask
         out = out + a @ w.t()
     if bias is not None:
