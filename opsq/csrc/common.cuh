@@ -96,6 +96,29 @@ template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
+// EPT consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
+template <typename T, int EPT>
+__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&x)[EPT]) {
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < EPT; i += 4) {
+      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
+      x[i] = f.x; x[i + 1] = f.y; x[i + 2] = f.z; x[i + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < EPT; i += 8) {
+      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p + i));
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        x[i + 2 * k] = half_lo<T>(ws[k]);
+        x[i + 2 * k + 1] = half_hi<T>(ws[k]);
+      }
+    }
+  }
+}
+
 // ---- 4-bit code books (fp32 bits of opsq._constants) -------------------------------------
 // NF4_CODE rounded to fp32 (code_table("nf4")).
 __device__ __constant__ float kNF4Code[16] = {

@@ -146,27 +146,6 @@ dequant4_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, int bs_log2, b
 // each thread encodes its elements and writes EPT/2 packed bytes. Elements past n (odd tail,
 // storage padding) take the zero code; bytes past the storage size are not written.
 // -------------------------------------------------------------------------------------------
-template <typename T, int EPT>
-__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&x)[EPT]) {
-  if constexpr (sizeof(T) == 4) {
-#pragma unroll
-    for (int i = 0; i < EPT; i += 4) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
-      x[i] = f.x; x[i + 1] = f.y; x[i + 2] = f.z; x[i + 3] = f.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < EPT; i += 8) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p + i));
-      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[i + 2 * k] = half_lo<T>(ws[k]);
-        x[i + 2 * k + 1] = half_hi<T>(ws[k]);
-      }
-    }
-  }
-}
 
 template <typename T, bool NF4, int EPT, bool VEC>
 __global__ void __launch_bounds__(kThreads)
