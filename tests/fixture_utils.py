@@ -31,3 +31,16 @@ def fixture_cases(kind: str) -> list:
 def quant_meta(d: dict) -> dict:
     key = next(k for k in d if "quant_state.bitsandbytes__" in k)
     return json.loads(bytes(d[key].tolist()).decode())
+
+
+def linear4bit_fixture(name: str):
+    """``(fixture dict, its bitsandbytes state dict, an empty opsq Linear4bit of that layer's
+    shape and quantization settings)`` for a ``linear4bit_state_dict`` fixture."""
+    from opsq.nn import Linear4bit
+    d = load_fixture(name)
+    sd = {k[3:]: v for k, v in d.items() if k.startswith("sd.")}
+    N, K = d["W_fp32"].shape
+    meta = quant_meta(d)
+    layer = Linear4bit(K, N, bias="bias" in sd, quant_type=meta["quant_type"],
+                       compress_statistics="nested_blocksize" in meta)
+    return d, sd, layer

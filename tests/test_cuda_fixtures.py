@@ -8,7 +8,8 @@ from opsq._extension import has_native_kernel
 from opsq.nn import Linear4bit, Linear8bitLt
 from opsq.reference.fourbit import unpack_codes
 
-from fixture_utils import FIXTURES, fixture_cases, load_fixture, quant_meta
+from fixture_utils import (FIXTURES, fixture_cases, linear4bit_fixture, load_fixture,
+                           quant_meta)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -83,12 +84,7 @@ def test_cuda_int8_fixtures():
 
 def test_cuda_layers_load_bnb_state_dicts():
     for case in fixture_cases("linear4bit_state_dict"):
-        d = load_fixture(case)
-        sd = {k[3:]: v for k, v in d.items() if k.startswith("sd.")}
-        N, K = d["W_fp32"].shape
-        meta = quant_meta(d)
-        layer = Linear4bit(K, N, bias="bias" in sd, quant_type=meta["quant_type"],
-                           compress_statistics="nested_blocksize" in meta)
+        d, sd, layer = linear4bit_fixture(case)
         if "bias" in sd:
             layer = layer.to(sd["bias"].dtype)
         layer.load_state_dict(sd)

@@ -5,10 +5,10 @@ import torch
 import opsq
 from opsq import functional as F
 from opsq._constants import create_dynamic_map
-from opsq.nn import Linear4bit, Linear8bitLt
+from opsq.nn import Linear8bitLt
 from opsq.reference.fourbit import unpack_codes
 
-from fixture_utils import fixture_cases, load_fixture, quant_meta
+from fixture_utils import fixture_cases, linear4bit_fixture, load_fixture, quant_meta
 
 FOURBIT = fixture_cases("4bit") or ["nf4_bs64_bf16"]
 
@@ -155,12 +155,7 @@ def test_int8_weight_quant_igemmlt_mm_dequant_match_bnb():
 
 @pytest.mark.parametrize("case", fixture_cases("linear4bit_state_dict") or ["linear4bit_fp4"])
 def test_linear4bit_loads_bnb_state_dict(case):
-    d = load_fixture(case)
-    sd = {k[3:]: v for k, v in d.items() if k.startswith("sd.")}
-    N, K = d["W_fp32"].shape
-    meta = quant_meta(d)
-    layer = Linear4bit(K, N, bias="bias" in sd, quant_type=meta["quant_type"],
-                       compress_statistics="nested_blocksize" in meta)
+    d, sd, layer = linear4bit_fixture(case)
     if "bias" in sd:  # a dtype-only conversion: does not quantize
         layer = layer.to(sd["bias"].dtype)
         assert not layer.is_quantized
@@ -176,12 +171,8 @@ def test_linear4bit_loads_bnb_state_dict(case):
 
 @pytest.mark.parametrize("case", fixture_cases("linear4bit_state_dict") or ["linear4bit_fp4"])
 def test_linear4bit_quantizes_like_bnb(case):
-    d = load_fixture(case)
-    sd = {k[3:]: v for k, v in d.items() if k.startswith("sd.")}
-    N, K = d["W_fp32"].shape
+    d, sd, layer = linear4bit_fixture(case)
     meta = quant_meta(d)
-    layer = Linear4bit(K, N, bias="bias" in sd, quant_type=meta["quant_type"],
-                       compress_statistics="nested_blocksize" in meta)
     layer.weight = opsq.nn.Params4bit(d["W_fp32"].clone(), quant_type=meta["quant_type"],
                                       compress_statistics="nested_blocksize" in meta)
     layer = layer.to("cpu")

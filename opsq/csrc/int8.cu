@@ -39,23 +39,8 @@ template <typename T, int W>
 __device__ __forceinline__ void load_w(const T* __restrict__ p, float (&x)[W]) {
   if constexpr (W == 1) {
     x[0] = Cvt<T>::to_float(*p);
-  } else if constexpr (sizeof(T) == 4) {
-#pragma unroll
-    for (int i = 0; i < W; i += 4) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
-      x[i] = f.x; x[i + 1] = f.y; x[i + 2] = f.z; x[i + 3] = f.w;
-    }
   } else {
-#pragma unroll
-    for (int i = 0; i < W; i += 8) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p + i));
-      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[i + 2 * k] = half_lo<T>(ws[k]);
-        x[i + 2 * k + 1] = half_hi<T>(ws[k]);
-      }
-    }
+    load_elems<T, W>(p, x);  // 16-byte loads (common.cuh)
   }
 }
 
