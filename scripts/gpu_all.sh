@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
+# sanitizer, timings and qlora_prof): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
 # the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
 # `opsq demo --device cuda`, `opsq bench --json`, compute-sanitizer memcheck/racecheck over the
 # op tests. Logs and results under $OUT; a summary table is printed last.
@@ -29,6 +29,18 @@ fi
 if has cuda_ops; then
   OPSQ_SKIP_TIMINGS=1 OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/cuda_ops_stdout.log" 2>&1
   note "cuda op tests: $(grep -E '^pytest rc' "$OUT/cuda_ops_stdout.log") $(grep -E 'passed' "$OUT/cuda_ops_stdout.log" | tail -1)"
+fi
+if has timings; then
+  # kernel timings of scripts/gpu_run.sh (gemv modes, quantizers, int8) and Nsight Compute
+  OPSQ_SKIP_TESTS=1 OPSQ_NCU=${OPSQ_NCU:-1} OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/timings_stdout.log" 2>&1
+  note "kernel timings rc=$?"
+  sed -n '/^copy bandwidth/,$p' "$OUT/timings_stdout.log" | grep -v "^====\|^build\|^opsq._C\|^ops with\|^pytest\|^bench " | head -60 | tee -a "$SUMMARY"
+  grep -E "ncu rc|gemv4_kernel|quant4_kernel|DRAM Throughput|Duration|Issue Slots Busy|Achieved Occupancy|Registers Per" "$OUT/timings_stdout.log" | head -40 | tee -a "$SUMMARY"
+fi
+if has qlora_prof; then
+  timeout 300 $PY scripts/profile_qlora.py --steps 5 >"$OUT/qlora_profile.log" 2>&1
+  note "QLoRA profile rc=$?"
+  grep -vE "^-+|^\s*$|Warning|warn" "$OUT/qlora_profile.log" | cut -c1-200 | head -70 | tee -a "$SUMMARY"
 fi
 if has tests; then
   t0=$(date +%s)

@@ -96,46 +96,71 @@ template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
-// EPT consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
+// EPT consecutive elements (a multiple of 16 bytes) as raw 16-byte words, so a loop can issue
+// the loads of its next trip before it converts this one's.
+template <typename T, int EPT> struct RawElems {
+  static_assert(EPT * sizeof(T) % 16 == 0, "whole 16-byte words");
+  uint4 w[EPT * sizeof(T) / 16];
+};
+
 template <typename T, int EPT>
-__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&x)[EPT]) {
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, RawElems<T, EPT>& r) {
+#pragma unroll
+  for (int i = 0; i < EPT * static_cast<int>(sizeof(T)) / 16; ++i)
+    r.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+}
+
+template <typename T, int EPT>
+__device__ __forceinline__ void unpack_raw(const RawElems<T, EPT>& r, float (&x)[EPT]) {
   if constexpr (sizeof(T) == 4) {
 #pragma unroll
-    for (int i = 0; i < EPT; i += 4) {
-      const float4 f = __ldg(reinterpret_cast<const float4*>(p + i));
-      x[i] = f.x; x[i + 1] = f.y; x[i + 2] = f.z; x[i + 3] = f.w;
+    for (int i = 0; i < EPT / 4; ++i) {
+      x[4 * i] = __uint_as_float(r.w[i].x); x[4 * i + 1] = __uint_as_float(r.w[i].y);
+      x[4 * i + 2] = __uint_as_float(r.w[i].z); x[4 * i + 3] = __uint_as_float(r.w[i].w);
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < EPT; i += 8) {
-      const uint4 w = __ldg(reinterpret_cast<const uint4*>(p + i));
-      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+    for (int i = 0; i < EPT / 8; ++i) {
+      const uint32_t ws[4] = {r.w[i].x, r.w[i].y, r.w[i].z, r.w[i].w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        x[i + 2 * k] = half_lo<T>(ws[k]);
-        x[i + 2 * k + 1] = half_hi<T>(ws[k]);
+        x[8 * i + 2 * k] = half_lo<T>(ws[k]);
+        x[8 * i + 2 * k + 1] = half_hi<T>(ws[k]);
       }
     }
   }
 }
 
+// EPT consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
+template <typename T, int EPT>
+__device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&x)[EPT]) {
+  RawElems<T, EPT> r;
+  load_raw<T, EPT>(p, r);
+  unpack_raw<T, EPT>(r, x);
+}
+
 // ---- 4-bit code books (fp32 bits of opsq._constants) -------------------------------------
 // NF4_CODE rounded to fp32 (code_table("nf4")).
-__device__ __constant__ float kNF4Code[16] = {
-    -0x1.0000000000000p+0f, -0x1.6473620000000p-1f, -0x1.0cd6600000000p-1f,
-    -0x1.9465400000000p-2f, -0x1.23449a0000000p-2f, -0x1.7a6a7e0000000p-3f,
-    -0x1.74f0e20000000p-4f, 0x0.0p+0f,              0x1.45f5fe0000000p-4f,
-    0x1.4995c60000000p-3f,  0x1.f809ba0000000p-3f,  0x1.5a06740000000p-2f,
-    0x1.c349700000000p-2f,  0x1.200f560000000p-1f,  0x1.7227660000000p-1f,
-    0x1.0000000000000p+0f};
+#define OPSQ_NF4_VALUES \
+    -0x1.0000000000000p+0f, -0x1.6473620000000p-1f, -0x1.0cd6600000000p-1f, \
+    -0x1.9465400000000p-2f, -0x1.23449a0000000p-2f, -0x1.7a6a7e0000000p-3f, \
+    -0x1.74f0e20000000p-4f, 0x0.0p+0f,              0x1.45f5fe0000000p-4f, \
+    0x1.4995c60000000p-3f,  0x1.f809ba0000000p-3f,  0x1.5a06740000000p-2f, \
+    0x1.c349700000000p-2f,  0x1.200f560000000p-1f,  0x1.7227660000000p-1f, \
+    0x1.0000000000000p+0f
 // FP4_CODE rounded to fp32 (code_table("fp4")); sign in bit 3.
-__device__ __constant__ float kFP4Code[16] = {
-    0x0.0p+0f,              0x1.5555560000000p-8f,  0x1.5555560000000p-1f,
-    0x1.0000000000000p+0f,  0x1.5555560000000p-2f,  0x1.0000000000000p-1f,
-    0x1.5555560000000p-3f,  0x1.0000000000000p-2f,  -0x0.0p+0f,
-    -0x1.5555560000000p-8f, -0x1.5555560000000p-1f, -0x1.0000000000000p+0f,
-    -0x1.5555560000000p-2f, -0x1.0000000000000p-1f, -0x1.5555560000000p-3f,
-    -0x1.0000000000000p-2f};
+#define OPSQ_FP4_VALUES \
+    0x0.0p+0f,              0x1.5555560000000p-8f,  0x1.5555560000000p-1f, \
+    0x1.0000000000000p+0f,  0x1.5555560000000p-2f,  0x1.0000000000000p-1f, \
+    0x1.5555560000000p-3f,  0x1.0000000000000p-2f,  -0x0.0p+0f, \
+    -0x1.5555560000000p-8f, -0x1.5555560000000p-1f, -0x1.0000000000000p+0f, \
+    -0x1.5555560000000p-2f, -0x1.0000000000000p-1f, -0x1.5555560000000p-3f, \
+    -0x1.0000000000000p-2f
+__device__ __constant__ float kNF4Code[16] = {OPSQ_NF4_VALUES};
+__device__ __constant__ float kFP4Code[16] = {OPSQ_FP4_VALUES};
+// Host copies (kernel arguments).
+constexpr float kNF4Host[16] = {OPSQ_NF4_VALUES};
+constexpr float kFP4Host[16] = {OPSQ_FP4_VALUES};
 // Midpoints of consecutive NF4 codes, computed in float64 from NF4_CODE and rounded once to
 // fp32 (the reference's decision boundaries; a value equal to a midpoint takes the lower code).
 __device__ __constant__ float kNF4Mid[15] = {

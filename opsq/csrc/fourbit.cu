@@ -165,8 +165,22 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 
-  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks;
-       b0 += int64_t{gridDim.x} * per_cta * S) {
+  // Whole 16-byte groups are loaded one trip ahead (raw words), so the next trip's loads are in
+  // flight while this trip reduces and encodes; partial groups load element by element.
+  const int64_t trip = int64_t{gridDim.x} * per_cta * S;
+  RawElems<T, EPT> raw[S];
+  auto fetch = [&](int64_t b0, RawElems<T, EPT> (&r)[S]) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int64_t blk = b0 + s * per_cta + gb;
+      const int64_t e = (blk << bs_log2) + int64_t{gi} * EPT;
+      if (VEC && blk < nblocks && e + EPT <= n) load_raw<T, EPT>(A + e, r[s]);
+    }
+  };
+  fetch(int64_t{blockIdx.x} * per_cta * S, raw);
+  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks; b0 += trip) {
+    RawElems<T, EPT> nraw[S];
+    fetch(b0 + trip, nraw);
     float x[S][EPT];
     int64_t qb[S], e0[S];
     bool active[S];
@@ -176,13 +190,15 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       active[s] = qb[s] < nblocks;
       e0[s] = (qb[s] << bs_log2) + int64_t{gi} * EPT;
       if (VEC && active[s] && e0[s] + EPT <= n) {
-        load_elems<T, EPT>(A + e0[s], x[s]);
+        unpack_raw<T, EPT>(raw[s], x[s]);
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i)
           x[s][i] = (active[s] && e0[s] + i < n) ? Cvt<T>::to_float(A[e0[s] + i]) : 0.0f;
       }
     }
+#pragma unroll
+    for (int s = 0; s < S; ++s) raw[s] = nraw[s];
     uint32_t m[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -244,15 +260,29 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
 // Tensor-core mma.m16n8k16 with the weight as the 16-row operand and the (<= 8) activation rows
 // as the 8-column operand; fp32 accumulation. The weight is dequantized in registers to A.dtype
 // (round(code * absmax)), exactly the values dequantize_4bit produces. A CTA of kGemvWarps
-// warps owns 16 output features; the warps split K in steps and reduce through shared memory.
-// Lane (g = lane / 4, q = lane % 4) owns rows g and g + 8; per 32-code chunk at k = kq it loads
-// 16 bytes of each row and the same 32 activations of row g. The mma's k index is a
-// permutation of the physical k (a dot product is order-free): logical k = 2q, 2q+1, 2q+8,
-// 2q+9 of mma j map to physical k = kq + 4j + 0..3, for the weight and the activations alike,
-// since both fragments place logical k by q. Default kernel: steps of 256 k, lane q owning
-// k = 64q .. 64q + 63 of the step (two chunks), so a row's 4 lanes read one 128-byte line;
-// gemv4_k128_kernel (OPSQ_GEMV_IMPL=1): steps of 128 k, one chunk per lane (same speed on H200).
-// Requires K % 32 == 0 and 16-byte aligned A rows and packed codes.
+// warps owns 16 output features; the warps split K in steps of 256 and reduce through shared
+// memory. Lane (g = lane / 4, q = lane % 4) owns rows g and g + 8; in a step it owns
+// k = 64 q .. 64 q + 63 (32 bytes of each row, so a row's 4 lanes read one 128-byte line) and
+// the same activations of row g, in two halves of 32 codes (one absmax each: blocks hold >= 32
+// codes at multiples of 32). The mma's k index is a permutation of the physical k (a dot
+// product is order-free): logical k = 2q, 2q+1, 2q+8, 2q+9 of mma j map to physical
+// k = kq + 4j + 0..3, for the weight and the activations alike, since both fragments place
+// logical k by q. Requires K % 32 == 0 and 16-byte aligned A rows and packed codes.
+//
+// Dequantizing a code is the kernel's cost (the mma is nearly free at M <= 8). Three ways,
+// chosen per row of the lane's pair (template MODE; OPSQ_GEMV_IMPL=0/1/2 picks one at run
+// time for comparison):
+//  * smem: value = round(code_table[c] * absmax): a shared-memory load, a multiply and half a
+//    convert per code. Bound by the shared-memory pipe (ncu: L1 pipe 73 %, DRAM 35 %).
+//  * prmt: per absmax, the lane computes the 16 products round(code_table[c] * absmax) once
+//    and keeps them as two 16-byte planes (low and high bytes) in 8 registers; a code is then
+//    looked up with byte permutes (prmt): 3 prmt select a byte of a 16-entry plane for 4 codes
+//    at once (entries 0-7, entries 8-15, then pick by the code's top bit), twice for the two
+//    planes, and 2 more interleave the bytes into the two bf16x2 / half2 fragments. About 2.6
+//    integer ops a code and no shared memory; the table costs 16 multiplies per absmax.
+//  * hybrid: row g by prmt, row g + 8 by smem, so the integer and shared-memory pipes share
+//    the work.
+// Both give bit-identical weights; only the instruction mix differs.
 // -------------------------------------------------------------------------------------------
 template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
                                                               uint32_t b0, uint32_t b1);
@@ -282,10 +312,26 @@ __device__ __forceinline__ uint4 ld_stream16(const void* p) {
   return r;
 }
 
+// prmt.b32 in its generic mode: byte n of the result is byte c[4n+2:4n] of {b, a} (c[4n+3]
+// must be 0: it would replicate the sign bit instead).
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
 constexpr int kGemvWarps = 8;
 constexpr int64_t kGemvStepK = 256;
 // Rows up to which linear_4bit / gemv_4bit use the fused kernel instead of dequantize + GEMM.
 constexpr int64_t kGemvMaxRows = 16;
+enum GemvMode : int { kGemvSmem = 0, kGemvPrmt = 1, kGemvHybrid = 2 };
+constexpr int kGemvDefaultMode = kGemvHybrid;
+
+// The 16 code values, passed by value (kernel parameter space): the table multiplies read them
+// as constant-bank operands.
+struct CodeTab {
+  float v[16];
+};
 
 // Value of the code whose index * 4 is byte `b` of `idx4` (byte offsets into the table).
 __device__ __forceinline__ float tab_at(const float* tab, uint32_t idx4, int b) {
@@ -293,15 +339,75 @@ __device__ __forceinline__ float tab_at(const float* tab, uint32_t idx4, int b) 
   return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab) + off);
 }
 
-template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kGemvWarps * 32, 3)
+// round(code[c] * s) for c = 0..15 as byte planes: byte b of lo[m] / hi[m] is the low / high
+// byte of entry 4 m + b.
+struct ProdTab {
+  uint32_t lo[4], hi[4];
+};
+
+template <typename T>
+__device__ __forceinline__ ProdTab make_prod(const CodeTab& ct, float s) {
+  ProdTab t;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const uint32_t p0 = pack2<T>(mul_rn(ct.v[4 * m], s), mul_rn(ct.v[4 * m + 1], s));
+    const uint32_t p1 = pack2<T>(mul_rn(ct.v[4 * m + 2], s), mul_rn(ct.v[4 * m + 3], s));
+    t.lo[m] = prmt(p0, p1, 0x6420u);
+    t.hi[m] = prmt(p0, p1, 0x7531u);
+  }
+  return t;
+}
+
+// Fragments (element 0, 1) and (element 2, 3) of the 2 code bytes whose nibbles, low 3 bits
+// and top-bit selectors are the low 16 bits of q3 / sx (see gemv4_kernel). Nibble order in the
+// 16 bits is elements 1, 0, 3, 2 (element 2j is the high nibble of byte j).
+__device__ __forceinline__ void prod_lookup(const ProdTab& t, uint32_t q3, uint32_t sx,
+                                            uint32_t& f01, uint32_t& f23) {
+  const uint32_t lo = prmt(prmt(t.lo[0], t.lo[1], q3), prmt(t.lo[2], t.lo[3], q3), sx);
+  const uint32_t hi = prmt(prmt(t.hi[0], t.hi[1], q3), prmt(t.hi[2], t.hi[3], q3), sx);
+  f01 = prmt(lo, hi, 0x4051u);  // element 0 = byte 1 of lo/hi, element 1 = byte 0
+  f23 = prmt(lo, hi, 0x6273u);  // element 2 = byte 3, element 3 = byte 2
+}
+
+// The same two fragments through the shared fp32 code table: bytes 2 jj and 2 jj + 1 of a word
+// whose high / low nibbles, times 4, are the bytes of hidx / lidx.
+template <typename T>
+__device__ __forceinline__ void smem_lookup(const float* tab, uint32_t hidx, uint32_t lidx,
+                                            int jj, float s, uint32_t& f01, uint32_t& f23) {
+  const int b0 = 2 * jj, b1 = 2 * jj + 1;
+  f01 = pack2<T>(mul_rn(tab_at(tab, hidx, b0), s), mul_rn(tab_at(tab, lidx, b0), s));
+  f23 = pack2<T>(mul_rn(tab_at(tab, hidx, b1), s), mul_rn(tab_at(tab, lidx, b1), s));
+}
+
+// Fragments of one 32-bit word (8 codes) of one row: f01[jj], f23[jj] for jj = 0, 1.
+template <typename T, bool PRMT>
+__device__ __forceinline__ void word_frags(uint32_t w, const ProdTab& pt, const float* tab,
+                                           float s, uint32_t (&f01)[2], uint32_t (&f23)[2]) {
+  if constexpr (PRMT) {
+    const uint32_t q3 = w & 0x77777777u;                      // low 3 bits of every code
+    const uint32_t sx = ((w >> 1) & 0x44444444u) | 0x32103210u;  // 4 + i where code >= 8
+    prod_lookup(pt, q3, sx, f01[0], f23[0]);
+    prod_lookup(pt, q3 >> 16, sx >> 16, f01[1], f23[1]);
+  } else {
+    const uint32_t h = (w >> 2) & 0x3c3c3c3cu, l = (w << 2) & 0x3c3c3c3cu;
+    smem_lookup<T>(tab, h, l, 0, s, f01[0], f23[0]);
+    smem_lookup<T>(tab, h, l, 1, s, f01[1], f23[1]);
+  }
+}
+
+// BS32: blocksize 32, so the two halves of a lane's 64 codes have their own absmax (else they
+// share one, and the product tables are built once a step).
+template <typename T, bool NESTED, int MODE, bool BS32>
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
-             int64_t N, AbsmaxArgs am, int bs_log2, bool nf4, const T* __restrict__ bias,
+             int64_t N, AbsmaxArgs am, int bs_log2, CodeTab ct, const T* __restrict__ bias,
              T* __restrict__ out) {
+  constexpr bool kPrmtA = MODE != kGemvSmem;
+  constexpr bool kPrmtB = MODE == kGemvPrmt;
   __shared__ float tab[16];
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[kGemvWarps][16][8];
-  if (threadIdx.x < 16) tab[threadIdx.x] = nf4 ? kNF4Code[threadIdx.x] : kFP4Code[threadIdx.x];
+  if (threadIdx.x < 16) tab[threadIdx.x] = ct.v[threadIdx.x];
   ams.load(am);
   __syncthreads();
 
@@ -313,9 +419,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   const bool has_x = g < M;
   const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
 
-  // A step covers kGemvStepK = 256 k: lane q owns k = step * 256 + 64 q + [0, 64), i.e. 32
-  // bytes of rows g and g + 8, so the 4 lanes of a row read one whole 128-byte line; half h
-  // (32 codes, one absmax: blocks hold >= 32 codes at multiples of 32) feeds 8 mma.
   struct Wt {
     uint4 a[2], b[2];
     float sa[2], sb[2];
@@ -347,9 +450,18 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   for (int64_t s = warp; s < steps; s += kGemvWarps) {
     Wt nxt;
     load_w(s + kGemvWarps, nxt);  // in flight while this step computes
+    ProdTab pa{}, pb{};
+    if (!BS32) {
+      if (kPrmtA) pa = make_prod<T>(ct, cur.sa[0]);
+      if (kPrmtB) pb = make_prod<T>(ct, cur.sb[0]);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
+      if (BS32) {
+        if (kPrmtA) pa = make_prod<T>(ct, cur.sa[h]);
+        if (kPrmtB) pb = make_prod<T>(ct, cur.sb[h]);
+      }
       uint32_t xw[16];
       if (kq < K && has_x) {
         const uint4* xp = reinterpret_cast<const uint4*>(A + g * K + kq);
@@ -362,23 +474,17 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 #pragma unroll
         for (int i = 0; i < 16; ++i) xw[i] = 0;
       }
-      const float sa = cur.sa[h], sb = cur.sb[h];
       const uint32_t wav[4] = {cur.a[h].x, cur.a[h].y, cur.a[h].z, cur.a[h].w};
       const uint32_t wbv[4] = {cur.b[h].x, cur.b[h].y, cur.b[h].z, cur.b[h].w};
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        // byte offsets (code * 4) of the high / low nibble of every byte of the word
-        const uint32_t ha = (wav[i] >> 2) & 0x3c3c3c3cu, la = (wav[i] << 2) & 0x3c3c3c3cu;
-        const uint32_t hb = (wbv[i] >> 2) & 0x3c3c3c3cu, lb = (wbv[i] << 2) & 0x3c3c3c3cu;
+        uint32_t a01[2], a23[2], b01[2], b23[2];
+        word_frags<T, kPrmtA>(wav[i], pa, tab, cur.sa[h], a01, a23);
+        word_frags<T, kPrmtB>(wbv[i], pb, tab, cur.sb[h], b01, b23);
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * i + jj;  // mma j: bytes 2j (elements 4j, 4j+1), 2j+1 (4j+2, 4j+3)
-          const int b0 = 2 * jj, b1 = 2 * jj + 1;
-          uint32_t frag[4];
-          frag[0] = pack2<T>(mul_rn(tab_at(tab, ha, b0), sa), mul_rn(tab_at(tab, la, b0), sa));
-          frag[1] = pack2<T>(mul_rn(tab_at(tab, hb, b0), sb), mul_rn(tab_at(tab, lb, b0), sb));
-          frag[2] = pack2<T>(mul_rn(tab_at(tab, ha, b1), sa), mul_rn(tab_at(tab, la, b1), sa));
-          frag[3] = pack2<T>(mul_rn(tab_at(tab, hb, b1), sb), mul_rn(tab_at(tab, lb, b1), sb));
+          const int j = 2 * i + jj;  // mma j: elements 4j .. 4j + 3 of the 32-code half
+          const uint32_t frag[4] = {a01[jj], b01[jj], a23[jj], b23[jj]};
           mma16816<T>(acc[jj], frag, xw[2 * j], xw[2 * j + 1]);
         }
       }
@@ -401,106 +507,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
       if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
       out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
     }
-  }
-}
-
-// Previous variant (selected with OPSQ_GEMV_IMPL=1): steps of 128 k (16 bytes per lane and
-// row), 4 warps per CTA. Same fragment mapping, one 16-byte chunk per lane and step.
-constexpr int kGemvWarpsV1 = 4;
-
-template <typename T, bool NESTED>
-__global__ void __launch_bounds__(kGemvWarpsV1 * 32)
-gemv4_k128_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
-                  int64_t N, AbsmaxArgs am, int bs_log2, bool nf4, const T* __restrict__ bias,
-                  T* __restrict__ out) {
-  __shared__ float tab[16];
-  __shared__ AbsmaxSmem<NESTED> ams;
-  __shared__ float red[kGemvWarpsV1][16][8];
-  if (threadIdx.x < 16) tab[threadIdx.x] = nf4 ? kNF4Code[threadIdx.x] : kFP4Code[threadIdx.x];
-  ams.load(am);
-  __syncthreads();
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t row0 = int64_t{blockIdx.x} * 16;
-  const int64_t ra = row0 + g, rb = row0 + g + 8;
-  const bool oka = ra < N, okb = rb < N;
-  const bool has_x = g < M;
-  const int64_t steps = (K + 127) / 128;
-
-  auto load_w = [&](int64_t s, uint4& wa, uint4& wb, float& sa, float& sb) {
-    const int64_t kq = s * 128 + 32 * q;
-    wa = make_uint4(0, 0, 0, 0); wb = make_uint4(0, 0, 0, 0);
-    sa = 0.f; sb = 0.f;
-    if (s < steps && kq < K) {
-      if (oka) {
-        const int64_t e = ra * K + kq;
-        wa = ld_stream16(W + (e >> 1));
-        sa = ams.get(am, e >> bs_log2);
-      }
-      if (okb) {
-        const int64_t e = rb * K + kq;
-        wb = ld_stream16(W + (e >> 1));
-        sb = ams.get(am, e >> bs_log2);
-      }
-    }
-  };
-
-  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  uint4 wa, wb;
-  float sa, sb;
-  load_w(warp, wa, wb, sa, sb);
-  for (int64_t s = warp; s < steps; s += kGemvWarpsV1) {
-    uint4 na, nb;
-    float nsa, nsb;
-    load_w(s + kGemvWarpsV1, na, nb, nsa, nsb);
-    const int64_t kq = s * 128 + 32 * q;
-    uint32_t xw[16];
-    if (kq < K && has_x) {
-      const uint4* xp = reinterpret_cast<const uint4*>(A + g * K + kq);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const uint4 v = __ldg(xp + i);
-        xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
-      }
-    } else {
-#pragma unroll
-      for (int i = 0; i < 16; ++i) xw[i] = 0;
-    }
-    const uint32_t wav[4] = {wa.x, wa.y, wa.z, wa.w};
-    const uint32_t wbv[4] = {wb.x, wb.y, wb.z, wb.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint32_t ha = (wav[i] >> 2) & 0x3c3c3c3cu, la = (wav[i] << 2) & 0x3c3c3c3cu;
-      const uint32_t hb = (wbv[i] >> 2) & 0x3c3c3c3cu, lb = (wbv[i] << 2) & 0x3c3c3c3cu;
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        const int j = 2 * i + jj;
-        const int b0 = 2 * jj, b1 = 2 * jj + 1;
-        uint32_t frag[4];
-        frag[0] = pack2<T>(mul_rn(tab_at(tab, ha, b0), sa), mul_rn(tab_at(tab, la, b0), sa));
-        frag[1] = pack2<T>(mul_rn(tab_at(tab, hb, b0), sb), mul_rn(tab_at(tab, lb, b0), sb));
-        frag[2] = pack2<T>(mul_rn(tab_at(tab, ha, b1), sa), mul_rn(tab_at(tab, la, b1), sa));
-        frag[3] = pack2<T>(mul_rn(tab_at(tab, hb, b1), sb), mul_rn(tab_at(tab, lb, b1), sb));
-        mma16816<T>(acc[jj], frag, xw[2 * j], xw[2 * j + 1]);
-      }
-    }
-    wa = na; wb = nb; sa = nsa; sb = nsb;
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) acc[0][k] += acc[1][k];
-  red[warp][g][2 * q] = acc[0][0];
-  red[warp][g][2 * q + 1] = acc[0][1];
-  red[warp][g + 8][2 * q] = acc[0][2];
-  red[warp][g + 8][2 * q + 1] = acc[0][3];
-  __syncthreads();
-  const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
-  if (n < M && row0 + r < N) {
-    float y = red[0][r][n];
-#pragma unroll
-    for (int w = 1; w < kGemvWarpsV1; ++w) y += red[w][r][n];
-    if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
-    out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
   }
 }
 
@@ -636,42 +642,78 @@ std::vector<int64_t> shape_vec(c10::SymIntArrayRef shape) {
   return v;
 }
 
+// A grid of at most the CTAs that fit on the device at once (the kernel strides over the rest),
+// so every CTA's loop overlaps its next loads with its current work.
+template <typename Kernel>
+int resident_grid(Kernel kernel, int threads, int64_t want) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  const int64_t cap = int64_t{sm_count()} * std::max(per_sm, 1);
+  return static_cast<int>(std::min(std::max<int64_t>(want, 1), cap));
+}
+
 template <typename T, bool NF4>
 void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, int64_t nbytes,
                    float* absmax, int64_t nblocks, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
-  if (blocksize == 4096) {
-    const int grid = grid_for(nblocks, 2);
-    if (vec) quant4_kernel<T, NF4, 16, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
-    else quant4_kernel<T, NF4, 16, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
-  } else {
-    const int grid = grid_for(nblocks, 2 * kThreads / (blocksize / 8));
-    if (vec) quant4_kernel<T, NF4, 8, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
-    else quant4_kernel<T, NF4, 8, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
+#define OPSQ_Q4(EPT, VEC)                                                                    \
+  {                                                                                          \
+    auto kernel = quant4_kernel<T, NF4, EPT, VEC>;                                           \
+    const int grid = resident_grid(kernel, kThreads,                                         \
+                                   ceil_div(nblocks, 2 * kThreads / (blocksize / EPT)));     \
+    kernel<<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);   \
   }
+  if (blocksize == 4096) {
+    if (vec) OPSQ_Q4(16, true) else OPSQ_Q4(16, false)
+  } else {
+    if (vec) OPSQ_Q4(8, true) else OPSQ_Q4(8, false)
+  }
+#undef OPSQ_Q4
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool NESTED, int MODE>
+void launch_gemv4_mode(const T* A, int M, int64_t K, const uint8_t* W, int64_t N,
+                       const Absmax& am, int bs_log2, const CodeTab& ct, const T* bias, T* out,
+                       cudaStream_t stream) {
+  const int grid = static_cast<int>(ceil_div(N, 16));
+  if (bs_log2 == 5)
+    gemv4_kernel<T, NESTED, MODE, true><<<grid, kGemvWarps * 32, 0, stream>>>(
+        A, M, K, W, N, am.args, bs_log2, ct, bias, out);
+  else
+    gemv4_kernel<T, NESTED, MODE, false><<<grid, kGemvWarps * 32, 0, stream>>>(
+        A, M, K, W, N, am.args, bs_log2, ct, bias, out);
+}
+
+// The dequantization mode of the fused kernel: OPSQ_GEMV_IMPL = 0 (smem), 1 (prmt) or
+// 2 (hybrid) when set, else the default (the fastest measured on the H200, benchmarks/NOTES.md).
+int gemv_mode() {
+  const char* impl = std::getenv("OPSQ_GEMV_IMPL");
+  if (impl != nullptr && impl[0] >= '0' && impl[0] <= '2' && impl[1] == '\0') return impl[0] - '0';
+  return kGemvDefaultMode;
 }
 
 template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
                   int bs_log2, bool nf4, const T* bias, T* out, cudaStream_t stream) {
-  const int grid = static_cast<int>(ceil_div(N, 16));
-  const char* impl = std::getenv("OPSQ_GEMV_IMPL");  // "1": the previous variant (comparison)
-  if (impl != nullptr && impl[0] == '1') {
-    if (am.nested)
-      gemv4_k128_kernel<T, true><<<grid, kGemvWarpsV1 * 32, 0, stream>>>(A, M, K, W, N, am.args,
-                                                                         bs_log2, nf4, bias, out);
-    else
-      gemv4_k128_kernel<T, false><<<grid, kGemvWarpsV1 * 32, 0, stream>>>(A, M, K, W, N, am.args,
-                                                                          bs_log2, nf4, bias, out);
-  } else if (am.nested) {
-    gemv4_kernel<T, true><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N, am.args, bs_log2,
-                                                                nf4, bias, out);
-  } else {
-    gemv4_kernel<T, false><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N, am.args,
-                                                                 bs_log2, nf4, bias, out);
+  CodeTab ct;
+  const float* src = nf4 ? kNF4Host : kFP4Host;
+  for (int i = 0; i < 16; ++i) ct.v[i] = src[i];
+#define OPSQ_GEMV(NESTED, MODE) \
+  launch_gemv4_mode<T, NESTED, MODE>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream)
+  switch (gemv_mode()) {
+    case kGemvSmem:
+      if (am.nested) OPSQ_GEMV(true, kGemvSmem); else OPSQ_GEMV(false, kGemvSmem);
+      break;
+    case kGemvPrmt:
+      if (am.nested) OPSQ_GEMV(true, kGemvPrmt); else OPSQ_GEMV(false, kGemvPrmt);
+      break;
+    default:
+      if (am.nested) OPSQ_GEMV(true, kGemvHybrid); else OPSQ_GEMV(false, kGemvHybrid);
+      break;
   }
+#undef OPSQ_GEMV
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
