@@ -99,14 +99,29 @@ if has reliability; then
   grep -E "^(FAILED|ERROR)" "$OUT/reliability_cuda.log" | cut -c1-250 | head -8 | tee -a "$SUMMARY"
 fi
 if has sanitizer; then
+  # SANITIZER_SCOPE=subset: every op family once (blocksize 64 for the 4-bit/blockwise grids),
+  # plus graph capture; =full: the whole CUDA op, fixture and reliability suites (but the
+  # > 2^31-element tests, too slow under instrumentation).
+  if [ "${SANITIZER_SCOPE:-subset}" = "full" ]; then
+    SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py tests/test_cuda_reliability.py"
+    SAN_K="not beyond_int32 and not slow"
+  else
+    SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py"
+    SAN_K="(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or gemv_modes"
+  fi
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     t0=$(date +%s)
-    # every op family once (blocksize 64 for the 4-bit/blockwise grids), plus graph capture
-    timeout ${SANITIZER_TIMEOUT:-170} compute-sanitizer --tool $tool --error-exitcode 9 \
-      $PY -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_fixtures.py \
-      -k "(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches" \
+    timeout ${SANITIZER_TIMEOUT:-170} compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+      $PY -m pytest -q -p no:cacheprovider $SAN_TESTS -k "$SAN_K" \
       >"$OUT/sanitizer_$tool.log" 2>&1
-    note "compute-sanitizer $tool rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
+    note "compute-sanitizer $tool ($SANITIZER_SCOPE) rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
+    grep -E "^========= (Uninitialized|Invalid|Race|Barrier|Program hit)|^=========     at .*(opsq|kernel)" "$OUT/sanitizer_$tool.log" | sort | uniq -c | sort -rn | head -6 | tee -a "$SUMMARY"
+    if [ "$tool" = initcheck ]; then
+      timeout 120 compute-sanitizer --tool initcheck --print-limit 4 $PY scripts/initcheck_probe.py \
+        >"$OUT/initcheck_probe.log" 2>&1
+      note "initcheck probe (torch._int_mm + clone, then opsq igemmlt + mm_dequant) rc=$?: $(grep -E 'ERROR SUMMARY' "$OUT/initcheck_probe.log" | tail -1)"
+      grep -E "^step|^values|Uninitialized|^=========     at " "$OUT/initcheck_probe.log" | cut -c1-160 | head -14 | tee -a "$SUMMARY"
+    fi
   done
 fi
 # at most 8 files come back: keep the results, pack the logs

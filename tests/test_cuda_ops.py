@@ -478,6 +478,40 @@ def test_double_quant_matches_reference(dtype, threshold):
             assert torch.equal(g.cpu(), w), f"{name} differs for shape {shape}"
 
 
+def big_int8_input(kind, rows, K, dtype, seed):
+    """Large inputs for the single-pass int8 quantizers' outlier bookkeeping: "dense" (N(0, 2):
+    outliers at t=6 in nearly every column), "sparse" (a few hot columns + scattered elements)."""
+    x = randn((rows, K), torch.float32, seed=seed) * (2.0 if kind == "dense" else 1.0)
+    if kind == "sparse":
+        g = gen(seed + 1)
+        cols = torch.randperm(K, generator=torch.Generator().manual_seed(seed))[:13].to(DEV)
+        x[:, cols] += 20.0
+        hot = torch.rand((rows, K), generator=g, device=DEV) < 1e-5
+        x = torch.where(hot, x + 9.0, x)
+    return x.to(dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,rows,K,dtype", [
+    ("dense", 8192, 8192, torch.float16), ("sparse", 8192, 8192, torch.float16),
+    ("sparse", 4096, 8192, torch.bfloat16), ("sparse", 6000, 2048, torch.float16),
+    ("dense", 3000, 1024, torch.bfloat16), ("sparse", 2048, 16384, torch.bfloat16)])
+def test_int8_quantizers_large_outliers(kind, rows, K, dtype):
+    """vectorwise_quant / double_quant at t=6 on large inputs equal the reference byte for byte,
+    and a second run gives the same bytes (the outlier-column bookkeeping across CTAs)."""
+    need("vectorwise_quant"); need("double_quant")
+    A = big_int8_input(kind, rows, K, dtype, seed=rows + K)
+    for op, names in (("vectorwise_quant", ("CA", "SCA", "outlier_cols")),
+                      ("double_quant", ("out_row", "out_col", "row_stats", "col_stats",
+                                        "outlier_cols"))):
+        got = getattr(OPS, op)(A, 6.0)
+        again = getattr(OPS, op)(A, 6.0)
+        want = getattr(ref, op)(A, 6.0)
+        for g, a, w, name in zip(got, again, want, names):
+            assert torch.equal(g, w), f"{op} {name} differs ({kind}, {rows}x{K})"
+            assert torch.equal(g, a), f"{op} {name} not reproducible ({kind}, {rows}x{K})"
+
+
 def test_int8_quant_empty():
     need("double_quant")
     for shape in [(0, 8), (0, 3, 5)]:

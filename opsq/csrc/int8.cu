@@ -3,10 +3,19 @@
 //   x = A.float() with outliers (|x| >= threshold, threshold > 0) set to 0,
 //   stats = max|x| per row (and per column), q = clamp(round_half_even(x * (127 / stats)), ±127)
 //   (scale 0 where stats is 0), columns holding an outlier zeroed in the row-wise output.
+//
+// Paths (rows of whole aligned 16-byte chunks, K % 8 == 0; anything else takes the two-read
+// kernels stats_kernel / quant_kernel / rowquant_kernel):
+//   vectorwise_quant: rowreg_kernel reads each row once into registers, writes its statistic and
+//     codes (with a threshold: plus outlier_fixup_kernel for the columns found late);
+//   double_quant: dq_stats_kernel (row and column maxima, A read once), then dq_quant_kernel
+//     (both outputs, A read again in reverse row order to reuse what L2 still holds).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
 
 #include "checks.h"
 #include "common.cuh"
@@ -216,6 +225,513 @@ quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
   }
 }
 
+// =============================================================================================
+// Bandwidth-oriented paths (rows of whole 16-byte chunks: K % 8 == 0, A 16-byte aligned).
+//
+// Fast code path. Where a scale s is finite and non-zero, every value it multiplies satisfies
+// |x| <= stats (stats is the max over exactly these x), so |RN(x * s)| <= 127 * (1 + 2^-22)^3
+// < 127.5: round-half-even then needs no clamp and no cvt (a quarter-rate conversion): the sum
+// RN(v + 1.5 * 2^23) is 1.5 * 2^23 + round_half_even(v), and the low byte of its bits is the
+// int8 code (the bits are 0x4b400000 + code). Bit-identical to quant_int8 in that case.
+// Where s is 0 (stats 0, inf or NaN) every code is 0; where s is inf (stats subnormal) the
+// generic quant_int8 runs.
+// =============================================================================================
+constexpr float kRoundAdd = 12582912.0f;  // 1.5 * 2^23
+
+// Bits of RN(RN(x * s) + 1.5 * 2^23): low byte = the int8 code of x (fast path).
+__device__ __forceinline__ uint32_t code_bits(float x, float s) {
+  return __float_as_uint(add_rn(mul_rn(x, s), kRoundAdd));
+}
+// Low bytes of four words -> one word (a in byte 0).
+__device__ __forceinline__ uint32_t pack_low_bytes(uint32_t a, uint32_t b, uint32_t c, uint32_t d) {
+  return __byte_perm(__byte_perm(a, b, 0x0040), __byte_perm(c, d, 0x0040), 0x5410);
+}
+__device__ __forceinline__ uint32_t pack_codes(int a, int b, int c, int d) {
+  return pack_low_bytes(static_cast<uint32_t>(a), static_cast<uint32_t>(b),
+                        static_cast<uint32_t>(c), static_cast<uint32_t>(d));
+}
+// 4 flag bits -> a word whose byte i is 0xff where bit i is set.
+__device__ __forceinline__ uint32_t byte_mask4(uint32_t b4) {
+  return ((b4 * 0x00204081u) & 0x01010101u) * 0xffu;
+}
+__device__ __forceinline__ bool fast_scale(float s) {
+  return !isinf(s) && __float_as_uint(s) != 0u;
+}
+// Strong (relaxed, gpu-scope) loads: they bypass L1 and take part in the fence.sc ordering of
+// the outlier protocol below.
+__device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+// Four words (16-byte aligned).
+__device__ __forceinline__ uint4 ld_relaxed_v4(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// The E = 16 / sizeof(T) elements of one 16-byte chunk as floats (the conversions of load_elems).
+template <typename T>
+__device__ __forceinline__ void unpack_chunk(const uint4& v, float* x) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  if constexpr (sizeof(T) == 4) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = __uint_as_float(w[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      x[2 * i] = half_lo<T>(w[i]);
+      x[2 * i + 1] = half_hi<T>(w[i]);
+    }
+  }
+}
+// Outliers (|x| >= thr, the comparison of stats_kernel / quant_kernel) set to 0.
+template <int N>
+__device__ __forceinline__ void zero_outliers(float* x, float thr) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (__uint_as_float(abs_bits(x[i])) >= thr) x[i] = 0.f;
+}
+// 16-bit data: |a| and |b| bitwise per half (max.u16x2); for non-negative 16-bit floats the
+// unsigned order of the bits is the value order, NaN above inf, as abs_bits for fp32.
+__device__ __forceinline__ uint32_t absmax16x2(uint32_t m, uint32_t w) {
+  return __vmaxu2(m, w & 0x7fff7fffu);
+}
+// The larger half of a u16x2 max as fp32 abs bits.
+template <typename T>
+__device__ __forceinline__ uint32_t absmax16_to_bits(uint32_t m2) {
+  return abs_bits(half_lo<T>(max(m2 & 0xffffu, m2 >> 16)));
+}
+
+// ---- vectorwise_quant, single pass: each row is read once from DRAM into registers ----------
+// A CTA of 8 warps works on tiles of RPT = 8 / GW rows; a group of GW warps (GT threads) owns
+// one row of the tile, and thread `tig` of the group holds the row's 16-byte chunks
+// tig, tig + GT, ..., tig + (NC - 1) * GT (coalesced: each step of k reads GT consecutive
+// chunks). The group reduces max|x| (warp shuffles, then shared memory when GW > 1), and every
+// thread quantizes its chunks from registers and writes their int8 codes (8 or 4 bytes).
+// Tiles are assigned statically (tile = blockIdx.x + i * gridDim.x).
+//
+// THR (threshold > 0): row statistics only need the row (outlier elements count as 0), but a
+// column holding an outlier anywhere must be 0 in every row of CA. Columns found so far are a
+// global bitset; each tile reads a snapshot of it and writes 0 in those columns, and
+// outlier_fixup_kernel later zeroes the rows that were written before a column was known:
+//   tile:   t = atomicAdd(wticket, 1); fence.sc; snapshot = bits (relaxed loads)
+//   setter: old = atomicOr(bits[c / 32], bit); if it set the bit first: fence.sc;
+//           done[c] = wticket (relaxed load)
+// By the fence.sc store-buffering rule, a tile whose ticket t >= done[c] (its atomicAdd came
+// after the setter read wticket) sees the bit in its snapshot. So only tiles with t < done[c]
+// can hold a non-zero code in column c; k2tile[t] records which tile took ticket t, and the
+// fix-up zeroes column c in those tiles: the tiles started before the column was first seen
+// (about one wave of CTAs when a column's outliers are frequent). With no outliers it only
+// writes the mask.
+struct OutlierScratch {
+  unsigned long long* wticket;  // snapshot tickets taken      } zeroed
+  unsigned long long* maxk;     // max of done[] (fix-up bound) }
+  uint32_t* bits;               // outlier columns             }
+  unsigned long long* done;     // per column (written by the column's first setter)
+  long long* k2tile;            // ticket -> tile
+};
+
+template <typename T, int GW, int NC, bool THR>
+__global__ void __launch_bounds__(kThreads, NC <= 4 ? 4 : 2)
+rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* __restrict__ CA,
+              float* __restrict__ stats, bool* __restrict__ mask_out, OutlierScratch sc) {
+  constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk
+  constexpr int GT = GW * 32;                           // threads per row
+  constexpr int RPT = 8 / GW;                           // rows per tile
+  constexpr int kVec = GT * NC * E / 128;               // 16-byte bitset words of the widest row
+  constexpr int kVecPerLane = (kVec + 31) / 32;
+  __shared__ uint32_t s_red[2][8];                      // per-warp maxima, double-buffered
+  __shared__ uint4 s_bits4[2][THR ? kVec : 1];          // outlier snapshot, double-buffered
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int grp = warp / GW;
+  const int tig = threadIdx.x % GT;
+  const int chunks = K / E;
+  const int64_t ntiles = (rows + RPT - 1) / RPT;
+
+  if (!THR && blockIdx.x == 0) {
+    for (int c = threadIdx.x; c < K; c += kThreads) mask_out[c] = false;
+  }
+  int it = 0;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x, ++it) {
+    const int buf = it & 1;
+    const int64_t r = tile * RPT + grp;
+    const bool rv = r < rows;
+    const uint4* a = reinterpret_cast<const uint4*>(A + (rv ? r : 0) * K);
+    uint4 v[NC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      const int j = tig + k * GT;
+      v[k] = (rv && j < chunks) ? __ldcs(a + j) : make_uint4(0u, 0u, 0u, 0u);
+    }
+    const uint32_t* s_bits = reinterpret_cast<const uint32_t*>(s_bits4[buf]);
+    if constexpr (THR) {
+      // Warp 0 takes the tile's ticket and, after the fence, the snapshot (16-byte loads, all
+      // in flight at once; published to the CTA by the __syncthreads below). Its fence also
+      // waits for its own row loads, which are in flight already.
+      if (warp == 0) {
+        if (lane == 0) sc.k2tile[atomicAdd(sc.wticket, 1ull)] = tile;
+        __syncwarp();
+        __threadfence();
+        const int nv = (K + 127) >> 7;
+        const uint4* g = reinterpret_cast<const uint4*>(sc.bits);
+        uint4 sb[kVecPerLane];
+#pragma unroll
+        for (int i = 0; i < kVecPerLane; ++i) {
+          const int q = lane + 32 * i;
+          sb[i] = q < nv ? ld_relaxed_v4(g + q) : make_uint4(0u, 0u, 0u, 0u);
+        }
+#pragma unroll
+        for (int i = 0; i < kVecPerLane; ++i) {
+          const int q = lane + 32 * i;
+          if (q < nv) s_bits4[buf][q] = sb[i];
+        }
+      }
+    }
+    // max |x| of the row (zero-filled chunks past the row add nothing).
+    uint32_t m = 0;
+    constexpr int kOmWords = (NC * E + 31) / 32;
+    uint32_t om[kOmWords];  // THR: this thread's outlier elements, bit k * E + e
+#pragma unroll
+    for (int i = 0; i < kOmWords; ++i) om[i] = 0u;
+    if constexpr (!THR && sizeof(T) == 2) {
+      uint32_t m2 = 0;
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        m2 = absmax16x2(m2, v[k].x);
+        m2 = absmax16x2(m2, v[k].y);
+        m2 = absmax16x2(m2, v[k].z);
+        m2 = absmax16x2(m2, v[k].w);
+      }
+      m = absmax16_to_bits<T>(m2);
+    } else {
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        float x[E];
+        unpack_chunk<T>(v[k], x);
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+          uint32_t b = abs_bits(x[e]);
+          if (THR && __uint_as_float(b) >= thr) {
+            b = 0u;
+            om[(k * E + e) >> 5] |= 1u << ((k * E + e) & 31);
+          }
+          m = max(m, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if constexpr (GW > 1 || THR) {
+      // One barrier per tile: s_red / s_bits are double-buffered, so the next tile's writes
+      // (after this tile's reads, which precede the next barrier) cannot race with them.
+      if (lane == 0) s_red[buf][warp] = m;
+      __syncthreads();
+      if constexpr (GW > 1) {
+#pragma unroll
+        for (int w = 0; w < GW; ++w) m = max(m, s_red[buf][grp * GW + w]);
+      }
+    }
+    if (rv) {
+      const float st = __uint_as_float(m);
+      if (tig == 0) stats[r] = st;
+      const float s = int8_scale(st);
+      const bool fast = fast_scale(s);
+      int8_t* o = CA + r * K;
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int j = tig + k * GT;
+        if (j < chunks) {
+          float x[E];
+          unpack_chunk<T>(v[k], x);
+          // (Outlier elements are quantized as they are; their codes are masked to 0 below.)
+          uint32_t w[E / 4];
+          if (fast) {
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q)
+              w[q] = pack_low_bytes(code_bits(x[4 * q], s), code_bits(x[4 * q + 1], s),
+                                    code_bits(x[4 * q + 2], s), code_bits(x[4 * q + 3], s));
+          } else {
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q)
+              w[q] = pack_codes(quant_int8(x[4 * q], s, st), quant_int8(x[4 * q + 1], s, st),
+                                quant_int8(x[4 * q + 2], s, st), quant_int8(x[4 * q + 3], s, st));
+          }
+          if constexpr (THR) {
+            // Code 0 for the chunk's outlier elements (as quantizing them as 0) and for the
+            // columns of the snapshot.
+            const uint32_t c0 = static_cast<uint32_t>(j) * E;
+            const uint32_t fb = (s_bits[c0 >> 5] >> (c0 & 31u)) |
+                                (om[(k * E) >> 5] >> ((k * E) & 31));
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q) w[q] &= ~byte_mask4((fb >> (4 * q)) & 0xfu);
+          }
+          if constexpr (E == 8) {
+            __stcs(reinterpret_cast<uint2*>(o + static_cast<int64_t>(j) * 8),
+                   make_uint2(w[0], w[1]));
+          } else {
+            __stcs(reinterpret_cast<unsigned int*>(o + static_cast<int64_t>(j) * 4), w[0]);
+          }
+        }
+      }
+      if constexpr (THR) {
+        // Record this row's outlier columns that the snapshot did not hold (rare per thread).
+#pragma unroll
+        for (int wi = 0; wi < kOmWords; ++wi) {
+          uint32_t left = om[wi];
+          while (left != 0u) {
+            const int i = wi * 32 + __ffs(left) - 1;
+            left &= left - 1u;
+            const int j = tig + (i / E) * GT;
+            if (j >= chunks) continue;
+            const int c = j * E + i % E;
+            const uint32_t bit = 1u << (c & 31);
+            if ((s_bits[c >> 5] & bit) != 0u) continue;
+            const uint32_t old = atomicOr(sc.bits + (c >> 5), bit);
+            if ((old & bit) == 0u) {  // first to see column c
+              __threadfence();
+              const unsigned long long n = ld_relaxed(sc.wticket);
+              sc.done[c] = n;
+              atomicMax(sc.maxk, n);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// ---- fix-up of rowreg_kernel<THR>: zero outlier columns in the tiles that were written before
+// the column was known, and write the bool mask. A thread owns 16 columns; blockIdx.y strides
+// over the snapshot tickets below maxk.
+__global__ void __launch_bounds__(kThreads)
+outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
+                     OutlierScratch sc, bool* __restrict__ mask_out) {
+  const int64_t c0 = (int64_t{blockIdx.x} * kThreads + threadIdx.x) * 16;
+  if (c0 >= K) return;
+  const uint32_t word = (sc.bits[c0 >> 5] >> (c0 & 31)) & 0xffffu;
+  const int nc = static_cast<int>(min(int64_t{16}, K - c0));
+  if (blockIdx.y == 0) {
+    for (int i = 0; i < nc; ++i) mask_out[c0 + i] = ((word >> i) & 1u) != 0u;
+  }
+  if (word == 0u) return;
+  unsigned long long d[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) d[i] = ((word >> i) & 1u) ? sc.done[c0 + i] : 0ull;
+  const unsigned long long kend = *sc.maxk;
+  const bool v16 = (K & 15) == 0;
+  for (unsigned long long k = blockIdx.y; k < kend; k += gridDim.y) {
+    uint32_t need = 0;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) need |= (k < d[i] ? 1u : 0u) << i;
+    if (need == 0u) continue;
+    const int64_t tile = sc.k2tile[k];
+    for (int rr = 0; rr < rpt; ++rr) {
+      const int64_t r = tile * rpt + rr;
+      if (r >= rows) break;
+      int8_t* p = CA + r * K + c0;
+      if (need == 0xffffu && v16) {
+        *reinterpret_cast<uint4*>(p) = make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        for (int i = 0; i < 16; ++i)
+          if ((need >> i) & 1u) p[i] = 0;
+      }
+    }
+  }
+}
+
+// ---- double_quant pass 1: row and column statistics (and the outlier mask), A read once. ---
+// A CTA owns a strip of 256 columns: lane l of every warp holds columns strip * 256 + 8 l ...
+// + 7 (one 16-byte chunk, two for fp32). Row blocks of 32 rows are taken in ascending order
+// (grid-stride over blockIdx.y), warp w holding rows 4 w .. 4 w + 3 of the block, all loads in
+// flight at once. Row maxima: warp shuffle, one atomicMax per row and strip. Column maxima stay
+// in registers for the CTA's whole life and are merged once (shared memory, one atomicMax per
+// column and CTA). Buffers are zeroed beforehand; the atomics act on the IEEE bits (NaN-
+// propagating max). The grid is one wave, so at the end L2 holds the last rows of A; pass 2
+// walks the rows in descending order to hit them.
+constexpr int kDqWarpRows = 4;
+constexpr int kDqBlockRows = 8 * kDqWarpRows;
+
+template <typename T, bool THR>
+__global__ void __launch_bounds__(kThreads)
+dq_stats_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
+                uint32_t* __restrict__ row_bits, uint32_t* __restrict__ col_bits,
+                uint8_t* __restrict__ mask_bytes) {
+  constexpr int CH = sizeof(T) == 4 ? 2 : 1;  // 16-byte chunks per lane and row
+  constexpr bool kPacked = !THR && sizeof(T) == 2;
+  __shared__ uint32_t s_col[8][kThreads];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t c = (int64_t{blockIdx.x} * 32 + lane) * 8;
+  const bool cv = c < K;
+  const int64_t nblk = (rows + kDqBlockRows - 1) / kDqBlockRows;
+  uint32_t cm[8];  // column |x| maxima (kPacked: cm[0..3] as u16x2 pairs)
+#pragma unroll
+  for (int j = 0; j < 8; ++j) cm[j] = 0u;
+  for (int64_t b = blockIdx.y; b < nblk; b += gridDim.y) {
+    const int64_t r0 = b * kDqBlockRows + warp * kDqWarpRows;
+    uint4 raw[kDqWarpRows][CH];
+#pragma unroll
+    for (int u = 0; u < kDqWarpRows; ++u) {
+      const bool ok = cv && r0 + u < rows;
+      const uint4* p = reinterpret_cast<const uint4*>(A + (ok ? (r0 + u) * K + c : 0));
+#pragma unroll
+      for (int h = 0; h < CH; ++h) raw[u][h] = ok ? __ldg(p + h) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kDqWarpRows; ++u) {
+      const int64_t r = r0 + u;
+      uint32_t m = 0;
+      if constexpr (kPacked) {
+        const uint32_t w[4] = {raw[u][0].x, raw[u][0].y, raw[u][0].z, raw[u][0].w};
+        uint32_t m2 = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          cm[q] = absmax16x2(cm[q], w[q]);
+          m2 = absmax16x2(m2, w[q]);
+        }
+        m = absmax16_to_bits<T>(m2);
+      } else {
+        float x[8];
+#pragma unroll
+        for (int h = 0; h < CH; ++h) unpack_chunk<T>(raw[u][h], x + h * (16 / sizeof(T)));
+        const bool ok = cv && r < rows;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          uint32_t a = abs_bits(x[j]);
+          if (THR && __uint_as_float(a) >= thr) {
+            a = 0u;
+            if (ok) mask_bytes[c + j] = 1;
+          }
+          m = max(m, a);
+          cm[j] = max(cm[j], a);
+        }
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (lane == 0 && m != 0u && r < rows) atomicMax(row_bits + r, m);
+    }
+  }
+  if constexpr (kPacked) {
+#pragma unroll
+    for (int q = 3; q >= 0; --q) {  // unpack in place, high pairs first
+      const uint32_t p = cm[q];
+      cm[2 * q] = abs_bits(half_lo<T>(p));
+      cm[2 * q + 1] = abs_bits(half_hi<T>(p));
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s_col[warp][lane * 8 + j] = cm[j];
+  __syncthreads();
+  uint32_t mm = s_col[0][threadIdx.x];
+#pragma unroll
+  for (int w = 1; w < 8; ++w) mm = max(mm, s_col[w][threadIdx.x]);
+  const int64_t col = int64_t{blockIdx.x} * kThreads + threadIdx.x;
+  if (col < K && mm != 0u) atomicMax(col_bits + col, mm);
+}
+
+// ---- double_quant pass 2: both int8 outputs, A read again (descending rows, see pass 1). ----
+// A thread owns 8 columns (one 16-byte chunk, two for fp32) for the whole kernel: their
+// statistics, scales, zero masks (column scale 0; outlier columns in the row-wise output) stay
+// in registers. It loads RB rows at once, then per row: row scale, both codes, two 8-byte
+// stores. blockIdx.y == 0 writes col_stats / outlier_cols, blockIdx.x == 0 row_stats.
+template <typename T>
+constexpr int dq_rows_per_block() { return sizeof(T) == 4 ? 2 : 4; }  // 64 bytes per thread
+
+template <typename T, bool THR>
+__global__ void __launch_bounds__(kThreads, 3)
+dq_quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
+                const uint32_t* __restrict__ row_bits, const uint32_t* __restrict__ col_bits,
+                const uint8_t* __restrict__ mask_bytes, int8_t* __restrict__ out_row,
+                int8_t* __restrict__ out_col, float* __restrict__ row_stats,
+                float* __restrict__ col_stats, bool* __restrict__ mask_out) {
+  constexpr int CH = sizeof(T) == 4 ? 2 : 1;
+  constexpr int RB = dq_rows_per_block<T>();
+  const int64_t c0 = (int64_t{blockIdx.x} * kThreads + threadIdx.x) * 8;
+  if (c0 >= K) return;  // no barrier in this kernel
+  float csc[8];  // column scales (the statistics themselves are re-read on the slow path)
+  uint32_t ckeep[2] = {~0u, ~0u}, rkeep[2] = {~0u, ~0u};
+  bool cfast = true;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float cst = __uint_as_float(col_bits[c0 + j]);
+    csc[j] = int8_scale(cst);
+    if (isinf(csc[j])) cfast = false;
+    if (__float_as_uint(csc[j]) == 0u) ckeep[j >> 2] &= ~(0xffu << (8 * (j & 3)));
+    const bool mk = THR && mask_bytes[c0 + j] != 0;
+    if (mk) rkeep[j >> 2] &= ~(0xffu << (8 * (j & 3)));
+    if (blockIdx.y == 0) {
+      col_stats[c0 + j] = cst;
+      mask_out[c0 + j] = mk;
+    }
+  }
+  const int64_t nblk = (rows + RB - 1) / RB;
+  for (int64_t i = blockIdx.y; i < nblk; i += gridDim.y) {
+    const int64_t b = nblk - 1 - i;
+    uint4 raw[RB][CH];
+    uint32_t rb[RB];
+#pragma unroll
+    for (int u = 0; u < RB; ++u) {
+      const int64_t r = b * RB + u;
+      const bool ok = r < rows;
+      const uint4* p = reinterpret_cast<const uint4*>(A + (ok ? r * K + c0 : 0));
+#pragma unroll
+      for (int h = 0; h < CH; ++h) raw[u][h] = ok ? __ldcs(p + h) : make_uint4(0u, 0u, 0u, 0u);
+      rb[u] = ok ? __ldg(row_bits + r) : 0u;
+    }
+#pragma unroll
+    for (int u = 0; u < RB; ++u) {
+      const int64_t r = b * RB + u;
+      if (r >= rows) break;
+      const float rst = __uint_as_float(rb[u]);
+      if (blockIdx.x == 0 && threadIdx.x == 0) row_stats[r] = rst;
+      const float rsc = int8_scale(rst);
+      float x[8];
+#pragma unroll
+      for (int h = 0; h < CH; ++h) unpack_chunk<T>(raw[u][h], x + h * (16 / sizeof(T)));
+      if constexpr (THR) zero_outliers<8>(x, thr);
+      uint32_t wr[2], wc[2];
+      if (fast_scale(rsc)) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          wr[q] = pack_low_bytes(code_bits(x[4 * q], rsc), code_bits(x[4 * q + 1], rsc),
+                                 code_bits(x[4 * q + 2], rsc), code_bits(x[4 * q + 3], rsc));
+      } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          wr[q] = pack_codes(quant_int8(x[4 * q], rsc, rst),
+                             quant_int8(x[4 * q + 1], rsc, rst),
+                             quant_int8(x[4 * q + 2], rsc, rst),
+                             quant_int8(x[4 * q + 3], rsc, rst));
+      }
+      if (cfast) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q)
+          wc[q] = pack_low_bytes(code_bits(x[4 * q], csc[4 * q]),
+                                 code_bits(x[4 * q + 1], csc[4 * q + 1]),
+                                 code_bits(x[4 * q + 2], csc[4 * q + 2]),
+                                 code_bits(x[4 * q + 3], csc[4 * q + 3])) & ckeep[q];
+      } else {  // a column with subnormal statistics: the generic rounding, every column
+        int qc[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          qc[j] = quant_int8(x[j], csc[j], __uint_as_float(col_bits[c0 + j]));
+        wc[0] = pack_codes(qc[0], qc[1], qc[2], qc[3]);
+        wc[1] = pack_codes(qc[4], qc[5], qc[6], qc[7]);
+      }
+      if constexpr (THR) {
+        wr[0] &= rkeep[0];
+        wr[1] &= rkeep[1];
+      }
+      __stcs(reinterpret_cast<uint2*>(out_row + r * K + c0), make_uint2(wr[0], wr[1]));
+      __stcs(reinterpret_cast<uint2*>(out_col + r * K + c0), make_uint2(wc[0], wc[1]));
+    }
+  }
+}
+
 // ---- mm_dequant: out = ((A * row) * col) * (1/127^2) (+ bias), each product rounded in fp32.
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads)
@@ -322,10 +838,148 @@ struct Int8Stats {
   at::Tensor CA, CA_col, row_stats, col_stats, mask;
 };
 
-// Shared body of vectorwise_quant / double_quant on a contiguous (rows, K) view.
+// CTAs of kernel Kern resident per SM (for one-wave grids); cached per instantiation. Only
+// speed depends on it.
+template <auto Kern>
+int ctas_per_sm() {
+  static const int n = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kern, kThreads, 0) != cudaSuccess ||
+        b < 1) {
+      (void)cudaGetLastError();
+      b = 1;
+    }
+    return b;
+  }();
+  return n;
+}
+
+// Rows per tile of rowreg_kernel for a row of K elements of T (K % 8 == 0), 0 where the row does
+// not fit the registers of a CTA (then the two-read kernels run).
 template <typename T>
-void int8_quant_impl(const at::Tensor& x, int64_t rows, int64_t K, double threshold, bool cols,
-                     Int8Stats& r) {
+int rowreg_rows_per_tile(int64_t K) {
+  const int64_t chunks = K / (16 / static_cast<int64_t>(sizeof(T)));
+  if (chunks <= 32 * 8) return 8;        // a warp per row, up to 8 chunks per lane
+  if (chunks <= kThreads * 8) return 1;  // a CTA per row, up to 8 chunks per thread
+  return 0;
+}
+
+template <typename T, int GW, int NC, bool THR>
+void launch_rowreg(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* stats,
+                   bool* mask, const OutlierScratch& sc, cudaStream_t stream) {
+  constexpr int RPT = 8 / GW;
+  const int64_t resident = int64_t{sm_count()} * ctas_per_sm<rowreg_kernel<T, GW, NC, THR>>();
+  const int grid = static_cast<int>(std::min(ceil_div(rows, RPT), resident));
+  rowreg_kernel<T, GW, NC, THR><<<grid, kThreads, 0, stream>>>(
+      a, rows, static_cast<int>(K), thr, ca, stats, mask, sc);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool THR>
+void dispatch_rowreg(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* stats,
+                     bool* mask, const OutlierScratch& sc, cudaStream_t stream) {
+  const int64_t chunks = K / (16 / static_cast<int64_t>(sizeof(T)));
+  if (chunks <= 32 * 8) {
+    launch_rowreg<T, 1, 8, THR>(a, rows, K, thr, ca, stats, mask, sc, stream);
+  } else if (chunks <= kThreads * 4) {
+    launch_rowreg<T, 8, 4, THR>(a, rows, K, thr, ca, stats, mask, sc, stream);
+  } else {
+    launch_rowreg<T, 8, 8, THR>(a, rows, K, thr, ca, stats, mask, sc, stream);
+  }
+}
+
+// vectorwise_quant on the register-resident path (rows >= 1, K >= 1, rpt != 0).
+template <typename T>
+void vectorwise_rowreg(const at::Tensor& x, const T* a, int64_t rows, int64_t K, double threshold,
+                       int rpt, Int8Stats& r, cudaStream_t stream) {
+  r.row_stats = at::empty({rows}, x.options().dtype(at::kFloat));
+  r.mask = at::empty({K}, x.options().dtype(at::kBool));
+  int8_t* ca = r.CA.data_ptr<int8_t>();
+  float* st = r.row_stats.data_ptr<float>();
+  bool* mk = r.mask.data_ptr<bool>();
+  if (threshold <= 0.0) {
+    dispatch_rowreg<T, false>(a, rows, K, 0.f, ca, st, mk, OutlierScratch{}, stream);
+    return;
+  }
+  // Scratch: [wticket, maxk | bits (ceil(K/32) words, padded to 16 bytes) | done (K) |
+  // k2tile (tiles)]; only the first two parts need zeros.
+  const int64_t ntiles = ceil_div(rows, rpt);
+  const int64_t bits_bytes = ceil_div(K, 32) * 4;
+  const int64_t zero_bytes = 16 + ceil_div(bits_bytes, 16) * 16;  // whole 16-byte words
+  at::Tensor scratch =
+      at::empty({zero_bytes + 8 * K + 8 * ntiles}, x.options().dtype(at::kByte));
+  auto* base = static_cast<unsigned char*>(scratch.data_ptr());
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, static_cast<size_t>(zero_bytes), stream));
+  OutlierScratch sc;
+  sc.wticket = reinterpret_cast<unsigned long long*>(base);
+  sc.maxk = reinterpret_cast<unsigned long long*>(base + 8);
+  sc.bits = reinterpret_cast<uint32_t*>(base + 16);
+  sc.done = reinterpret_cast<unsigned long long*>(base + zero_bytes);
+  sc.k2tile = reinterpret_cast<long long*>(base + zero_bytes + 8 * K);
+  dispatch_rowreg<T, true>(a, rows, K, static_cast<float>(threshold), ca, st, mk, sc, stream);
+  const int64_t gx = ceil_div(K, int64_t{kThreads} * 16);
+  const int64_t gy = std::max<int64_t>(
+      1, std::min<int64_t>({ntiles, int64_t{sm_count()} * 2 / gx, kMaxGridY}));
+  outlier_fixup_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kThreads, 0,
+                         stream>>>(ca, rows, K, rpt, sc, mk);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// double_quant on the vector path (rows >= 1, K >= 1): statistics pass, then both outputs.
+template <typename T>
+void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
+                        double threshold, Int8Stats& r, cudaStream_t stream) {
+  const bool thr = threshold > 0.0;
+  const float thr_f = static_cast<float>(threshold);
+  // Scratch: row maxima (rows), column maxima (K) as IEEE bits, outlier flags (K bytes).
+  at::Tensor scratch = at::zeros({rows + K + ceil_div(K, 4)}, x.options().dtype(at::kInt));
+  auto* rb = reinterpret_cast<uint32_t*>(scratch.data_ptr<int32_t>());
+  uint32_t* cb = rb + rows;
+  auto* mb = reinterpret_cast<uint8_t*>(cb + K);
+  r.row_stats = at::empty({rows}, x.options().dtype(at::kFloat));
+  r.col_stats = at::empty({K}, x.options().dtype(at::kFloat));
+  r.mask = at::empty({K}, x.options().dtype(at::kBool));
+  const int64_t sms = sm_count();
+  {
+    const int64_t strips = ceil_div(K, 256);
+    const int occ = thr ? ctas_per_sm<dq_stats_kernel<T, true>>()
+                        : ctas_per_sm<dq_stats_kernel<T, false>>();
+    const int64_t gy = std::max<int64_t>(
+        1, std::min<int64_t>({sms * occ / strips, ceil_div(rows, kDqBlockRows), kMaxGridY}));
+    const dim3 grid(static_cast<unsigned>(strips), static_cast<unsigned>(gy));
+    if (thr) dq_stats_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb);
+    else dq_stats_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  {
+    constexpr int RB = dq_rows_per_block<T>();
+    const int64_t gx = ceil_div(K, int64_t{kThreads} * 8);
+    const int occ = thr ? ctas_per_sm<dq_quant_kernel<T, true>>()
+                        : ctas_per_sm<dq_quant_kernel<T, false>>();
+    const int64_t gy = std::max<int64_t>(
+        1, std::min<int64_t>({sms * occ / gx, ceil_div(rows, RB), kMaxGridY}));
+    const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    int8_t* orow = r.CA.data_ptr<int8_t>();
+    int8_t* ocol = r.CA_col.data_ptr<int8_t>();
+    float* rs = r.row_stats.data_ptr<float>();
+    float* cs = r.col_stats.data_ptr<float>();
+    bool* mk = r.mask.data_ptr<bool>();
+    if (thr) {
+      dq_quant_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb, orow,
+                                                              ocol, rs, cs, mk);
+    } else {
+      dq_quant_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb, orow,
+                                                               ocol, rs, cs, mk);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+// Two-read body of vectorwise_quant / double_quant on a contiguous (rows, K) view: rows not of
+// whole aligned 16-byte chunks, rows too long for rowreg_kernel, and the empty cases.
+template <typename T>
+void int8_quant_legacy(const at::Tensor& x, int64_t rows, int64_t K, double threshold, bool cols,
+                       Int8Stats& r) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const T* a = cptr<T>(x);
   // Vector access: rows of whole 16-byte chunks (8 elements; fp32 loads two chunks).
@@ -394,6 +1048,26 @@ void int8_quant_impl(const at::Tensor& x, int64_t rows, int64_t K, double thresh
 #undef OPSQ_Q
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// Shared body of vectorwise_quant / double_quant on a contiguous (rows, K) view.
+template <typename T>
+void int8_quant_impl(const at::Tensor& x, int64_t rows, int64_t K, double threshold, bool cols,
+                     Int8Stats& r) {
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const T* a = cptr<T>(x);
+  if (rows > 0 && K > 0 && aligned16(a) && K % 8 == 0) {
+    if (cols) {
+      double_quant_2pass<T>(x, a, rows, K, threshold, r, stream);
+      return;
+    }
+    const int rpt = rowreg_rows_per_tile<T>(K);
+    if (rpt > 0) {
+      vectorwise_rowreg<T>(x, a, rows, K, threshold, rpt, r, stream);
+      return;
+    }
+  }
+  int8_quant_legacy<T>(x, rows, K, threshold, cols, r);
 }
 
 void check_vectorwise(const at::Tensor& A, double threshold) {
