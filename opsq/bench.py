@@ -169,11 +169,13 @@ def compare_row(family: str, op: str, shape: str, dtype: str, ms: float, baselin
 
 
 def build_qlora_step(quantized: bool, dev, x: torch.Tensor, layers: int = 4, dim: int = 4096,
-                     rank: int = 16) -> Callable[[], None]:
+                     rank: int = 16, mode: Optional[str] = None) -> Callable[[], None]:
     """One compiled QLoRA training step as a closure: ``layers`` blocks of (frozen base 4-bit
     NF4 ``Linear4bit`` with nested statistics, bf16 compute, or a frozen bf16 ``nn.Linear`` when
     ``quantized`` is False) + rank-``rank`` LoRA, then GELU; forward + backward of
-    ``mean(y.float()**2)`` on ``x`` (bf16, ``(..., dim)``) and AdamW on the adapters."""
+    ``mean(y.float()**2)`` on ``x`` (bf16, ``(..., dim)``) and AdamW on the adapters.
+    ``mode`` is ``torch.compile``'s (None: default; ``"reduce-overhead"``: the forward and
+    backward graphs replay as CUDA graphs, so host-side launch cost leaves the step)."""
     from opsq.lora import LoRALinear
     from opsq.nn import Linear4bit
 
@@ -189,9 +191,12 @@ def build_qlora_step(quantized: bool, dev, x: torch.Tensor, layers: int = 4, dim
     model = nn.Sequential(*blocks)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    compiled = torch.compile(model, fullgraph=True)  # forward and (AOT) backward
+    compiled = torch.compile(model, fullgraph=True, mode=mode)  # forward and (AOT) backward
+    graphs = mode == "reduce-overhead"
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         compiled(x).float().square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -206,12 +211,14 @@ def qlora_step_times(timer, dev, layers: int = 4, dim: int = 4096, rank: int = 1
     (issue 5's comparison). Input: ``batch`` x ``seq`` x ``dim`` bf16."""
     x = torch.randn(batch, seq, dim, device=dev, dtype=torch.bfloat16)
     out = {}
-    for name, quantized in (("bf16_base_ms", False), ("opsq_nf4_ms", True)):
-        step = build_qlora_step(quantized, dev, x, layers, dim, rank)
-        for _ in range(3):
-            step()
-        out[name] = timer(step)
-    out["ratio"] = out["opsq_nf4_ms"] / out["bf16_base_ms"]
+    for suffix, mode in (("", None), ("_cudagraphs", "reduce-overhead")):
+        for name, quantized in (("bf16_base_ms", False), ("opsq_nf4_ms", True)):
+            torch._dynamo.reset()
+            step = build_qlora_step(quantized, dev, x, layers, dim, rank, mode=mode)
+            for _ in range(3):
+                step()
+            out[name + suffix] = timer(step)
+        out["ratio" + suffix] = out["opsq_nf4_ms" + suffix] / out["bf16_base_ms" + suffix]
     return out
 
 
@@ -554,12 +561,15 @@ def run(quick: bool = False, with_bnb: bool = True,
 
     def bench_qlora():
         q = qlora_step_times(timer, dev)
-        rows.append(dict(family="qlora", op="qlora step (4x4096^2 nf4 + r16 LoRA)",
-                         shape="8x512", dtype="bf16", ms=q["opsq_nf4_ms"],
-                         bf16_ms=q["bf16_base_ms"], ratio_vs_bf16_base=q["ratio"],
-                         speedup_vs_bf16=1.0 / q["ratio"]))
-        print(f"  qlora step: opsq {q['opsq_nf4_ms']:.3f} ms, bf16 base {q['bf16_base_ms']:.3f} "
-              f"ms ({q['ratio']:.3f}x)", file=sys.stderr, flush=True)
+        for suffix, what in (("", "compiled"), ("_cudagraphs", "compiled, CUDA graphs")):
+            rows.append(dict(family="qlora", op=f"qlora step ({what})", shape="8x512x4096 4 layers",
+                             dtype="bf16", ms=q["opsq_nf4_ms" + suffix],
+                             bf16_ms=q["bf16_base_ms" + suffix],
+                             ratio_vs_bf16_base=q["ratio" + suffix],
+                             speedup_vs_bf16=1.0 / q["ratio" + suffix]))
+            print(f"  qlora step ({what}): opsq {q['opsq_nf4_ms' + suffix]:.3f} ms, bf16 base "
+                  f"{q['bf16_base_ms' + suffix]:.3f} ms ({q['ratio' + suffix]:.3f}x)",
+                  file=sys.stderr, flush=True)
 
     sections = {"gemv": bench_gemv, "4bit": bench_4bit, "int8": bench_int8,
                 "transform": bench_transform, "igemmlt": bench_igemmlt, "decode": bench_decode,

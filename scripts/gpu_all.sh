@@ -88,7 +88,7 @@ if has qlora_bench; then
 fi
 if has bench; then
   t0=$(date +%s)
-  timeout 300 $PY -m opsq.cli bench --no-bnb --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --no-bnb --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
 fi
 if has reliability; then
