@@ -572,6 +572,45 @@ def test_int8_linear_matches_reference(dtype, threshold, int8_weight):
         assert_matmul_close(got, want, dtype if dtype != torch.float32 else torch.float16)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_linear_threshold0_bit_exact(dtype):
+    """Threshold 0: one epilogue straight to A.dtype with the bias fused equals the reference's
+    fp32 mm_dequant + fp32 bias + one rounding, byte for byte (float and int8 weights)."""
+    need("int8_linear")
+    for i, (rows, K, N) in enumerate([(40, 256, 200), (17, 64, 33), (300, 1024, 4096)]):
+        A = randn((rows, K), dtype, seed=60 + i)
+        W = randn((N, K), dtype, seed=70 + i, scale=0.1)
+        CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+        for bias in (None, randn((N,), dtype, seed=1), randn((N,), torch.float32, seed=2)):
+            for B, scb in ((CB, SCB), (W, None)):
+                got = OPS.int8_linear(A, B, scb, bias, 0.0)
+                want = ref.int8_linear(A, B, scb, bias, 0.0)
+                assert torch.equal(got, want), (rows, K, N, bias is None, scb is None)
+
+
+@pytest.mark.parametrize("n_out", [0, 1, 5, 64, 65, 130])
+def test_int8_linear_outlier_column_counts(n_out):
+    """Threshold 6 with exactly n_out outlier columns: the fused outlier term (first 64 columns
+    gathered, the rest read in further chunks) matches the reference; one column is exact."""
+    need("int8_linear")
+    rows, K, N = 70, 1024, 300
+    A = randn((rows, K), torch.float16, seed=n_out) * 0.5
+    cols = torch.randperm(K, generator=torch.Generator().manual_seed(n_out))[:n_out].to(DEV)
+    A[:, cols] = (A[:, cols].float() + 9.0).half()
+    W = randn((N, K), torch.float16, seed=3, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    bias = randn((N,), torch.float16, seed=4)
+    _, _, mask = OPS.vectorwise_quant(A, 6.0)
+    assert int(mask.sum()) == n_out
+    out = torch.full((rows, N), float("nan"), dtype=torch.float16, device=DEV)
+    out.copy_(OPS.int8_linear(A, CB, SCB, bias, 6.0))
+    want = ref.int8_linear(A, CB, SCB, bias, 6.0)
+    if n_out <= 1:
+        assert torch.equal(out, want)
+    assert_matmul_close(out, want, torch.float16)
+    assert torch.equal(out, OPS.int8_linear(A, CB, SCB, bias, 6.0))  # deterministic
+
+
 # =============================================================================================
 # transform (legacy cuBLASLt tile orders)
 # =============================================================================================

@@ -165,22 +165,8 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 
-  // Whole 16-byte groups are loaded one trip ahead (raw words), so the next trip's loads are in
-  // flight while this trip reduces and encodes; partial groups load element by element.
-  const int64_t trip = int64_t{gridDim.x} * per_cta * S;
-  RawElems<T, EPT> raw[S];
-  auto fetch = [&](int64_t b0, RawElems<T, EPT> (&r)[S]) {
-#pragma unroll
-    for (int s = 0; s < S; ++s) {
-      const int64_t blk = b0 + s * per_cta + gb;
-      const int64_t e = (blk << bs_log2) + int64_t{gi} * EPT;
-      if (VEC && blk < nblocks && e + EPT <= n) load_raw<T, EPT>(A + e, r[s]);
-    }
-  };
-  fetch(int64_t{blockIdx.x} * per_cta * S, raw);
-  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks; b0 += trip) {
-    RawElems<T, EPT> nraw[S];
-    fetch(b0 + trip, nraw);
+  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks;
+       b0 += int64_t{gridDim.x} * per_cta * S) {
     float x[S][EPT];
     int64_t qb[S], e0[S];
     bool active[S];
@@ -190,15 +176,13 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       active[s] = qb[s] < nblocks;
       e0[s] = (qb[s] << bs_log2) + int64_t{gi} * EPT;
       if (VEC && active[s] && e0[s] + EPT <= n) {
-        unpack_raw<T, EPT>(raw[s], x[s]);
+        load_elems<T, EPT>(A + e0[s], x[s]);
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i)
           x[s][i] = (active[s] && e0[s] + i < n) ? Cvt<T>::to_float(A[e0[s] + i]) : 0.0f;
       }
     }
-#pragma unroll
-    for (int s = 0; s < S; ++s) raw[s] = nraw[s];
     uint32_t m[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
@@ -304,6 +288,13 @@ template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], cons
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+  uint4 r;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
+  return r;
+}
 
 // prmt.b32 in its generic mode: byte n of the result is byte c[4n+2:4n] of {b, a} (c[4n+3]
 // must be 0: it would replicate the sign bit instead).
@@ -313,7 +304,7 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
   return r;
 }
 
-constexpr int kGemvWarps = 4;
+constexpr int kGemvWarps = 8;
 constexpr int64_t kGemvStepK = 256;
 // Rows up to which linear_4bit / gemv_4bit use the fused kernel instead of dequantize + GEMM.
 constexpr int64_t kGemvMaxRows = 16;
@@ -388,40 +379,10 @@ __device__ __forceinline__ void word_frags(uint32_t w, const ProdTab& pt, const 
   }
 }
 
-// ---- the weight pipeline: cp.async stages --------------------------------------------------
-// Each warp streams its own steps through a ring of kGemvStages shared-memory stages with
-// cp.async (16-byte copies, L1 bypassed): kGemvStages - 1 steps are in flight while one is
-// dequantized, without holding them in registers. A lane copies and later reads back only its
-// own bytes, so the ring needs no barrier: cp.async.wait_group orders a thread's copies before
-// its own reads, and a slot is refilled only after its previous contents were consumed.
-constexpr int kGemvStages = 4;
-
-struct GemvStage {
-  uint4 codes[4][32];      // [row a half 0, row a half 1, row b half 0, row b half 1][lane]
-  uint32_t scale[4][32];   // fp32 absmax bits, or (nested) the aligned word holding the code
-};
-
-// 16 / 4 bytes global -> shared; when !pred nothing is read and the destination is zero-filled.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(gmem),
-               "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(gmem),
-               "r"(pred ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N));
-}
-
 // BS32: blocksize 32, so the two halves of a lane's 64 codes have their own absmax (else they
-// share one, and the product tables are built once a step). Nested statistics need the uint8
-// absmax codes 4-byte aligned (the launcher ensures it).
+// share one, and the product tables are built once a step).
 template <typename T, bool NESTED, int MODE, bool BS32>
-__global__ void __launch_bounds__(kGemvWarps * 32, 4)
+__global__ void __launch_bounds__(kGemvWarps * 32, 2)
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, CodeTab ct, const T* __restrict__ bias,
              T* __restrict__ out) {
@@ -430,7 +391,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   __shared__ float tab[16];
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[kGemvWarps][16][8];
-  __shared__ GemvStage ring[kGemvWarps][kGemvStages];
   if (threadIdx.x == 0) {  // constant indices: a parameter indexed at run time goes to the stack
 #pragma unroll
     for (int i = 0; i < 16; ++i) tab[i] = ct.v[i];
@@ -445,67 +405,38 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   const bool oka = ra < N, okb = rb < N;
   const bool has_x = g < M;
   const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
-  GemvStage* my = ring[warp];
 
-  // Step s: lane q owns k = s * 256 + 64 q + [0, 64), i.e. 32 bytes of rows g and g + 8 (the 4
-  // lanes of a row read one whole 128-byte line); half h (32 codes, one absmax: blocks hold
-  // >= 32 codes at multiples of 32) feeds 8 mma.
-  auto issue = [&](int64_t s, int slot) {
-    GemvStage& st = my[slot];
+  struct Wt {
+    uint4 a[2], b[2];
+    float sa[2], sb[2];
+  };
+  auto load_w = [&](int64_t s, Wt& w) {
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
-      const bool in = s < steps && kq < K;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const bool ok = in && (r == 0 ? oka : okb);
-        const int64_t e = ok ? (r == 0 ? ra : rb) * K + kq : 0;
-        const int64_t blk = e >> bs_log2;
-        cp_async16(&st.codes[2 * r + h][lane], W + (e >> 1), ok);
-        if constexpr (NESTED) {
-          cp_async4(&st.scale[2 * r + h][lane], am.qabsmax + (blk & ~int64_t{3}), ok);
-        } else {
-          cp_async4(&st.scale[2 * r + h][lane], am.absmax + blk, ok);
+      w.a[h] = make_uint4(0, 0, 0, 0); w.b[h] = make_uint4(0, 0, 0, 0);
+      w.sa[h] = 0.f; w.sb[h] = 0.f;
+      if (s < steps && kq < K) {
+        if (oka) {
+          const int64_t e = ra * K + kq;
+          w.a[h] = ld_stream16(W + (e >> 1));
+          w.sa[h] = ams.get(am, e >> bs_log2);
+        }
+        if (okb) {
+          const int64_t e = rb * K + kq;
+          w.b[h] = ld_stream16(W + (e >> 1));
+          w.sb[h] = ams.get(am, e >> bs_log2);
         }
       }
-    }
-    cp_async_commit();
-  };
-  auto scale_of = [&](uint32_t raw, int64_t row, int64_t kq, bool ok) -> float {
-    if constexpr (NESTED) {
-      if (!ok) return 0.f;
-      const int64_t blk = (row * K + kq) >> bs_log2;
-      const uint32_t code = (raw >> (8 * static_cast<int>(blk & 3))) & 0xffu;
-      return add_rn(mul_rn(ams.ncode[code], __ldg(am.nested_absmax + (blk >> am.nested_log2))),
-                    ams.offset);
-    } else {
-      return __uint_as_float(raw);  // 0 where zero-filled
     }
   };
 
   float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-#pragma unroll
-  for (int i = 0; i < kGemvStages - 1; ++i) issue(warp + int64_t{i} * kGemvWarps, i);
-  int slot = 0;
+  Wt cur;
+  load_w(warp, cur);
   for (int64_t s = warp; s < steps; s += kGemvWarps) {
-    issue(s + int64_t{kGemvStages - 1} * kGemvWarps,
-          slot == 0 ? kGemvStages - 1 : slot - 1);  // the slot consumed last iteration
-    cp_async_wait<kGemvStages - 1>();                  // step s has landed
-    const GemvStage& st = my[slot];
-    slot = slot == kGemvStages - 1 ? 0 : slot + 1;
-    struct {
-      uint4 a[2], b[2];
-      float sa[2], sb[2];
-    } cur;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
-      const bool in = kq < K;
-      cur.a[h] = st.codes[h][lane];
-      cur.b[h] = st.codes[2 + h][lane];
-      cur.sa[h] = scale_of(st.scale[h][lane], ra, kq, in && oka);
-      cur.sb[h] = scale_of(st.scale[2 + h][lane], rb, kq, in && okb);
-    }
+    Wt nxt;
+    load_w(s + kGemvWarps, nxt);  // in flight while this step computes
     ProdTab pa{}, pb{};
     if (!BS32) {
       if (kPrmtA) pa = make_prod<T>(ct, cur.sa[0]);
@@ -545,8 +476,8 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
         }
       }
     }
+    cur = nxt;
   }
-  cp_async_wait<0>();  // nothing left in flight at exit
 #pragma unroll
   for (int k = 0; k < 4; ++k) acc[0][k] += acc[1][k];
   red[warp][g][2 * q] = acc[0][0];
@@ -580,14 +511,6 @@ Absmax prepare_absmax(const at::Tensor& absmax, const std::optional<at::Tensor>&
   Absmax r;
   r.a = absmax.contiguous();
   if (absmax.scalar_type() == at::kByte) {
-    // the gemv kernel copies the uint8 codes in aligned 4-byte words: give it a 4-byte aligned
-    // buffer whose length is a multiple of 4 (a padded copy only when the given one is not)
-    const int64_t n = r.a.numel();
-    if (reinterpret_cast<uintptr_t>(r.a.data_ptr()) % 4 != 0 || n % 4 != 0) {
-      at::Tensor padded = at::zeros({(n + 3) / 4 * 4}, r.a.options());
-      padded.narrow(0, 0, n).copy_(r.a);
-      r.a = padded;
-    }
     r.nested = true;
     r.na = nested_absmax->contiguous();
     r.nc = nested_code->contiguous();
@@ -708,32 +631,20 @@ std::vector<int64_t> shape_vec(c10::SymIntArrayRef shape) {
 
 // A grid of at most the CTAs that fit on the device at once (the kernel strides over the rest),
 // so every CTA's loop overlaps its next loads with its current work.
-template <typename Kernel>
-int resident_grid(Kernel kernel, int threads, int64_t want) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  const int64_t cap = int64_t{sm_count()} * std::max(per_sm, 1);
-  return static_cast<int>(std::min(std::max<int64_t>(want, 1), cap));
-}
-
 template <typename T, bool NF4>
 void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, int64_t nbytes,
                    float* absmax, int64_t nblocks, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
-#define OPSQ_Q4(EPT, VEC)                                                                    \
-  {                                                                                          \
-    auto kernel = quant4_kernel<T, NF4, EPT, VEC>;                                           \
-    const int grid = resident_grid(kernel, kThreads,                                         \
-                                   ceil_div(nblocks, 2 * kThreads / (blocksize / EPT)));     \
-    kernel<<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);   \
-  }
   if (blocksize == 4096) {
-    if (vec) OPSQ_Q4(16, true) else OPSQ_Q4(16, false)
+    const int grid = grid_for(nblocks, 2);
+    if (vec) quant4_kernel<T, NF4, 16, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
+    else quant4_kernel<T, NF4, 16, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
   } else {
-    if (vec) OPSQ_Q4(8, true) else OPSQ_Q4(8, false)
+    const int grid = grid_for(nblocks, 2 * kThreads / (blocksize / 8));
+    if (vec) quant4_kernel<T, NF4, 8, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
+    else quant4_kernel<T, NF4, 8, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
   }
-#undef OPSQ_Q4
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
