@@ -107,7 +107,7 @@ if has sanitizer; then
     SAN_K="not beyond_int32 and not slow"
   else
     SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py"
-    SAN_K="(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or gemv_modes"
+    SAN_K="(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or gemv_modes or outlier_column_counts or threshold0_bit_exact"
   fi
   for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
     t0=$(date +%s)
