@@ -99,19 +99,20 @@ if has reliability; then
   grep -E "^(FAILED|ERROR)" "$OUT/reliability_cuda.log" | cut -c1-250 | head -8 | tee -a "$SUMMARY"
 fi
 if has sanitizer; then
-  # SANITIZER_SCOPE=subset: every op family once (blocksize 64 for the 4-bit/blockwise grids),
-  # plus graph capture; =full: the whole CUDA op, fixture and reliability suites (but the
-  # > 2^31-element tests, too slow under instrumentation).
-  if [ "${SANITIZER_SCOPE:-subset}" = "full" ]; then
-    SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py tests/test_cuda_reliability.py"
-    SAN_K="not beyond_int32 and not slow"
-  else
+  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+    # tools listed in SANITIZER_FULL run the whole CUDA op, fixture and reliability suites (but
+    # the > 2^31-element and slow tests); the others a subset: every op family once (blocksize
+    # 64 for the 4-bit/blockwise grids), graph capture, transform, gemv modes, int8_linear paths
+    SANITIZER_SCOPE=subset
     SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py"
     SAN_K="(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or gemv_modes or outlier_column_counts or threshold0_bit_exact"
-  fi
-  for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
+    if [[ " ${SANITIZER_FULL:-} " == *" $tool "* ]]; then
+      SANITIZER_SCOPE=full
+      SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py tests/test_cuda_reliability.py"
+      SAN_K="not beyond_int32 and not slow"
+    fi
     t0=$(date +%s)
-    timeout ${SANITIZER_TIMEOUT:-170} compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+    timeout $([ $SANITIZER_SCOPE = full ] && echo ${SANITIZER_FULL_TIMEOUT:-300} || echo ${SANITIZER_TIMEOUT:-170}) compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
       $PY -m pytest -q -p no:cacheprovider $SAN_TESTS -k "$SAN_K" \
       >"$OUT/sanitizer_$tool.log" 2>&1
     note "compute-sanitizer $tool ($SANITIZER_SCOPE) rc=$? ($(( $(date +%s) - t0 ))s): $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1) $(last "$OUT/sanitizer_$tool.log")"
