@@ -96,37 +96,17 @@ template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
-// EPT consecutive elements (a multiple of 16 bytes) as raw 16-byte words, so a loop can issue
-// the loads of its next trip before it converts this one's.
-template <typename T, int EPT> struct RawElems {
-  static_assert(EPT * sizeof(T) % 16 == 0, "whole 16-byte words");
-  uint4 w[EPT * sizeof(T) / 16];
-};
-
-template <typename T, int EPT>
-__device__ __forceinline__ void load_raw(const T* __restrict__ p, RawElems<T, EPT>& r) {
+// The 16 / sizeof(T) elements of one 16-byte word as floats.
+template <typename T>
+__device__ __forceinline__ void unpack16(const uint4& v, float* x) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
-  for (int i = 0; i < EPT * static_cast<int>(sizeof(T)) / 16; ++i)
-    r.w[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
-}
-
-template <typename T, int EPT>
-__device__ __forceinline__ void unpack_raw(const RawElems<T, EPT>& r, float (&x)[EPT]) {
-  if constexpr (sizeof(T) == 4) {
-#pragma unroll
-    for (int i = 0; i < EPT / 4; ++i) {
-      x[4 * i] = __uint_as_float(r.w[i].x); x[4 * i + 1] = __uint_as_float(r.w[i].y);
-      x[4 * i + 2] = __uint_as_float(r.w[i].z); x[4 * i + 3] = __uint_as_float(r.w[i].w);
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < EPT / 8; ++i) {
-      const uint32_t ws[4] = {r.w[i].x, r.w[i].y, r.w[i].z, r.w[i].w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        x[8 * i + 2 * k] = half_lo<T>(ws[k]);
-        x[8 * i + 2 * k + 1] = half_hi<T>(ws[k]);
-      }
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      x[i] = __uint_as_float(w[i]);
+    } else {
+      x[2 * i] = half_lo<T>(w[i]);
+      x[2 * i + 1] = half_hi<T>(w[i]);
     }
   }
 }
@@ -134,9 +114,11 @@ __device__ __forceinline__ void unpack_raw(const RawElems<T, EPT>& r, float (&x)
 // EPT consecutive elements of p (16-byte aligned) as floats, with 16-byte loads.
 template <typename T, int EPT>
 __device__ __forceinline__ void load_elems(const T* __restrict__ p, float (&x)[EPT]) {
-  RawElems<T, EPT> r;
-  load_raw<T, EPT>(p, r);
-  unpack_raw<T, EPT>(r, x);
+  constexpr int kPerWord = 16 / static_cast<int>(sizeof(T));
+  static_assert(EPT % kPerWord == 0, "whole 16-byte words");
+#pragma unroll
+  for (int i = 0; i < EPT / kPerWord; ++i)
+    unpack16<T>(__ldg(reinterpret_cast<const uint4*>(p) + i), x + i * kPerWord);
 }
 
 // ---- 4-bit code books (fp32 bits of opsq._constants) -------------------------------------

@@ -278,21 +278,6 @@ __device__ __forceinline__ uint4 ld_relaxed_v4(const uint4* p) {
   return v;
 }
 
-// The E = 16 / sizeof(T) elements of one 16-byte chunk as floats (the conversions of load_elems).
-template <typename T>
-__device__ __forceinline__ void unpack_chunk(const uint4& v, float* x) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  if constexpr (sizeof(T) == 4) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) x[i] = __uint_as_float(w[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[2 * i] = half_lo<T>(w[i]);
-      x[2 * i + 1] = half_hi<T>(w[i]);
-    }
-  }
-}
 // Outliers (|x| >= thr, the comparison of stats_kernel / quant_kernel) set to 0.
 template <int N>
 __device__ __forceinline__ void zero_outliers(float* x, float thr) {
@@ -416,7 +401,7 @@ rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* _
 #pragma unroll
       for (int k = 0; k < NC; ++k) {
         float x[E];
-        unpack_chunk<T>(v[k], x);
+        unpack16<T>(v[k], x);
 #pragma unroll
         for (int e = 0; e < E; ++e) {
           uint32_t b = abs_bits(x[e]);
@@ -451,7 +436,7 @@ rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* _
         const int j = tig + k * GT;
         if (j < chunks) {
           float x[E];
-          unpack_chunk<T>(v[k], x);
+          unpack16<T>(v[k], x);
           // (Outlier elements are quantized as they are; their codes are masked to 0 below.)
           uint32_t w[E / 4];
           if (fast) {
@@ -601,7 +586,7 @@ dq_stats_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
       } else {
         float x[8];
 #pragma unroll
-        for (int h = 0; h < CH; ++h) unpack_chunk<T>(raw[u][h], x + h * (16 / sizeof(T)));
+        for (int h = 0; h < CH; ++h) unpack16<T>(raw[u][h], x + h * (16 / sizeof(T)));
         const bool ok = cv && r < rows;
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
@@ -695,7 +680,7 @@ dq_quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
       const float rsc = int8_scale(rst);
       float x[8];
 #pragma unroll
-      for (int h = 0; h < CH; ++h) unpack_chunk<T>(raw[u][h], x + h * (16 / sizeof(T)));
+      for (int h = 0; h < CH; ++h) unpack16<T>(raw[u][h], x + h * (16 / sizeof(T)));
       if constexpr (THR) zero_outliers<8>(x, thr);
       uint32_t wr[2], wc[2];
       if (fast_scale(rsc)) {
@@ -736,13 +721,18 @@ dq_quant_kernel(const T* __restrict__ A, int64_t rows, int64_t K, float thr,
   }
 }
 
-// ---- mm_dequant: out = ((A * row) * col) * (1/127^2) (+ bias), each product rounded in fp32.
+// ---- mm_dequant: out = ((A * row) * col) * (1/127^2) (+ bias), each product rounded in fp32
+// (mm_dequant_value, shared with int8_linear's outlier epilogue).
+constexpr float kMmDequantScale = static_cast<float>(1.0 / (127.0 * 127.0));
+__device__ __forceinline__ float mm_dequant_value(int32_t c, float row, float col) {
+  return mul_rn(mul_rn(mul_rn(__int2float_rn(c), row), col), kMmDequantScale);
+}
+
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads)
 mm_dequant_kernel(const int32_t* __restrict__ A, int64_t rows, int64_t N,
                   const float* __restrict__ row_stats, const float* __restrict__ col_stats,
                   const float* __restrict__ bias, T* __restrict__ out) {
-  constexpr float kScale = static_cast<float>(1.0 / (127.0 * 127.0));
   const int64_t c0 = (int64_t{blockIdx.x} * kThreads + threadIdx.x) * W;
   if (c0 >= N) return;
   float cs[W], bs[W];
@@ -767,7 +757,7 @@ mm_dequant_kernel(const int32_t* __restrict__ A, int64_t rows, int64_t N,
       float y[W];
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        y[j] = mul_rn(mul_rn(mul_rn(__int2float_rn(a[j]), rs), cs[j]), kScale);
+        y[j] = mm_dequant_value(a[j], rs, cs[j]);
         if (bias != nullptr) y[j] = add_rn(y[j], bs[j]);
       }
       T* o = out + r * N + c0;
@@ -857,7 +847,6 @@ igemm_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, int64_t
 constexpr int kOutCap = 64;               // outlier columns held in Aout / Wout
 constexpr int kCompactThreads = 1024;
 constexpr int kCompactPer = 16;           // mask bytes per thread and step (one 16-byte load)
-constexpr float kMmDequantScale = static_cast<float>(1.0 / (127.0 * 127.0));
 // fl(1 / 127): the reference's `SCB / 127.0` on a CUDA tensor is SCB * fl(1 / 127) (torch
 // divides by a CPU scalar as a multiplication by its fp32 reciprocal), one rounding each.
 constexpr float kInv127 = 0x1.020408p-7f;
@@ -1094,7 +1083,7 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
         float y[kOeCols];
 #pragma unroll
         for (int j = 0; j < kOeCols; ++j) {
-          y[j] = mul_rn(mul_rn(mul_rn(__int2float_rn(c[j]), rs), cs[j]), kMmDequantScale);
+          y[j] = mm_dequant_value(c[j], rs, cs[j]);
           // A non-finite SCB makes the reference's whole outlier column NaN (see above).
           y[j] = add_rn(y[j], finite_bits(cs[j]) ? acc[r][j] : __int_as_float(0x7fffffff));
           if (bias != nullptr) y[j] = add_rn(y[j], bs[j]);

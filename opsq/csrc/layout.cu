@@ -230,6 +230,18 @@ __device__ __forceinline__ int chunk_row(int q) {
 // col_turing chunk q (0..127): first row i0 (rows i0, i0+2, i0+4, i0+6) and first column
 // (4 columns) inside the panel. Chunk q of the run is bytes 16q .. 16q+15 = 8-row group q>>4,
 // row parity (q>>3)&1, column quad q&7; its word k is row i0 + 2k.
+// The tile's part of a tiled buffer: in each of its panels (ld = 32 * rows_pad bytes apart),
+// one contiguous run from row r0, cut at the padded row count. Chunk g of the tile is chunk q of
+// panel p; it exists while the panel does and q < chunks.
+struct TiledRun {
+  int64_t ld;
+  int chunks;
+};
+__device__ __forceinline__ TiledRun tiled_run(int64_t rows_pad, int64_t r0) {
+  const int64_t run = rows_pad - r0;  // > 0: r0 < rows <= rows_pad
+  return {32 * rows_pad, 2 * static_cast<int>(run < kTileR ? run : kTileR)};
+}
+
 __device__ __forceinline__ int turing_row0(int q) { return (q >> 4) * 8 + ((q >> 3) & 1); }
 __device__ __forceinline__ int turing_col0(int q) { return (q & 7) * 4; }
 
@@ -259,9 +271,7 @@ __device__ __forceinline__ void load_tile(const int8_t* __restrict__ in, int8_t*
     }
     return;
   }
-  const int64_t ld = 32 * a.rows_pad_from;
-  const int64_t run = a.rows_pad_from - r0;  // > 0: r0 < rows <= rows_pad_from
-  const int run_chunks = 2 * static_cast<int>(run < kTileR ? run : kTileR);
+  const TiledRun tr = tiled_run(a.rows_pad_from, r0);
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int g = tid + k * kThreads;
@@ -269,8 +279,8 @@ __device__ __forceinline__ void load_tile(const int8_t* __restrict__ in, int8_t*
     const int q = g % kPanelChunks;
     const int64_t panel = ct * (kTileC / 32) + p;
     v[k] = make_uint4(0u, 0u, 0u, 0u);
-    if (panel < a.panels && q < run_chunks) {
-      v[k] = __ldg(reinterpret_cast<const uint4*>(in + panel * ld + r0 * 32 + q * 16));
+    if (panel < a.panels && q < tr.chunks) {
+      v[k] = __ldg(reinterpret_cast<const uint4*>(in + panel * tr.ld + r0 * 32 + q * 16));
     }
   }
 #pragma unroll
@@ -320,16 +330,14 @@ __device__ __forceinline__ void store_tile(int8_t* __restrict__ out, const int8_
     }
     return;
   }
-  const int64_t ld = 32 * a.rows_pad_to;
-  const int64_t run = a.rows_pad_to - r0;  // > 0: r0 < rows <= rows_pad_to
-  const int run_chunks = 2 * static_cast<int>(run < kTileR ? run : kTileR);
+  const TiledRun tr = tiled_run(a.rows_pad_to, r0);
 #pragma unroll
   for (int k = 0; k < kPerThread; ++k) {
     const int g = tid + k * kThreads;
     const int p = g / kPanelChunks;
     const int q = g % kPanelChunks;
     const int64_t panel = ct * (kTileC / 32) + p;
-    if (panel < a.panels && q < run_chunks) {
+    if (panel < a.panels && q < tr.chunks) {
       uint4 x;
       if (To == kTuring) {
         const int i0 = turing_row0(q);
@@ -343,7 +351,7 @@ __device__ __forceinline__ void store_tile(int8_t* __restrict__ out, const int8_
         const int c = p * 32 + (q & 1) * 16;
         x = *reinterpret_cast<const uint4*>(smem + smem_offset(i, c));
       }
-      *reinterpret_cast<uint4*>(out + panel * ld + r0 * 32 + q * 16) = x;
+      *reinterpret_cast<uint4*>(out + panel * tr.ld + r0 * 32 + q * 16) = x;
     }
   }
 }
