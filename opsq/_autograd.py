@@ -76,6 +76,17 @@ def _grads(name: str, **grads) -> tuple:
     return tuple(grads.get(n) for n in _names(name))
 
 
+#: ``{op name: (setup_context, backward)}`` of every op registered through :func:`_register`.
+_FORMULAS: dict = {}
+
+
+def _register(name: str, backward, setup_context) -> None:
+    """``torch.library.register_autograd`` for ``opsq::name``, remembering the formula so the
+    C++ Autograd kernels of the hot ops can reuse it (:func:`install_native_callbacks`)."""
+    _FORMULAS[name] = (setup_context, backward)
+    torch.library.register_autograd(f"opsq::{name}", backward, setup_context=setup_context)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
@@ -169,7 +180,7 @@ def _make_linear_4bit_autograd(name: str):
                                           shapeB, nabs, ncode, offset, nbs))
         return _grads(name, **grads)
 
-    torch.library.register_autograd(f"opsq::{name}", backward, setup_context=setup_context)
+    _register(name, backward, setup_context)
 
 
 _make_linear_4bit_autograd("linear_4bit")
@@ -195,7 +206,7 @@ def _dq4_backward(ctx, grad):
                                      nabs, ncode, offset, nbs))
 
 
-torch.library.register_autograd("opsq::dequantize_4bit", _dq4_backward, setup_context=_dq4_setup)
+_register("dequantize_4bit", _dq4_backward, _dq4_setup)
 
 
 # ---- dequantize_blockwise ----------------------------------------------------------------------
@@ -223,8 +234,7 @@ def _dqb_backward(ctx, grad):
     return _grads("dequantize_blockwise", **grads)
 
 
-torch.library.register_autograd("opsq::dequantize_blockwise", _dqb_backward,
-                                setup_context=_dqb_setup)
+_register("dequantize_blockwise", _dqb_backward, _dqb_setup)
 
 
 # ---- int8_linear -------------------------------------------------------------------------------
@@ -274,7 +284,7 @@ def _i8l_backward(ctx, grad):
     return _grads("int8_linear", **grads)
 
 
-torch.library.register_autograd("opsq::int8_linear", _i8l_backward, setup_context=_i8l_setup)
+_register("int8_linear", _i8l_backward, _i8l_setup)
 
 
 # ---- mm_dequant --------------------------------------------------------------------------------
@@ -304,7 +314,7 @@ def _mmd_backward(ctx, grad):
     return _grads("mm_dequant", **grads)
 
 
-torch.library.register_autograd("opsq::mm_dequant", _mmd_backward, setup_context=_mmd_setup)
+_register("mm_dequant", _mmd_backward, _mmd_setup)
 
 
 # ---- non-differentiable ops --------------------------------------------------------------------
@@ -316,7 +326,7 @@ def _register_non_differentiable(name: str):
     def backward(ctx, *grads):
         return _grads(name)
 
-    torch.library.register_autograd(f"opsq::{name}", backward, setup_context=setup_context)
+    _register(name, backward, setup_context)
 
 
 NON_DIFFERENTIABLE = ("quantize_4bit", "quantize_blockwise", "vectorwise_quant", "double_quant",
@@ -324,3 +334,33 @@ NON_DIFFERENTIABLE = ("quantize_4bit", "quantize_blockwise", "vectorwise_quant",
 
 for _name in NON_DIFFERENTIABLE:
     _register_non_differentiable(_name)
+
+
+# ---- the C++ Autograd kernels' gradient path ---------------------------------------------------
+#: Ops whose CUDA autograd kernel is C++ (``opsq/csrc/autograd.cpp``): it redispatches below
+#: autograd without entering Python when no gradient is needed, and otherwise calls the
+#: ``torch.autograd.Function`` built here from the same formula as the registration above.
+NATIVE_AUTOGRAD_OPS = ("linear_4bit", "gemv_4bit", "int8_linear")
+
+
+def autograd_function(name: str) -> type:
+    """A ``torch.autograd.Function`` computing ``opsq::name`` with the gradient registered above
+    (same ``setup_context`` and ``backward``). Its ``apply`` takes every argument positionally,
+    in schema order."""
+    setup, backward = _FORMULAS[name]
+    op = getattr(ops, name).default
+
+    def forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    return type(f"{name}_function", (torch.autograd.Function,), dict(
+        forward=staticmethod(forward),
+        setup_context=staticmethod(setup),
+        backward=staticmethod(backward)))
+
+
+def install_native_callbacks(ext) -> None:
+    """Give the C++ Autograd kernels of :data:`NATIVE_AUTOGRAD_OPS` their gradient path."""
+    for name in NATIVE_AUTOGRAD_OPS:
+        ext.set_autograd_callback(name, autograd_function(name).apply)

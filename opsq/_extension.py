@@ -26,6 +26,9 @@ def load_extension():
         _EXT = importlib.import_module("opsq._C")
     except ImportError as e:  # not built (CPU-only install) or ABI mismatch
         _EXT_ERROR = str(e)
+        return None
+    from ._autograd import install_native_callbacks
+    install_native_callbacks(_EXT)
     return _EXT
 
 

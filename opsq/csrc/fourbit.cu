@@ -254,8 +254,8 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
 // logical k by q. Requires K % 32 == 0 and 16-byte aligned A rows and packed codes.
 //
 // Dequantizing a code is the kernel's cost (the mma is nearly free at M <= 8). Three ways,
-// chosen per row of the lane's pair (template MODE; OPSQ_GEMV_IMPL=0/1/2 picks one at run
-// time for comparison):
+// chosen per row of the lane's pair (template MODE; kGemvDefaultMode is the one built and
+// launched, the others are kept for comparison in benchmarks/NOTES.md):
 //  * smem: value = round(code_table[c] * absmax): a shared-memory load, a multiply and half a
 //    convert per code. Bound by the shared-memory pipe (ncu: L1 pipe 73 %, DRAM 35 %).
 //  * prmt: per absmax, the lane computes the 16 products round(code_table[c] * absmax) once
@@ -661,34 +661,18 @@ void launch_gemv4_mode(const T* A, int M, int64_t K, const uint8_t* W, int64_t N
         A, M, K, W, N, am.args, bs_log2, ct, bias, out);
 }
 
-// The dequantization mode of the fused kernel: OPSQ_GEMV_IMPL = 0 (smem), 1 (prmt) or
-// 2 (hybrid) when set, else the default (the fastest measured on the H200, benchmarks/NOTES.md).
-int gemv_mode() {
-  const char* impl = std::getenv("OPSQ_GEMV_IMPL");
-  if (impl != nullptr && impl[0] >= '0' && impl[0] <= '2' && impl[1] == '\0') return impl[0] - '0';
-  return kGemvDefaultMode;
-}
-
 template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
                   int bs_log2, bool nf4, const T* bias, T* out, cudaStream_t stream) {
   CodeTab ct;
   const float* src = nf4 ? kNF4Host : kFP4Host;
   for (int i = 0; i < 16; ++i) ct.v[i] = src[i];
-#define OPSQ_GEMV(NESTED, MODE) \
-  launch_gemv4_mode<T, NESTED, MODE>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream)
-  switch (gemv_mode()) {
-    case kGemvSmem:
-      if (am.nested) OPSQ_GEMV(true, kGemvSmem); else OPSQ_GEMV(false, kGemvSmem);
-      break;
-    case kGemvPrmt:
-      if (am.nested) OPSQ_GEMV(true, kGemvPrmt); else OPSQ_GEMV(false, kGemvPrmt);
-      break;
-    default:
-      if (am.nested) OPSQ_GEMV(true, kGemvHybrid); else OPSQ_GEMV(false, kGemvHybrid);
-      break;
-  }
-#undef OPSQ_GEMV
+  // One production mode (no runtime switch: a kernel must not depend on the environment at
+  // CUDA-graph capture); the other modes' measurements are in benchmarks/NOTES.md.
+  if (am.nested)
+    launch_gemv4_mode<T, true, kGemvDefaultMode>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream);
+  else
+    launch_gemv4_mode<T, false, kGemvDefaultMode>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,8 +1,10 @@
 // Registration of opsq's CUDA kernels. The schemas are defined once, in Python
 // (opsq/_schemas.py, imported before this extension); here we only add CUDA implementations.
-#include <Python.h>
+#include <torch/extension.h>
 
 #include <torch/library.h>
+
+#include <string>
 
 #include "ops.h"
 
@@ -21,9 +23,17 @@ TORCH_LIBRARY_IMPL(opsq, CUDA, m) {
   m.impl("transform", &opsq::transform_cuda);
 }
 
-// `import opsq._C` loads the shared library, which runs the registration above.
-static struct PyModuleDef opsq_c_module = {
-    PyModuleDef_HEAD_INIT, "_C",
-    "opsq CUDA kernels (registered with TORCH_LIBRARY_IMPL(opsq, CUDA, ...))", -1, nullptr};
+namespace opsq {
+// autograd.cpp: the Python half of the C++ Autograd kernels (the gradient path).
+void set_autograd_callback(const std::string& name, pybind11::object fn);
+bool has_autograd_callback(const std::string& name);
+}  // namespace opsq
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&opsq_c_module); }
+// `import opsq._C` loads the shared library, which runs the registrations above.
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "opsq CUDA kernels (registered with TORCH_LIBRARY_IMPL(opsq, CUDA, ...)) and the "
+            "C++ Autograd kernels of the layer ops (TORCH_LIBRARY_IMPL(opsq, AutogradCUDA, ...))";
+  m.def("set_autograd_callback", &opsq::set_autograd_callback,
+        "Register the Python callable that computes op `name` when a gradient is needed");
+  m.def("has_autograd_callback", &opsq::has_autograd_callback);
+}

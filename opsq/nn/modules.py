@@ -118,7 +118,7 @@ def _bits(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _value(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """Inverse of :func:`_bits`: int32 bit patterns read back as fp32 (a view)."""
-    return t.view(torch.float32) if t is not None and t.dtype == torch.int32 else t
+    return t if t is None or t.dtype is not torch.int32 else t.view(torch.float32)
 
 
 def _set_tensor(module: nn.Module, name: str, t: Optional[torch.Tensor], as_param: bool) -> None:
@@ -543,25 +543,28 @@ class Linear4bit(nn.Linear):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.is_quantized:
+        # The hot path of every decode step: one op call and attribute reads, nothing else
+        # (the checks below are attribute comparisons; the op validates the rest).
+        absmax = self.weight_absmax
+        if absmax is None:
             raise RuntimeError(
                 "Linear4bit: the weight is not quantized yet; move the layer to a device "
                 "(.to(device), .cuda(), .to('cpu')), use Linear4bit.from_float, or load a "
                 "quantized state dict first")
-        inp_dtype = x.dtype
-        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
-        if self.weight.dtype != self.quant_storage:
+        weight = self.weight
+        if weight.dtype != self.quant_storage:
             raise RuntimeError(
-                f"Linear4bit: the packed weight arrived as {self.weight.dtype}, not its "
+                f"Linear4bit: the packed weight arrived as {weight.dtype}, not its "
                 f"quant_storage {self.quant_storage}: something cast it (e.g. an FSDP2 "
                 "MixedPrecisionPolicy param_dtype different from a floating quant_storage); use "
                 "quant_storage=torch.uint8 with FSDP2 mixed precision")
+        cdt = self.compute_dtype
+        xc = x if cdt is None or x.dtype == cdt else x.to(cdt)
         out = torch.ops.opsq.linear_4bit(
-            x, self.weight, list(self.weight_shape), _value(self.weight_absmax), self.blocksize,
-            self.quant_type, self.bias, _value(self.weight_nested_absmax),
-            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
-        return out if out.dtype == inp_dtype else out.to(inp_dtype)
+            xc, weight, self.weight_shape, _value(absmax), self.blocksize, self.quant_type,
+            self.bias, _value(self.weight_nested_absmax), self.weight_nested_quant_map,
+            self.weight_offset, self.nested_blocksize)
+        return out if xc is x else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -815,11 +818,10 @@ class Linear8bitLt(nn.Linear):
                                       unexpected_keys, error_msgs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_quantized:
-            return torch.ops.opsq.int8_linear(x, self.weight, self.SCB, self.bias,
-                                              self.threshold)
-        # Float weight (has_fp16_weights=True, or not yet moved): quantized per call.
-        return torch.ops.opsq.int8_linear(x, self.weight, None, self.bias, self.threshold)
+        # One op call. SCB None: a float weight (has_fp16_weights=True, or not yet moved),
+        # quantized per call.
+        return torch.ops.opsq.int8_linear(x, self.weight, _value(self.weight_scb), self.bias,
+                                          self.threshold)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
