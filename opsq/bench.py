@@ -18,6 +18,9 @@ Families (``--only``, comma-separated; default all):
 * ``prefill``: Linear4bit and Linear8bitLt at 2048 tokens x 8192 -> 28672 against 16-bit
   ``F.linear``, and the LLM.int8 outlier path against threshold 0.
 * ``qlora``: one compiled QLoRA training step against a bf16 base.
+* ``llm``: the real workload, a Llama-3-8B-shaped transformers model at batch 1 in bf16, opsq
+  NF4 / NF4 nested / FP4 / int8 (t=6, t=0) and bitsandbytes NF4 / int8 (``opsq.bench_llm``;
+  ``--llm-layers``, ``--llm-variants``; needs transformers, the ``[bench]`` extra).
 
 The table (:func:`format_table`) and the figure (:func:`plot_results`) only read the results
 dict, so ``opsq bench --from-json bench.json [--plot bench.png]`` works without a GPU.
@@ -43,7 +46,7 @@ MATRIX_SHAPES = [(8192, 8192), (28672, 8192)]
 IGEMMLT_M = [64, 256, 2048, 8192]
 
 #: Benchmark families, in the order they run and print.
-FAMILIES = ("gemv", "4bit", "int8", "transform", "igemmlt", "decode", "prefill", "qlora")
+FAMILIES = ("gemv", "4bit", "int8", "transform", "igemmlt", "decode", "prefill", "qlora", "llm")
 #: One-line description printed in each family's table header.
 FAMILY_TITLES = {
     "gemv": "gemv_4bit, x 1xK @ NF4 W(NxK)^T, blocksize 64 (vs bf16 = torch F.linear on the "
@@ -56,6 +59,8 @@ FAMILY_TITLES = {
               "torch.compile(mode='reduce-overhead', fullgraph=True)",
     "prefill": "2048 tokens, 8192 -> 28672, eager layer call vs 16-bit F.linear",
     "qlora": "compiled QLoRA training step (forward, backward, AdamW on the adapters)",
+    "llm": "Llama-3-8B-shaped transformers model (random weights), batch 1, bf16 compute: "
+           "generate (compiled static cache / eager / opsq decoder), decode step, prefill",
 }
 _FAMILY_ALIASES = {"gemv_4bit": "gemv"}  # row family names written by older versions
 
@@ -364,7 +369,8 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
 
 def run(quick: bool = False, with_bnb: bool = True,
         only: Union[str, Iterable[str], None] = None,
-        on_progress: Optional[Callable[[dict], None]] = None) -> dict:
+        on_progress: Optional[Callable[[dict], None]] = None, llm_layers: int = 32,
+        llm_variants: Optional[Iterable[str]] = None, llm_new_tokens: int = 128) -> dict:
     """Run the benchmarks; returns the results dict (see ``--json`` and :func:`_result`).
 
     Args:
@@ -373,6 +379,9 @@ def run(quick: bool = False, with_bnb: bool = True,
         only: families to run (see :func:`parse_only`); None runs all.
         on_progress: called with the partial results dict after each family (``--json``
             writes it, so a run killed by a timeout still leaves the finished families).
+        llm_layers, llm_variants, llm_new_tokens: the ``llm`` family's decoder layers (32:
+            Llama-3-8B), variants (default all of ``opsq.bench_llm.LLM_VARIANTS``) and new
+            tokens per timed ``generate``.
     Returns:
         ``_result`` dict; a family that raised leaves a row with ``error`` and the run goes on.
     Raises:
@@ -571,9 +580,23 @@ def run(quick: bool = False, with_bnb: bool = True,
                   f"{q['bf16_base_ms' + suffix]:.3f} ms ({q['ratio' + suffix]:.3f}x)",
                   file=sys.stderr, flush=True)
 
+    def bench_llm():
+        from . import bench_llm as L
+        variants = [v for v in (llm_variants or L.LLM_VARIANTS)
+                    if bF is not None or not v.startswith("bnb_")]
+        n0 = len(rows)
+
+        def update(results):
+            del rows[n0:]
+            rows.extend(L.llm_rows(results, llm_layers))
+            if on_progress is not None:
+                on_progress(_result(rows, copy_bw, meta))
+        L.run_llm(timer, dev, layers=llm_layers, variants=variants, new_tokens=llm_new_tokens,
+                  log=lambda m: print(m, file=sys.stderr, flush=True), on_variant=update)
+
     sections = {"gemv": bench_gemv, "4bit": bench_4bit, "int8": bench_int8,
                 "transform": bench_transform, "igemmlt": bench_igemmlt, "decode": bench_decode,
-                "prefill": bench_prefill, "qlora": bench_qlora}
+                "prefill": bench_prefill, "qlora": bench_qlora, "llm": bench_llm}
     for fam in families:
         t0 = time.time()
         print(f"[{fam}]", file=sys.stderr, flush=True)
@@ -662,6 +685,10 @@ def format_table(res: dict) -> str:
     for fam, rows in _grouped(res):
         title = FAMILY_TITLES.get(fam)
         lines += ["", f"== {fam}: {title} ==" if title else f"== {fam} =="]
+        if fam == "llm":
+            from .bench_llm import format_llm
+            lines += format_llm(rows)
+            continue
         errors = [r for r in rows if "error" in r]
         rows = [r for r in rows if "error" not in r]
         if fam in ("decode", "prefill") or (rows and "target_metric" in rows[0]):
@@ -724,6 +751,8 @@ def _speedup_rows(res: dict) -> list:
             if "error" in r:
                 continue
             label = f"{r['op']} {r.get('shape', '')} {r.get('dtype', '')}".strip()
+            if "variant" in r:
+                label = f"{r['op']} {r['variant']}"
             target = None
             if "target_metric" in r:
                 base = r["speedup"]
@@ -865,6 +894,13 @@ def main(argv: Optional[list] = None) -> int:
                    help=f"comma-separated families to run: {','.join(FAMILIES)} (default all)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="also draw efficiency and speed-ups to this PNG (needs matplotlib)")
+    p.add_argument("--llm-layers", type=int, default=32, metavar="N",
+                   help="decoder layers of the llm family's Llama-3-8B-shaped model (default 32)")
+    p.add_argument("--llm-variants", default=None, metavar="V1,V2",
+                   help="llm variants (default all): bf16,nf4,nf4_nested,fp4,int8_t6,int8_t0,"
+                        "bnb_nf4,bnb_int8")
+    p.add_argument("--llm-new-tokens", type=int, default=128, metavar="N",
+                   help="new tokens per timed generate in the llm family (default 128)")
     p.add_argument("--from-json", metavar="FILE",
                    help="do not run: print the table (and --plot) from a saved --json file")
     args = p.parse_args(argv)
@@ -878,7 +914,9 @@ def main(argv: Optional[list] = None) -> int:
                   "--from-json FILE prints a saved run)", file=sys.stderr)
             return 2
         res = run(quick=args.quick, with_bnb=not args.no_bnb, only=args.only,
-                  on_progress=(lambda r: _write_json(r, args.json)) if args.json else None)
+                  on_progress=(lambda r: _write_json(r, args.json)) if args.json else None,
+                  llm_layers=args.llm_layers, llm_new_tokens=args.llm_new_tokens,
+                  llm_variants=args.llm_variants.split(",") if args.llm_variants else None)
         if args.json:
             _write_json(res, args.json)
         if any("error" in r for r in res["rows"]):

@@ -13,6 +13,8 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OPSQ_FIXTURES=${OPSQ_FIXTURES:-$PWD/.fixtures}
+# bitsandbytes 0.50.2 for the side-by-side columns: a copy of ../shared/peers carried as .peers
+[ -d .peers/bitsandbytes ] && export PYTHONPATH="$PYTHONPATH:$PWD/.peers"
 PHASES=${PHASES:-build,cuda_ops,tests,fsdp,demo,bench}
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
@@ -88,8 +90,24 @@ if has qlora_bench; then
 fi
 if has bench; then
   t0=$(date +%s)
-  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --no-bnb --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench ${BENCH_ONLY:+--only $BENCH_ONLY} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
+fi
+if has llm_prof; then
+  t0=$(date +%s)
+  timeout ${LLM_PROF_TIMEOUT:-300} $PY scripts/profile_llm.py --layers ${LLM_PROF_LAYERS:-8} \
+    --tokens 32 --variants ${LLM_PROF_VARIANTS:-bf16,nf4} >"$OUT/llm_profile.log" 2>&1
+  note "LLM host profile rc=$? ($(( $(date +%s) - t0 ))s)"
+  grep -vE "Warning|warn|^\s*$" "$OUT/llm_profile.log" | cut -c1-120 | head -${LLM_PROF_LINES:-140} >>"$SUMMARY"
+fi
+if has llm; then
+  t0=$(date +%s)
+  timeout ${LLM_TIMEOUT:-560} $PY -m opsq.cli bench --only llm --llm-layers ${LLM_LAYERS:-32} \
+    ${LLM_VARIANTS:+--llm-variants $LLM_VARIANTS} --json "$OUT/bench_llm.json" \
+    --plot "$OUT/bench_llm.png" >"$OUT/bench_llm_table.log" 2>"$OUT/bench_llm_progress.log"
+  note "opsq bench --only llm rc=$? ($(( $(date +%s) - t0 ))s)"
+  grep -E "ERROR|Error|\[llm\]" "$OUT/bench_llm_progress.log" | cut -c1-200 | head -30 >>"$SUMMARY"
+  cat "$OUT/bench_llm_table.log" >>"$SUMMARY"
 fi
 if has reliability; then
   timeout 200 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_reliability.py \

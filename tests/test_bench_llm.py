@@ -1,0 +1,85 @@
+"""CPU tests of the llm benchmark family's pieces (the timed runs need a GPU: `opsq bench
+--only llm`): the model builder swaps every linear but lm_head for the variant's layer and keeps
+the function, the rows compare against bf16 and bitsandbytes, the table prints."""
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("transformers")
+
+from opsq import bench  # noqa: E402
+from opsq import bench_llm as L  # noqa: E402
+from opsq.nn import Linear4bit, Linear8bitLt  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=96, max_position_embeddings=128)
+
+
+@pytest.mark.parametrize("variant,cls", [("nf4", Linear4bit), ("nf4_nested", Linear4bit),
+                                         ("fp4", Linear4bit), ("int8_t6", Linear8bitLt),
+                                         ("int8_t0", Linear8bitLt)])
+def test_build_llm_swaps_every_linear_but_lm_head(variant, cls):
+    cfg = L.llama_config(2, **TINY)
+    ref = L.build_llm("bf16", torch.device("cpu"), config=cfg)
+    q = L.build_llm(variant, torch.device("cpu"), config=cfg)
+    kinds = {name: type(m) for name, m in q.named_modules() if isinstance(m, (nn.Linear, cls))}
+    assert type(q.lm_head) is nn.Linear
+    swapped = [n for n, t in kinds.items() if t is cls]
+    assert len(swapped) == 2 * 7, kinds  # q, k, v, o, gate, up, down per layer
+    ids = torch.randint(3, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ref(ids).logits[0, -1].float()
+        b = q(ids).logits[0, -1].float()
+    assert not torch.equal(a, b)  # quantized
+    assert L.cosine(a, b) > 0.98, (variant, L.cosine(a, b))
+    assert L.weight_bytes(q) < L.weight_bytes(ref)
+
+
+def test_quantized_layer_rejects_unknown_variant():
+    with pytest.raises(ValueError, match="variant"):
+        L.quantized_layer("nf5", nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="unknown llm variant"):
+        L.run_llm(None, torch.device("cpu"), variants=["bf17"])
+
+
+def _fake_results():
+    lg = torch.randn(96, generator=torch.Generator().manual_seed(1))
+
+    def res(step, comp, host, eager, pre, scale):
+        return {"weight_bytes": int(16e9 / scale), "logits": lg + 0.01 * torch.randn(96),
+                "decode step (CUDA graph)": {"ms": step},
+                "generate compiled": {"ms": comp, "gpu_ms": comp - host, "host_ms": host,
+                                      "peak_mem_bytes": int(17e9 / scale)},
+                "generate opsq decoder": {"ms": step * 1.02, "gpu_ms": step, "host_ms": 0.02},
+                "generate eager": {"ms": eager},
+                "prefill 2048": {"ms": pre}}
+    return {"bf16": res(5.0, 8.0, 3.0, 30.0, 60.0, 1),
+            "nf4": res(1.9, 5.0, 3.1, 28.0, 66.0, 3.5),
+            "bnb_nf4": res(4.0, 9.0, 4.0, 40.0, 90.0, 3.5),
+            "int8_t6": {"decode step (CUDA graph)": {"error": "RuntimeError: boom"},
+                        "logits": None}}
+
+
+def test_llm_rows_and_table():
+    rows = L.llm_rows(_fake_results(), 32)
+    step = {(r["op"], r["variant"]): r for r in rows}
+    r = step[("decode step (CUDA graph)", "nf4")]
+    assert r["speedup"] == pytest.approx(5.0 / 1.9) and r["target"] == 2.5 and r["ok"]
+    assert r["vs_bnb"] == pytest.approx(4.0 / 1.9)
+    c = step[("generate compiled", "nf4")]
+    assert c["target"] == 2.0 and not c["ok"]
+    assert c["host_ratio_vs_bf16"] == pytest.approx(3.1 / 3.0) and c["host_ok"]
+    p = step[("prefill 2048", "nf4")]
+    assert p["ratio"] == pytest.approx(1.1) and p["ok"]
+    assert step[("decode step (CUDA graph)", "int8_t6")]["error"].startswith("RuntimeError")
+    lg = step[("logits", "nf4")]
+    assert lg["cos_vs_bnb"] > 0.99 and "cos_vs_bf16" in lg
+    res = {"rows": rows, "gpu": "test", "copy_bandwidth_gbps": 4000.0}
+    text = bench.format_table(res)
+    assert "== llm:" in text and "MISS" in text and "ERROR RuntimeError: boom" in text
+    assert any(lab.startswith("decode step (CUDA graph) nf4")
+               for lab, *_ in bench._speedup_rows(res))
+
+
+def test_parse_only_knows_llm():
+    assert bench.parse_only("llm") == ("llm",)
