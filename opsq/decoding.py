@@ -35,12 +35,21 @@ def _static_cache(model: nn.Module, max_cache_len: int):
 class StaticGreedyDecoder:
     """Greedy decoding with a static KV cache and a CUDA-graph decode step.
 
+    The model's forward is compiled the way transformers' ``generate`` compiles it (the
+    model's ``__call__``, the cache passed as an argument), so what works there works here.
+    The token and position live in two small GPU buffers owned by the decoder (refreshed with
+    two copies after each step, so no graph output is ever fed back as an input), and the loop
+    runs with ``torch.compiler.set_stance(skip_guard_eval_unsafe=True)`` once the step is warm:
+    every step calls the same graph with the same objects, so only the guards that tell cache
+    entries apart are checked (Dynamo's whole guard tree costs ~30 us per decoder layer and
+    token on the host otherwise).
+
     Args:
         model: a transformers causal LM (``forward(input_ids, position_ids, cache_position,
-            past_key_values, use_cache)`` returning ``.logits``), on its device, in eval mode;
-            its linear layers may be opsq's ``Linear4bit`` / ``Linear8bitLt``.
+            past_key_values | cache, use_cache)`` returning ``.logits``), on its device, in eval
+            mode; its linear layers may be opsq's ``Linear4bit`` / ``Linear8bitLt``.
         max_cache_len: tokens the static cache holds (prompt + new tokens), > 0.
-        compile: compile the decode step with ``torch.compile(fullgraph=True)`` (False: eager,
+        compile: compile the forward with ``torch.compile(fullgraph=True)`` (False: eager,
             for debugging).
         mode: its ``torch.compile`` mode (default ``"reduce-overhead"``: CUDA graphs).
         backend: its ``torch.compile`` backend (default ``"inductor"``).
@@ -60,21 +69,16 @@ class StaticGreedyDecoder:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self.compiled = bool(compile)
-        self.step = (torch.compile(self._step, mode=mode, backend=backend, fullgraph=True)
-                     if compile else self._step)
-
-    def _step(self, input_ids: torch.Tensor, cache_position: torch.Tensor):
-        """One token: ``(B, 1)`` ids at ``cache_position`` ``(1,)`` -> the next ids ``(B, 1)``
-        and the next position."""
-        logits = self.model(input_ids=input_ids, position_ids=cache_position.unsqueeze(0),
-                            cache_position=cache_position, use_cache=True,
-                            **{self._cache_kw: self.cache}).logits
-        return logits[:, -1:].argmax(-1), cache_position + 1
+        self.forward = (torch.compile(model.__call__, mode=mode, backend=backend,
+                                      fullgraph=True) if compile else model.__call__)
+        self._ids: Optional[torch.Tensor] = None   # (B, 1) int64: the token to feed next
+        self._pos: Optional[torch.Tensor] = None   # (1,) int64: its cache position
+        self._warm = 0
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Reset the cache and run the prompt ``(B, P)`` eagerly; returns the first new ids
-        ``(B, 1)`` and the next cache position ``(1,)`` (both on the model's device)."""
+        ``(B, 1)`` (the decoder's token buffer: copy what you keep)."""
         if input_ids.dim() != 2 or input_ids.shape[1] < 1:
             raise ValueError(f"input_ids must be (batch, prompt_len >= 1), got "
                              f"{tuple(input_ids.shape)}")
@@ -87,16 +91,45 @@ class StaticGreedyDecoder:
         logits = self.model(input_ids=input_ids, position_ids=pos.unsqueeze(0),
                             cache_position=pos, use_cache=True, logits_to_keep=1,
                             **{self._cache_kw: self.cache}).logits
-        return logits[:, -1:].argmax(-1), pos[-1:] + 1
+        ids = logits[:, -1:].argmax(-1)
+        if self._ids is None or self._ids.shape != ids.shape or self._ids.device != ids.device:
+            self._ids = torch.empty_like(ids)
+            self._pos = torch.empty(1, dtype=torch.long, device=ids.device)
+        self._ids.copy_(ids)
+        self._pos.fill_(P)
+        return self._ids
 
     @torch.no_grad()
-    def decode_step(self, ids: torch.Tensor, pos: torch.Tensor):
-        """One compiled step (a CUDA-graph replay once warm); returns ``(ids, pos)`` as
-        :meth:`_step`. The returned tensors are overwritten by the next replay: copy what you
-        keep."""
+    def decode_step(self) -> torch.Tensor:
+        """Feed the current token at the current position (one CUDA-graph replay once warm),
+        store the greedy next token and advance the position. Returns the token buffer
+        ``(B, 1)`` (overwritten by the next step: copy what you keep)."""
+        if self._ids is None:
+            raise RuntimeError("call prefill(input_ids) before decode_step()")
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        return self.step(ids, pos)
+        pos = self._pos
+        logits = self.forward(input_ids=self._ids, position_ids=pos.unsqueeze(0),
+                              cache_position=pos, use_cache=True,
+                              **{self._cache_kw: self.cache}).logits
+        self._ids.copy_(logits[:, -1:].argmax(-1))
+        self._pos.add_(1)
+        return self._ids
+
+    def seek(self, position: int) -> None:
+        """Set the cache position of the next :meth:`decode_step` (0 <= position <
+        ``max_cache_len``; entries at and after it are overwritten as decoding goes on)."""
+        if self._pos is None:
+            raise RuntimeError("call prefill(input_ids) before seek()")
+        if not 0 <= position < self.max_cache_len:
+            raise ValueError(f"position must be in [0, {self.max_cache_len}), got {position}")
+        self._pos.fill_(position)
+
+    def _steps(self, n: int, out: Optional[torch.Tensor] = None, start: int = 0) -> None:
+        for i in range(n):
+            ids = self.decode_step()
+            if out is not None:
+                out[:, start + i:start + i + 1] = ids
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -113,11 +146,19 @@ class StaticGreedyDecoder:
         if input_ids.shape[-1] + max_new_tokens > self.max_cache_len:
             raise ValueError(f"prompt ({input_ids.shape[-1]}) + max_new_tokens "
                              f"({max_new_tokens}) exceed max_cache_len ({self.max_cache_len})")
-        ids, pos = self.prefill(input_ids)
         out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long,
                           device=input_ids.device)
-        out[:, :1] = ids
-        for i in range(1, max_new_tokens):
-            ids, pos = self.decode_step(ids, pos)
-            out[:, i:i + 1] = ids
+        out[:, :1] = self.prefill(input_ids)
+        n = max_new_tokens - 1
+        # The first calls compile and record (guards needed); after that every step hits the
+        # same cache entry and the guards can be skipped.
+        warm = min(n, max(0, 3 - self._warm))
+        self._steps(warm, out, 1)
+        self._warm += warm
+        if n > warm:
+            if self.compiled:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    self._steps(n - warm, out, 1 + warm)
+            else:
+                self._steps(n - warm, out, 1 + warm)
         return out

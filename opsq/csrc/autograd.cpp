@@ -16,6 +16,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -62,7 +63,14 @@ at::Tensor call_python(const char* name, Args&&... args) {
                 ": no autograd callback registered (import opsq before calling the op)");
     fn = it->second;
   }
-  return fn(std::forward<Args>(args)...).template cast<at::Tensor>();
+  try {
+    return fn(std::forward<Args>(args)...).template cast<at::Tensor>();
+  } catch (py::error_already_set& e) {
+    // Hand the Python exception (e.g. a ValueError of the op's validation) back to Python as
+    // itself: torch's python_error carries the interpreter's error state through C++ frames.
+    e.restore();
+    throw python_error();
+  }
 }
 
 // ---- linear_4bit / gemv_4bit ---------------------------------------------------------------
