@@ -52,9 +52,9 @@ py::list sym_list(c10::SymIntArrayRef shape) {
   return out;
 }
 
+// The caller holds the GIL (it built the Python arguments).
 template <typename... Args>
 at::Tensor call_python(const char* name, Args&&... args) {
-  py::gil_scoped_acquire gil;
   py::object fn;
   {
     std::lock_guard<std::mutex> lock(g_mutex);
@@ -94,6 +94,8 @@ at::Tensor linear_4bit_autograd(c10::DispatchKeySet ks, const at::Tensor& A, con
     return op.redispatch(ks & c10::after_autograd_keyset, A, B, shapeB, absmax, blocksize,
                          quant_type, bias, nested_absmax, nested_code, offset, nested_blocksize);
   }
+  // The dispatcher runs without the GIL: take it before building any Python object.
+  py::gil_scoped_acquire gil;
   return call_python(kName + 6 /* after "opsq::" */, A, B, sym_list(shapeB), absmax, blocksize,
                      std::string(quant_type), opt(bias), opt(nested_absmax), opt(nested_code),
                      opt(offset), nested_blocksize);
@@ -115,6 +117,7 @@ at::Tensor int8_linear_autograd(c10::DispatchKeySet ks, const at::Tensor& A, con
     at::AutoDispatchBelowADInplaceOrView below;
     return op.redispatch(ks & c10::after_autograd_keyset, A, B, SCB, bias, threshold);
   }
+  py::gil_scoped_acquire gil;  // before building any Python object (see above)
   return call_python("int8_linear", A, B, opt(SCB), opt(bias), threshold);
 }
 
