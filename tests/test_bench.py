@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from opsq import bench
+from opsq import bench, bench_llm
 
 
 def _bw_row(family, op, shape, dtype, ms, gbps, eff, **extra):
@@ -51,6 +51,8 @@ def fake_results() -> dict:
              dtype="bf16", ms=12.5, bf16_ms=11.0, ratio_vs_bf16_base=12.5 / 11.0,
              speedup_vs_bf16=11.0 / 12.5),
     ]
+    rows += bench_llm.llm_rows({"bf16": {"decode step (CUDA graph)": {"ms": 5.0}},
+                                "nf4": {"decode step (CUDA graph)": {"ms": 2.0}}}, 32)
     return dict(date="2026-11-22T10:00:00+00:00", gpu="NVIDIA H200", torch="2.11.0+cu130",
                 cuda="13.0", python="3.12.3", opsq="0.1.0", bitsandbytes=None,
                 copy_bandwidth_gbps=4243.0, families=list(bench.FAMILIES), quick=False,

@@ -1,0 +1,60 @@
+"""opsq.decoding.StaticGreedyDecoder on the CPU: the same tokens as transformers' greedy
+`generate` with a static cache, for bf16-free fp32 and opsq NF4 layers, eager and compiled
+(aot_eager: no C++ compile, no CUDA graphs); and its argument checks."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from opsq import bench_llm as L  # noqa: E402
+from opsq.decoding import StaticGreedyDecoder  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=96, max_position_embeddings=128)
+
+
+def _model(variant):
+    old = torch.get_default_dtype()
+    model = L.build_llm("bf16", torch.device("cpu"), config=L.llama_config(2, **TINY), seed=3)
+    assert torch.get_default_dtype() == old
+    model = model.float()
+    if variant != "fp32":
+        for name, parent in list(model.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear and child_name != "lm_head":
+                    setattr(parent, child_name, L.quantized_layer(variant, child))
+    return model
+
+
+@pytest.mark.parametrize("variant", ["fp32", "nf4"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decoder_matches_generate(variant, compiled):
+    model = _model(variant)
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(1))
+    want = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                          cache_implementation="static", pad_token_id=0, eos_token_id=None)
+    dec = StaticGreedyDecoder(model, 32, compile=compiled, mode=None, backend="aot_eager")
+    got = dec.generate(ids, 12)
+    assert torch.equal(got, want[:, 7:])
+    # a second call restarts from a clean cache and gives the same tokens
+    assert torch.equal(dec.generate(ids, 12), got)
+    if compiled:
+        torch._dynamo.reset()
+
+
+def test_decoder_checks_arguments():
+    model = _model("fp32")
+    with pytest.raises(ValueError, match="max_cache_len"):
+        StaticGreedyDecoder(model, 0, compile=False)
+    dec = StaticGreedyDecoder(model, 16, compile=False)
+    with pytest.raises(RuntimeError, match="prefill"):
+        dec.decode_step()
+    with pytest.raises(ValueError, match="max_cache_len"):
+        dec.generate(torch.zeros(1, 10, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="input_ids"):
+        dec.prefill(torch.zeros(7, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        dec.generate(torch.zeros(1, 4, dtype=torch.long), 0)
+    dec.prefill(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="position"):
+        dec.seek(16)
