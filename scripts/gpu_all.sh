@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer, timings and qlora_prof): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
+# sanitizer, timings, qlora_prof and llm_prof): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
 # the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
-# `opsq demo --device cuda`, `opsq bench --json`, compute-sanitizer memcheck/racecheck over the
+# `opsq demo --device cuda`, `opsq bench --json` (kernel families; the llm family is its own
+# phase, `llm`, with LLM_LAYERS / LLM_VARIANTS), compute-sanitizer memcheck/racecheck over the
 # op tests. Logs and results under $OUT; a summary table is printed last.
 #   OUT=/tmp/o bash scripts/gpu_all.sh
 #   PHASES=bench,sanitizer bash scripts/gpu_all.sh
@@ -15,7 +16,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OPSQ_FIXTURES=${OPSQ_FIXTURES:-$PWD/.fixtures}
 # bitsandbytes 0.50.2 for the side-by-side columns: a copy of ../shared/peers carried as .peers
 [ -d .peers/bitsandbytes ] && export PYTHONPATH="$PYTHONPATH:$PWD/.peers"
-PHASES=${PHASES:-build,cuda_ops,tests,fsdp,demo,bench}
+PHASES=${PHASES:-build,cuda_ops,tests,fsdp,demo,bench,llm}
 PY=${PYTHON:-python3}
 SUMMARY="$OUT/summary.txt"
 : >"$SUMMARY"
@@ -90,7 +91,7 @@ if has qlora_bench; then
 fi
 if has bench; then
   t0=$(date +%s)
-  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench ${BENCH_ONLY:+--only $BENCH_ONLY} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --only ${BENCH_ONLY:-gemv,4bit,int8,transform,igemmlt,decode,prefill,qlora} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
 fi
 if has llm_prof; then
