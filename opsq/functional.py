@@ -236,6 +236,23 @@ class QuantState:
 
 
 # ---- 8-bit blockwise -----------------------------------------------------------------------
+def nested_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The offset of nested statistics: ``absmax.mean()`` as bitsandbytes computes it, or, when
+    that is not finite (a NaN/Inf block), the mean of the finite absmax values only (0 if none),
+    so one bad block spoils only its own nested block of 256 absmax values instead of every
+    value of the tensor. No host sync; bit-identical to bitsandbytes for finite inputs.
+
+    Args:
+        absmax: fp32 ``(blocks,)``.
+    Returns:
+        fp32 0-d tensor on ``absmax``'s device.
+    """
+    plain = absmax.mean()
+    finite = torch.isfinite(absmax)
+    safe = torch.where(finite, absmax, 0.0).sum() / finite.sum().clamp_min(1)
+    return torch.where(torch.isfinite(plain), plain, safe)
+
+
 def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                        absmax: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
                        blocksize: int = 4096, nested: bool = False):
@@ -247,7 +264,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         code: fp32 ``(256,)`` map; default :func:`create_dynamic_map`.
         absmax, out: optional outputs to write (fp32 ``(blocks,)``, uint8 ``A.shape``).
         blocksize: elements per block.
-        nested: also quantize the absmax (offset = mean, blocksize 256).
+        nested: also quantize the absmax (offset = :func:`nested_offset`, blocksize 256).
     Returns:
         ``(out uint8 A.shape, QuantState)``.
     Raises:
@@ -257,7 +274,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         code = create_dynamic_map().to(A.device)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
     if nested:
-        offset = am.mean()
+        offset = nested_offset(am)
         qa, state2 = quantize_blockwise(am - offset, blocksize=blocksize, nested=False)
         state = QuantState(absmax=qa, code=code, blocksize=blocksize, dtype=torch.float32,
                            offset=offset, state2=state2)
@@ -309,7 +326,8 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     Args:
         A: fp16/bf16/fp32 tensor of any shape (flattened row-major).
         blocksize: elements per absmax block, one of 32..4096 (powers of two).
-        compress_statistics: nested absmax (offset = mean(absmax), absmax - offset quantized
+        compress_statistics: nested absmax (offset = :func:`nested_offset` (the mean of
+            absmax), absmax - offset quantized
             8-bit blockwise with blocksize 256 and the dynamic map).
         quant_type: "nf4" or "fp4".
         quant_storage: dtype the packed bytes are viewed as.
@@ -323,7 +341,7 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     packed, am = torch.ops.opsq.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = code_table(quant_type, A.device)
     if compress_statistics:
-        offset = am.mean()
+        offset = nested_offset(am)
         qabsmax, state2 = quantize_blockwise(am - offset, blocksize=NESTED_BLOCKSIZE)
         state = QuantState(absmax=qabsmax, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
                            code=code, quant_type=quant_type, offset=offset, state2=state2)

@@ -104,7 +104,7 @@ class _Settings:
                               self.compress_statistics, self.quant_type, self.quant_storage,
                               device="meta", blocksize=self.blocksize)
         return Linear8bitLt(in_features, out_features, bias, self.has_fp16_weights,
-                            self.threshold, device="meta")
+                            threshold=self.threshold, device="meta")
 
 
 # ---- replacement ----------------------------------------------------------------------------

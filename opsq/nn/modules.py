@@ -25,13 +25,17 @@ Design:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from .. import functional as Fq
-from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE)
+from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
+                          LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE)
+from ..meta._common import (check_blocksize, check_float_dtype, check_quant_storage,
+                            check_quant_type, check_threshold)
 from ..meta.fourbit import check_dequantize_4bit
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
@@ -109,6 +113,25 @@ def _save_without_quantized(module, base, destination, prefix, keep_vars) -> Non
     finally:
         module._parameters.clear()
         module._parameters.update(saved)
+
+
+def _weight_format_code(fmt) -> int:
+    """bitsandbytes' ``weight_format`` of a checkpoint as its integer code: None (absent) is
+    row-major (0); a 0-d tensor or int is the code; a string is the layout's name ("row",
+    "col32", "col_turing", "col_ampere", as older bitsandbytes wrote it).
+
+    Raises:
+        ValueError: an unknown name (the caller checks the code's range).
+    """
+    if fmt is None:
+        return 0
+    if isinstance(fmt, str):
+        if fmt not in LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING:
+            raise ValueError(f"weight_format must be one of "
+                             f"{sorted(LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)} (or its code), "
+                             f"got {fmt!r}")
+        return LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING[fmt]
+    return int(fmt.item() if isinstance(fmt, torch.Tensor) else fmt)
 
 
 def _bits(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -287,10 +310,6 @@ def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
 
 _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
                "weight_nested_quant_map", "weight_offset")
-#: Statistics stored as (shardable) parameters when ``quant_storage`` is not floating.
-_SHARDED_4BIT = ("weight_absmax", "weight_nested_absmax")
-
-
 class _KeyPath:
     """Attribute chain ``weight.absmax`` ... ``weight.quant_state.bitsandbytes__nf4`` so that
     ``torch.distributed.checkpoint`` can resolve bitsandbytes' dotted state-dict keys
@@ -325,6 +344,8 @@ class Linear4bit(nn.Linear):
     Shapes:
         input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
     Raises:
+        TypeError: ``compute_dtype`` not None/fp16/bf16/fp32 (a string too), ``quant_storage``
+            not a supported dtype. ValueError: bad ``quant_type`` or ``blocksize``.
         RuntimeError: ``forward`` before the weight is quantized.
     """
 
@@ -332,6 +353,11 @@ class Linear4bit(nn.Linear):
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
                  quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8,
                  device=None, blocksize: int = 64):
+        if compute_dtype is not None:
+            check_float_dtype("compute_dtype", compute_dtype)
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_quant_storage(quant_storage)
         super().__init__(input_features, output_features, bias, device)
         self.weight = Params4bit(self.weight.data, requires_grad=False,
                                  compress_statistics=compress_statistics, quant_type=quant_type,
@@ -662,25 +688,40 @@ class Linear8bitLt(nn.Linear):
     Args:
         input_features: K. output_features: N. bias: add a bias ``(N,)``.
         has_fp16_weights: keep a float, trainable weight.
-        threshold: outlier threshold (0 disables the mixed-precision decomposition).
+        memory_efficient_backward: bitsandbytes < 0.45's fifth argument, accepted for
+            compatibility (True warns: opsq's backward never keeps a dequantized weight). A
+            number in this position is bitsandbytes >= 0.45's positional ``threshold`` (that
+            signature has no ``memory_efficient_backward``) and is read as such.
+        threshold: outlier threshold, finite and >= 0 (0 disables the mixed-precision
+            decomposition). Stored in ``state.threshold`` (bitsandbytes' ``MatmulLtState``),
+            its one home: ``layer.threshold`` and ``layer.state.threshold`` are the same value.
         index: accepted for compatibility, unused.
         device: where the float weight is created.
     Shapes:
         input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
+    Raises:
+        ValueError: ``threshold`` negative, NaN or infinite.
     """
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
-                 has_fp16_weights: bool = True, threshold: float = 0.0, index=None,
-                 device=None):
+                 has_fp16_weights: bool = True, memory_efficient_backward=False,
+                 threshold: float = 0.0, index=None, device=None):
+        if not isinstance(memory_efficient_backward, bool):
+            # bitsandbytes >= 0.45 positional order: (.., has_fp16_weights, threshold, index,
+            # device); shift the arguments back into place.
+            memory_efficient_backward, threshold, index, device = (
+                False, memory_efficient_backward, None if threshold == 0.0 else threshold, index)
+        elif memory_efficient_backward:
+            warnings.warn("Linear8bitLt: memory_efficient_backward is deprecated and ignored "
+                          "(opsq's backward never keeps a dequantized weight)",
+                          DeprecationWarning, stacklevel=2)
+        check_threshold(threshold)
         super().__init__(input_features, output_features, bias, device)
-        if not (threshold >= 0.0):
-            raise ValueError(f"threshold must be >= 0 (0 disables outliers), got {threshold}")
         from ..autograd import MatmulLtState
         self.state = MatmulLtState()
         self.state.threshold = float(threshold)
         self.state.has_fp16_weights = has_fp16_weights
-        self.threshold = float(threshold)
-        self.has_fp16_weights = has_fp16_weights
+        self.memory_efficient_backward = memory_efficient_backward
         self.index = index
         self.weight = Int8Params(self.weight.data, has_fp16_weights=has_fp16_weights,
                                  requires_grad=has_fp16_weights)
@@ -689,6 +730,27 @@ class Linear8bitLt(nn.Linear):
     @property
     def is_quantized(self) -> bool:
         return self.weight_scb is not None
+
+    @property
+    def threshold(self) -> float:
+        """The outlier threshold; its home is ``state.threshold`` (setting either changes
+        both). Raises ValueError on a negative, NaN or infinite value."""
+        return self.state.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        check_threshold(value)
+        self.state.threshold = float(value)
+
+    @property
+    def has_fp16_weights(self) -> bool:
+        """Whether the weight is kept in float and trained; its home is
+        ``state.has_fp16_weights``."""
+        return self.state.has_fp16_weights
+
+    @has_fp16_weights.setter
+    def has_fp16_weights(self, value: bool) -> None:
+        self.state.has_fp16_weights = bool(value)
 
     @property
     def SCB(self) -> Optional[torch.Tensor]:
@@ -782,8 +844,7 @@ class Linear8bitLt(nn.Linear):
                 return
             CB = state_dict.pop(wkey)
             try:
-                code = 0 if fmt is None else int(fmt.item() if isinstance(fmt, torch.Tensor)
-                                                 else fmt)
+                code = _weight_format_code(fmt)
                 order = INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING.get(code)
                 if order is None:
                     raise ValueError(f"weight_format must be one of "
@@ -804,6 +865,14 @@ class Linear8bitLt(nn.Linear):
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
+            return
+        if wkey in state_dict and state_dict[wkey].dtype == torch.int8:
+            # int8 codes without their SCB: never pair them with the old scales (or quantize
+            # codes again); report the checkpoint key that is missing.
+            state_dict.pop(wkey)
+            missing_keys.append(skey)  # strict loads raise "Missing key(s): ...SCB"
             _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
                                  missing_keys, unexpected_keys, error_msgs)
             return
