@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from ._constants import (BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table,
+from ._constants import (BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table,
                          create_dynamic_map)
 
 __all__ = [
@@ -44,9 +44,17 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _dtype_from_name(name: Any, key: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"quant_state field {key!r} must name a torch dtype, got {name!r}")
+    """The float dtype a quant_state field names (``"bfloat16"`` or ``"torch.bfloat16"``).
+
+    Raises:
+        ValueError: not the name of fp16, bf16 or fp32 (the dtypes a quantized weight
+            dequantizes to; an ``int64`` here would be silently wrong later).
+    """
+    text = name[6:] if isinstance(name, str) and name.startswith("torch.") else name
+    dtype = getattr(torch, text, None) if isinstance(text, str) else None
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"quant_state field {key!r} must name one of "
+                         f"{[str(d)[6:] for d in FLOAT_DTYPES]}, got {name!r}")
     return dtype
 
 

@@ -123,3 +123,91 @@ def test_nan_weight_with_nested_statistics_stays_in_its_nested_group():
     assert torch.equal(nested_offset(am), am.mean())
     am[5] = math.inf
     assert torch.isfinite(nested_offset(am))
+
+
+# ---- one home for the statistics: reassigning the weight ------------------------------------
+def _lin4(seed, **kw):
+    torch.manual_seed(seed)
+    return Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4", **kw)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_reassigned_params4bit_brings_its_statistics(nested):
+    from opsq.nn import Params4bit
+    a, b = _lin4(1, compress_statistics=nested), _lin4(2, compress_statistics=nested)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    b.weight = a.weight  # weight surgery between layers
+    b.bias = a.bias
+    assert torch.equal(b(x), a(x))
+    # the PEFT merge idiom: a new float weight, quantized by .to()
+    W2 = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    b.weight = Params4bit(W2, requires_grad=False, quant_type="nf4", blocksize=64,
+                          compress_statistics=nested).to("cpu")
+    want = Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4", compress_statistics=nested)
+    want.weight = Params4bit(W2, requires_grad=False, quant_type="nf4", blocksize=64,
+                             compress_statistics=nested)  # float: quantized now
+    want.bias = b.bias
+    assert torch.equal(b(x), want(x))
+    W2q = ops.dequantize_4bit(b.weight, b.quant_state.absmax, 64, "nf4", [16, 64],
+                              torch.float32, *b.quant_state.nested_args())
+    assert (W2q - W2).abs().max() < 0.25 * W2.abs().max()  # the new weight, not the old one
+    assert torch.allclose(b(x), torch.nn.functional.linear(x, W2q, b.bias), atol=1e-5)
+
+
+def test_reassigned_params4bit_mismatch_is_an_error():
+    from opsq.nn import Params4bit
+    a, b = _lin4(1), Linear4bit.from_float(nn.Linear(32, 16), quant_type="nf4")
+    with pytest.raises(ValueError, match="shape"):
+        b.weight = a.weight
+    with pytest.raises(ValueError, match="quant_state"):
+        b.weight = Params4bit(a.weight.data, bnb_quantized=True)
+
+
+def test_reassigned_int8params_brings_scb():
+    from opsq.nn import Int8Params
+    a, b = _int8(seed=1), _int8(seed=2)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(3))
+    b.weight = a.weight
+    b.bias = a.bias
+    assert torch.equal(b(x), a(x))
+    W2 = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
+    b.weight = Int8Params(W2, requires_grad=False, has_fp16_weights=False)
+    CB, SCB, _ = torch.ops.opsq.vectorwise_quant(W2, 0.0)
+    assert torch.equal(b.weight, CB) and torch.equal(b.SCB, SCB)
+    assert torch.equal(b(x), ops.int8_linear(x, CB, SCB, b.bias, 6.0))
+    with pytest.raises(ValueError, match="SCB"):
+        b.weight = Int8Params(CB, requires_grad=False, has_fp16_weights=False)
+    with pytest.raises(ValueError, match="CB must be int8 of shape"):
+        b.weight = Linear8bitLt.from_float(nn.Linear(32, 16)).weight
+
+
+# ---- loads that do not fit ---------------------------------------------------------------------
+def test_float_weight_of_another_shape_is_rejected():
+    torch.manual_seed(0)
+    layer = Linear4bit.from_float(nn.Linear(128, 48), quant_type="nf4")
+    sd = {"weight": torch.randn(96, 64), "bias": torch.randn(48)}  # same element count
+    with pytest.raises(RuntimeError, match=r"does not fit this layer: expected \(48, 128\)"):
+        layer.load_state_dict(sd)
+
+
+def test_packed_checkpoint_of_another_layer_is_rejected():
+    torch.manual_seed(0)
+    other = Linear4bit.from_float(nn.Linear(64, 96), quant_type="nf4")  # 96x64 elements
+    layer = Linear4bit.from_float(nn.Linear(128, 48), quant_type="nf4")  # 48x128: same count
+    before = layer.state_dict()
+    sd = other.state_dict()
+    sd["bias"] = before["bias"]
+    with pytest.raises(RuntimeError, match="quant_state shape"):
+        layer.load_state_dict(sd)
+    after = layer.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_quant_state_dtype_must_be_a_float_dtype():
+    from opsq.functional import QuantState
+    torch.manual_seed(0)
+    layer = Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4")
+    qs = layer.quant_state.as_dict()
+    assert QuantState.from_dict(dict(qs), "cpu").dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        QuantState.from_dict(dict(qs, dtype="int64"), "cpu")

@@ -378,6 +378,39 @@ class Linear4bit(nn.Linear):
     def is_quantized(self) -> bool:
         return self.weight_absmax is not None
 
+    def __setattr__(self, name: str, value) -> None:
+        # One home for the statistics: a Params4bit assigned to ``weight`` by any route
+        # (``layer.weight = ...``, ``b.weight = a.weight``, PEFT's merge) brings its quant_state
+        # into the module's tensors, or is quantized now when the layer already is. Plain
+        # parameters (FSDP's shards, ``_apply``) are set as they are.
+        if name == "weight" and isinstance(value, Params4bit) and self._adopt_weight(value):
+            return
+        super().__setattr__(name, value)
+
+    def _adopt_weight(self, w: "Params4bit") -> bool:
+        """Take ``w``'s codes and statistics as this layer's; False when ``w`` is a float
+        weight for a layer that is not quantized yet (it is then set as is, and quantized on
+        the first move). Raises ValueError for a quantized ``w`` without a quant_state or with
+        another layer's shape."""
+        if w.bnb_quantized:
+            if w.quant_state is None:
+                raise ValueError("weight: a quantized Params4bit (bnb_quantized=True) needs its "
+                                 "quant_state (use Params4bit.from_prequantized)")
+            self._set_quantized(w.data, w.quant_state)
+            return True
+        absmax = self.__dict__.get("_parameters", {}).get("weight_absmax",
+                                                          self.__dict__.get("_buffers", {})
+                                                          .get("weight_absmax"))
+        if absmax is None or w.device.type == "meta":
+            return False
+        packed, state = Fq.quantize_4bit(
+            w.data.contiguous().to(absmax.device), blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+            quant_storage=w.quant_storage)
+        self.weight_dtype = w.dtype
+        self._set_quantized(packed, state)
+        return True
+
     @property
     def _stats_as_params(self) -> bool:
         return not self.quant_storage.is_floating_point
@@ -437,9 +470,10 @@ class Linear4bit(nn.Linear):
                     state.offset.reshape(1).to(torch.float32) if state.nested else None, False)
         if state.nested:
             self.nested_blocksize = state.state2.blocksize
-        self.weight = Params4bit(packed, False, None, blocksize=self.blocksize,
-                                 compress_statistics=state.nested, quant_type=self.quant_type,
-                                 quant_storage=packed.dtype, module=self, bnb_quantized=True)
+        nn.Module.__setattr__(self, "weight", Params4bit(
+            packed, False, None, blocksize=self.blocksize, compress_statistics=state.nested,
+            quant_type=self.quant_type, quant_storage=packed.dtype, module=self,
+            bnb_quantized=True))
         self._sync_weight_state()
 
     def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
@@ -546,10 +580,19 @@ class Linear4bit(nn.Linear):
                     state = Fq.QuantState.from_dict(qs, device=device)
                     packed = incoming.detach().to(device)
                 else:  # float weight into a quantized layer: quantize it with our settings
+                    if tuple(incoming.shape) != self.weight_shape:
+                        raise ValueError(
+                            f"a float weight of shape {tuple(incoming.shape)} does not fit "
+                            f"this layer: expected {self.weight_shape} (out_features, "
+                            "in_features)")
                     packed, state = Fq.quantize_4bit(
                         incoming.detach().to(device), blocksize=self.blocksize,
                         compress_statistics=self.compress_statistics,
                         quant_type=self.quant_type, quant_storage=self.quant_storage)
+                if tuple(state.shape) != self.weight_shape:
+                    raise ValueError(f"the checkpoint's quant_state shape {tuple(state.shape)} "
+                                     f"is not this layer's {self.weight_shape} (out_features, "
+                                     "in_features)")
                 if self._same_layout(packed, state):
                     self._copy_quantized(packed, state)
                 else:
@@ -765,13 +808,45 @@ class Linear8bitLt(nn.Linear):
     def _quantized_names(self) -> tuple[str, ...]:
         return ("weight", "weight_scb") if self.is_quantized else ()
 
+    def __setattr__(self, name: str, value) -> None:
+        # One home for SCB: an Int8Params assigned to ``weight`` brings its CB/SCB along (or is
+        # quantized now); a float trainable one makes the layer quantize per call.
+        if name == "weight" and isinstance(value, Int8Params) and self._adopt_weight(value):
+            return
+        super().__setattr__(name, value)
+
+    def _adopt_weight(self, w: "Int8Params") -> bool:
+        """Take ``w``'s int8 codes and scales as this layer's (True), or let it be set as is
+        (False: a float weight of a layer that is not quantized, or a trainable one).
+
+        Raises:
+            ValueError: int8 data without ``SCB``, or another layer's shape.
+        """
+        if w.dtype == torch.int8:
+            if w.SCB is None:
+                raise ValueError("weight: int8 codes need their row scales SCB (Int8Params(CB, "
+                                 "..., CB=CB, SCB=SCB))")
+            self._set_quantized(w.data, w.SCB)
+            return True
+        scb = self.__dict__.get("_parameters", {}).get("weight_scb")
+        if scb is None or w.device.type == "meta":
+            return False
+        if w.has_fp16_weights:  # a trainable float weight: quantized per call from now on
+            self._parameters.pop("weight_scb", None)
+            self.register_parameter("weight_scb", None)
+            self.has_fp16_weights = True
+            return False
+        CB, SCB, _ = Fq.int8_vectorwise_quant(w.data.contiguous().to(scb.device))
+        self._set_quantized(CB, SCB)
+        return True
+
     def _set_quantized(self, CB: torch.Tensor, SCB: torch.Tensor) -> None:
         if tuple(CB.shape) != (self.out_features, self.in_features) or CB.dtype != torch.int8:
             raise ValueError(f"CB must be int8 of shape ({self.out_features}, "
                              f"{self.in_features}), got {CB.dtype} {tuple(CB.shape)}")
         if SCB.numel() != self.out_features:
             raise ValueError(f"SCB must have {self.out_features} elements, got {SCB.numel()}")
-        self.weight = Int8Params(CB, False, False, CB, None)
+        nn.Module.__setattr__(self, "weight", Int8Params(CB, False, False, CB, None))
         _set_tensor(self, "weight_scb", _bits(SCB.reshape(-1).to(torch.float32)), True)
         self._sync_weight_state()
 
