@@ -211,3 +211,65 @@ def test_quant_state_dtype_must_be_a_float_dtype():
     assert QuantState.from_dict(dict(qs), "cpu").dtype == torch.float32
     with pytest.raises(ValueError, match="dtype"):
         QuantState.from_dict(dict(qs, dtype="int64"), "cpu")
+
+
+# ---- torch.save of a model, meta-device loading ---------------------------------------------------
+def _quantized_modules():
+    from opsq.nn import Embedding4bit, Embedding8bit
+    torch.manual_seed(0)
+    return {
+        "Linear4bit": Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4"),
+        "Linear4bit-nested": Linear4bit.from_float(nn.Linear(64, 16), quant_type="fp4",
+                                                   compress_statistics=True),
+        "Linear8bitLt": Linear8bitLt.from_float(nn.Linear(64, 16), threshold=6.0),
+        "Linear8bitLt-fp16-weights": Linear8bitLt.from_float(nn.Linear(64, 16),
+                                                             has_fp16_weights=True),
+        "Embedding4bit": Embedding4bit.from_float(nn.Embedding(10, 64)),
+        "Embedding8bit": Embedding8bit.from_float(nn.Embedding(10, 64)),
+    }
+
+
+def _input(name):
+    if name.startswith("Embedding"):
+        return torch.tensor([0, 3, 9, 3])
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    x[0, 1] = 9.0  # an outlier at threshold 6
+    return x
+
+
+@pytest.mark.parametrize("name", list(_quantized_modules()))
+def test_torch_save_round_trip(name, tmp_path):
+    import copy
+    import pickle
+    m = _quantized_modules()[name]
+    model = nn.Sequential(m)
+    torch.save(model, tmp_path / "m.pt")
+    back = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = _input(name)
+    assert torch.equal(back(x), model(x))
+    assert {k: v for k, v in back.state_dict().items()}.keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(clone(x), model(x))
+    if name.startswith("Linear4bit"):  # the derived quant_state is back on the weight
+        assert back[0].weight.quant_state is not None
+        assert torch.equal(back[0].weight.quant_state.absmax, back[0].quant_state.absmax)
+
+
+@pytest.mark.parametrize("name,make", [
+    ("Linear4bit", lambda: Linear4bit(64, 16, quant_type="nf4")),
+    ("Linear4bit-nested", lambda: Linear4bit(64, 16, quant_type="fp4")),
+    ("Linear8bitLt", lambda: Linear8bitLt(64, 16, has_fp16_weights=False, threshold=6.0)),
+])
+def test_meta_device_load_with_assign(name, make):
+    """How transformers and accelerate load big models: build on meta, then
+    load_state_dict(assign=True). Every tensor must come off meta (the bias stayed there)."""
+    src = _quantized_modules()[name]
+    with torch.device("meta"):
+        m = make()
+    m.load_state_dict(src.state_dict(), assign=True)
+    assert all(t.device.type == "cpu" for t in list(m.parameters()) + list(m.buffers()))
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in src.named_parameters()]
+    x = _input(name)
+    assert torch.equal(m(x), src(x))

@@ -90,15 +90,22 @@ def _parse_to_device(*args, **kwargs) -> Optional[torch.device]:
 
 def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
     """Run ``base._load_from_state_dict`` for everything but the (already adopted) quantized
-    tensors."""
-    saved = dict(module._parameters)
-    for name in module._quantized_names():
-        module._parameters.pop(name, None)
+    tensors. What the base load assigns (``assign=True`` replaces the bias object) is kept; the
+    quantized tensors come back in their places (parameter order unchanged)."""
+    order = list(module._parameters)
+    held = {name: module._parameters.pop(name) for name in module._quantized_names()
+            if name in module._parameters}
     try:
         base._load_from_state_dict(module, state_dict, prefix, *args)
     finally:
+        current = dict(module._parameters)
         module._parameters.clear()
-        module._parameters.update(saved)
+        for name in order:
+            if name in held:
+                module._parameters[name] = held[name]
+            elif name in current:
+                module._parameters[name] = current.pop(name)
+        module._parameters.update(current)
 
 
 def _save_without_quantized(module, base, destination, prefix, keep_vars) -> None:
@@ -132,6 +139,19 @@ def _weight_format_code(fmt) -> int:
                              f"got {fmt!r}")
         return LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING[fmt]
     return int(fmt.item() if isinstance(fmt, torch.Tensor) else fmt)
+
+
+def _pickle_state(module: nn.Module, weight: Optional[nn.Parameter]) -> dict:
+    """``module.__dict__`` for pickling (``torch.save(model)``, ``copy.deepcopy``) with
+    ``weight`` (a bare copy of the weight parameter, without the derived ``quant_state`` / ``SCB``
+    views of the module's int32-stored statistics, which ``torch.save`` cannot write beside the
+    same storage's int32 view) in place of the weight; ``__setstate__`` re-derives them."""
+    state = dict(module.__dict__)
+    if weight is not None:
+        params = dict(state["_parameters"])
+        params["weight"] = weight
+        state["_parameters"] = params
+    return state
 
 
 def _bits(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -474,6 +494,17 @@ class Linear4bit(nn.Linear):
             packed, False, None, blocksize=self.blocksize, compress_statistics=state.nested,
             quant_type=self.quant_type, quant_storage=packed.dtype, module=self,
             bnb_quantized=True))
+        self._sync_weight_state()
+
+    def __getstate__(self) -> dict:
+        w = self._parameters.get("weight")
+        bare = None
+        if isinstance(w, Params4bit) and w.bnb_quantized:
+            bare = Params4bit(w.data, False, None, bnb_quantized=True, **w._attrs())
+        return _pickle_state(self, bare)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         self._sync_weight_state()
 
     def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
@@ -848,6 +879,21 @@ class Linear8bitLt(nn.Linear):
             raise ValueError(f"SCB must have {self.out_features} elements, got {SCB.numel()}")
         nn.Module.__setattr__(self, "weight", Int8Params(CB, False, False, CB, None))
         _set_tensor(self, "weight_scb", _bits(SCB.reshape(-1).to(torch.float32)), True)
+        self._sync_weight_state()
+
+    def __getstate__(self) -> dict:
+        w = self._parameters.get("weight")
+        bare = None
+        if isinstance(w, Int8Params):
+            bare = Int8Params(w.data, w.requires_grad, w.has_fp16_weights)
+        state = _pickle_state(self, bare)
+        st = copy.copy(state["state"])
+        st.CB = st.SCB = None  # views of the weight and of weight_scb: re-derived on load
+        state["state"] = st
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
         self._sync_weight_state()
 
     def _sync_weight_state(self) -> None:
