@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from opsq._schemas import SCHEMAS
 from opsq.nn import Linear4bit, Linear8bitLt
 
 ops = torch.ops.opsq
@@ -273,3 +274,35 @@ def test_meta_device_load_with_assign(name, make):
     assert [n for n, _ in m.named_parameters()] == [n for n, _ in src.named_parameters()]
     x = _input(name)
     assert torch.equal(m(x), src(x))
+
+
+# ---- a non-tensor where a Tensor is required -----------------------------------------------
+def _placeholder_args(op):
+    schema = torch._C.parse_schema(f"opsq::{op}{SCHEMAS[op]}")
+    args = []
+    for a in schema.arguments:
+        t = str(a.type)
+        if t.startswith("Optional["):
+            args.append(None)
+        elif a.name in ("dtype", "quant_storage"):  # ScalarType (an int in the schema's repr)
+            args.append(torch.float32)
+        else:
+            args.append({"Tensor": torch.ones(4), "int": 64, "str": "nf4", "float": 0.0,
+                         "List[int]": [2, 2]}[t])
+    return schema, args
+
+
+def _required_tensor_cases():
+    for op in SCHEMAS:
+        schema, _ = _placeholder_args(op)
+        for i, a in enumerate(schema.arguments):
+            if str(a.type) == "Tensor":
+                yield op, i, a.name
+
+
+@pytest.mark.parametrize("op,pos,name", list(_required_tensor_cases()))
+def test_none_for_a_required_tensor_names_the_argument(op, pos, name):
+    _, args = _placeholder_args(op)
+    args[pos] = None
+    with pytest.raises(TypeError, match=rf"^{name} must be a Tensor, got NoneType"):
+        getattr(ops, op)(*args)

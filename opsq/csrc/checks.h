@@ -12,6 +12,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdio>
 #include <initializer_list>
 #include <string>
@@ -139,7 +140,8 @@ inline void check_dim(const char* name, const at::Tensor& t, int64_t ndim) {
 }
 
 inline void check_threshold(double threshold) {
-  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold == threshold,
+  // the rule of check_threshold in opsq/meta/_common.py: finite and >= 0 (inf is rejected)
+  TORCH_CHECK_VALUE(std::isfinite(threshold) && threshold >= 0.0,
                     "threshold must be a finite number >= 0 (0 disables outliers), got " +
                         fmt(threshold));
 }

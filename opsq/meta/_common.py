@@ -8,12 +8,59 @@ for a bad value (blocksize, quant_type, threshold, order, device) and ``RuntimeE
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
 from .._constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
+from .._schemas import SCHEMAS
+
+
+@functools.lru_cache(maxsize=None)
+def _tensor_args(op: str) -> tuple[tuple[int, str, bool], ...]:
+    """``(position, name, optional)`` of every Tensor argument of ``opsq::op``."""
+    schema = torch._C.parse_schema(f"opsq::{op}{SCHEMAS[op]}")
+    out = []
+    for i, a in enumerate(schema.arguments):
+        t = a.type
+        optional = isinstance(t, torch._C.OptionalType)
+        inner = t.getElementType() if optional else t
+        if isinstance(inner, torch._C.TensorType):
+            out.append((i, a.name, optional))
+    return tuple(out)
+
+
+def check_tensor_args(op: str, args: Sequence, kwargs: dict | None = None) -> None:
+    """TypeError naming the first Tensor argument of ``opsq::op`` that is not a tensor (None for
+    a required one, or any other object), before any check reads ``.dtype`` from it."""
+    kwargs = kwargs or {}
+    for i, name, optional in _tensor_args(op):
+        value = args[i] if i < len(args) else kwargs.get(name)
+        if value is None and optional:
+            continue
+        torch._check_type(isinstance(value, torch.Tensor),
+                          lambda: f"{name} must be a Tensor, got {type(value).__name__}")
+
+
+def with_tensor_args_checked(op: str, fn: Callable) -> Callable:
+    """``fn`` (a fake or reference kernel of ``opsq::op``) preceded by
+    :func:`check_tensor_args`."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        check_tensor_args(op, args, kwargs)
+        return fn(*args, **kwargs)
+    return checked
+
+
+def register_fake(qualname: str) -> Callable:
+    """``torch.library.register_fake(qualname)`` with :func:`check_tensor_args` first."""
+    def deco(fn: Callable) -> Callable:
+        torch.library.register_fake(qualname)(
+            with_tensor_args_checked(qualname.split("::")[1], fn))
+        return fn
+    return deco
 
 
 def check_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from .._constants import FLOAT_DTYPES
 from ._common import (ceil_div, check_blocksize, check_dtype, check_float_dtype, check_numel,
-                      check_same_device)
+                      check_same_device, register_fake)
 
 
 def check_quantize_blockwise(A, code, blocksize):
@@ -31,12 +31,12 @@ def check_dequantize_blockwise(A, absmax, code, blocksize, dtype):
     return tuple(A.shape)
 
 
-@torch.library.register_fake("opsq::quantize_blockwise")
+@register_fake("opsq::quantize_blockwise")
 def _quantize_blockwise_fake(A, code, blocksize):
     shape, absmax_shape = check_quantize_blockwise(A, code, blocksize)
     return A.new_empty(shape, dtype=torch.uint8), A.new_empty(absmax_shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("opsq::dequantize_blockwise")
+@register_fake("opsq::dequantize_blockwise")
 def _dequantize_blockwise_fake(A, absmax, code, blocksize, dtype):
     return A.new_empty(check_dequantize_blockwise(A, absmax, code, blocksize, dtype), dtype=dtype)

@@ -13,7 +13,7 @@ import torch
 from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
 from ._common import (ceil_div, check_blocksize, check_dim, check_dtype, check_float_dtype,
                       check_min_dim, check_numel, check_quant_storage, check_quant_type,
-                      check_same_device, check_shape_arg, numel_of)
+                      check_same_device, check_shape_arg, numel_of, register_fake)
 
 
 def packed_numel(n, itemsize: int):
@@ -105,14 +105,14 @@ def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bia
     return tuple(A.shape[:-1]) + (N,)
 
 
-@torch.library.register_fake("opsq::quantize_4bit")
+@register_fake("opsq::quantize_4bit")
 def _quantize_4bit_fake(A, blocksize, quant_type, quant_storage):
     packed_shape, absmax_shape = check_quantize_4bit(A, blocksize, quant_type, quant_storage)
     return (A.new_empty(packed_shape, dtype=quant_storage),
             A.new_empty(absmax_shape, dtype=torch.float32))
 
 
-@torch.library.register_fake("opsq::dequantize_4bit")
+@register_fake("opsq::dequantize_4bit")
 def _dequantize_4bit_fake(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
                           nested_code=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE):
     out_shape = check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
@@ -128,5 +128,5 @@ def _linear_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None,
     return A.new_empty(out_shape)
 
 
-torch.library.register_fake("opsq::gemv_4bit", _linear_4bit_fake)
-torch.library.register_fake("opsq::linear_4bit", _linear_4bit_fake)
+register_fake("opsq::gemv_4bit")(_linear_4bit_fake)
+register_fake("opsq::linear_4bit")(_linear_4bit_fake)

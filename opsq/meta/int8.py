@@ -6,7 +6,7 @@ import torch
 
 from .._constants import FLOAT_DTYPES
 from ._common import (check_dim, check_dtype, check_float_dtype, check_min_dim, check_numel,
-                      check_same_device, check_threshold, numel_of)
+                      check_same_device, check_threshold, numel_of, register_fake)
 
 
 def check_vectorwise_quant(A, threshold):
@@ -74,14 +74,14 @@ def check_int8_linear(A, B, SCB, bias, threshold):
     return tuple(A.shape[:-1]) + (N,)
 
 
-@torch.library.register_fake("opsq::vectorwise_quant")
+@register_fake("opsq::vectorwise_quant")
 def _vectorwise_quant_fake(A, threshold=0.0):
     shape, rows, cols = check_vectorwise_quant(A, threshold)
     return (A.new_empty(shape, dtype=torch.int8), A.new_empty(rows, dtype=torch.float32),
             A.new_empty(cols, dtype=torch.bool))
 
 
-@torch.library.register_fake("opsq::double_quant")
+@register_fake("opsq::double_quant")
 def _double_quant_fake(A, threshold=0.0):
     shape, rows, cols = check_vectorwise_quant(A, threshold)
     return (A.new_empty(shape, dtype=torch.int8), A.new_empty(shape, dtype=torch.int8),
@@ -89,17 +89,17 @@ def _double_quant_fake(A, threshold=0.0):
             A.new_empty(cols, dtype=torch.bool))
 
 
-@torch.library.register_fake("opsq::igemmlt")
+@register_fake("opsq::igemmlt")
 def _igemmlt_fake(A, B):
     return A.new_empty(check_igemmlt(A, B), dtype=torch.int32)
 
 
-@torch.library.register_fake("opsq::mm_dequant")
+@register_fake("opsq::mm_dequant")
 def _mm_dequant_fake(A, row_stats, col_stats, bias=None, dtype=None):
     shape, out_dtype = check_mm_dequant(A, row_stats, col_stats, bias, dtype)
     return A.new_empty(shape, dtype=out_dtype)
 
 
-@torch.library.register_fake("opsq::int8_linear")
+@register_fake("opsq::int8_linear")
 def _int8_linear_fake(A, B, SCB=None, bias=None, threshold=0.0):
     return A.new_empty(check_int8_linear(A, B, SCB, bias, threshold))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._constants import ORDERS
-from ._common import ceil_div, check_dim, check_numel, check_shape_arg
+from ._common import ceil_div, check_dim, check_numel, check_shape_arg, register_fake
 
 
 def tiled_numel(order: str, rows, cols):
@@ -44,6 +44,6 @@ def check_transform(A, from_order, to_order, shape):
     return (tiled_numel(to_order, rows, cols),)
 
 
-@torch.library.register_fake("opsq::transform")
+@register_fake("opsq::transform")
 def _transform_fake(A, from_order, to_order, shape):
     return A.new_empty(check_transform(A, from_order, to_order, shape))

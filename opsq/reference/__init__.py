@@ -7,6 +7,7 @@ oracle on any device. They validate their inputs with the same helpers as the fa
 """
 import torch
 
+from ..meta._common import with_tensor_args_checked
 from .blockwise import dequantize_blockwise, quantize_blockwise
 from .fourbit import dequantize_4bit, gemv_4bit, linear_4bit, quantize_4bit
 from .int8 import double_quant, igemmlt, int8_linear, mm_dequant, vectorwise_quant
@@ -28,4 +29,5 @@ KERNELS = {
 }
 
 for _name, _fn in KERNELS.items():
-    torch.library.impl(f"opsq::{_name}", "CompositeExplicitAutograd")(_fn)
+    torch.library.impl(f"opsq::{_name}", "CompositeExplicitAutograd")(
+        with_tensor_args_checked(_name, _fn))
