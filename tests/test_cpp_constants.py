@@ -1,0 +1,101 @@
+"""The C++ copies of opsq's constants and validation rules agree with their Python home
+(``opsq/_constants.py``, ``opsq/meta/_common.py``): the code tables and decision boundaries in
+``opsq/csrc/common.cuh`` (read from the source), and the blocksize / quant_type / threshold
+rules of ``opsq/csrc/checks.h`` (compiled and run against the installed torch's headers, so the
+test runs on a CPU-only machine; skipped without a C++ compiler)."""
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from opsq import _constants as C
+from opsq.meta._common import check_blocksize, check_quant_type, check_threshold
+
+CSRC = os.path.join(os.path.dirname(C.__file__), "csrc")
+
+
+def _hex_floats(name: str) -> list[float]:
+    text = open(os.path.join(CSRC, "common.cuh")).read()
+    m = re.search(rf"(?:#define {name}\b|\b{name}\[\d+\] = \{{)(.*?)(?:\n\n|\n//|\}};)", text,
+                  re.S)
+    assert m, name
+    return [float.fromhex(v) for v in re.findall(r"-?0x[0-9a-fA-F.]+p[-+]?\d+", m.group(1))]
+
+
+def _fp32(values) -> list[float]:
+    return torch.tensor(values, dtype=torch.float64).float().double().tolist()
+
+
+def test_code_tables_match():
+    assert _hex_floats("OPSQ_NF4_VALUES") == _fp32(C.NF4_CODE)
+    fp4 = _hex_floats("OPSQ_FP4_VALUES")
+    want = _fp32(C.FP4_CODE)
+    assert fp4 == want
+    assert [math.copysign(1, v) for v in fp4] == [math.copysign(1, v) for v in want]  # -0.0
+
+
+def test_decision_boundaries_match():
+    nf4 = torch.tensor(C.NF4_CODE, dtype=torch.float64)
+    mids = ((nf4[1:] + nf4[:-1]) / 2).float().double().tolist()
+    assert _hex_floats("kNF4Mid") == mids
+    assert _hex_floats("kFP4Thr") == _fp32(C.FP4_THRESHOLDS)
+    text = open(os.path.join(CSRC, "common.cuh")).read()
+    asc = re.search(r"kFP4Asc\[8\] = \{([^}]*)\}", text).group(1)
+    assert tuple(int(v) for v in asc.split(",")) == C.FP4_CODES_ASCENDING
+    assert f"kZeroCodeNF4 = {C.ZERO_CODE['nf4']};" in text
+
+
+_PROGRAM = r'''
+#include "checks.h"
+#include <cmath>
+#include <iostream>
+#include <limits>
+template <typename F> int ok(F f) { try { f(); return 1; } catch (const std::exception&) { return 0; } }
+int main() {
+  for (long b = 1; b <= 8192; ++b) if (ok([&] { opsq::check_blocksize(b); })) std::cout << "b " << b << "\n";
+  for (const char* q : {"nf4", "fp4", "NF4", "int4", "nf4 ", ""})
+    std::cout << "q '" << q << "' " << ok([&] { opsq::check_quant_type(q); }) << "\n";
+  const double inf = std::numeric_limits<double>::infinity();
+  const double vals[] = {0.0, 6.0, 1e300, -1.0, -0.0, inf, -inf, std::nan("")};
+  for (double t : vals) std::cout << "t " << ok([&] { opsq::check_threshold(t); }) << "\n";
+}
+'''
+
+
+def _accepts(check, *args) -> int:
+    try:
+        check(*args)
+        return 1
+    except (ValueError, TypeError, RuntimeError):
+        return 0
+
+
+@pytest.mark.slow
+def test_checks_h_rules_match_python(tmp_path):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on this machine")
+    from torch.utils.cpp_extension import include_paths, library_paths
+    src = tmp_path / "checks.cpp"
+    src.write_text(_PROGRAM)
+    exe = tmp_path / "checks"
+    lib = library_paths()[0]
+    cmd = [cxx, "-std=c++17", "-w", *[f"-I{p}" for p in include_paths()], f"-I{CSRC}",
+           str(src), f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}", "-o", str(exe)]
+    build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if build.returncode != 0:
+        pytest.fail(f"checks.h does not compile against this torch:\n{build.stderr[-3000:]}")
+    out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout.split("\n")
+    assert [int(l.split()[1]) for l in out if l.startswith("b ")] == list(C.BLOCKSIZES)
+    for q, line in zip(["nf4", "fp4", "NF4", "int4", "nf4 ", ""],
+                       [l for l in out if l.startswith("q ")]):
+        assert int(line.split()[-1]) == _accepts(check_quant_type, q), q
+    vals = [0.0, 6.0, 1e300, -1.0, -0.0, math.inf, -math.inf, math.nan]
+    got = [int(l.split()[1]) for l in out if l.startswith("t ")]
+    assert got == [_accepts(check_threshold, v) for v in vals]
+    assert got == [1, 1, 1, 0, 1, 0, 0, 0]
+    assert all(_accepts(check_blocksize, b) for b in C.BLOCKSIZES)
