@@ -360,6 +360,28 @@ def autograd_function(name: str) -> type:
         backward=staticmethod(backward)))
 
 
+@functools.lru_cache(maxsize=None)
+def _function(name: str) -> type:
+    return autograd_function(name)
+
+
+def apply_op(name: str, *args):
+    """``torch.ops.opsq.<name>(*args)``, differentiable under ``torch.func`` transforms too.
+
+    The ``torch.autograd.Function`` that ``register_autograd`` generates takes ``ctx`` in
+    ``forward``, which ``torch.func.grad`` / ``vjp`` / ``jacrev`` reject; while such a transform
+    is active this calls :func:`autograd_function` (same formula, separate ``setup_context``)
+    instead. Otherwise (eager, ``torch.compile``: the check is a constant there) it is the op
+    call itself. ``args`` are positional, in schema order; omitted trailing ones take their
+    defaults.
+    """
+    op = getattr(ops, name)
+    if torch._C._are_functorch_transforms_active():
+        full, _ = torch._library.utils.fill_defaults(op.default._schema, args, {})
+        return _function(name).apply(*full)
+    return op(*args)
+
+
 def install_native_callbacks(ext) -> None:
     """Give the C++ Autograd kernels of :data:`NATIVE_AUTOGRAD_OPS` their gradient path."""
     for name in NATIVE_AUTOGRAD_OPS:

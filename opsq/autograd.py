@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ._autograd import apply_op
 from .functional import QuantState
 from .layout_utils import (get_inverse_transform_indices, get_tile_inds,  # noqa: F401
                            supports_igemmlt, undo_layout)
@@ -110,13 +111,13 @@ def matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
     if state.CB is not None and not state.has_fp16_weights:
         if state.SCB is None:
             raise ValueError("state.CB is set but state.SCB (its fp32 row absmax) is None")
-        res = ops.int8_linear(A, state.CB, state.SCB, bias, thr)
+        res = apply_op("int8_linear", A, state.CB, state.SCB, bias, thr)
     elif B.dtype == torch.int8:
         if state.SCB is None:
             raise ValueError("B is int8 (CB) but state.SCB (its fp32 row absmax) is None")
-        res = ops.int8_linear(A, B, state.SCB, bias, thr)
+        res = apply_op("int8_linear", A, B, state.SCB, bias, thr)
     else:
-        res = ops.int8_linear(A, B, None, bias, thr)
+        res = apply_op("int8_linear", A, B, None, bias, thr)
     return _finish(res, out)
 
 
@@ -164,9 +165,9 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
     args = (A, B, list(quant_state.shape), quant_state.absmax, quant_state.blocksize,
             quant_state.quant_type, bias, *quant_state.nested_args())
     if A.numel() == A.shape[-1] and not A.requires_grad:
-        res = ops.gemv_4bit(*args)
+        res = apply_op("gemv_4bit", *args)
     else:
-        res = ops.linear_4bit(*args)
+        res = apply_op("linear_4bit", *args)
     return _finish(res, out)
 
 
@@ -180,9 +181,9 @@ class MatMul4Bit:
               quant_state: Optional[QuantState] = None) -> torch.Tensor:
         if quant_state is None:
             raise ValueError("MatMul4Bit needs the weight's quant_state")
-        res = ops.linear_4bit(A, B, list(quant_state.shape), quant_state.absmax,
-                              quant_state.blocksize, quant_state.quant_type, bias,
-                              *quant_state.nested_args())
+        res = apply_op("linear_4bit", A, B, list(quant_state.shape), quant_state.absmax,
+                       quant_state.blocksize, quant_state.quant_type, bias,
+                       *quant_state.nested_args())
         return _finish(res, out)
 
 
@@ -253,12 +254,17 @@ def _check_matmul8bit(A: torch.Tensor, B: torch.Tensor, quant_type: str,
 
 
 class _MatMul8bitFn(torch.autograd.Function):
+    # forward and setup_context apart: torch.func transforms (grad, vjp, ...) need it so
     @staticmethod
-    def forward(ctx, A, B, quant_type, precision):
+    def setup_context(ctx, inputs, output):
+        A, B, quant_type, precision = inputs
         ctx.quant_type, ctx.precision = quant_type, precision
         ctx.save_for_backward(A if ctx.needs_input_grad[1] else None,
                               B if ctx.needs_input_grad[0] else None)
         ctx.A_shape, ctx.dtypes = A.shape, (A.dtype, B.dtype)
+
+    @staticmethod
+    def forward(A, B, quant_type, precision):
         if B.dim() == 2:
             out = _mm(A.reshape(-1, A.shape[-1]), B, precision[0] == 8, quant_type, A.dtype)
             return out.reshape(*A.shape[:-1], B.shape[1])

@@ -306,3 +306,33 @@ def test_none_for_a_required_tensor_names_the_argument(op, pos, name):
     args[pos] = None
     with pytest.raises(TypeError, match=rf"^{name} must be a Tensor, got NoneType"):
         getattr(ops, op)(*args)
+
+
+# ---- torch.func through the layers and the matmul functions ------------------------------------
+def _func_cases():
+    import opsq
+    torch.manual_seed(0)
+    l4 = Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4", compress_statistics=True)
+    l8 = Linear8bitLt.from_float(nn.Linear(64, 16), threshold=6.0)
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    return {
+        "Linear4bit": lambda x: l4(x),
+        "Linear8bitLt": lambda x: l8(x),
+        "matmul_4bit": lambda x: opsq.matmul_4bit(x, l4.weight.t(), l4.weight.quant_state),
+        "matmul": lambda x: opsq.matmul(x, w, threshold=6.0),
+        "matmul_cublas": lambda x: opsq.matmul_cublas(x, w.t()),
+    }
+
+
+@pytest.mark.parametrize("name", list(_func_cases()))
+def test_torch_func_grad_and_vjp(name):
+    f = _func_cases()[name]
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    x[0, 5] = 9.0  # an outlier column for the int8 paths
+    G = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
+    xr = x.clone().requires_grad_(True)
+    (f(xr) * G).sum().backward()
+    g = torch.func.grad(lambda t: (f(t) * G).sum())(x)
+    assert torch.equal(g, xr.grad)
+    out, vjp = torch.func.vjp(f, x)
+    assert torch.equal(out, f(x)) and torch.equal(vjp(G)[0], xr.grad)

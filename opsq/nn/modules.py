@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .. import functional as Fq
+from .._autograd import apply_op
 from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
                           LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING, NESTED_BLOCKSIZE)
 from ..meta._common import (check_blocksize, check_float_dtype, check_quant_storage,
@@ -660,10 +661,10 @@ class Linear4bit(nn.Linear):
                 "quant_storage=torch.uint8 with FSDP2 mixed precision")
         cdt = self.compute_dtype
         xc = x if cdt is None or x.dtype == cdt else x.to(cdt)
-        out = torch.ops.opsq.linear_4bit(
-            xc, weight, self.weight_shape, _value(absmax), self.blocksize, self.quant_type,
-            self.bias, _value(self.weight_nested_absmax), self.weight_nested_quant_map,
-            self.weight_offset, self.nested_blocksize)
+        out = apply_op(
+            "linear_4bit", xc, weight, self.weight_shape, _value(absmax), self.blocksize,
+            self.quant_type, self.bias, _value(self.weight_nested_absmax),
+            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
         return out if xc is x else out.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -1010,8 +1011,8 @@ class Linear8bitLt(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One op call. SCB None: a float weight (has_fp16_weights=True, or not yet moved),
         # quantized per call.
-        return torch.ops.opsq.int8_linear(x, self.weight, _value(self.weight_scb), self.bias,
-                                          self.threshold)
+        return apply_op("int8_linear", x, self.weight, _value(self.weight_scb), self.bias,
+                        self.threshold)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
