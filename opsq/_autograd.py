@@ -10,7 +10,7 @@ them) and saves only what ``ctx.needs_input_grad`` asks for.
 The answer for every input, op by op (``W`` = the dequantized weight, ``G`` = the incoming
 gradient, flattened to rows):
 
-* ``linear_4bit`` / ``gemv_4bit``: ``A`` -> ``G @ W``; ``bias`` -> ``G.sum(0)``; a float32
+* ``linear_4bit`` (and its alias ``gemv_4bit``): ``A`` -> ``G @ W``; ``bias`` -> ``G.sum(0)``; a float32
   ``absmax`` -> per-block sums of ``(G.T @ A) * code_values``; with nested statistics,
   ``nested_absmax``, ``nested_code`` and ``offset`` by the chain rule through
   ``absmax = nested_code[q] * nested_absmax + offset``. The packed codes ``B`` get None even
@@ -184,7 +184,6 @@ def _make_linear_4bit_autograd(name: str):
 
 
 _make_linear_4bit_autograd("linear_4bit")
-_make_linear_4bit_autograd("gemv_4bit")
 
 
 # ---- dequantize_4bit ---------------------------------------------------------------------------
@@ -340,7 +339,7 @@ for _name in NON_DIFFERENTIABLE:
 #: Ops whose CUDA autograd kernel is C++ (``opsq/csrc/autograd.cpp``): it redispatches below
 #: autograd without entering Python when no gradient is needed, and otherwise calls the
 #: ``torch.autograd.Function`` built here from the same formula as the registration above.
-NATIVE_AUTOGRAD_OPS = ("linear_4bit", "gemv_4bit", "int8_linear")
+NATIVE_AUTOGRAD_OPS = ("linear_4bit", "int8_linear")
 
 
 def autograd_function(name: str) -> type:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ._schemas import SCHEMAS
+from ._schemas import ALIASES, SCHEMAS
 
 _EXT = None
 _EXT_ERROR: str | None = None
@@ -37,7 +37,9 @@ def extension_error() -> str | None:
 
 
 def has_native_kernel(name: str, dispatch_key: str = "CUDA") -> bool:
-    """Whether op ``opsq::name`` has a kernel registered directly for ``dispatch_key``."""
+    """Whether op ``opsq::name`` (or, for an alias, the op it calls) has a kernel registered
+    directly for ``dispatch_key``."""
+    name = ALIASES.get(name, name)
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"opsq::{name}", dispatch_key)
 
 
@@ -45,9 +47,10 @@ def backends() -> dict[str, dict[str, str]]:
     """For every op: which kernel serves each device ("cuda-native", "reference")."""
     out = {}
     for name in SCHEMAS:
+        note = f" (alias of {ALIASES[name]})" if name in ALIASES else ""
         out[name] = {
-            "cpu": "reference",
-            "cuda": "cuda-native" if has_native_kernel(name, "CUDA") else "reference",
-            "meta": "fake",
+            "cpu": "reference" + note,
+            "cuda": ("cuda-native" if has_native_kernel(name, "CUDA") else "reference") + note,
+            "meta": "fake" + note,
         }
     return out

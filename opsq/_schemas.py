@@ -34,6 +34,8 @@ SCHEMAS: dict[str, str] = {
     "dequantize_4bit":
         "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
         f"ScalarType dtype, {_NESTED}) -> Tensor",
+    # bitsandbytes' name for the batch-1 call of the same op: an alias of linear_4bit (see
+    # ALIASES), one kernel and one autograd formula for both
     "gemv_4bit":
         "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
         f"Tensor? bias=None, {_NESTED}) -> Tensor",
@@ -58,9 +60,27 @@ SCHEMAS: dict[str, str] = {
     "transform": "(Tensor A, str from_order, str to_order, SymInt[] shape) -> Tensor",
 }
 
+#: ``{alias: op}``: ops defined only as a call of another op with the same schema
+#: (``CompositeImplicitAutograd``: no kernels, fake or autograd of their own; a compiled graph
+#: shows the target op).
+ALIASES: dict[str, str] = {"gemv_4bit": "linear_4bit"}
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
+
+
+def _alias_kernel(target: str):
+    op = getattr(torch.ops.opsq, target)
+
+    def kernel(*args, **kwargs):
+        return op(*args, **kwargs)
+    return kernel
+
+
+for _alias, _target in ALIASES.items():
+    assert SCHEMAS[_alias] == SCHEMAS[_target], _alias
+    _lib.impl(_alias, _alias_kernel(_target), "CompositeImplicitAutograd")
 
 
 def qualname(name: str) -> str:

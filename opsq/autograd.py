@@ -143,9 +143,8 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
     """``A @ dequant(B).T + bias`` for a packed 4-bit weight (QLoRA's matmul), bitsandbytes'
     ``bnb.matmul_4bit``.
 
-    A single row of ``A`` that does not require grad (batch-1 decoding) goes through
-    ``opsq::gemv_4bit``, everything else through ``opsq::linear_4bit``; both are
-    differentiable in ``A``, ``bias`` and the fp32 statistics.
+    One ``opsq::linear_4bit`` call (its CUDA kernel runs the fused GEMV for up to 8 rows,
+    batch-1 decoding included); differentiable in ``A``, ``bias`` and the fp32 statistics.
 
     Args:
         A: ``(..., K)`` fp16/bf16/fp32.
@@ -164,10 +163,7 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
         raise ValueError("matmul_4bit needs the weight's quant_state")
     args = (A, B, list(quant_state.shape), quant_state.absmax, quant_state.blocksize,
             quant_state.quant_type, bias, *quant_state.nested_args())
-    if A.numel() == A.shape[-1] and not A.requires_grad:
-        res = apply_op("gemv_4bit", *args)
-    else:
-        res = apply_op("linear_4bit", *args)
+    res = apply_op("linear_4bit", *args)  # the kernel picks the GEMV for few rows
     return _finish(res, out)
 
 

@@ -1,5 +1,5 @@
-// C++ Autograd kernels of the ops a quantized layer calls on every forward (linear_4bit,
-// gemv_4bit, int8_linear), registered for AutogradCUDA.
+// C++ Autograd kernels of the ops a quantized layer calls on every forward (linear_4bit, and
+// through its alias gemv_4bit; int8_linear), registered for AutogradCUDA.
 //
 // Why: the autograd kernel that torch.library.register_autograd installs (opsq/_autograd.py) is
 // Python, and the dispatcher enters it on every call, under no_grad too: ~20 us of host time per
@@ -73,7 +73,7 @@ at::Tensor call_python(const char* name, Args&&... args) {
   }
 }
 
-// ---- linear_4bit / gemv_4bit ---------------------------------------------------------------
+// ---- linear_4bit ---------------------------------------------------------------------------
 template <const char* kName>
 at::Tensor linear_4bit_autograd(c10::DispatchKeySet ks, const at::Tensor& A, const at::Tensor& B,
                                 c10::SymIntArrayRef shapeB, const at::Tensor& absmax,
@@ -102,7 +102,6 @@ at::Tensor linear_4bit_autograd(c10::DispatchKeySet ks, const at::Tensor& A, con
 }
 
 constexpr char kLinear4bit[] = "opsq::linear_4bit";
-constexpr char kGemv4bit[] = "opsq::gemv_4bit";
 
 // ---- int8_linear ---------------------------------------------------------------------------
 at::Tensor int8_linear_autograd(c10::DispatchKeySet ks, const at::Tensor& A, const at::Tensor& B,
@@ -138,6 +137,5 @@ bool has_autograd_callback(const std::string& name) {
 
 TORCH_LIBRARY_IMPL(opsq, AutogradCUDA, m) {
   m.impl("linear_4bit", &opsq::linear_4bit_autograd<opsq::kLinear4bit>);
-  m.impl("gemv_4bit", &opsq::linear_4bit_autograd<opsq::kGemv4bit>);
   m.impl("int8_linear", &opsq::int8_linear_autograd);
 }

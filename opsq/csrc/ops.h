@@ -23,7 +23,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& offset,
                                 int64_t nested_blocksize);
-// gemv_4bit and linear_4bit (same semantics; the kernel is chosen by the number of rows).
+// linear_4bit (gemv_4bit is its alias; the kernel is chosen by the number of rows).
 at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                             const at::Tensor& absmax, int64_t blocksize,
                             c10::string_view quant_type, const std::optional<at::Tensor>& bias,

@@ -11,7 +11,6 @@
 TORCH_LIBRARY_IMPL(opsq, CUDA, m) {
   m.impl("quantize_4bit", &opsq::quantize_4bit_cuda);
   m.impl("dequantize_4bit", &opsq::dequantize_4bit_cuda);
-  m.impl("gemv_4bit", &opsq::linear_4bit_cuda);
   m.impl("linear_4bit", &opsq::linear_4bit_cuda);
   m.impl("quantize_blockwise", &opsq::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &opsq::dequantize_blockwise_cuda);

@@ -1,5 +1,5 @@
 """Fake kernels and shared validation for the 4-bit family: ``quantize_4bit``,
-``dequantize_4bit``, ``gemv_4bit`` and ``linear_4bit``.
+``dequantize_4bit`` and ``linear_4bit`` (``gemv_4bit`` is its alias, ``opsq._schemas.ALIASES``).
 
 The ``check_*`` helpers are the single source of validation for this family: the fake kernels
 below and the reference kernels (``opsq.reference.fourbit``) both call them.
@@ -128,5 +128,4 @@ def _linear_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None,
     return A.new_empty(out_shape)
 
 
-register_fake("opsq::gemv_4bit")(_linear_4bit_fake)
 register_fake("opsq::linear_4bit")(_linear_4bit_fake)

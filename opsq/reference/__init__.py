@@ -9,14 +9,13 @@ import torch
 
 from ..meta._common import with_tensor_args_checked
 from .blockwise import dequantize_blockwise, quantize_blockwise
-from .fourbit import dequantize_4bit, gemv_4bit, linear_4bit, quantize_4bit
+from .fourbit import dequantize_4bit, linear_4bit, quantize_4bit
 from .int8 import double_quant, igemmlt, int8_linear, mm_dequant, vectorwise_quant
 from .layout import transform
 
 KERNELS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
-    "gemv_4bit": gemv_4bit,
     "linear_4bit": linear_4bit,
     "quantize_blockwise": quantize_blockwise,
     "dequantize_blockwise": dequantize_blockwise,

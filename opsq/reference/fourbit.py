@@ -99,5 +99,3 @@ def linear_4bit(A: torch.Tensor, B: torch.Tensor, shapeB, absmax: torch.Tensor, 
     b = None if bias is None else bias.to(A.dtype).float()
     return F.linear(A.float(), W.float(), b).to(A.dtype)
 
-
-gemv_4bit = linear_4bit
