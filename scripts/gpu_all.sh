@@ -50,8 +50,8 @@ if has tests; then
   timeout 420 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_fixtures.py \
     tests/test_cuda_surface.py \
     compile_tests/test_opcheck.py $(ls tests/test_autograd.py compile_tests/test_compiled_training.py 2>/dev/null) \
-    -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
-  note "CUDA suite (fixtures, opcheck, compiles, training) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
+    tests/test_bad_inputs.py -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
+  note "CUDA suite (fixtures, opcheck, compiles, training, bad-input matrix) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | cut -c1-300 | head -10 | tee -a "$SUMMARY"
 fi
 if has fsdp; then

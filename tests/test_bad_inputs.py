@@ -1,8 +1,10 @@
 """Bad-input matrix (issue 8): every op and layer fed wrong dtypes, devices, shapes, values and
 corrupted state. Each row either raises a clear exception whose message names the argument, or is
 handled correctly ("ok", checked against a reference result). Op rows run twice: eager, and under
-``torch.compile(fullgraph=True, backend="aot_eager")`` through the fake kernels; layer and
-state-dict rows run eager only. "meta" stands in for "another device" on a CPU-only machine.
+``torch.compile(fullgraph=True, backend="aot_eager")`` through the fake kernels, on every device
+(CPU, and CUDA where present: the rows' CPU tensors move there with their strides and storage
+offsets, so the CUDA kernels' own checks face the same inputs); layer and state-dict rows run
+eager on the CPU. "meta" stands in for "another device".
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from opsq.nn import Embedding4bit, Embedding8bit, Linear4bit, Linear8bitLt
 ops = torch.ops.opsq
 META = "meta"
 OK = "ok"
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=(
+               pytest.mark.cuda,
+               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 torch.manual_seed(0)
 _A = torch.randn(4, 64)
@@ -500,15 +506,34 @@ def _check_exc(e: BaseException, row: Row, compiled: bool) -> None:
     assert re.search(row.match, text, re.S), f"{row.name}: {row.match!r} not in {text!r}"
 
 
-def _run(row: Row, compiled: bool):
+def _to_device(t: Any, device: str) -> Any:
+    """A CPU tensor moved to ``device`` with the same sizes, strides and storage offset (the
+    whole storage is copied, so non-contiguous and offset views stay such); anything else (a
+    tensor on meta, "another device"; non-tensors) unchanged."""
+    if device == "cpu" or not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        return t
+    n = t.untyped_storage().nbytes() // t.element_size()
+    base = torch.as_strided(t, (n,), (1,), 0).to(device)
+    return base.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+def _to_cpu(out: Any) -> Any:
+    if isinstance(out, (tuple, list)):
+        return type(out)(_to_cpu(o) for o in out)
+    return out.cpu() if isinstance(out, torch.Tensor) else out
+
+
+def _run(row: Row, compiled: bool, device: str = "cpu"):
     if row.op is None:
         return row.call()
     op = getattr(ops, row.op)
+    args = tuple(_to_device(a, device) for a in row.args)
+    kwargs = {k: _to_device(v, device) for k, v in row.kwargs.items()}
     if not compiled:
-        return op(*row.args, **row.kwargs)
+        return _to_cpu(op(*args, **kwargs))
     torch._dynamo.reset()
-    fn = torch.compile(lambda *a: op(*a, **row.kwargs), fullgraph=True, backend="aot_eager")
-    return fn(*row.args)
+    fn = torch.compile(lambda *a: op(*a, **kwargs), fullgraph=True, backend="aot_eager")
+    return _to_cpu(fn(*args))
 
 
 def _ids(rows):
@@ -526,15 +551,16 @@ def test_table_size():
                                           _schemas.SCHEMAS), "every op has rows"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("row", OP_ROWS, ids=_ids(OP_ROWS))
-def test_op_row(row: Row, compiled: bool):
+def test_op_row(row: Row, compiled: bool, device: str):
     if row.exc is OK:
-        out = _run(row, compiled)
+        out = _run(row, compiled, device)
         row.check(out)
         return
     with pytest.raises(Exception) as info:
-        _run(row, compiled)
+        _run(row, compiled, device)
     _check_exc(info.value, row, compiled)
 
 
@@ -546,3 +572,19 @@ def test_layer_row(row: Row):
     with pytest.raises(Exception) as info:
         _run(row, False)
     _check_exc(info.value, row, False)
+
+
+def test_to_device_keeps_strides_and_offsets():
+    """The device move of the op rows keeps what the rows test: non-contiguous strides and
+    storage offsets ("meta" checks the layout alone; CUDA, where present, the values too)."""
+    base = torch.randn(6, 8)
+    devices = ("meta",) + (("cuda",) if torch.cuda.is_available() else ())
+    for t in (base, _noncontig(base), base[1:, 2:], _offset_view(base.reshape(-1)), base[0, 0]):
+        for dev in devices:
+            moved = _to_device(t, dev)
+            assert moved.device.type == dev
+            assert moved.shape == t.shape and moved.stride() == t.stride()
+            assert moved.storage_offset() == t.storage_offset()
+            assert moved.is_contiguous() == t.is_contiguous()
+            if dev == "cuda":
+                assert torch.equal(moved.cpu(), t)
