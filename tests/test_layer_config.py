@@ -336,3 +336,22 @@ def test_torch_func_grad_and_vjp(name):
     assert torch.equal(g, xr.grad)
     out, vjp = torch.func.vjp(f, x)
     assert torch.equal(out, f(x)) and torch.equal(vjp(G)[0], xr.grad)
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_embedding_weight_reassignment_brings_statistics(kind):
+    from opsq.nn import Embedding4bit, Embedding8bit, Int8Params, Params4bit
+    cls = Embedding4bit if kind == "4bit" else Embedding8bit
+    torch.manual_seed(0)
+    a, b = cls.from_float(nn.Embedding(10, 64)), cls.from_float(nn.Embedding(10, 64))
+    idx = torch.tensor([0, 3, 9])
+    b.weight = a.weight
+    assert torch.equal(b(idx), a(idx))
+    table = torch.randn(10, 64, generator=torch.Generator().manual_seed(1))
+    want = cls.from_float(nn.Embedding.from_pretrained(table))
+    b.weight = (Params4bit(table, requires_grad=False, quant_type="fp4", blocksize=64,
+                           compress_statistics=False) if kind == "4bit"
+                else Int8Params(table, requires_grad=False, has_fp16_weights=False))
+    assert torch.equal(b(idx), want(idx))
+    with pytest.raises(ValueError):
+        b.weight = cls.from_float(nn.Embedding(12, 64)).weight
