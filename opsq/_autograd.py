@@ -10,8 +10,8 @@ them) and saves only what ``ctx.needs_input_grad`` asks for.
 The answer for every input, op by op (``W`` = the dequantized weight, ``G`` = the incoming
 gradient, flattened to rows):
 
-* ``linear_4bit`` (and its alias ``gemv_4bit``): ``A`` -> ``G @ W``; ``bias`` -> ``G.sum(0)``; a float32
-  ``absmax`` -> per-block sums of ``(G.T @ A) * code_values``; with nested statistics,
+* ``linear_4bit`` (and its alias ``gemv_4bit``): ``A`` -> ``G @ W``; ``bias`` -> ``G.sum(0)``;
+  a float32 ``absmax`` -> per-block sums of ``(G.T @ A) * code_values``; with nested statistics,
   ``nested_absmax``, ``nested_code`` and ``offset`` by the chain rule through
   ``absmax = nested_code[q] * nested_absmax + offset``. The packed codes ``B`` get None even
   when their storage dtype is floating point (bf16 storage holds bytes, not numbers).

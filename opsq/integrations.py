@@ -26,7 +26,8 @@ from . import functional as Fq
 from ._constants import FLOAT_DTYPES, QUANT_STORAGE_DTYPES
 from .layout_utils import maybe_rearrange_weight
 from .meta.fourbit import packed_numel
-from .nn.modules import Int8Params, Linear4bit, Linear8bitLt
+from .nn.linear4bit import Linear4bit
+from .nn.linear8bit import Int8Params, Linear8bitLt
 
 __all__ = ["init_empty_weights", "replace_with_bnb_linear", "replace_with_opsq_linear",
            "set_module_quantized_tensor_to_device", "get_keys_to_not_convert",

@@ -1,6 +1,7 @@
 """Quantized layers: ``Linear4bit`` (+ ``LinearNF4``/``LinearFP4``) with ``Params4bit``, and
 ``Linear8bitLt`` with ``Int8Params``, bitsandbytes-compatible."""
-from .modules import Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit
+from .linear4bit import Linear4bit, LinearFP4, LinearNF4, Params4bit
+from .linear8bit import Int8Params, Linear8bitLt
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "Linear8bitLt"]
 from .embedding import (  # noqa: E402

@@ -21,8 +21,9 @@ from .. import functional as Fq
 from .._constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
-from .modules import (Int8Params, Linear4bit, Params4bit, _apply_intent, _held_apply,
-                      _load_without_weight)
+from ._lifecycle import _apply_intent, _held_apply, _load_without_weight
+from .linear4bit import Linear4bit, Params4bit
+from .linear8bit import Int8Params
 from .switchback import dequantize_int8_rows
 
 __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",

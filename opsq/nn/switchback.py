@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import FLOAT_DTYPES
-from .modules import Linear8bitLt
+from .linear8bit import Linear8bitLt
 
 __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobalMemEfficient",
            "SwitchBackLinearVectorwise", "StandardLinear", "SwitchBackLinearBnb"]

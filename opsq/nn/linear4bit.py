@@ -1,0 +1,490 @@
+"""4-bit (NF4 / FP4) linear layers: ``Params4bit``, ``Linear4bit``, ``LinearFP4``, ``LinearNF4``
+(bitsandbytes' names, state-dict format and construction semantics; the shared lifecycle is
+:mod:`opsq.nn._lifecycle`)."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .. import functional as Fq
+from .._autograd import apply_op
+from .._constants import NESTED_BLOCKSIZE
+from ..meta._common import (check_blocksize, check_float_dtype, check_quant_storage,
+                            check_quant_type)
+from ..meta.fourbit import check_dequantize_4bit
+from ._lifecycle import (_apply_intent, _bits, _copy_into, _drop_internal_keys, _held_apply,
+                         _load_without_weight, _parse_to_device, _pickle_state,
+                         _save_without_quantized, _set_tensor, _value)
+
+__all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
+
+
+# =============================================================================================
+# 4-bit
+# =============================================================================================
+class Params4bit(nn.Parameter):
+    """A 4-bit weight parameter (bitsandbytes' ``Params4bit``).
+
+    Before quantization it holds the float weight ``(N, K)``; ``.to(device)`` / ``.cuda()`` /
+    ``.cpu()`` to a real device returns a new ``Params4bit`` holding the packed codes
+    ``(ceil(N*K/2/itemsize), 1)`` in ``quant_storage`` and its :class:`~opsq.functional.QuantState`.
+
+    Args:
+        data: the float weight, or packed codes with ``bnb_quantized=True``.
+        requires_grad: always False for quantized data.
+        quant_state: the state of packed ``data``.
+        blocksize: 32..4096, elements per absmax block (default 64).
+        compress_statistics: nested (8-bit) absmax.
+        quant_type: "nf4" or "fp4".
+        quant_storage: dtype of the packed storage.
+        module: the owning :class:`Linear4bit`, if any.
+        bnb_quantized: whether ``data`` is already packed.
+    """
+
+    def __new__(cls, data: Optional[torch.Tensor] = None, requires_grad: bool = False,
+                quant_state: Optional[Fq.QuantState] = None, blocksize: int = 64,
+                compress_statistics: bool = True, quant_type: str = "fp4",
+                quant_storage: torch.dtype = torch.uint8, module=None,
+                bnb_quantized: bool = False):
+        if data is None:
+            data = torch.empty(0)
+        self = torch.Tensor._make_subclass(cls, data, requires_grad)
+        self.blocksize = blocksize
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_state = quant_state
+        self.quant_storage = quant_storage
+        self.bnb_quantized = bnb_quantized
+        self.module = module
+        return self
+
+    def _attrs(self) -> dict[str, Any]:
+        return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+                    quant_type=self.quant_type, quant_storage=self.quant_storage)
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.data.clone(), self.requires_grad,
+                          copy.deepcopy(self.quant_state, memo), module=None,
+                          bnb_quantized=self.bnb_quantized, **self._attrs())
+
+    def __reduce_ex__(self, proto):
+        return (_rebuild_params4bit, (self.data, self.requires_grad, self.quant_state,
+                                      self.bnb_quantized, self._attrs()))
+
+    def _quantize(self, device) -> "Params4bit":
+        w = self.data.contiguous().to(device)
+        packed, state = Fq.quantize_4bit(w, blocksize=self.blocksize,
+                                         compress_statistics=self.compress_statistics,
+                                         quant_type=self.quant_type,
+                                         quant_storage=self.quant_storage)
+        return type(self)(packed, False, state, module=self.module, bnb_quantized=True,
+                          **self._attrs())
+
+    @classmethod
+    def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict[str, Any],
+                          requires_grad: bool = False, device="cuda", module=None,
+                          **kwargs) -> "Params4bit":
+        """Wrap packed codes and their bitsandbytes state-dict entries (``absmax``,
+        ``quant_map``, ``quant_state.bitsandbytes__<type>``, nested entries) on ``device``.
+
+        Raises:
+            ValueError: malformed ``quantized_stats``.
+        """
+        state = Fq.QuantState.from_dict(quantized_stats, device=device)
+        return cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
+                   compress_statistics=state.nested, quant_type=state.quant_type,
+                   quant_storage=data.dtype, module=module, bnb_quantized=True)
+
+    def to(self, *args, **kwargs):
+        device = _parse_to_device(*args, **kwargs)
+        if device is None:  # dtype-only conversion: a plain tensor, as for any Parameter
+            return super().to(*args, **kwargs)
+        if device.type != "meta" and not self.bnb_quantized \
+                and self.device.type != "meta":
+            return self._quantize(device)
+        if self.bnb_quantized:  # device move only: packed bytes and statistics keep their dtype
+            state = copy.deepcopy(self.quant_state)
+            if state is not None:
+                state.to(device)
+            data = self.data.to(device)
+            return type(self)(data, False, state, module=self.module, bnb_quantized=True,
+                              **self._attrs())
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None, non_blocking=False):
+        return self.to(device="cuda" if device is None else device, non_blocking=non_blocking)
+
+    def cpu(self):
+        return self.to(device="cpu")
+
+
+def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
+    return Params4bit(data, requires_grad, quant_state, bnb_quantized=bnb_quantized, **attrs)
+
+
+_STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
+               "weight_nested_quant_map", "weight_offset")
+class _KeyPath:
+    """Attribute chain ``weight.absmax`` ... ``weight.quant_state.bitsandbytes__nf4`` so that
+    ``torch.distributed.checkpoint`` can resolve bitsandbytes' dotted state-dict keys
+    (it walks them with ``getattr``; see :meth:`Linear4bit._fqn_modifiers`)."""
+
+    def __init__(self, **children):
+        self.__dict__.update(children)
+
+
+_BNB_WEIGHT_KEYS = _KeyPath(weight=_KeyPath(
+    absmax=None, quant_map=None, nested_absmax=None, nested_quant_map=None,
+    quant_state=_KeyPath(bitsandbytes__nf4=None, bitsandbytes__fp4=None)))
+
+
+class Linear4bit(nn.Linear):
+    """4-bit (NF4 / FP4) linear layer, bitsandbytes' ``Linear4bit``; QLoRA's storage format
+    (Dettmers et al., "QLoRA", 2023).
+
+    ``y = x @ dequant(W).T + bias`` computed in ``compute_dtype`` (default: the input's dtype)
+    by one ``torch.ops.opsq.linear_4bit`` call; output in the input's dtype.
+
+    Args:
+        input_features: K.
+        output_features: N.
+        bias: add a bias of shape ``(N,)``.
+        compute_dtype: fp16/bf16/fp32 or None (use the input's dtype).
+        compress_statistics: nested (8-bit) absmax.
+        quant_type: "nf4" or "fp4".
+        quant_storage: dtype the packed weight is stored as (e.g. bf16 for FSDP1).
+        device: where the float weight is created (quantization happens on the first move).
+        blocksize: 32..4096 (default 64).
+    Shapes:
+        input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
+    Raises:
+        TypeError: ``compute_dtype`` not None/fp16/bf16/fp32 (a string too), ``quant_storage``
+            not a supported dtype. ValueError: bad ``quant_type`` or ``blocksize``.
+        RuntimeError: ``forward`` before the weight is quantized.
+    """
+
+    def __init__(self, input_features: int, output_features: int, bias: bool = True,
+                 compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
+                 quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8,
+                 device=None, blocksize: int = 64):
+        if compute_dtype is not None:
+            check_float_dtype("compute_dtype", compute_dtype)
+        check_quant_type(quant_type)
+        check_blocksize(blocksize)
+        check_quant_storage(quant_storage)
+        super().__init__(input_features, output_features, bias, device)
+        self.weight = Params4bit(self.weight.data, requires_grad=False,
+                                 compress_statistics=compress_statistics, quant_type=quant_type,
+                                 quant_storage=quant_storage, blocksize=blocksize, module=self)
+        self.compute_dtype = compute_dtype
+        self.compress_statistics = compress_statistics
+        self.quant_type = quant_type
+        self.quant_storage = quant_storage
+        self.blocksize = blocksize
+        self.nested_blocksize = NESTED_BLOCKSIZE
+        self.weight_shape = (output_features, input_features)
+        self.weight_dtype = self.weight.dtype
+        for name in _STATE_4BIT:
+            self.register_buffer(name, None, persistent=False)
+
+    # ---- state ------------------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.weight_absmax is not None
+
+    def __setattr__(self, name: str, value) -> None:
+        # One home for the statistics: a Params4bit assigned to ``weight`` by any route
+        # (``layer.weight = ...``, ``b.weight = a.weight``, PEFT's merge) brings its quant_state
+        # into the module's tensors, or is quantized now when the layer already is. Plain
+        # parameters (FSDP's shards, ``_apply``) are set as they are.
+        if name == "weight" and isinstance(value, Params4bit) and self._adopt_weight(value):
+            return
+        super().__setattr__(name, value)
+
+    def _adopt_weight(self, w: "Params4bit") -> bool:
+        """Take ``w``'s codes and statistics as this layer's; False when ``w`` is a float
+        weight for a layer that is not quantized yet (it is then set as is, and quantized on
+        the first move). Raises ValueError for a quantized ``w`` without a quant_state or with
+        another layer's shape."""
+        if w.bnb_quantized:
+            if w.quant_state is None:
+                raise ValueError("weight: a quantized Params4bit (bnb_quantized=True) needs its "
+                                 "quant_state (use Params4bit.from_prequantized)")
+            self._set_quantized(w.data, w.quant_state)
+            return True
+        absmax = self.__dict__.get("_parameters", {}).get("weight_absmax",
+                                                          self.__dict__.get("_buffers", {})
+                                                          .get("weight_absmax"))
+        if absmax is None or w.device.type == "meta":
+            return False
+        packed, state = Fq.quantize_4bit(
+            w.data.contiguous().to(absmax.device), blocksize=w.blocksize,
+            compress_statistics=w.compress_statistics, quant_type=w.quant_type,
+            quant_storage=w.quant_storage)
+        self.weight_dtype = w.dtype
+        self._set_quantized(packed, state)
+        return True
+
+    @property
+    def _stats_as_params(self) -> bool:
+        return not self.quant_storage.is_floating_point
+
+    def _quantized_names(self) -> tuple[str, ...]:
+        return ("weight",) + _STATE_4BIT if self.is_quantized else ()
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        # torch.distributed.checkpoint resolves "weight.absmax" & co. through this chain.
+        return {"weight": "_bnb_weight_keys"} if self.is_quantized else {}
+
+    _bnb_weight_keys = _BNB_WEIGHT_KEYS
+
+    @property
+    def quant_state(self) -> Optional[Fq.QuantState]:
+        """The weight's :class:`~opsq.functional.QuantState`, rebuilt from the module's tensors."""
+        if not self.is_quantized:
+            return None
+        state2 = offset = None
+        if self.weight_nested_absmax is not None:
+            state2 = Fq.QuantState(absmax=_value(self.weight_nested_absmax),
+                                   code=self.weight_nested_quant_map,
+                                   blocksize=self.nested_blocksize, dtype=torch.float32)
+            offset = self.weight_offset.reshape(())
+        return Fq.QuantState(absmax=_value(self.weight_absmax), shape=self.weight_shape,
+                             code=self.weight_quant_map, blocksize=self.blocksize,
+                             quant_type=self.quant_type, dtype=self.weight_dtype,
+                             offset=offset, state2=state2)
+
+    def _set_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
+        """Adopt packed codes and their state (shape must be this layer's ``(N, K)``)."""
+        if tuple(state.shape) != self.weight_shape:
+            raise ValueError(f"quantized weight has shape {tuple(state.shape)}, layer expects "
+                             f"{self.weight_shape} (out_features, in_features)")
+        # Reject a corrupted/truncated checkpoint now (absmax, codes, nested stats), not at the
+        # first forward: the ops' own shared validation.
+        check_dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type,
+                              list(state.shape), state.dtype,
+                              state.state2.absmax if state.nested else None,
+                              state.state2.code if state.nested else None,
+                              state.offset if state.nested else None,
+                              state.state2.blocksize if state.nested else NESTED_BLOCKSIZE)
+        self.blocksize = state.blocksize
+        self.quant_type = state.quant_type
+        self.quant_storage = packed.dtype
+        self.weight_dtype = state.dtype
+        self.compress_statistics = state.nested
+        shard = self._stats_as_params
+        _set_tensor(self, "weight_absmax", _bits(state.absmax) if shard else state.absmax, shard)
+        _set_tensor(self, "weight_quant_map", state.code, False)
+        nested_absmax = state.state2.absmax if state.nested else None
+        _set_tensor(self, "weight_nested_absmax",
+                    _bits(nested_absmax) if shard else nested_absmax, shard)
+        _set_tensor(self, "weight_nested_quant_map",
+                    state.state2.code if state.nested else None, False)
+        _set_tensor(self, "weight_offset",
+                    state.offset.reshape(1).to(torch.float32) if state.nested else None, False)
+        if state.nested:
+            self.nested_blocksize = state.state2.blocksize
+        nn.Module.__setattr__(self, "weight", Params4bit(
+            packed, False, None, blocksize=self.blocksize, compress_statistics=state.nested,
+            quant_type=self.quant_type, quant_storage=packed.dtype, module=self,
+            bnb_quantized=True))
+        self._sync_weight_state()
+
+    def __getstate__(self) -> dict:
+        w = self._parameters.get("weight")
+        bare = None
+        if isinstance(w, Params4bit) and w.bnb_quantized:
+            bare = Params4bit(w.data, False, None, bnb_quantized=True, **w._attrs())
+        return _pickle_state(self, bare)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._sync_weight_state()
+
+    def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
+        """Whether ``packed``/``state`` fit the current tensors exactly (in-place load)."""
+        return (self.is_quantized and packed.shape == self.weight.shape
+                and packed.dtype == self.weight.dtype and state.nested == self.compress_statistics
+                and state.blocksize == self.blocksize and state.quant_type == self.quant_type
+                and state.absmax.shape == self.weight_absmax.shape
+                and (not state.nested
+                     or state.state2.absmax.shape == self.weight_nested_absmax.shape))
+
+    def _copy_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
+        """Load into the existing tensors in place (keeps FSDP2's sharded parameters)."""
+        _copy_into(self.weight, packed)
+        _copy_into(self.weight_absmax, state.absmax)
+        _copy_into(self.weight_quant_map, state.code)
+        if state.nested:
+            _copy_into(self.weight_nested_absmax, state.state2.absmax)
+            _copy_into(self.weight_nested_quant_map, state.state2.code)
+            _copy_into(self.weight_offset, state.offset.reshape(1))
+        self.weight_dtype = state.dtype
+        self._sync_weight_state()
+
+    def _sync_weight_state(self) -> None:
+        if isinstance(self.weight, Params4bit):
+            self.weight.quant_state = self.quant_state
+            self.weight.bnb_quantized = self.is_quantized
+
+    def _apply(self, fn, recurse=True):
+        device, to_empty = _apply_intent(fn)
+        w = self.weight
+        if not self.is_quantized and isinstance(w, Params4bit) and w.bnb_quantized:
+            # A pre-quantized Params4bit was assigned directly: adopt its state.
+            self._set_quantized(w.data, w.quant_state)
+        elif (not self.is_quantized and device is not None and device.type != "meta"
+              and not to_empty and w is not None and w.device.type != "meta"):
+            packed, state = Fq.quantize_4bit(
+                w.data.contiguous().to(device), blocksize=self.blocksize,
+                compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+                quant_storage=self.quant_storage)
+            self.weight_dtype = w.dtype
+            self._set_quantized(packed, state)
+        if not self.is_quantized:
+            return super()._apply(fn, recurse)
+        _held_apply(self, nn.Linear, fn, recurse, device, to_empty, self._quantized_names())
+        w = self._parameters["weight"]
+        if not isinstance(w, Params4bit) and type(w) is nn.Parameter:
+            self._parameters["weight"] = Params4bit(
+                w.data, False, None, blocksize=self.blocksize,
+                compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+                quant_storage=self.quant_storage, module=self, bnb_quantized=True)
+        self._sync_weight_state()
+        return self
+
+    # ---- construction helpers -----------------------------------------------------------------
+    @classmethod
+    def from_float(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                   compress_statistics: bool = False, quant_storage: torch.dtype = torch.uint8,
+                   compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        """A quantized copy of ``linear`` on ``linear``'s device (weights quantized now).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``. ValueError: bad options.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        dev = linear.weight.device
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    compute_dtype=compute_dtype, compress_statistics=compress_statistics,
+                    quant_type=quant_type, quant_storage=quant_storage, device="meta",
+                    blocksize=blocksize)
+        packed, state = Fq.quantize_4bit(linear.weight.detach().contiguous(),
+                                         blocksize=blocksize,
+                                         compress_statistics=compress_statistics,
+                                         quant_type=quant_type, quant_storage=quant_storage)
+        layer._set_quantized(packed, state)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone().to(dev),
+                                      requires_grad=linear.bias.requires_grad)
+        return layer
+
+    # ---- state dict -----------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _save_without_quantized(self, nn.Linear, destination, prefix, keep_vars)
+        if self.is_quantized:
+            for k, v in self.quant_state.as_dict(packed=True).items():
+                destination[prefix + "weight." + k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        _drop_internal_keys(self, state_dict, prefix)
+        wkey = prefix + "weight"
+        qs_keys = [k for k in state_dict if k.startswith(wkey + ".")]
+        incoming = state_dict.get(wkey)
+        if qs_keys or (incoming is not None and self.is_quantized):
+            if incoming is None:
+                missing_keys.append(wkey)
+                return
+            qs = {k[len(wkey) + 1:]: state_dict.pop(k) for k in qs_keys}
+            state_dict.pop(wkey)
+            device = self._device_for_load(incoming)
+            try:
+                if qs:
+                    state = Fq.QuantState.from_dict(qs, device=device)
+                    packed = incoming.detach().to(device)
+                else:  # float weight into a quantized layer: quantize it with our settings
+                    if tuple(incoming.shape) != self.weight_shape:
+                        raise ValueError(
+                            f"a float weight of shape {tuple(incoming.shape)} does not fit "
+                            f"this layer: expected {self.weight_shape} (out_features, "
+                            "in_features)")
+                    packed, state = Fq.quantize_4bit(
+                        incoming.detach().to(device), blocksize=self.blocksize,
+                        compress_statistics=self.compress_statistics,
+                        quant_type=self.quant_type, quant_storage=self.quant_storage)
+                if tuple(state.shape) != self.weight_shape:
+                    raise ValueError(f"the checkpoint's quant_state shape {tuple(state.shape)} "
+                                     f"is not this layer's {self.weight_shape} (out_features, "
+                                     "in_features)")
+                if self._same_layout(packed, state):
+                    self._copy_quantized(packed, state)
+                else:
+                    self._set_quantized(packed, state)
+            except (ValueError, TypeError, RuntimeError) as e:
+                error_msgs.append(f"While loading {wkey}: {e}")
+                return
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _device_for_load(self, incoming: torch.Tensor) -> torch.device:
+        own = self.weight.device if self.weight is not None else incoming.device
+        return incoming.device if own.type == "meta" else own
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The hot path of every decode step: one op call and attribute reads, nothing else
+        # (the checks below are attribute comparisons; the op validates the rest).
+        absmax = self.weight_absmax
+        if absmax is None:
+            raise RuntimeError(
+                "Linear4bit: the weight is not quantized yet; move the layer to a device "
+                "(.to(device), .cuda(), .to('cpu')), use Linear4bit.from_float, or load a "
+                "quantized state dict first")
+        weight = self.weight
+        if weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"Linear4bit: the packed weight arrived as {weight.dtype}, not its "
+                f"quant_storage {self.quant_storage}: something cast it (e.g. an FSDP2 "
+                "MixedPrecisionPolicy param_dtype different from a floating quant_storage); use "
+                "quant_storage=torch.uint8 with FSDP2 mixed precision")
+        cdt = self.compute_dtype
+        xc = x if cdt is None or x.dtype == cdt else x.to(cdt)
+        out = apply_op(
+            "linear_4bit", xc, weight, self.weight_shape, _value(absmax), self.blocksize,
+            self.quant_type, self.bias, _value(self.weight_nested_absmax),
+            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
+        return out if xc is x else out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
+                f"blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
+                f"quant_storage={self.quant_storage}, quantized={self.is_quantized}")
+
+
+class LinearFP4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="fp4"``."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None,
+                 blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype,
+                         compress_statistics, "fp4", quant_storage, device, blocksize)
+
+
+class LinearNF4(Linear4bit):
+    """:class:`Linear4bit` with ``quant_type="nf4"`` (QLoRA's NormalFloat4)."""
+
+    def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                 compress_statistics=True, quant_storage=torch.uint8, device=None,
+                 blocksize=64):
+        super().__init__(input_features, output_features, bias, compute_dtype,
+                         compress_statistics, "nf4", quant_storage, device, blocksize)
