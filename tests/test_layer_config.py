@@ -355,3 +355,24 @@ def test_embedding_weight_reassignment_brings_statistics(kind):
     assert torch.equal(b(idx), want(idx))
     with pytest.raises(ValueError):
         b.weight = cls.from_float(nn.Embedding(12, 64)).weight
+
+
+def test_apply_intent_lets_unexpected_errors_through():
+    from opsq.nn._lifecycle import _apply_intent
+
+    class Boom(Exception):
+        pass
+
+    def bug(t):
+        raise Boom("a bug in the function")
+    with pytest.raises(Boom):
+        _apply_intent(bug)
+    layer = Linear4bit.from_float(nn.Linear(64, 16), quant_type="nf4")
+    with pytest.raises(Boom):
+        layer._apply(bug)
+
+    def rejects(t):  # a function the empty probe cannot satisfy: "no move", no error here
+        return t.view(3, 5)
+    assert _apply_intent(rejects) == (None, False)
+    assert _apply_intent(lambda t: t.to("meta")) == (torch.device("meta"), False)
+    assert _apply_intent(lambda t: t.half()) == (None, False)

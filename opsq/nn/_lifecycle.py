@@ -58,13 +58,20 @@ class _DeviceProbe(torch.Tensor):
         return args[0]
 
 
+#: What a ``Module._apply`` function may raise when it meets the probe (an empty tensor of a
+#: recording subclass) rather than a real tensor: the probe's answer is then "no move"; the
+#: real ``_apply`` runs ``fn`` again on the real tensors, where such an error surfaces.
+_PROBE_REJECTIONS = (RuntimeError, TypeError, ValueError, NotImplementedError, IndexError)
+
+
 def _apply_intent(fn) -> tuple[Optional[torch.device], bool]:
     """``(target device or None, is_to_empty)`` of a ``Module._apply`` function: None for a
-    pure dtype change (``.half()``, ``.float()``)."""
+    pure dtype change (``.half()``, ``.float()``). Exceptions other than
+    :data:`_PROBE_REJECTIONS` (a ``KeyboardInterrupt``, a bug in ``fn``) propagate."""
     _DeviceProbe.record = {}
     try:
         fn(torch.empty(0).as_subclass(_DeviceProbe))
-    except Exception:
+    except _PROBE_REJECTIONS:
         pass
     rec, _DeviceProbe.record = _DeviceProbe.record, {}
     device = rec.get("device")
