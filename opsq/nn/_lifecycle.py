@@ -201,3 +201,43 @@ def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -
                     nn.Parameter(t, requires_grad=False)
             else:
                 module._buffers[name] = t
+
+
+class QuantizedWeightMixin:
+    """The weight-assignment rule every quantized module shares (one home for the statistics).
+
+    Assigning ``weight`` a parameter of the module's quantized type (``Params4bit`` /
+    ``Int8Params``) by any route (``layer.weight = ...``, ``b.weight = a.weight``, PEFT's merge)
+    brings the statistics it carries into the module's tensors; a float one given to a module
+    that is already quantized is quantized at once; a mismatch (another shape, codes without
+    their statistics) is an error. Other values (FSDP's shards, ``nn.Parameter``) are set as
+    they are. A subclass names ``_weight_types`` and defines ``_carried_stats(w)`` (the
+    statistics ``w`` carries, None for float values; raises ValueError for codes without
+    them), ``_set_quantized(codes, stats)`` and ``_quantize_weight(w)`` (quantize float ``w``
+    for a quantized module; False leaves ``w`` to be set as is).
+    """
+
+    _weight_types: tuple = ()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight" and isinstance(value, self._weight_types) \
+                and self._adopt_weight(value):
+            return
+        super().__setattr__(name, value)
+
+    def _quantized_now(self) -> bool:
+        """``is_quantized``, False while ``__init__`` has not registered the statistics yet."""
+        try:
+            return self.is_quantized
+        except AttributeError:
+            return False
+
+    def _adopt_weight(self, w) -> bool:
+        stats = self._carried_stats(w)
+        if stats is not None:
+            self._set_quantized(w.data, stats)
+            return True
+        if self._quantized_now() and w.device.type != "meta":
+            return self._quantize_weight(w)
+        return False
+

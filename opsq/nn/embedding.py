@@ -21,9 +21,9 @@ from .. import functional as Fq
 from .._constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
-from ._lifecycle import _apply_intent, _held_apply, _load_without_weight
+from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
 from .linear4bit import Linear4bit, Params4bit
-from .linear8bit import Int8Params
+from .linear8bit import Int8Params, Linear8bitLt
 from .switchback import dequantize_int8_rows
 
 __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
@@ -116,7 +116,7 @@ class StableEmbedding(Embedding):
 # =============================================================================================
 # quantized tables
 # =============================================================================================
-class _QuantizedTable(nn.Embedding):
+class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
     """Construction semantics shared by the quantized tables (see the module docstring).
 
     Subclasses define ``is_quantized``, ``_quantized_names()``, ``_quantize(float_table)``,
@@ -128,22 +128,6 @@ class _QuantizedTable(nn.Embedding):
     """
 
     dtype: torch.dtype
-
-    def __setattr__(self, name: str, value) -> None:
-        # One home for the statistics, as in the quantized linear layers: a Params4bit /
-        # Int8Params assigned to ``weight`` brings its quant_state / SCB along, or is quantized
-        # now when the table already is; a mismatch is an error.
-        if name == "weight" and isinstance(value, (Params4bit, Int8Params)) \
-                and self._adopt_weight(value):
-            return
-        super().__setattr__(name, value)
-
-    def _quantized_now(self) -> bool:
-        """``is_quantized``, False while ``__init__`` has not registered the statistics yet."""
-        try:
-            return self.is_quantized
-        except AttributeError:
-            return False
 
     def _apply(self, fn, recurse=True):
         device, to_empty = _apply_intent(fn)
@@ -311,22 +295,14 @@ class Embedding4bit(_QuantizedTable):
             packed, False, None, bnb_quantized=True, module=self, **self._param_attrs()))
         self.weight.quant_state = self.quant_state
 
-    def _adopt_weight(self, w) -> bool:
-        """Take ``w``'s codes and statistics (True), or let it be set as is (False: a float
-        table of a layer that is not quantized yet). Raises ValueError for a quantized ``w``
-        without its quant_state or of another shape."""
-        if not isinstance(w, Params4bit):
-            return False
-        if w.bnb_quantized:
-            if w.quant_state is None:
-                raise ValueError("weight: a quantized Params4bit (bnb_quantized=True) needs its "
-                                 "quant_state")
-            self._set_quantized(w.data, w.quant_state)
-            return True
-        if self._quantized_now() and w.device.type != "meta":
-            self._quantize(w.data.contiguous().to(self.weight.device))
-            return True
-        return False
+    _weight_types = (Params4bit,)
+
+    def _carried_stats(self, w: Params4bit) -> Optional[Fq.QuantState]:
+        return Linear4bit._carried_stats(self, w)
+
+    def _quantize_weight(self, w: Params4bit) -> bool:
+        self._quantize(w.data.contiguous().to(self._parameters["weight"].device))
+        return True
 
     def _param_attrs(self) -> dict:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
@@ -491,21 +467,14 @@ class Embedding8bit(_QuantizedTable):
         self.SCB = SCB.reshape(-1).to(device=CB.device, dtype=torch.float32)
         nn.Module.__setattr__(self, "weight", Int8Params(CB, False, False, CB, self.SCB))
 
-    def _adopt_weight(self, w) -> bool:
-        """Take ``w``'s int8 rows and SCB (True), or let a float table of a layer that is not
-        quantized yet be set as is (False). Raises ValueError for int8 rows without SCB or of
-        another shape."""
-        if not isinstance(w, Int8Params):
-            return False
-        if w.dtype == torch.int8:
-            if w.SCB is None:
-                raise ValueError("weight: int8 rows need their scales SCB")
-            self._set_quantized(w.data, w.SCB)
-            return True
-        if self._quantized_now() and w.device.type != "meta":
-            self._quantize(w.data.contiguous().to(self.weight.device))
-            return True
-        return False
+    _weight_types = (Int8Params,)
+
+    def _carried_stats(self, w: Int8Params) -> Optional[torch.Tensor]:
+        return Linear8bitLt._carried_stats(self, w)
+
+    def _quantize_weight(self, w: Int8Params) -> bool:
+        self._quantize(w.data.contiguous().to(self._parameters["weight"].device))
+        return True
 
     def _rewrap_weight(self) -> None:
         w = self._parameters["weight"]

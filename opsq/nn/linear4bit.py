@@ -15,9 +15,10 @@ from .._constants import NESTED_BLOCKSIZE
 from ..meta._common import (check_blocksize, check_float_dtype, check_quant_storage,
                             check_quant_type)
 from ..meta.fourbit import check_dequantize_4bit
-from ._lifecycle import (_apply_intent, _bits, _copy_into, _drop_internal_keys, _held_apply,
-                         _load_without_weight, _parse_to_device, _pickle_state,
-                         _save_without_quantized, _set_tensor, _value)
+from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
+                         _drop_internal_keys, _held_apply, _load_without_weight,
+                         _parse_to_device, _pickle_state, _save_without_quantized, _set_tensor,
+                         _value)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -141,7 +142,7 @@ _BNB_WEIGHT_KEYS = _KeyPath(weight=_KeyPath(
     quant_state=_KeyPath(bitsandbytes__nf4=None, bitsandbytes__fp4=None)))
 
 
-class Linear4bit(nn.Linear):
+class Linear4bit(QuantizedWeightMixin, nn.Linear):
     """4-bit (NF4 / FP4) linear layer, bitsandbytes' ``Linear4bit``; QLoRA's storage format
     (Dettmers et al., "QLoRA", 2023).
 
@@ -195,33 +196,19 @@ class Linear4bit(nn.Linear):
     def is_quantized(self) -> bool:
         return self.weight_absmax is not None
 
-    def __setattr__(self, name: str, value) -> None:
-        # One home for the statistics: a Params4bit assigned to ``weight`` by any route
-        # (``layer.weight = ...``, ``b.weight = a.weight``, PEFT's merge) brings its quant_state
-        # into the module's tensors, or is quantized now when the layer already is. Plain
-        # parameters (FSDP's shards, ``_apply``) are set as they are.
-        if name == "weight" and isinstance(value, Params4bit) and self._adopt_weight(value):
-            return
-        super().__setattr__(name, value)
+    _weight_types = (Params4bit,)
 
-    def _adopt_weight(self, w: "Params4bit") -> bool:
-        """Take ``w``'s codes and statistics as this layer's; False when ``w`` is a float
-        weight for a layer that is not quantized yet (it is then set as is, and quantized on
-        the first move). Raises ValueError for a quantized ``w`` without a quant_state or with
-        another layer's shape."""
-        if w.bnb_quantized:
-            if w.quant_state is None:
-                raise ValueError("weight: a quantized Params4bit (bnb_quantized=True) needs its "
-                                 "quant_state (use Params4bit.from_prequantized)")
-            self._set_quantized(w.data, w.quant_state)
-            return True
-        absmax = self.__dict__.get("_parameters", {}).get("weight_absmax",
-                                                          self.__dict__.get("_buffers", {})
-                                                          .get("weight_absmax"))
-        if absmax is None or w.device.type == "meta":
-            return False
+    def _carried_stats(self, w: Params4bit) -> Optional[Fq.QuantState]:
+        if not w.bnb_quantized:
+            return None
+        if w.quant_state is None:
+            raise ValueError("weight: a quantized Params4bit (bnb_quantized=True) needs its "
+                             "quant_state (use Params4bit.from_prequantized)")
+        return w.quant_state
+
+    def _quantize_weight(self, w: Params4bit) -> bool:
         packed, state = Fq.quantize_4bit(
-            w.data.contiguous().to(absmax.device), blocksize=w.blocksize,
+            w.data.contiguous().to(self._parameters["weight"].device), blocksize=w.blocksize,
             compress_statistics=w.compress_statistics, quant_type=w.quant_type,
             quant_storage=w.quant_storage)
         self.weight_dtype = w.dtype

@@ -14,9 +14,10 @@ from .._autograd import apply_op
 from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
                           LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)
 from ..meta._common import check_threshold
-from ._lifecycle import (_apply_intent, _bits, _copy_into, _drop_internal_keys, _held_apply,
-                         _load_without_weight, _parse_to_device, _pickle_state,
-                         _save_without_quantized, _set_tensor, _value)
+from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
+                         _drop_internal_keys, _held_apply, _load_without_weight,
+                         _parse_to_device, _pickle_state, _save_without_quantized, _set_tensor,
+                         _value)
 
 __all__ = ["Int8Params", "Linear8bitLt"]
 
@@ -96,7 +97,7 @@ class Int8Params(nn.Parameter):
         return self.to(device="cpu")
 
 
-class Linear8bitLt(nn.Linear):
+class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
     """LLM.int8 linear layer (Dettmers et al., "LLM.int8()", 2022), bitsandbytes'
     ``Linear8bitLt``.
 
@@ -186,35 +187,24 @@ class Linear8bitLt(nn.Linear):
     def _quantized_names(self) -> tuple[str, ...]:
         return ("weight", "weight_scb") if self.is_quantized else ()
 
-    def __setattr__(self, name: str, value) -> None:
-        # One home for SCB: an Int8Params assigned to ``weight`` brings its CB/SCB along (or is
-        # quantized now); a float trainable one makes the layer quantize per call.
-        if name == "weight" and isinstance(value, Int8Params) and self._adopt_weight(value):
-            return
-        super().__setattr__(name, value)
+    _weight_types = (Int8Params,)
 
-    def _adopt_weight(self, w: "Int8Params") -> bool:
-        """Take ``w``'s int8 codes and scales as this layer's (True), or let it be set as is
-        (False: a float weight of a layer that is not quantized, or a trainable one).
+    def _carried_stats(self, w: Int8Params) -> Optional[torch.Tensor]:
+        if w.dtype != torch.int8:
+            return None
+        if w.SCB is None:
+            raise ValueError("weight: int8 codes need their row scales SCB (Int8Params(CB, "
+                             "..., CB=CB, SCB=SCB))")
+        return w.SCB
 
-        Raises:
-            ValueError: int8 data without ``SCB``, or another layer's shape.
-        """
-        if w.dtype == torch.int8:
-            if w.SCB is None:
-                raise ValueError("weight: int8 codes need their row scales SCB (Int8Params(CB, "
-                                 "..., CB=CB, SCB=SCB))")
-            self._set_quantized(w.data, w.SCB)
-            return True
-        scb = self.__dict__.get("_parameters", {}).get("weight_scb")
-        if scb is None or w.device.type == "meta":
-            return False
+    def _quantize_weight(self, w: Int8Params) -> bool:
         if w.has_fp16_weights:  # a trainable float weight: quantized per call from now on
             self._parameters.pop("weight_scb", None)
             self.register_parameter("weight_scb", None)
             self.has_fp16_weights = True
             return False
-        CB, SCB, _ = Fq.int8_vectorwise_quant(w.data.contiguous().to(scb.device))
+        CB, SCB, _ = Fq.int8_vectorwise_quant(
+            w.data.contiguous().to(self._parameters["weight"].device))
         self._set_quantized(CB, SCB)
         return True
 
