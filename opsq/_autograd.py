@@ -368,7 +368,7 @@ def apply_op(name: str, *args):
     """``torch.ops.opsq.<name>(*args)``, differentiable under ``torch.func`` transforms too.
 
     The ``torch.autograd.Function`` that ``register_autograd`` generates takes ``ctx`` in
-    ``forward``, which ``torch.func.grad`` / ``vjp`` / ``jacrev`` reject; while such a transform
+    ``forward``, which ``torch.func.grad`` / ``vjp`` reject; while such a transform
     is active this calls :func:`autograd_function` (same formula, separate ``setup_context``)
     instead. Otherwise (eager, ``torch.compile``: the check is a constant there) it is the op
     call itself. ``args`` are positional, in schema order; omitted trailing ones take their
@@ -384,4 +384,4 @@ def apply_op(name: str, *args):
 def install_native_callbacks(ext) -> None:
     """Give the C++ Autograd kernels of :data:`NATIVE_AUTOGRAD_OPS` their gradient path."""
     for name in NATIVE_AUTOGRAD_OPS:
-        ext.set_autograd_callback(name, autograd_function(name).apply)
+        ext.set_autograd_callback(name, _function(name).apply)
