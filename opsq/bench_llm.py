@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 from torch import nn
@@ -183,12 +183,23 @@ def _wall_ms(fn: Callable[[], object], reps: int = 3) -> float:
     return statistics.median(times)
 
 
-def _per_token(fn_n: Callable[[], object], fn_1: Callable[[], object], n: int,
-               reps: int = 3) -> tuple[float, float]:
-    """(ms/token over ``n`` new tokens with the 1-token run subtracted, wall ms of n tokens)."""
-    t_n = _wall_ms(fn_n, reps)
-    t_1 = _wall_ms(fn_1, reps)
-    return (t_n - t_1) / (n - 1), t_n
+def _per_token(run: Callable[[int], object], n: int, k: int, reps: int = 3,
+               gpu: bool = False) -> dict:
+    """Per-token cost of ``run(tokens)`` (a generate of ``tokens`` new tokens): the runs of
+    ``n`` and of ``k`` < ``n`` tokens differ by ``n - k`` decode steps, so the prompt's prefill
+    cancels.
+
+    Returns:
+        ``{"ms": wall ms/token, "wall_ms": wall ms of the n-token run, "tokens": n}``, plus with
+        ``gpu`` ``"gpu_ms"`` (kernel ms/token, :func:`_cuda_kernel_ms`) and ``"host_ms"`` (the
+        rest of ``ms``).
+    """
+    t_n = _wall_ms(lambda: run(n), reps)
+    out = {"ms": (t_n - _wall_ms(lambda: run(k), reps)) / (n - k), "wall_ms": t_n, "tokens": n}
+    if gpu:
+        g = (_cuda_kernel_ms(lambda: run(n)) - _cuda_kernel_ms(lambda: run(k))) / (n - k)
+        out.update(gpu_ms=g, host_ms=max(out["ms"] - g, 0.0))
+    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,8 +215,8 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
     ``{measure: {"error": ...}}`` and the others still run.
 
     Returns:
-        ``{measure: {"ms", ...}}`` plus ``"logits"`` (CPU fp32 ``(vocab,)``), ``"weight_bytes"``
-        and ``"peak_mem_bytes"``.
+        ``{measure: {"ms", ...}}`` (``"generate compiled"`` also holds ``"peak_mem_bytes"``) plus
+        ``"logits"`` (CPU fp32 ``(vocab,)``) and ``"weight_bytes"``.
     """
     from transformers import CompileConfig
 
@@ -240,32 +251,26 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
 
     common = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 
-    def gen_fn(n, **kw):
-        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **common, **kw)
+    def generate(n, **kw):
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **common, **kw)
 
     def eager():
-        gen_fn(4)()
-        ms, wall = _per_token(gen_fn(eager_tokens), gen_fn(1), eager_tokens, reps)
-        return {"ms": ms, "wall_ms": wall, "tokens": eager_tokens}
+        generate(4)
+        return _per_token(generate, eager_tokens, 1, reps)
     attempt("generate eager", eager)
 
     def compiled():
         from torch._dynamo.utils import counters
         kw = dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True))
         skips0 = counters["inductor"]["cudagraph_skips"]
-        gen_fn(new_tokens, **kw)()  # compile, record the CUDA graphs
-        gen_fn(new_tokens, **kw)()
+        generate(new_tokens, **kw)  # compile, record the CUDA graphs
+        generate(new_tokens, **kw)
         graphs0 = counters["stats"]["unique_graphs"]
         torch.cuda.reset_peak_memory_stats()
-        ms, wall = _per_token(gen_fn(new_tokens, **kw), gen_fn(1, **kw), new_tokens, reps)
-        peak = torch.cuda.max_memory_allocated()
-        gpu_n = _cuda_kernel_ms(gen_fn(new_tokens, **kw))
-        gpu_1 = _cuda_kernel_ms(gen_fn(1, **kw))
-        gpu = (gpu_n - gpu_1) / (new_tokens - 1)
-        return {"ms": ms, "wall_ms": wall, "tokens": new_tokens, "gpu_ms": gpu,
-                "host_ms": max(ms - gpu, 0.0), "peak_mem_bytes": peak,
-                "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"] - skips0),
-                "timed_recompiles": int(counters["stats"]["unique_graphs"] - graphs0)}
+        res = _per_token(lambda n: generate(n, **kw), new_tokens, 1, reps, gpu=True)
+        return dict(res, peak_mem_bytes=torch.cuda.max_memory_allocated(),
+                    cudagraph_skips=int(counters["inductor"]["cudagraph_skips"] - skips0),
+                    timed_recompiles=int(counters["stats"]["unique_graphs"] - graphs0))
     attempt("generate compiled", compiled)
     if hasattr(model, "_compiled_call"):  # transformers' compiled forward: free its graphs
         del model._compiled_call
@@ -290,13 +295,7 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
 
     def fast():
         dec.generate(prompt, new_tokens)
-        ms, wall = _per_token(lambda: dec.generate(prompt, new_tokens),
-                              lambda: dec.generate(prompt, 2), new_tokens - 1, reps)
-        gpu_n = _cuda_kernel_ms(lambda: dec.generate(prompt, new_tokens))
-        gpu_1 = _cuda_kernel_ms(lambda: dec.generate(prompt, 2))
-        gpu = (gpu_n - gpu_1) / (new_tokens - 2)
-        return {"ms": ms, "wall_ms": wall, "tokens": new_tokens, "gpu_ms": gpu,
-                "host_ms": max(ms - gpu, 0.0)}
+        return _per_token(lambda n: dec.generate(prompt, n), new_tokens, 2, reps, gpu=True)
     if dec is not None:
         attempt("generate opsq decoder", fast)
     del dec
@@ -314,11 +313,11 @@ def _brief(v) -> str:
     return str(v)
 
 
-def llm_rows(results: dict, layers: int, copy_bw: Optional[float] = None) -> list:
+def llm_rows(results: dict, layers: int) -> list:
     """JSON rows (``family: "llm"``) from ``{variant: measure_variant(...)}``: one per variant
     and measure, with ``speedup``/``ratio`` vs bf16's same measure, ``vs_bnb`` (bitsandbytes'
     same-format ms / ours) where it ran, the target and ``ok``; plus a ``logits`` row per
-    variant (cosine to bf16 and to bitsandbytes' same format) and a ``memory`` row."""
+    variant (cosine to bf16 and to bitsandbytes' same format, weight bytes, peak memory)."""
     shape = f"Llama-3-8B shape, {layers} layers, batch 1"
     rows = []
     base = results.get("bf16", {})

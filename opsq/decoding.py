@@ -5,10 +5,10 @@ compiled decode step.
 kernels from a CUDA graph, but between two replays it runs transformers' own per-token Python
 (input preparation, logits processors, stopping criteria, ``torch.cat`` of the ids, cache
 bookkeeping), the same for bf16 and quantized models. :class:`StaticGreedyDecoder` keeps only
-what a greedy token needs: the whole step (model forward, last-position ``argmax``, next cache
-position) is one ``torch.compile(mode="reduce-overhead", fullgraph=True)`` graph, the token and
-position stay on the GPU, and the host synchronises once per call of :meth:`generate`, not per
-token.
+what a greedy token needs: the model forward is one ``torch.compile(mode="reduce-overhead",
+fullgraph=True)`` graph, followed by the last-position ``argmax`` and two in-place updates of
+the token and position, which stay on the GPU; the host synchronises once per call of
+:meth:`generate`, not per token.
 
 Example::
 
@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import contextlib
 from typing import Optional
 
 import torch
@@ -126,11 +127,10 @@ class StaticGreedyDecoder:
             raise ValueError(f"position must be in [0, {self.max_cache_len}), got {position}")
         self._pos.fill_(position)
 
-    def _steps(self, n: int, out: Optional[torch.Tensor] = None, start: int = 0) -> None:
-        for i in range(n):
-            ids = self.decode_step()
-            if out is not None:
-                out[:, start + i:start + i + 1] = ids
+    def _steps(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """Decode the tokens ``out[:, start:stop]``."""
+        for i in range(start, stop):
+            out[:, i:i + 1] = self.decode_step()
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
@@ -150,16 +150,13 @@ class StaticGreedyDecoder:
         out = torch.empty(input_ids.shape[0], max_new_tokens, dtype=torch.long,
                           device=input_ids.device)
         out[:, :1] = self.prefill(input_ids)
-        n = max_new_tokens - 1
         # The first calls compile and record (guards needed); after that every step hits the
         # same cache entry and the guards can be skipped.
-        warm = min(n, max(0, 3 - self._warm))
-        self._steps(warm, out, 1)
+        warm = min(max_new_tokens - 1, max(0, 3 - self._warm))
+        self._steps(out, 1, 1 + warm)
         self._warm += warm
-        if n > warm:
-            if self.compiled:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    self._steps(n - warm, out, 1 + warm)
-            else:
-                self._steps(n - warm, out, 1 + warm)
+        skip_guards = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.compiled
+                       else contextlib.nullcontext())
+        with skip_guards:
+            self._steps(out, 1 + warm, max_new_tokens)
         return out

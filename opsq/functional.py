@@ -334,9 +334,8 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
     Args:
         A: fp16/bf16/fp32 tensor of any shape (flattened row-major).
         blocksize: elements per absmax block, one of 32..4096 (powers of two).
-        compress_statistics: nested absmax (offset = :func:`nested_offset` (the mean of
-            absmax), absmax - offset quantized
-            8-bit blockwise with blocksize 256 and the dynamic map).
+        compress_statistics: nested absmax (offset = :func:`nested_offset`, the mean of absmax;
+            absmax - offset quantized 8-bit blockwise with blocksize 256 and the dynamic map).
         quant_type: "nf4" or "fp4".
         quant_storage: dtype the packed bytes are viewed as.
         absmax, out: optional outputs to copy into.

@@ -15,15 +15,13 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .._constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
-from .._schemas import SCHEMAS
 
 
 @functools.lru_cache(maxsize=None)
 def _tensor_args(op: str) -> tuple[tuple[int, str, bool], ...]:
     """``(position, name, optional)`` of every Tensor argument of ``opsq::op``."""
-    schema = torch._C.parse_schema(f"opsq::{op}{SCHEMAS[op]}")
     out = []
-    for i, a in enumerate(schema.arguments):
+    for i, a in enumerate(getattr(torch.ops.opsq, op).default._schema.arguments):
         t = a.type
         optional = isinstance(t, torch._C.OptionalType)
         inner = t.getElementType() if optional else t

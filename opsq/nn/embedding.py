@@ -129,6 +129,11 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
 
     dtype: torch.dtype
 
+    def _quantize_weight(self, w: nn.Parameter) -> bool:
+        """A float table assigned to a quantized table: quantized with the table's settings."""
+        self._quantize(w.data.contiguous().to(self._parameters["weight"].device))
+        return True
+
     def _apply(self, fn, recurse=True):
         device, to_empty = _apply_intent(fn)
         w = self.weight
@@ -300,10 +305,6 @@ class Embedding4bit(_QuantizedTable):
     def _carried_stats(self, w: Params4bit) -> Optional[Fq.QuantState]:
         return Linear4bit._carried_stats(self, w)
 
-    def _quantize_weight(self, w: Params4bit) -> bool:
-        self._quantize(w.data.contiguous().to(self._parameters["weight"].device))
-        return True
-
     def _param_attrs(self) -> dict:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
                     quant_type=self.quant_type, quant_storage=self.quant_storage)
@@ -471,10 +472,6 @@ class Embedding8bit(_QuantizedTable):
 
     def _carried_stats(self, w: Int8Params) -> Optional[torch.Tensor]:
         return Linear8bitLt._carried_stats(self, w)
-
-    def _quantize_weight(self, w: Int8Params) -> bool:
-        self._quantize(w.data.contiguous().to(self._parameters["weight"].device))
-        return True
 
     def _rewrap_weight(self) -> None:
         w = self._parameters["weight"]

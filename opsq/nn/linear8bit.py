@@ -199,8 +199,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
 
     def _quantize_weight(self, w: Int8Params) -> bool:
         if w.has_fp16_weights:  # a trainable float weight: quantized per call from now on
-            self._parameters.pop("weight_scb", None)
-            self.register_parameter("weight_scb", None)
+            self._parameters["weight_scb"] = None
             self.has_fp16_weights = True
             return False
         CB, SCB, _ = Fq.int8_vectorwise_quant(
