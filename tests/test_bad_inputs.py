@@ -307,7 +307,7 @@ OP_ROWS: list[Row] = [
         check=_eq(lambda: ops.int8_linear(_A, _CB, _SCB, None, 1.0))),
     # ---- transform ---------------------------------------------------------------------------
     Row("tr_A_int32", "transform", _p(_CB.int(), "row", "col32", [8, 64]), TypeError,
-        r"\bA must be int8"),
+        r"\bA must have dtype in \[torch.int8\], got torch.int32"),
     Row("tr_from_order", "transform", _p(_CB, "col64", "row", [8, 64]), ValueError,
         r"from_order must be one of"),
     Row("tr_to_order", "transform", _p(_CB, "row", "COL32", [8, 64]), ValueError,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from opsq import _constants as C
-from opsq.meta._common import check_blocksize, check_quant_type, check_threshold
+from opsq.meta._common import (check_blocksize, check_dtype, check_float_dtype,
+                               check_quant_storage, check_quant_type, check_threshold)
 
 CSRC = os.path.join(os.path.dirname(C.__file__), "csrc")
 
@@ -55,6 +56,7 @@ _PROGRAM = r'''
 #include <iostream>
 #include <limits>
 template <typename F> int ok(F f) { try { f(); return 1; } catch (const std::exception&) { return 0; } }
+template <typename F> std::string msg(F f) { try { f(); return "ok"; } catch (const c10::Error& e) { return e.msg(); } }
 int main() {
   for (long b = 1; b <= 8192; ++b) if (ok([&] { opsq::check_blocksize(b); })) std::cout << "b " << b << "\n";
   for (const char* q : {"nf4", "fp4", "NF4", "int4", "nf4 ", ""})
@@ -62,6 +64,11 @@ int main() {
   const double inf = std::numeric_limits<double>::infinity();
   const double vals[] = {0.0, 6.0, 1e300, -1.0, -0.0, inf, -inf, std::nan("")};
   for (double t : vals) std::cout << "t " << ok([&] { opsq::check_threshold(t); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_float_dtype("dtype", at::kDouble); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_quant_storage("quant_storage", at::kComplexFloat, true); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_dtype("A", at::kInt, {at::kChar}); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_blocksize(48); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_quant_type("int4"); }) << "\n";
 }
 '''
 
@@ -99,3 +106,17 @@ def test_checks_h_rules_match_python(tmp_path):
     assert got == [_accepts(check_threshold, v) for v in vals]
     assert got == [1, 1, 1, 0, 1, 0, 0, 0]
     assert all(_accepts(check_blocksize, b) for b in C.BLOCKSIZES)
+    # the same messages, word for word, as the Python checks the CPU and fake kernels run
+    want = [_message(check_float_dtype, "dtype", torch.float64),
+            _message(check_quant_storage, torch.complex64),
+            _message(check_dtype, "A", torch.zeros(1, dtype=torch.int32), (torch.int8,)),
+            _message(check_blocksize, 48), _message(check_quant_type, "int4")]
+    assert [l[2:] for l in out if l.startswith("m ")] == want
+
+
+def _message(check, *args) -> str:
+    try:
+        check(*args)
+    except (ValueError, TypeError, RuntimeError) as e:
+        return str(e)
+    return "ok"

@@ -53,6 +53,11 @@ inline const char* dtype_name(at::ScalarType t) {
     case at::kFloat: return "torch.float32";
     case at::kDouble: return "torch.float64";
     case at::kBool: return "torch.bool";
+    case at::kComplexHalf: return "torch.complex32";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
     default: return c10::toString(t);
   }
 }
@@ -68,6 +73,7 @@ inline std::string dtype_list(std::initializer_list<at::ScalarType> allowed) {
   return s + "]";
 }
 
+// A tensor's dtype (check_dtype of opsq/meta/_common.py).
 inline void check_dtype(const char* name, at::ScalarType got,
                         std::initializer_list<at::ScalarType> allowed) {
   bool ok = false;
@@ -76,17 +82,34 @@ inline void check_dtype(const char* name, at::ScalarType got,
                            ", got " + dtype_name(got));
 }
 
+// A dtype passed as an argument (check_float_dtype / check_quant_storage of opsq/meta/_common.py).
+inline void check_dtype_arg(const char* name, at::ScalarType got,
+                            std::initializer_list<at::ScalarType> allowed) {
+  bool ok = false;
+  for (auto t : allowed) ok = ok || (t == got);
+  TORCH_CHECK_TYPE(ok, std::string(name) + " must be one of " + dtype_list(allowed) + ", got " +
+                           dtype_name(got));
+}
+
 constexpr std::initializer_list<at::ScalarType> kFloatDtypes = {at::kHalf, at::kBFloat16,
                                                                 at::kFloat};
 
+constexpr std::initializer_list<at::ScalarType> kQuantStorageDtypes = {
+    at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf, at::kBFloat16, at::kFloat,
+    at::kDouble};
+
+// the dtype argument of a dequantizing op
 inline void check_float_dtype(const char* name, at::ScalarType got) {
-  check_dtype(name, got, kFloatDtypes);
+  check_dtype_arg(name, got, kFloatDtypes);
 }
 
-inline void check_quant_storage(const char* name, at::ScalarType got) {
-  check_dtype(name, got,
-              {at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf, at::kBFloat16,
-               at::kFloat, at::kDouble});
+// quant_storage: a dtype argument (is_arg) or the dtype of a packed tensor
+inline void check_quant_storage(const char* name, at::ScalarType got, bool is_arg) {
+  if (is_arg) {
+    check_dtype_arg(name, got, kQuantStorageDtypes);
+  } else {
+    check_dtype(name, got, kQuantStorageDtypes);
+  }
 }
 
 inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {

@@ -561,7 +561,7 @@ void check_absmax(const at::Tensor& A, const at::Tensor& absmax, int64_t n, int6
 }
 
 void check_packed(const char* name, const at::Tensor& B, int64_t n) {
-  check_quant_storage(name, B.scalar_type());
+  check_quant_storage(name, B.scalar_type(), /*is_arg=*/false);
   check_numel(name, B, packed_numel(n, B.element_size()),
               " (" + std::to_string(n) + " 4-bit codes in " + dtype_name(B.scalar_type()) +
                   " storage)");
@@ -687,7 +687,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64
   check_float_dtype("A", A.scalar_type());
   check_blocksize(blocksize);
   const bool nf4 = check_quant_type(quant_type);
-  check_quant_storage("quant_storage", quant_storage);
+  check_quant_storage("quant_storage", quant_storage, /*is_arg=*/true);
   check_cuda("A", A);
   const c10::cuda::CUDAGuard guard(A.device());
   const int64_t n = A.numel();

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._constants import ORDERS
-from ._common import ceil_div, check_dim, check_numel, check_shape_arg, register_fake
+from ._common import ceil_div, check_dim, check_dtype, check_numel, check_shape_arg, register_fake
 
 
 def tiled_numel(order: str, rows, cols):
@@ -24,7 +24,7 @@ def tiled_numel(order: str, rows, cols):
 
 
 def check_transform(A, from_order, to_order, shape):
-    torch._check_type(A.dtype == torch.int8, lambda: f"A must be int8, got {A.dtype}")
+    check_dtype("A", A, (torch.int8,))
     for name, order in (("from_order", from_order), ("to_order", to_order)):
         torch._check_value(order in ORDERS,
                            lambda: f"{name} must be one of {ORDERS}, got {order!r}")
