@@ -29,8 +29,7 @@ def _ext_modules():
         name="opsq._C",
         sources=sources,
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
-        libraries=["cublasLt", "cublas"],
+                            "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

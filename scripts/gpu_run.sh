@@ -23,26 +23,6 @@ BUILD_LOG="$OUT/build.log"
   echo "## torch"; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
 } >"$BUILD_LOG" 2>&1
 
-# setup.py links cublasLt/cublas: where the toolkit has no unversioned .so, point the linker at
-# the libraries torch itself loads.
-CUDA_HOME_DIR=$($PY -c "from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or '')" 2>/dev/null)
-SITE=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-LINKDIR=/tmp/opsq_link_libs
-for lib in cublasLt cublas; do
-  if [ -e "$CUDA_HOME_DIR/lib64/lib$lib.so" ] || [ -e "$CUDA_HOME_DIR/lib/lib$lib.so" ] ||
-     ldconfig -p 2>/dev/null | grep -q "lib$lib\.so "; then
-    continue
-  fi
-  cand=$(find "$SITE/nvidia" "$CUDA_HOME_DIR" /usr/lib/x86_64-linux-gnu -name "lib$lib.so*" 2>/dev/null | sort | head -1)
-  if [ -n "$cand" ]; then
-    mkdir -p "$LINKDIR"; ln -sf "$cand" "$LINKDIR/lib$lib.so"
-    export LIBRARY_PATH="$LINKDIR${LIBRARY_PATH:+:$LIBRARY_PATH}"
-    echo "linking lib$lib against $cand" >>"$BUILD_LOG"
-  else
-    echo "WARNING: lib$lib.so not found" >>"$BUILD_LOG"
-  fi
-done
-
 # ---- build ---------------------------------------------------------------------------------
 echo "## build (OPSQ_CUDA_ARCH_LIST=$OPSQ_CUDA_ARCH_LIST)" | tee -a "$BUILD_LOG"
 t0=$(date +%s)

@@ -28,14 +28,8 @@ int grid_for(int64_t work_items, int64_t per_cta) {
   return static_cast<int>(std::min<int64_t>(want, int64_t{sms} * 16));
 }
 
-// IEEE a < b (keeps subnormals, unlike the flush-to-zero compare --use_fast_math emits).
-__device__ __forceinline__ bool lt_ieee(float a, float b) {
-  uint32_t r;
-  asm("{\n\t.reg .pred p;\n\tsetp.lt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-      : "=r"(r)
-      : "f"(a), "f"(b));
-  return r != 0u;
-}
+// IEEE a < b (subnormals kept: the extension is built without flush-to-zero).
+__device__ __forceinline__ bool lt_ieee(float a, float b) { return a < b; }
 
 // The map sorted in shared memory (a stable rank sort by 256 threads), the fp32 midpoints of
 // neighbours ((s[i] + s[i+1]) / 2, as the reference computes them) and the original index of

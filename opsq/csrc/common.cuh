@@ -1,9 +1,9 @@
 // Shared device helpers of opsq's CUDA kernels.
 //
-// Exactness: setup.py compiles with --use_fast_math (flush-to-zero, approximate division and
-// reciprocal, FMA contraction). Every operation whose rounding decides a quantization code or
-// must equal the reference kernel bit for bit goes through the inline-PTX helpers below, which
-// are IEEE round-to-nearest-even, keep subnormals (no .ftz) and are never contracted into FMAs.
+// Exactness: every operation whose rounding decides a quantization code or must equal the
+// reference kernel bit for bit goes through the helpers below: IEEE round-to-nearest-even
+// intrinsics, which keep subnormals and are never contracted into FMAs (nvcc contracts a * b + c
+// by default; the extension is built without --use_fast_math).
 #pragma once
 
 #include <cstdint>
@@ -13,27 +13,11 @@
 
 namespace opsq {
 
-// ---- IEEE fp32 arithmetic, independent of --use_fast_math -------------------------------
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float rcp_rn(float a) {
-  float r;
-  asm("rcp.rn.f32 %0, %1;" : "=f"(r) : "f"(a));
-  return r;
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
+// ---- IEEE fp32 arithmetic, never contracted ----------------------------------------------
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float rcp_rn(float a) { return __frcp_rn(a); }
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
 
 // |x| as IEEE bits: for non-negative floats the unsigned order of the bits is the float order,
 // and any NaN sorts above +inf, so an integer max over these bits is a NaN-propagating amax

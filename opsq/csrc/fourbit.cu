@@ -8,7 +8,9 @@
 #include <cstdlib>
 
 #include "checks.h"
+#include "absmax.cuh"
 #include "common.cuh"
+#include "gemv4.cuh"
 #include "ops.h"
 
 namespace opsq {
@@ -23,38 +25,6 @@ int log2_exact(int64_t v) {
   while ((int64_t{1} << l) < v) ++l;
   return l;
 }
-
-// -------------------------------------------------------------------------------------------
-// absmax: fp32 per block, or nested (uint8 codes of absmax - offset, 8-bit blockwise with
-// nested_absmax per nested block): code2[q] * nested_absmax + offset, as two fp32 roundings.
-// -------------------------------------------------------------------------------------------
-struct AbsmaxArgs {
-  const float* absmax = nullptr;
-  const uint8_t* qabsmax = nullptr;
-  const float* nested_absmax = nullptr;
-  const float* nested_code = nullptr;
-  const float* offset = nullptr;
-  int nested_log2 = 8;
-};
-
-template <bool NESTED> struct AbsmaxSmem {
-  float ncode[256];
-  float offset;
-  __device__ void load(const AbsmaxArgs& am) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) ncode[i] = am.nested_code[i];
-    if (threadIdx.x == 0) offset = *am.offset;
-  }
-  __device__ __forceinline__ float get(const AbsmaxArgs& am, int64_t blk) const {
-    const float v = mul_rn(ncode[am.qabsmax[blk]], __ldg(am.nested_absmax + (blk >> am.nested_log2)));
-    return add_rn(v, offset);
-  }
-};
-template <> struct AbsmaxSmem<false> {
-  __device__ void load(const AbsmaxArgs&) {}
-  __device__ __forceinline__ float get(const AbsmaxArgs& am, int64_t blk) const {
-    return __ldg(am.absmax + blk);
-  }
-};
 
 // -------------------------------------------------------------------------------------------
 // dequantize_4bit
@@ -239,264 +209,6 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   }
 }
 
-// -------------------------------------------------------------------------------------------
-// gemv_4bit: y[M, N] = A[M, K] . dequant(W)[N, K]^T (+ bias), M <= 8 a launch, fp16 / bf16.
-// Tensor-core mma.m16n8k16 with the weight as the 16-row operand and the (<= 8) activation rows
-// as the 8-column operand; fp32 accumulation. The weight is dequantized in registers to A.dtype
-// (round(code * absmax)), exactly the values dequantize_4bit produces. A CTA of kGemvWarps
-// warps owns 16 output features; the warps split K in steps of 256 and reduce through shared
-// memory. Lane (g = lane / 4, q = lane % 4) owns rows g and g + 8; in a step it owns
-// k = 64 q .. 64 q + 63 (32 bytes of each row, so a row's 4 lanes read one 128-byte line) and
-// the same activations of row g, in two halves of 32 codes (one absmax each: blocks hold >= 32
-// codes at multiples of 32). The mma's k index is a permutation of the physical k (a dot
-// product is order-free): logical k = 2q, 2q+1, 2q+8, 2q+9 of mma j map to physical
-// k = kq + 4j + 0..3, for the weight and the activations alike, since both fragments place
-// logical k by q. Requires K % 32 == 0 and 16-byte aligned A rows and packed codes.
-//
-// Dequantizing a code is the kernel's cost (the mma is nearly free at M <= 8). Three ways,
-// chosen per row of the lane's pair (template MODE; kGemvDefaultMode is the one built and
-// launched, the others are kept for comparison in benchmarks/NOTES.md):
-//  * smem: value = round(code_table[c] * absmax): a shared-memory load, a multiply and half a
-//    convert per code. Bound by the shared-memory pipe (ncu: L1 pipe 73 %, DRAM 35 %).
-//  * prmt: per absmax, the lane computes the 16 products round(code_table[c] * absmax) once
-//    and keeps them as two 16-byte planes (low and high bytes) in 8 registers; a code is then
-//    looked up with byte permutes (prmt): 3 prmt select a byte of a 16-entry plane for 4 codes
-//    at once (entries 0-7, entries 8-15, then pick by the code's top bit), twice for the two
-//    planes, and 2 more interleave the bytes into the two bf16x2 / half2 fragments. About 2.6
-//    integer ops a code and no shared memory; the table costs 16 multiplies per absmax.
-//  * hybrid: row g by prmt, row g + 8 by smem, so the integer and shared-memory pipes share
-//    the work.
-// Both give bit-identical weights; only the instruction mix differs.
-// -------------------------------------------------------------------------------------------
-template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
-                                                              uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4],
-                                                                   const uint32_t (&a)[4],
-                                                                   uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4],
-                                                            uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-  uint4 r;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-               : "l"(p));
-  return r;
-}
-
-// prmt.b32 in its generic mode: byte n of the result is byte c[4n+2:4n] of {b, a} (c[4n+3]
-// must be 0: it would replicate the sign bit instead).
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t r;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-
-constexpr int kGemvWarps = 8;
-constexpr int64_t kGemvStepK = 256;
-// Rows up to which linear_4bit / gemv_4bit use the fused kernel instead of dequantize + GEMM.
-constexpr int64_t kGemvMaxRows = 16;
-enum GemvMode : int { kGemvSmem = 0, kGemvPrmt = 1, kGemvHybrid = 2 };
-constexpr int kGemvDefaultMode = kGemvPrmt;
-
-// The 16 code values, passed by value (kernel parameter space): the table multiplies read them
-// as constant-bank operands.
-struct CodeTab {
-  float v[16];
-};
-
-// Value of the code whose index * 4 is byte `b` of `idx4` (byte offsets into the table).
-__device__ __forceinline__ float tab_at(const float* tab, uint32_t idx4, int b) {
-  const uint32_t off = __byte_perm(idx4, 0u, 0x4440u | static_cast<uint32_t>(b));
-  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(tab) + off);
-}
-
-// round(code[c] * s) for c = 0..15 as byte planes: byte b of lo[m] / hi[m] is the low / high
-// byte of entry 4 m + b.
-struct ProdTab {
-  uint32_t lo[4], hi[4];
-};
-
-template <typename T>
-__device__ __forceinline__ ProdTab make_prod(const CodeTab& ct, float s) {
-  ProdTab t;
-#pragma unroll
-  for (int m = 0; m < 4; ++m) {
-    const uint32_t p0 = pack2<T>(mul_rn(ct.v[4 * m], s), mul_rn(ct.v[4 * m + 1], s));
-    const uint32_t p1 = pack2<T>(mul_rn(ct.v[4 * m + 2], s), mul_rn(ct.v[4 * m + 3], s));
-    t.lo[m] = prmt(p0, p1, 0x6420u);
-    t.hi[m] = prmt(p0, p1, 0x7531u);
-  }
-  return t;
-}
-
-// Fragments (element 0, 1) and (element 2, 3) of the 2 code bytes whose nibbles, low 3 bits
-// and top-bit selectors are the low 16 bits of q3 / sx (see gemv4_kernel). Nibble order in the
-// 16 bits is elements 1, 0, 3, 2 (element 2j is the high nibble of byte j).
-__device__ __forceinline__ void prod_lookup(const ProdTab& t, uint32_t q3, uint32_t sx,
-                                            uint32_t& f01, uint32_t& f23) {
-  const uint32_t lo = prmt(prmt(t.lo[0], t.lo[1], q3), prmt(t.lo[2], t.lo[3], q3), sx);
-  const uint32_t hi = prmt(prmt(t.hi[0], t.hi[1], q3), prmt(t.hi[2], t.hi[3], q3), sx);
-  f01 = prmt(lo, hi, 0x4051u);  // element 0 = byte 1 of lo/hi, element 1 = byte 0
-  f23 = prmt(lo, hi, 0x6273u);  // element 2 = byte 3, element 3 = byte 2
-}
-
-// The same two fragments through the shared fp32 code table: bytes 2 jj and 2 jj + 1 of a word
-// whose high / low nibbles, times 4, are the bytes of hidx / lidx.
-template <typename T>
-__device__ __forceinline__ void smem_lookup(const float* tab, uint32_t hidx, uint32_t lidx,
-                                            int jj, float s, uint32_t& f01, uint32_t& f23) {
-  const int b0 = 2 * jj, b1 = 2 * jj + 1;
-  f01 = pack2<T>(mul_rn(tab_at(tab, hidx, b0), s), mul_rn(tab_at(tab, lidx, b0), s));
-  f23 = pack2<T>(mul_rn(tab_at(tab, hidx, b1), s), mul_rn(tab_at(tab, lidx, b1), s));
-}
-
-// Fragments of one 32-bit word (8 codes) of one row: f01[jj], f23[jj] for jj = 0, 1.
-template <typename T, bool PRMT>
-__device__ __forceinline__ void word_frags(uint32_t w, const ProdTab& pt, const float* tab,
-                                           float s, uint32_t (&f01)[2], uint32_t (&f23)[2]) {
-  if constexpr (PRMT) {
-    const uint32_t q3 = w & 0x77777777u;                      // low 3 bits of every code
-    const uint32_t sx = ((w >> 1) & 0x44444444u) | 0x32103210u;  // 4 + i where code >= 8
-    prod_lookup(pt, q3, sx, f01[0], f23[0]);
-    prod_lookup(pt, q3 >> 16, sx >> 16, f01[1], f23[1]);
-  } else {
-    const uint32_t h = (w >> 2) & 0x3c3c3c3cu, l = (w << 2) & 0x3c3c3c3cu;
-    smem_lookup<T>(tab, h, l, 0, s, f01[0], f23[0]);
-    smem_lookup<T>(tab, h, l, 1, s, f01[1], f23[1]);
-  }
-}
-
-// BS32: blocksize 32, so the two halves of a lane's 64 codes have their own absmax (else they
-// share one, and the product tables are built once a step).
-template <typename T, bool NESTED, int MODE, bool BS32>
-__global__ void __launch_bounds__(kGemvWarps * 32, 2)
-gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
-             int64_t N, AbsmaxArgs am, int bs_log2, CodeTab ct, const T* __restrict__ bias,
-             T* __restrict__ out) {
-  constexpr bool kPrmtA = MODE != kGemvSmem;
-  constexpr bool kPrmtB = MODE == kGemvPrmt;
-  __shared__ float tab[16];
-  __shared__ AbsmaxSmem<NESTED> ams;
-  __shared__ float red[kGemvWarps][16][8];
-  if (threadIdx.x == 0) {  // constant indices: a parameter indexed at run time goes to the stack
-#pragma unroll
-    for (int i = 0; i < 16; ++i) tab[i] = ct.v[i];
-  }
-  ams.load(am);
-  __syncthreads();
-
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, q = lane & 3;
-  const int64_t row0 = int64_t{blockIdx.x} * 16;
-  const int64_t ra = row0 + g, rb = row0 + g + 8;
-  const bool oka = ra < N, okb = rb < N;
-  const bool has_x = g < M;
-  const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
-
-  struct Wt {
-    uint4 a[2], b[2];
-    float sa[2], sb[2];
-  };
-  auto load_w = [&](int64_t s, Wt& w) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
-      w.a[h] = make_uint4(0, 0, 0, 0); w.b[h] = make_uint4(0, 0, 0, 0);
-      w.sa[h] = 0.f; w.sb[h] = 0.f;
-      if (s < steps && kq < K) {
-        if (oka) {
-          const int64_t e = ra * K + kq;
-          w.a[h] = ld_stream16(W + (e >> 1));
-          w.sa[h] = ams.get(am, e >> bs_log2);
-        }
-        if (okb) {
-          const int64_t e = rb * K + kq;
-          w.b[h] = ld_stream16(W + (e >> 1));
-          w.sb[h] = ams.get(am, e >> bs_log2);
-        }
-      }
-    }
-  };
-
-  float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  Wt cur;
-  load_w(warp, cur);
-  for (int64_t s = warp; s < steps; s += kGemvWarps) {
-    Wt nxt;
-    load_w(s + kGemvWarps, nxt);  // in flight while this step computes
-    ProdTab pa{}, pb{};
-    if (!BS32) {
-      if (kPrmtA) pa = make_prod<T>(ct, cur.sa[0]);
-      if (kPrmtB) pb = make_prod<T>(ct, cur.sb[0]);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t kq = s * kGemvStepK + 64 * q + 32 * h;
-      if (BS32) {
-        if (kPrmtA) pa = make_prod<T>(ct, cur.sa[h]);
-        if (kPrmtB) pb = make_prod<T>(ct, cur.sb[h]);
-      }
-      uint32_t xw[16];
-      if (kq < K && has_x) {
-        const uint4* xp = reinterpret_cast<const uint4*>(A + g * K + kq);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint4 v = __ldg(xp + i);
-          xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < 16; ++i) xw[i] = 0;
-      }
-      const uint32_t wav[4] = {cur.a[h].x, cur.a[h].y, cur.a[h].z, cur.a[h].w};
-      const uint32_t wbv[4] = {cur.b[h].x, cur.b[h].y, cur.b[h].z, cur.b[h].w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        uint32_t a01[2], a23[2], b01[2], b23[2];
-        word_frags<T, kPrmtA>(wav[i], pa, tab, cur.sa[h], a01, a23);
-        word_frags<T, kPrmtB>(wbv[i], pb, tab, cur.sb[h], b01, b23);
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * i + jj;  // mma j: elements 4j .. 4j + 3 of the 32-code half
-          const uint32_t frag[4] = {a01[jj], b01[jj], a23[jj], b23[jj]};
-          mma16816<T>(acc[jj], frag, xw[2 * j], xw[2 * j + 1]);
-        }
-      }
-    }
-    cur = nxt;
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) acc[0][k] += acc[1][k];
-  red[warp][g][2 * q] = acc[0][0];
-  red[warp][g][2 * q + 1] = acc[0][1];
-  red[warp][g + 8][2 * q] = acc[0][2];
-  red[warp][g + 8][2 * q + 1] = acc[0][3];
-  __syncthreads();
-  if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
-    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
-    if (n < M && row0 + r < N) {
-      float y = red[0][r][n];
-#pragma unroll
-      for (int w = 1; w < kGemvWarps; ++w) y += red[w][r][n];
-      if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
-      out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
-    }
-  }
-}
-
 // ---- host helpers ---------------------------------------------------------------------------
 struct Absmax {
   AbsmaxArgs args;
@@ -648,31 +360,35 @@ void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T, bool NESTED, int MODE>
-void launch_gemv4_mode(const T* A, int M, int64_t K, const uint8_t* W, int64_t N,
-                       const Absmax& am, int bs_log2, const CodeTab& ct, const T* bias, T* out,
-                       cudaStream_t stream) {
+// The fused kernel (gemv4.cuh) for <= 8 rows of A. Chunks of 64 codes where the blocksize
+// and K allow, else 32 (blocksize 32, or K % 64 != 0).
+template <typename T, bool NESTED>
+void launch_gemv4_nested(const T* A, int M, int64_t K, const uint8_t* W, int64_t N,
+                         const Absmax& am, int64_t blocksize, const CodePlanes& planes,
+                         const T* bias, T* out, cudaStream_t stream) {
   const int grid = static_cast<int>(ceil_div(N, 16));
-  if (bs_log2 == 5)
-    gemv4_kernel<T, NESTED, MODE, true><<<grid, kGemvWarps * 32, 0, stream>>>(
-        A, M, K, W, N, am.args, bs_log2, ct, bias, out);
-  else
-    gemv4_kernel<T, NESTED, MODE, false><<<grid, kGemvWarps * 32, 0, stream>>>(
-        A, M, K, W, N, am.args, bs_log2, ct, bias, out);
+  const ShiftMuls sh{1u << 16, 1u << 31};
+  const int bs_log2 = log2_exact(blocksize);
+#define OPSQ_GEMV4(C, BSEQ)                                                                  \
+  gemv4_kernel<T, NESTED, C, BSEQ><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N,     \
+                                                                          am.args, bs_log2,  \
+                                                                          planes, sh, bias, out)
+  if (blocksize >= 64 && K % 64 == 0) {
+    if (blocksize == 64) OPSQ_GEMV4(64, true); else OPSQ_GEMV4(64, false);
+  } else {
+    if (blocksize == 32) OPSQ_GEMV4(32, true); else OPSQ_GEMV4(32, false);
+  }
+#undef OPSQ_GEMV4
 }
 
 template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
-                  int bs_log2, bool nf4, const T* bias, T* out, cudaStream_t stream) {
-  CodeTab ct;
-  const float* src = nf4 ? kNF4Host : kFP4Host;
-  for (int i = 0; i < 16; ++i) ct.v[i] = src[i];
-  // One production mode (no runtime switch: a kernel must not depend on the environment at
-  // CUDA-graph capture); the other modes' measurements are in benchmarks/NOTES.md.
+                  int64_t blocksize, bool nf4, const T* bias, T* out, cudaStream_t stream) {
+  const CodePlanes planes = make_code_planes<T>(nf4 ? kNF4Host : kFP4Host);
   if (am.nested)
-    launch_gemv4_mode<T, true, kGemvDefaultMode>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream);
+    launch_gemv4_nested<T, true>(A, M, K, W, N, am, blocksize, planes, bias, out, stream);
   else
-    launch_gemv4_mode<T, false, kGemvDefaultMode>(A, M, K, W, N, am, bs_log2, ct, bias, out, stream);
+    launch_gemv4_nested<T, false>(A, M, K, W, N, am, blocksize, planes, bias, out, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -792,18 +508,17 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
     const Absmax am = prepare_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
-    const int bs_log2 = log2_exact(blocksize);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
       const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
       if (dt == at::kHalf) {
         launch_gemv4<__half>(reinterpret_cast<const __half*>(x.data_ptr()) + m0 * K, rows, K, w,
-                             N, am, bs_log2, nf4,
+                             N, am, blocksize, nf4,
                              b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
                              reinterpret_cast<__half*>(out.data_ptr()) + m0 * N, stream);
       } else {
         launch_gemv4<__nv_bfloat16>(
             reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + m0 * K, rows, K, w, N, am,
-            bs_log2, nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
+            blocksize, nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
             reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) + m0 * N, stream);
       }
     }

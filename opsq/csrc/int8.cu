@@ -851,12 +851,8 @@ constexpr int kCompactPer = 16;           // mask bytes per thread and step (one
 // divides by a CPU scalar as a multiplication by its fp32 reciprocal), one rounding each.
 constexpr float kInv127 = 0x1.020408p-7f;
 
-// IEEE fused multiply-add (no flush-to-zero under --use_fast_math).
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
+// IEEE fused multiply-add, one rounding.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
 // Weight value of the reference's outlier matmul: CB * (SCB / 127), each product rounded.
 __device__ __forceinline__ float outlier_weight(int8_t cb, float scb) {
   return mul_rn(static_cast<float>(cb), mul_rn(scb, kInv127));

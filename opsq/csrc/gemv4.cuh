@@ -1,0 +1,313 @@
+// gemv_4bit / linear_4bit for few rows: y[M, N] = A[M, K] . dequant(W)[N, K]^T (+ bias),
+// M <= 8 a launch, fp16 / bf16, W in bitsandbytes' packed NF4 / FP4 layout (two codes a byte,
+// the first in the high nibble; one absmax per block of `blocksize` codes of the flattened
+// weight). Torch-free, so that benchmarks/gemv_lab builds it without the extension.
+//
+// Budget (benchmarks/NOTES.md, "gemv_4bit v4"): at the H200's copy bandwidth the SMs must
+// retire ~25 codes per SM-cycle. The integer pipe (PRMT, LOP3, shifts, ISETP, IADD3) does 64
+// thread-ops per SM-cycle, so the code look-up may cost at most ~2 of them per code; the FMA
+// pipe (FFMA, IMAD) has 128 and the tensor pipe does the multiply-adds.
+//
+// Design:
+//  * The weight is the 16-row A operand of mma.m16n8k16, the (<= 8) activation rows the
+//    8-column B operand; fp32 accumulation.
+//  * The look-up table holds the 16 code values rounded to T, unscaled: it is the same for
+//    every block, so it is built once (host side) and kept in 8 registers as a low-byte and a
+//    high-byte plane. A code is looked up with byte permutes: 3 PRMT select a byte of a
+//    16-entry plane for 4 codes at once (entries 0-7, entries 8-15, then pick by the code's
+//    top bit), twice for the two planes, and 2 PRMT interleave the bytes into the two
+//    fragments: 2 PRMT a code. The selectors take 2 LOP3 per 8 codes; the shifts they need run
+//    as IMAD.HI on the FMA pipe (multipliers passed at run time, so they are not turned back
+//    into shifts).
+//  * absmax is applied after the product: the K axis is cut into chunks of C codes (C = 64, or
+//    32 where blocksize is 32 or K % 64 != 0), each inside one absmax block; a chunk's four (or
+//    two) mma run on a fresh accumulator, which is then added times absmax (4 FFMA per chunk).
+//    Lane (g = lane / 4, q = lane % 4) owns rows g and g + 8 and codes q C/4 .. q C/4 + C/4 - 1
+//    of every chunk (C/8 contiguous bytes a row); mma j of a chunk takes the lane's codes
+//    4j .. 4j + 3 as logical k = 2q, 2q + 1, 2q + 8, 2q + 9 (a dot product is order-free), so
+//    the four lanes of a row cover 16 codes of one chunk, and the activations are read the
+//    same way.
+//  * A CTA of kGemvWarps warps owns 16 output features; the warps split K in steps of 256
+//    codes, DEPTH steps of loads in flight each, and reduce through shared memory.
+// Requires K % 32 == 0 and 16-byte aligned A rows and packed codes (the host checks).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "absmax.cuh"
+#include "common.cuh"
+
+namespace opsq {
+
+constexpr int kGemvWarps = 4;
+constexpr int kGemvDepth = 1;
+constexpr int64_t kGemvStepK = 256;
+// Rows up to which linear_4bit / gemv_4bit use this kernel instead of dequantize + GEMM.
+constexpr int64_t kGemvMaxRows = 16;
+
+// The 16 code values rounded to T: byte b of lo[m] / hi[m] is the low / high byte of entry
+// 4 m + b.
+struct CodePlanes {
+  uint32_t lo[4], hi[4];
+};
+
+// Built on the host from the fp32 code table (the bit patterns of T, round to nearest even).
+template <typename T> inline CodePlanes make_code_planes(const float* code) {
+  CodePlanes p{};
+  for (int m = 0; m < 4; ++m) {
+    for (int b = 0; b < 4; ++b) {
+      T v;
+      if constexpr (std::is_same<T, __half>::value) {
+        v = __float2half_rn(code[4 * m + b]);
+      } else {
+        v = __float2bfloat16_rn(code[4 * m + b]);
+      }
+      uint16_t bits;
+      memcpy(&bits, &v, 2);
+      p.lo[m] |= uint32_t(bits & 0xffu) << (8 * b);
+      p.hi[m] |= uint32_t(bits >> 8) << (8 * b);
+    }
+  }
+  return p;
+}
+
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+
+// Fragments (element 0, 1) and (element 2, 3) of the 2 code bytes whose low 3 bits and
+// top-bit selectors are the low 16 bits of q3 / sx. Nibble order in the 16 bits is elements
+// 1, 0, 3, 2 (element 2j is the high nibble of byte j).
+__device__ __forceinline__ void plane_lookup(const CodePlanes& t, uint32_t q3, uint32_t sx,
+                                             uint32_t& f01, uint32_t& f23) {
+  const uint32_t lo = prmt(prmt(t.lo[0], t.lo[1], q3), prmt(t.lo[2], t.lo[3], q3), sx);
+  const uint32_t hi = prmt(prmt(t.hi[0], t.hi[1], q3), prmt(t.hi[2], t.hi[3], q3), sx);
+  f01 = prmt(lo, hi, 0x4051u);  // element 0 = byte 1 of lo/hi, element 1 = byte 0
+  f23 = prmt(lo, hi, 0x6273u);  // element 2 = byte 3, element 3 = byte 2
+}
+
+template <typename T> __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                                              uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4],
+                                                                   const uint32_t (&a)[4],
+                                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                            uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// x >> 16 and x >> 1 on the FMA pipe: high word of x * 2^16 / x * 2^31, with the multipliers
+// passed in at run time.
+struct ShiftMuls {
+  uint32_t m16, m31;
+};
+
+// Fragments of one 32-bit word (8 codes) of one row: f01[jj], f23[jj] for its two 4-code
+// halves jj = 0 (low 16 bits), 1.
+__device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, const ShiftMuls& sh,
+                                           uint32_t (&f01)[2], uint32_t (&f23)[2]) {
+  const uint32_t q3 = w & 0x77777777u;  // low 3 bits of every code
+  const uint32_t sx = (__umulhi(w, sh.m31) & 0x44444444u) | 0x32103210u;  // 4 + i where code >= 8
+  plane_lookup(t, q3, sx, f01[0], f23[0]);
+  plane_lookup(t, __umulhi(q3, sh.m16), __umulhi(sx, sh.m16), f01[1], f23[1]);
+}
+
+// C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
+// XS (measured in benchmarks/gemv_lab, not launched by opsq): the activations of a step go
+// through a per-warp shared-memory slice, row 0 prefetched with the codes.
+template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
+          bool XS = false>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
+gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
+             int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes, ShiftMuls sh,
+             const T* __restrict__ bias, T* __restrict__ out) {
+  constexpr int NC = kGemvStepK / C;  // chunks a step
+  constexpr int NW = C / 32;          // 32-bit code words a lane, row and chunk
+  __shared__ AbsmaxSmem<NESTED> ams;
+  __shared__ float red[WARPS][16][8];
+  constexpr int kXsRow = kGemvStepK + 8;  // padded: rows g and g + 1 in different banks
+  __shared__ __align__(16) T xsm[XS ? WARPS : 1][XS ? 8 : 1][XS ? kXsRow : 8];
+  ams.load(am);
+  __syncthreads();
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t row0 = int64_t{blockIdx.x} * 16;
+  const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
+  const CodePlanes t = planes;
+  // Rows past N read row N - 1 (in bounds) and are not written.
+  const int64_t ra = row0 + g < N ? row0 + g : N - 1;
+  const int64_t rb = row0 + g + 8 < N ? row0 + g + 8 : N - 1;
+  const int64_t ea = ra * K, eb = rb * K;  // flat index of the rows' first codes
+  const uint8_t* wa = W + (ea >> 1) + q * (C / 8);
+  const uint8_t* wb = W + (eb >> 1) + q * (C / 8);
+  const bool has_x = g < M;
+  const T* xr = A + int64_t{has_x ? g : 0} * K + q * (C / 4);
+
+  struct Wt {
+    uint32_t a[NC][NW], b[NC][NW];
+    float sa[NC], sb[NC];
+    uint4 x0;  // XS: 8 activations of row 0 (lane l: step codes 8 l .. 8 l + 7)
+  };
+  auto load_code = [](const uint8_t* p, uint32_t (&w)[NW]) {
+    if constexpr (NW == 2) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+      w[0] = v.x;
+      w[NW - 1] = v.y;
+    } else {
+      w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+    }
+  };
+  // absmax index of the rows' first chunk (BSEQ: block = chunk, and C divides K)
+  constexpr int kLogC = C == 64 ? 6 : 5;
+  const int64_t ia = ea >> kLogC, ib = eb >> kLogC;
+  // Step s, chunks below `nc` (all but in the last step).
+  auto load_chunks = [&](int64_t s, int nc, Wt& w) {
+    const int64_t kb = s * kGemvStepK;
+    if constexpr (XS) {
+      w.x0 = make_uint4(0, 0, 0, 0);
+      if (lane * 8 < nc * C) w.x0 = __ldg(reinterpret_cast<const uint4*>(A + kb) + lane);
+    }
+    const uint8_t* pa = wa + s * (kGemvStepK / 2);
+    const uint8_t* pb = wb + s * (kGemvStepK / 2);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (c < nc) {
+        load_code(pa + c * (C / 2), w.a[c]);
+        load_code(pb + c * (C / 2), w.b[c]);
+        if constexpr (BSEQ) {
+          w.sa[c] = ams.get(am, ia + s * NC + c);
+          w.sb[c] = ams.get(am, ib + s * NC + c);
+        } else {
+          w.sa[c] = ams.get(am, (ea + kb + c * C) >> bs_log2);
+          w.sb[c] = ams.get(am, (eb + kb + c * C) >> bs_log2);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NW; ++i) w.a[c][i] = w.b[c][i] = 0;
+        w.sa[c] = w.sb[c] = 0.f;
+      }
+    }
+  };
+  auto chunks = [&](int64_t s) -> int {
+    const int64_t left = K - s * kGemvStepK;
+    return s < steps ? static_cast<int>(left >= kGemvStepK ? NC : left / C) : 0;
+  };
+  auto load_w = [&](int64_t s, Wt& w) {  // constant trip counts for the full steps
+    const int nc = chunks(s);
+    if (nc == NC) {
+      load_chunks(s, NC, w);
+    } else {
+      load_chunks(s, nc, w);
+    }
+  };
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  auto compute = [&](int64_t s, int nc, const Wt& cur) {
+    const T* xs = xr + s * kGemvStepK;
+    if constexpr (XS) {
+      __syncwarp();  // the previous step's reads are done
+      *reinterpret_cast<uint4*>(&xsm[warp][0][lane * 8]) = cur.x0;
+      for (int m = 1; m < M; ++m) {
+        uint4 v = make_uint4(0, 0, 0, 0);
+        if (lane * 8 < nc * C) v = __ldg(reinterpret_cast<const uint4*>(A + m * K + s * kGemvStepK) + lane);
+        *reinterpret_cast<uint4*>(&xsm[warp][m][lane * 8]) = v;
+      }
+      __syncwarp();
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (c >= nc) continue;
+      uint32_t xw[C / 8];
+      if (XS && has_x) {
+        const uint4* xp = reinterpret_cast<const uint4*>(&xsm[warp][g][c * C + q * (C / 4)]);
+#pragma unroll
+        for (int i = 0; i < C / 32; ++i) {
+          const uint4 v = xp[i];
+          xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+        }
+      } else if (has_x) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + c * C);
+#pragma unroll
+        for (int i = 0; i < C / 32; ++i) {
+          const uint4 v = __ldg(xp + i);
+          xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < C / 8; ++i) xw[i] = 0;
+      }
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
+        uint32_t a01[2], a23[2], b01[2], b23[2];
+        word_frags(cur.a[c][i], t, sh, a01, a23);
+        word_frags(cur.b[c][i], t, sh, b01, b23);
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * i + jj;  // mma j of the chunk: the lane's codes 4j .. 4j + 3
+          const uint32_t frag[4] = {a01[jj], b01[jj], a23[jj], b23[jj]};
+          mma16816<T>(d, frag, xw[2 * j], xw[2 * j + 1]);
+        }
+      }
+      acc[0] = fmaf(cur.sa[c], d[0], acc[0]);
+      acc[1] = fmaf(cur.sa[c], d[1], acc[1]);
+      acc[2] = fmaf(cur.sb[c], d[2], acc[2]);
+      acc[3] = fmaf(cur.sb[c], d[3], acc[3]);
+    }
+  };
+
+  Wt buf[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH; ++d) {
+    load_w(warp + int64_t{d} * WARPS, buf[d]);
+  }
+  for (int64_t s = warp; s < steps; s += int64_t{WARPS} * DEPTH) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int64_t sd = s + int64_t{d} * WARPS, sn = sd + int64_t{DEPTH} * WARPS;
+      const Wt cur = buf[d];
+      load_w(sn, buf[d]);  // in flight while this step computes
+      const int nc = chunks(sd);
+      if (nc == NC) {
+        compute(sd, NC, cur);
+      } else if (nc > 0) {
+        compute(sd, nc, cur);
+      }
+    }
+  }
+
+  red[warp][g][2 * q] = acc[0];
+  red[warp][g][2 * q + 1] = acc[1];
+  red[warp][g + 8][2 * q] = acc[2];
+  red[warp][g + 8][2 * q + 1] = acc[3];
+  __syncthreads();
+  if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
+    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+    if (n < M && row0 + r < N) {
+      float y = red[0][r][n];
+#pragma unroll
+      for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
+      if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
+      out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
+    }
+  }
+}
+
+}  // namespace opsq
