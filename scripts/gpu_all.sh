@@ -59,7 +59,7 @@ if has qlora_prof; then
 fi
 if has tests; then
   t0=$(date +%s)
-  timeout 420 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_fixtures.py \
+  timeout 420 $PY -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_fixtures.py tests/test_fixtures.py \
     tests/test_cuda_surface.py \
     compile_tests/test_opcheck.py $(ls tests/test_autograd.py compile_tests/test_compiled_training.py 2>/dev/null) \
     tests/test_bad_inputs.py -k "cuda or Cuda or CUDA" >"$OUT/tests_cuda.log" 2>&1
