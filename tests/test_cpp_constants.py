@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from opsq import _constants as C
+from opsq._constants import FLOAT_DTYPES
 from opsq.meta._common import (check_blocksize, check_dtype, check_float_dtype,
                                check_quant_storage, check_quant_type, check_threshold)
 
@@ -64,7 +65,8 @@ int main() {
   const double inf = std::numeric_limits<double>::infinity();
   const double vals[] = {0.0, 6.0, 1e300, -1.0, -0.0, inf, -inf, std::nan("")};
   for (double t : vals) std::cout << "t " << ok([&] { opsq::check_threshold(t); }) << "\n";
-  std::cout << "m " << msg([&] { opsq::check_float_dtype("dtype", at::kDouble); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_float_dtype_arg("dtype", at::kDouble); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_float_dtype("A", at::kChar); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_quant_storage("quant_storage", at::kComplexFloat, true); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_dtype("A", at::kInt, {at::kChar}); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_blocksize(48); }) << "\n";
@@ -108,6 +110,7 @@ def test_checks_h_rules_match_python(tmp_path):
     assert all(_accepts(check_blocksize, b) for b in C.BLOCKSIZES)
     # the same messages, word for word, as the Python checks the CPU and fake kernels run
     want = [_message(check_float_dtype, "dtype", torch.float64),
+            _message(check_dtype, "A", torch.zeros(1, dtype=torch.int8), FLOAT_DTYPES),
             _message(check_quant_storage, torch.complex64),
             _message(check_dtype, "A", torch.zeros(1, dtype=torch.int32), (torch.int8,)),
             _message(check_blocksize, 48), _message(check_quant_type, "int4")]

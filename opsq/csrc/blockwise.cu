@@ -265,7 +265,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
   check_dtype("absmax", absmax.scalar_type(), {at::kFloat});
   check_code(A, code);
   check_blocksize(blocksize);
-  check_float_dtype("dtype", dtype);
+  check_float_dtype_arg("dtype", dtype);
   check_numel("absmax", absmax, ceil_div(A.numel(), blocksize),
               " (one per block of " + std::to_string(blocksize) + " of " +
                   std::to_string(A.numel()) + " elements)");

@@ -98,8 +98,13 @@ constexpr std::initializer_list<at::ScalarType> kQuantStorageDtypes = {
     at::kByte, at::kChar, at::kShort, at::kInt, at::kLong, at::kHalf, at::kBFloat16, at::kFloat,
     at::kDouble};
 
-// the dtype argument of a dequantizing op
+// a float tensor (A, bias)
 inline void check_float_dtype(const char* name, at::ScalarType got) {
+  check_dtype(name, got, kFloatDtypes);
+}
+
+// the dtype argument of a dequantizing op
+inline void check_float_dtype_arg(const char* name, at::ScalarType got) {
   check_dtype_arg(name, got, kFloatDtypes);
 }
 

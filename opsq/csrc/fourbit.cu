@@ -441,7 +441,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                                 int64_t nested_blocksize) {
   check_blocksize(blocksize);
   const bool nf4 = check_quant_type(quant_type);
-  check_float_dtype("dtype", dtype);
+  check_float_dtype_arg("dtype", dtype);
   const std::vector<int64_t> out_shape = shape_vec(shape);
   TORCH_CHECK_VALUE(!out_shape.empty(), "shape must not be empty, got []");
   int64_t n = 1;

@@ -1493,7 +1493,7 @@ at::Tensor mm_dequant_cuda(const at::Tensor& A, const at::Tensor& row_stats,
   for (int64_t d = 0; d + 1 < A.dim(); ++d) rows *= A.size(d);
   check_numel("row_stats", row_stats, rows, " (one per row of A)");
   check_numel("col_stats", col_stats, N, " (one per column of A)");
-  if (dtype.has_value()) check_float_dtype("dtype", *dtype);
+  if (dtype.has_value()) check_float_dtype_arg("dtype", *dtype);
   if (bias.has_value()) {
     check_float_dtype("bias", bias->scalar_type());
     check_numel("bias", *bias, N, " (one per column of A)");
