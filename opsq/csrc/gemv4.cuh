@@ -129,10 +129,7 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 }
 
 // C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
-// XS (measured in benchmarks/gemv_lab, not launched by opsq): the activations of a step go
-// through a per-warp shared-memory slice, row 0 prefetched with the codes.
-template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
-          bool XS = false>
+template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes, ShiftMuls sh,
@@ -141,8 +138,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   constexpr int NW = C / 32;          // 32-bit code words a lane, row and chunk
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[WARPS][16][8];
-  constexpr int kXsRow = kGemvStepK + 8;  // padded: rows g and g + 1 in different banks
-  __shared__ __align__(16) T xsm[XS ? WARPS : 1][XS ? 8 : 1][XS ? kXsRow : 8];
   ams.load(am);
   __syncthreads();
 
@@ -163,7 +158,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   struct Wt {
     uint32_t a[NC][NW], b[NC][NW];
     float sa[NC], sb[NC];
-    uint4 x0;  // XS: 8 activations of row 0 (lane l: step codes 8 l .. 8 l + 7)
   };
   auto load_code = [](const uint8_t* p, uint32_t (&w)[NW]) {
     if constexpr (NW == 2) {
@@ -180,10 +174,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   // Step s, chunks below `nc` (all but in the last step).
   auto load_chunks = [&](int64_t s, int nc, Wt& w) {
     const int64_t kb = s * kGemvStepK;
-    if constexpr (XS) {
-      w.x0 = make_uint4(0, 0, 0, 0);
-      if (lane * 8 < nc * C) w.x0 = __ldg(reinterpret_cast<const uint4*>(A + kb) + lane);
-    }
     const uint8_t* pa = wa + s * (kGemvStepK / 2);
     const uint8_t* pb = wb + s * (kGemvStepK / 2);
 #pragma unroll
@@ -221,28 +211,11 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   auto compute = [&](int64_t s, int nc, const Wt& cur) {
     const T* xs = xr + s * kGemvStepK;
-    if constexpr (XS) {
-      __syncwarp();  // the previous step's reads are done
-      *reinterpret_cast<uint4*>(&xsm[warp][0][lane * 8]) = cur.x0;
-      for (int m = 1; m < M; ++m) {
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (lane * 8 < nc * C) v = __ldg(reinterpret_cast<const uint4*>(A + m * K + s * kGemvStepK) + lane);
-        *reinterpret_cast<uint4*>(&xsm[warp][m][lane * 8]) = v;
-      }
-      __syncwarp();
-    }
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       if (c >= nc) continue;
       uint32_t xw[C / 8];
-      if (XS && has_x) {
-        const uint4* xp = reinterpret_cast<const uint4*>(&xsm[warp][g][c * C + q * (C / 4)]);
-#pragma unroll
-        for (int i = 0; i < C / 32; ++i) {
-          const uint4 v = xp[i];
-          xw[4 * i] = v.x; xw[4 * i + 1] = v.y; xw[4 * i + 2] = v.z; xw[4 * i + 3] = v.w;
-        }
-      } else if (has_x) {
+      if (has_x) {
         const uint4* xp = reinterpret_cast<const uint4*>(xs + c * C);
 #pragma unroll
         for (int i = 0; i < C / 32; ++i) {
