@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "launch.h"
 #include "ops.h"
 
 namespace opsq {
@@ -22,11 +23,6 @@ int log2_exact(int64_t v) {
   return l;
 }
 
-int grid_for(int64_t work_items, int64_t per_cta) {
-  const int64_t want = ceil_div(std::max<int64_t>(work_items, 1), per_cta);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::min<int64_t>(want, int64_t{sms} * 16));
-}
 
 // IEEE a < b (subnormals kept: the extension is built without flush-to-zero).
 __device__ __forceinline__ bool lt_ieee(float a, float b) { return a < b; }

@@ -17,6 +17,8 @@
 #include <initializer_list>
 #include <string>
 
+#include "launch.h"
+
 namespace opsq {
 
 inline std::string fmt(int64_t v) { return std::to_string(v); }
@@ -173,8 +175,6 @@ inline void check_threshold(double threshold) {
                     "threshold must be a finite number >= 0 (0 disables outliers), got " +
                         fmt(threshold));
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Elements of a quant_storage tensor (itemsize bytes each) holding n 4-bit codes.
 inline int64_t packed_numel(int64_t n, int64_t itemsize) {

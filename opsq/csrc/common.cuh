@@ -208,8 +208,4 @@ template <bool NF4> struct Enc {
   }
 };
 
-__host__ __device__ __forceinline__ int64_t ceil_div64(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
-
 }  // namespace opsq

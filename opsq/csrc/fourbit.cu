@@ -10,6 +10,7 @@
 #include "checks.h"
 #include "absmax.cuh"
 #include "common.cuh"
+#include "launch.h"
 #include "gemv4.cuh"
 #include "ops.h"
 
@@ -17,8 +18,6 @@ namespace opsq {
 namespace {
 
 constexpr int kThreads = 256;
-
-int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 int log2_exact(int64_t v) {
   int l = 0;
@@ -279,10 +278,6 @@ void check_packed(const char* name, const at::Tensor& B, int64_t n) {
                   " storage)");
 }
 
-int grid_for(int64_t work_items, int64_t per_cta) {
-  const int64_t want = ceil_div(std::max<int64_t>(work_items, 1), per_cta);
-  return static_cast<int>(std::min<int64_t>(want, int64_t{sm_count()} * 16));
-}
 
 template <typename T>
 void launch_dequant4(const uint8_t* codes, const Absmax& am, int bs_log2, bool nf4, T* out,
