@@ -11,6 +11,7 @@ the looked-up rows only and dequantizes just those through an opsq op (``dequant
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -232,6 +233,10 @@ class Embedding4bit(_QuantizedTable):
                  quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8, device=None,
                  blocksize: int = 64, compress_statistics: bool = False):
         _check_table_args(quant_type, blocksize)
+        if embedding_dim % blocksize:
+            warnings.warn(f"Embedding4bit: embedding_dim {embedding_dim} is not a multiple of "
+                          f"blocksize {blocksize}: each lookup dequantizes up to one extra block "
+                          "per row (slower lookups)", UserWarning, stacklevel=2)
         super().__init__(num_embeddings, embedding_dim, device=device, dtype=dtype)
         self.dtype = self.weight.dtype
         self.quant_type = quant_type

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -120,6 +121,55 @@ class Params4bit(nn.Parameter):
 
     def cpu(self):
         return self.to(device="cpu")
+
+
+def _state_field(doc: str, get, nested: bool = False) -> property:
+    """A read-only view of one field of a :class:`Params4bit`'s ``quant_state``; AttributeError
+    (so ``hasattr`` is False) where the weight has no state, or no nested state for a nested
+    field."""
+    def fget(self):
+        qs = self.__dict__.get("quant_state")
+        if qs is None or (nested and qs.state2 is None):
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute {doc!r} "
+                                 f"(no {'nested ' if nested else ''}quant_state)")
+        return get(qs)
+    return property(fget, doc=f"``quant_state``'s {doc} (bitsandbytes' FSDP key path).")
+
+
+# bitsandbytes 0.48+: FSDP resolves the dotted state-dict keys of a 4-bit weight
+# ("weight.absmax", "weight.nested_quant_map", ...) with getattr on the weight. Properties, not
+# __getattr__, so that Dynamo traces them.
+for _name, _get, _nested in (
+        ("absmax", lambda qs: qs.absmax, False), ("code", lambda qs: qs.code, False),
+        ("quant_map", lambda qs: qs.code, False), ("offset", lambda qs: qs.offset, False),
+        ("state2", lambda qs: qs.state2, False),
+        ("nested_absmax", lambda qs: qs.state2.absmax, True),
+        ("nested_blocksize", lambda qs: qs.state2.blocksize, True),
+        ("nested_quant_map", lambda qs: qs.state2.code, True),
+        ("nested_dtype", lambda qs: qs.state2.dtype, True),
+        ("nested_offset", lambda qs: qs.offset, False)):
+    setattr(Params4bit, _name, _state_field(_name, _get, _nested))
+del _name, _get, _nested
+
+_SPLITS = (torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split)
+
+
+def _params4bit_torch_function(cls, func, types, args=(), kwargs=None):
+    """``torch.chunk`` / ``torch.split`` of a Params4bit give Params4bit pieces that keep its
+    quant_state and settings (as bitsandbytes 0.48+, for FSDP's flat-parameter sharding); every
+    other function returns plain tensors, as for any ``nn.Parameter``."""
+    kwargs = kwargs or {}
+    if func in _SPLITS and isinstance(args[0], Params4bit):
+        src = args[0]
+        with torch._C.DisableTorchFunctionSubclass():
+            pieces = func(*args, **kwargs)
+        return tuple(cls(p, src.requires_grad, src.quant_state, module=src.module,
+                         bnb_quantized=src.bnb_quantized, **src._attrs()) for p in pieces)
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **kwargs)
+
+
+Params4bit.__torch_function__ = classmethod(_params4bit_torch_function)
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
@@ -443,12 +493,30 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 "MixedPrecisionPolicy param_dtype different from a floating quant_storage); use "
                 "quant_storage=torch.uint8 with FSDP2 mixed precision")
         cdt = self.compute_dtype
+        if cdt is not None and x.dtype != cdt and not torch.compiler.is_compiling():
+            self.set_compute_type(x)
         xc = x if cdt is None or x.dtype == cdt else x.to(cdt)
         out = apply_op(
             "linear_4bit", xc, weight, self.weight_shape, _value(absmax), self.blocksize,
             self.quant_type, self.bias, _value(self.weight_nested_absmax),
             self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
         return out if xc is x else out.to(x.dtype)
+
+    def set_compute_type(self, x: torch.Tensor) -> None:
+        """bitsandbytes' advisory check of ``compute_dtype`` against an input ``x``: warns
+        (``UserWarning``, once per layer) when a 16-bit input is computed in fp32, which takes
+        dequantize + fp32 matmul instead of the fused 4-bit kernel (slow inference and training).
+        Unlike bitsandbytes it never changes ``compute_dtype``: ``None`` (the default) already
+        computes in the input's dtype. ``forward`` calls it, outside compiled graphs only."""
+        if (self.compute_dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+                and not self.__dict__.get("_warned_compute_dtype")):
+            self.__dict__["_warned_compute_dtype"] = True
+            kind = "inference" if x.numel() == x.shape[-1] else "inference or training"
+            warnings.warn(f"Linear4bit: input dtype is {x.dtype} but compute_dtype=torch.float32: "
+                          "every call casts the input to fp32 and runs dequantize + an fp32 "
+                          f"matmul instead of the fused 4-bit kernel (slow {kind}); use "
+                          "compute_dtype=None (the input's dtype) or the input's dtype",
+                          UserWarning, stacklevel=3)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

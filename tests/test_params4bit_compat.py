@@ -1,0 +1,105 @@
+"""bitsandbytes 0.48+ surface of a 4-bit weight and the advisory warnings of the 4-bit layers:
+Params4bit's quant_state fields as attributes (the dotted state-dict keys FSDP resolves with
+getattr), torch.chunk / torch.split keeping the subclass and its state, the once-per-layer
+compute_dtype warning (never from a compiled graph) and Embedding4bit's blocksize warning."""
+import warnings
+
+import pytest
+import torch
+
+from opsq import functional as Fq
+from opsq.nn import Embedding4bit, Linear4bit, Params4bit
+
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=(
+               pytest.mark.cuda,
+               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
+
+
+def _weight(device, nested=True, shape=(48, 128)):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
+    return w, Params4bit(w, quant_type="nf4", compress_statistics=nested, blocksize=64).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_fields_are_attributes(device, nested):
+    w, p = _weight(device, nested)
+    qs = p.quant_state
+    assert p.absmax is qs.absmax and p.code is qs.code and p.quant_map is qs.code
+    assert p.state2 is qs.state2
+    if nested:
+        assert p.nested_absmax is qs.state2.absmax and p.nested_quant_map is qs.state2.code
+        assert p.nested_blocksize == qs.state2.blocksize and p.nested_dtype == qs.state2.dtype
+        assert torch.equal(p.offset, qs.offset) and torch.equal(p.nested_offset, qs.offset)
+    else:
+        for name in ("nested_absmax", "nested_quant_map", "nested_blocksize", "nested_dtype"):
+            assert not hasattr(p, name)
+    # the state the attributes expose is the one that dequantizes the packed bytes
+    deq = Fq.dequantize_4bit(p.data, qs).float().cpu()
+    assert (deq - w).abs().max() <= w.abs().max() / 7  # NF4's coarsest step is ~0.16 of absmax
+
+
+def test_state_fields_absent_before_quantization():
+    p = Params4bit(torch.randn(8, 64))
+    for name in ("absmax", "code", "quant_map", "offset", "nested_absmax"):
+        with pytest.raises(AttributeError, match=name):
+            getattr(p, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("split", ["chunk", "split", "method"])
+def test_chunk_and_split_keep_the_subclass(device, split):
+    _, p = _weight(device)
+    n = p.shape[0]
+    if split == "chunk":
+        parts = torch.chunk(p, 3)
+    elif split == "split":
+        parts = torch.split(p, n // 4)
+    else:
+        parts = p.split(n // 2)
+    assert all(type(x) is Params4bit for x in parts)
+    assert all(x.quant_state is p.quant_state and x.bnb_quantized for x in parts)
+    assert all(x.quant_type == "nf4" and x.blocksize == 64 for x in parts)
+    assert torch.equal(torch.cat([x.data for x in parts]), p.data)
+    # other functions give plain tensors, as for any nn.Parameter
+    assert type(p.view(-1)) is torch.Tensor and type(p + 0) is torch.Tensor
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compute_dtype_warning_once_per_layer(device):
+    x = torch.randn(3, 64, device=device, dtype=torch.bfloat16)
+    slow = Linear4bit(64, 16, compute_dtype=torch.float32, quant_type="nf4").to(device)
+    with pytest.warns(UserWarning, match="compute_dtype=torch.float32"):
+        y = slow(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(slow(x), y)  # once per layer
+        fast = Linear4bit(64, 16, quant_type="nf4").to(device)
+        fast(x)  # compute_dtype None: the input's dtype, no warning
+        Linear4bit(64, 16, compute_dtype=torch.bfloat16, quant_type="nf4").to(device)(x)
+    other = Linear4bit(64, 16, compute_dtype=torch.float32, quant_type="nf4").to(device)
+    with pytest.warns(UserWarning, match="compute_dtype"):  # a second layer warns for itself
+        other(x)
+
+
+def test_compute_dtype_warning_not_from_a_compiled_graph():
+    torch._dynamo.reset()
+    layer = Linear4bit(64, 16, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = compiled(x)
+    assert not layer.__dict__.get("_warned_compute_dtype")
+    with pytest.warns(UserWarning, match="compute_dtype"):  # eager still warns
+        want = layer(x)
+    assert torch.equal(out, want)
+
+
+def test_embedding4bit_blocksize_warning():
+    with pytest.warns(UserWarning, match="not a multiple of blocksize 64"):
+        Embedding4bit(10, 96, blocksize=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Embedding4bit(10, 128, blocksize=64)
