@@ -65,9 +65,48 @@ SCHEMAS: dict[str, str] = {
 #: shows the target op).
 ALIASES: dict[str, str] = {"gemv_4bit": "linear_4bit"}
 
+#: Ops other libraries call under bitsandbytes' names and argument order, written as a call of
+#: opsq ops (``CompositeImplicitAutograd``, bodies in :mod:`opsq._composites`): no kernels, fake
+#: or autograd of their own, every device the ops they call serve; a compiled graph shows those.
+COMPOSITES: dict[str, str] = {
+    # bitsandbytes' 4-bit matmul: nested statistics as absmax_8bit (uint8 codes), absmax (their
+    # fp32 scale per 256), absmax_code, absmax_offset (0-dim); opsq's linear_4bit
+    "gemm_4bit":
+        "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+        "Tensor? bias=None, Tensor? absmax_8bit=None, Tensor? absmax_code=None, "
+        "Tensor? absmax_offset=None) -> Tensor",
+    # int8 x int8 -> int32, dequantized with row and column statistics, + bias: igemmlt then
+    # mm_dequant
+    "int8_scaled_mm":
+        "(Tensor A, Tensor B, Tensor row_stats, Tensor col_stats, Tensor? bias=None, "
+        "ScalarType? dtype=None) -> Tensor",
+}
+
+#: ``name.out`` overloads (CUDA-graph users preallocate outputs): the op's result written into
+#: ``out`` (same shape and dtype, else ValueError / TypeError naming it), which is returned.
+OUT_OVERLOADS: dict[str, str] = {
+    "igemmlt": "(Tensor A, Tensor B, *, Tensor(a!) out) -> Tensor(a!)",
+    "dequantize_4bit":
+        "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
+        f"ScalarType dtype, {_NESTED}, *, Tensor(a!) out) -> Tensor(a!)",
+    "gemv_4bit":
+        "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
+        f"Tensor? bias=None, {_NESTED}, *, Tensor(a!) out) -> Tensor(a!)",
+    "quantize_blockwise":
+        "(Tensor A, Tensor code, int blocksize, *, Tensor(a!) out, Tensor(b!) absmax_out) "
+        "-> (Tensor(a!), Tensor(b!))",
+    "dequantize_blockwise":
+        "(Tensor A, Tensor absmax, Tensor code, int blocksize, ScalarType dtype, *, "
+        "Tensor(a!) out) -> Tensor(a!)",
+}
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)
+for _name, _schema in COMPOSITES.items():
+    _lib.define(_name + _schema)
+for _name, _schema in OUT_OVERLOADS.items():
+    _lib.define(_name + ".out" + _schema)
 
 
 def _alias_kernel(target: str):
@@ -81,6 +120,14 @@ def _alias_kernel(target: str):
 for _alias, _target in ALIASES.items():
     assert SCHEMAS[_alias] == SCHEMAS[_target], _alias
     _lib.impl(_alias, _alias_kernel(_target), "CompositeImplicitAutograd")
+
+
+from . import _composites  # noqa: E402  (the bodies above; they call torch.ops.opsq)
+
+for _name in COMPOSITES:
+    _lib.impl(_name, getattr(_composites, _name), "CompositeImplicitAutograd")
+for _name in OUT_OVERLOADS:
+    _lib.impl(_name + ".out", _composites.out_kernel(_name), "CompositeImplicitAutograd")
 
 
 def qualname(name: str) -> str:
