@@ -7,6 +7,7 @@ __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4", "Int8Params", "
 from .embedding import (  # noqa: E402
     Embedding, Embedding4bit, Embedding8bit, EmbeddingFP4, EmbeddingNF4, StableEmbedding)
 from .outliers import OutlierAwareLinear  # noqa: E402
+from .parametrize import replace_parameter_4bit  # noqa: E402
 from .switchback import (  # noqa: E402
     StandardLinear, SwitchBackLinear, SwitchBackLinearBnb, SwitchBackLinearGlobal,
     SwitchBackLinearGlobalMemEfficient, SwitchBackLinearVectorwise)
@@ -14,4 +15,4 @@ from .switchback import (  # noqa: E402
 __all__ += ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
             "Embedding8bit", "OutlierAwareLinear", "SwitchBackLinear", "SwitchBackLinearGlobal",
             "SwitchBackLinearGlobalMemEfficient", "SwitchBackLinearVectorwise", "StandardLinear",
-            "SwitchBackLinearBnb"]
+            "SwitchBackLinearBnb", "replace_parameter_4bit"]
