@@ -148,6 +148,8 @@ def _set_tensor(module: nn.Module, name: str, t: Optional[torch.Tensor], as_para
     module._buffers.pop(name, None)
     if as_param and t is not None:
         module._parameters[name] = nn.Parameter(t, requires_grad=False)
+        # not a buffer any more: torch.export drops names in this set from the module state
+        module._non_persistent_buffers_set.discard(name)
     else:
         module._buffers[name] = t
         module._non_persistent_buffers_set.add(name)
