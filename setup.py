@@ -7,20 +7,31 @@ overrides the architectures (default: ``9.0`` for development). ``OPSQ_NO_CUDA=1
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 
 
+def _skip(reason: str):
+    """No extension: say so where pip shows it (the package still installs, pure Python)."""
+    sys.stderr.write(f"\n*** opsq: the CUDA extension is NOT built ({reason}); every op runs "
+                     "on its reference kernel. ***\n\n")
+    return [], {}
+
+
 def _ext_modules():
     if os.environ.get("OPSQ_NO_CUDA", "0") == "1":
-        return [], {}
+        return _skip("OPSQ_NO_CUDA=1")
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception:  # torch missing or without cpp_extension: pure-Python install
-        return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
-        return [], {}
+        return _skip("torch is not importable in the build environment: with a CUDA torch, "
+                     "install with `pip install -e . --no-build-isolation`")
+    if torch.version.cuda is None:
+        return _skip(f"torch {torch.__version__} has no CUDA")
+    if CUDA_HOME is None:
+        return _skip("no CUDA toolkit (CUDA_HOME / nvcc) found")
     sources = sorted(glob.glob("opsq/csrc/*.cu") + glob.glob("opsq/csrc/*.cpp"))
     if not sources:
         return [], {}

@@ -162,9 +162,9 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpoint", action="store_true",
                    help="turn activation checkpointing off")
     p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--plot", default="qlora_loss.png",
-                   help="PNG of the loss curve (written when matplotlib is importable; '' "
-                        "disables)")
+    p.add_argument("--plot", default="",
+                   help="write the loss curve to this PNG (when matplotlib is importable); "
+                        "default: no file")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.dtype is None:
