@@ -15,6 +15,7 @@ written to by a matmul (no cached ``CB``/``SCB`` of a float weight, no ``thresho
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -146,25 +147,66 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
     One ``opsq::linear_4bit`` call (its CUDA kernel runs the fused GEMV for up to 8 rows,
     batch-1 decoding included); differentiable in ``A``, ``bias`` and the fp32 statistics.
 
+    Deprecated orientation (bitsandbytes 0.50): when the weight was quantized as a ``[K, N]``
+    tensor, i.e. ``A.shape[-1] == quant_state.shape[0] != quant_state.shape[1]``, the result
+    is ``A @ dequant(B) + bias`` (the weight dequantized in ``A.dtype``, then a dense matmul)
+    with a ``DeprecationWarning`` (not under ``torch.compile``). A square weight is always
+    read as ``[N, K]``. Re-quantize such weights as ``[N, K]`` to get the fused kernel.
+
     Args:
         A: ``(..., K)`` fp16/bf16/fp32.
         B: packed codes ``(ceil(N*K/2/itemsize), 1)`` in any ``quant_storage`` dtype, or its
             transpose (bitsandbytes passes ``weight.t()``).
         quant_state: the weight's :class:`~opsq.functional.QuantState`; ``quant_state.shape``
-            is ``(N, K)``.
+            is ``(N, K)`` (or the deprecated ``(K, N)``).
         out: optional ``(..., N)`` tensor the result is copied into.
         bias: optional ``(N,)``.
     Returns:
         ``(..., N)`` in ``A.dtype``.
     Raises:
-        ValueError: ``quant_state`` is None.
+        ValueError: ``quant_state`` is None or its shape is not 2-D.
+        TypeError / RuntimeError: from the op's validation (dtypes, shapes, devices).
+    Warns:
+        DeprecationWarning: the weight is in ``[K, N]`` orientation.
     """
+    try:  # the hot path's only check; a missing state/shape or a 0-d A lands in the slow path
+        usual = A.shape[-1] == quant_state.shape[-1]
+    except (AttributeError, TypeError, IndexError):
+        usual = False
+    if not usual:
+        return _matmul_4bit_unusual(A, B, quant_state, out, bias)
+    res = apply_op("linear_4bit", A, B, list(quant_state.shape), quant_state.absmax,
+                   quant_state.blocksize, quant_state.quant_type, bias,
+                   *quant_state.nested_args())  # the kernel picks the GEMV for few rows
+    return _finish(res, out)
+
+
+def _matmul_4bit_unusual(A, B, quant_state, out, bias) -> torch.Tensor:
+    """:func:`matmul_4bit` when ``A``'s last dimension is not ``quant_state.shape[-1]``: bad
+    input (a clear error), or bitsandbytes' deprecated ``[K, N]`` weight."""
     if quant_state is None:
         raise ValueError("matmul_4bit needs the weight's quant_state")
-    args = (A, B, list(quant_state.shape), quant_state.absmax, quant_state.blocksize,
-            quant_state.quant_type, bias, *quant_state.nested_args())
-    res = apply_op("linear_4bit", *args)  # the kernel picks the GEMV for few rows
-    return _finish(res, out)
+    shape = getattr(quant_state, "shape", None)
+    if shape is None or len(shape) != 2:
+        raise ValueError(f"quant_state.shape must be [N, K] (out_features, in_features), got "
+                         f"{None if shape is None else list(shape)}")
+    K, N = shape
+    if not (isinstance(A, torch.Tensor) and A.dim() >= 1 and A.shape[-1] == K):
+        # a plain mismatch: the op raises its usual message naming A and shapeB
+        res = apply_op("linear_4bit", A, B, list(shape), quant_state.absmax,
+                       quant_state.blocksize, quant_state.quant_type, bias,
+                       *quant_state.nested_args())
+        return _finish(res, out)
+    if not torch.compiler.is_compiling():
+        warnings.warn(
+            f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape="
+            f"{list(shape)}); it is dequantized and multiplied densely. Re-quantize it in "
+            "[N, K] (out_features, in_features) orientation; bitsandbytes will reject this "
+            "in a future version.", DeprecationWarning, stacklevel=3)
+    W = apply_op("dequantize_4bit", B.reshape(-1, 1), quant_state.absmax,
+                 quant_state.blocksize, quant_state.quant_type, [K, N], A.dtype,
+                 *quant_state.nested_args())
+    return _finish(torch.nn.functional.linear(A, W.t(), bias), out)
 
 
 class MatMul4Bit:

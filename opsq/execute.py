@@ -43,29 +43,33 @@ def _argv(command) -> list[str]:
     return argv
 
 
-def execute_and_return(command: Union[str, Sequence[Union[str, os.PathLike]]],
+def execute_and_return(command_string: Union[str, Sequence[Union[str, os.PathLike]]],
                        timeout: Optional[float] = 60.0, *, check: bool = False,
                        cwd: Optional[Union[str, os.PathLike]] = None,
                        env: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
-    """Run a program without a shell and return its ``(stdout, stderr)``.
+    """Run a program without a shell and return its ``(stdout, stderr)`` (bitsandbytes 0.50
+    ``bitsandbytes.utils.execute_and_return(command_string)``, same first argument; the rest
+    is opsq's: bitsandbytes waits without a time limit).
 
     Args:
-        command: an argument list (``["nvidia-smi", "--query-gpu=name", "--format=csv"]``), or a
-            string split with POSIX ``shlex`` rules. No shell is involved either way: ``;``,
-            ``|``, ``>``, ``$VAR`` and globs are passed to the program literally.
+        command_string: an argument list
+            (``["nvidia-smi", "--query-gpu=name", "--format=csv"]``), or a string split with
+            POSIX ``shlex`` rules. No shell is involved either way: ``;``, ``|``, ``>``,
+            ``$VAR`` and globs are passed to the program literally. Error messages call it
+            ``command`` (``command[1]`` is its second word).
         timeout: seconds before the program is killed (> 0), or None to wait indefinitely.
         check: raise :class:`CommandFailed` on a non-zero exit status.
         cwd: working directory. env: the complete environment (default: inherited).
     Returns:
         stdout and stderr, decoded as UTF-8 (undecodable bytes replaced) and stripped.
     Raises:
-        TypeError: ``command`` is not a str / sequence of str. ValueError: an empty command, a NUL
-        byte, a bad ``timeout``. NotADirectoryError: ``cwd`` is not a directory.
+        TypeError: ``command_string`` is not a str / sequence of str. ValueError: an empty
+        command, a NUL byte, a bad ``timeout``. NotADirectoryError: ``cwd`` is not a directory.
         FileNotFoundError: the program was not found. PermissionError: it is not executable.
         TimeoutError: it ran longer than ``timeout`` (it was killed).
         CommandFailed (a ``subprocess.CalledProcessError``): non-zero exit with ``check=True``.
     """
-    argv = _argv(command)
+    argv = _argv(command_string)
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                 or not math.isfinite(timeout) or timeout <= 0):
         raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")

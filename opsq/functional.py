@@ -12,31 +12,301 @@ calls one opsq op (plus cheap tensor bookkeeping), so it works on any device and
 """
 from __future__ import annotations
 
+import ctypes
 import json
-from typing import Any, Optional
+import math
+import warnings
+from typing import Any, Iterable, Optional
 
 import torch
+from torch import nn
 
-from ._constants import (BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table,
-                         create_dynamic_map)
+from ._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
+from ._constants import create_dynamic_map as _default_dynamic_map  # cached, the default map
 
 __all__ = [
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
     "dequantize_nf4", "dequantize_fp4", "quantize_blockwise", "dequantize_blockwise",
-    "gemv_4bit", "int8_vectorwise_quant", "vectorwise_quant", "int8_double_quant",
-    "double_quant", "int8_linear_matmul", "igemmlt", "int8_mm_dequant", "mm_dequant",
-    "transform", "get_4bit_type", "create_dynamic_map", "pack_dict_to_tensor",
-    "unpack_tensor_to_dict",
+    "gemv_4bit", "int8_vectorwise_quant", "vectorwise_quant", "int8_vectorwise_dequant",
+    "int8_double_quant", "double_quant", "int8_linear_matmul", "igemmlt", "int8_mm_dequant",
+    "mm_dequant", "transform", "get_4bit_type", "create_dynamic_map", "create_linear_map",
+    "create_normal_map", "create_fp8_map", "is_on_gpu", "get_ptr",
+    "fix_4bit_weight_quant_state_from_module", "pack_dict_to_tensor", "unpack_tensor_to_dict",
 ]
 
 
-def get_4bit_type(typename: str, device=None) -> torch.Tensor:
-    """The 16-entry fp32 code table of ``typename`` ("nf4" or "fp4").
+def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    """``value`` if it is an int in ``[low, high]``, else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return value
+
+
+# ---- code tables and 8-bit maps --------------------------------------------------------------
+#: AbnormalFloat4 for blocksize 64, largest value first, as bitsandbytes' ``get_4bit_type("af4")``
+#: returns it. Source: Yoshida, "NF4 Isn't Information Theoretically Optimal (and that's Good)",
+#: arXiv:2306.06965.
+_AF4_BLOCKSIZE_64: tuple[float, ...] = (
+    1.0, 0.72424863, 0.55496234, 0.42563882, 0.31675666, 0.21961274, 0.12934483, 0.04273164,
+    0.0, -0.04934812, -0.14982478, -0.25607552, -0.3736951, -0.51243739, -0.69441008, -1.0,
+)
+#: Symmetric 4-bit integers in bitsandbytes' ``get_4bit_type("int4")`` order (divided by 7).
+_INT4_LEVELS: tuple[int, ...] = (7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7)
+
+
+def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
+    """The 16-entry code table of a 4-bit data type, fp32 ``(16,)`` with values in [-1, 1],
+    indexed by the 4-bit code (bitsandbytes 0.50 ``get_4bit_type``).
+
+    Args:
+        typename: ``"nf4"`` (NormalFloat, QLoRA, Dettmers et al. 2023), ``"fp4"``
+            (bitsandbytes' E2M1 table), ``"int4"`` (``k / 7`` for ``k = 7 .. 0, 0 .. -7``) or
+            ``"af4"`` (AbnormalFloat, arXiv:2306.06965; only published for blocksize 64).
+        device: where the table is created. Default None: torch's default device (bitsandbytes
+            defaults to ``"cuda"``).
+        blocksize: only used by ``"af4"``, which exists for 64 only.
+    Returns:
+        fp32 ``(16,)`` on ``device``. Only nf4 and fp4 are understood by the 4-bit ops.
+    Raises:
+        ValueError: unknown ``typename``; ``"af4"`` with a blocksize other than 64
+        (bitsandbytes raises NotImplementedError for both).
+    """
+    if typename in QUANT_TYPES:
+        return code_table(typename, device)
+    if typename == "int4":
+        return torch.tensor(_INT4_LEVELS, dtype=torch.float32, device=device) / 7.0
+    if typename == "af4":
+        if blocksize != 64:
+            raise ValueError(f"blocksize: the af4 table exists for blocksize 64 only, got "
+                             f"{blocksize!r}")
+        return torch.tensor(_AF4_BLOCKSIZE_64, dtype=torch.float32, device=device)
+    raise ValueError(f"typename must be one of {QUANT_TYPES + ('int4', 'af4')}, got "
+                     f"{typename!r}")
+
+
+def create_linear_map(signed: bool = True, total_bits: int = 8,
+                      add_zero: bool = True) -> torch.Tensor:
+    """An evenly spaced quantization map (bitsandbytes 0.50 ``create_linear_map``).
+
+    ``count`` values from ``-1`` (``signed``) or ``0`` to ``1`` inclusive, as
+    ``torch.linspace`` gives them in fp32: ``count = 2**total_bits``, or ``2**total_bits - 1``
+    when ``signed`` and (``add_zero`` or ``total_bits < 8``), so that the grid has a midpoint at
+    zero. When ``count < 256`` the map is padded to 256 entries by inserting ``256 - count``
+    zeros after the first ``count // 2`` values (bitsandbytes' layout: a signed map stays
+    sorted except that fp32 ``linspace`` may leave its midpoint a few ulp below 0; an unsigned
+    map with ``total_bits < 8`` is not sorted).
+
+    Args:
+        signed: cover [-1, 1] (True) or [0, 1].
+        total_bits: 1..8 bits of the simulated data type.
+        add_zero: for a signed 8-bit map, use 255 values so that one of them is 0.
+    Returns:
+        fp32 ``(256,)`` on the CPU (bitsandbytes' follows torch's default dtype).
+    Raises:
+        ValueError: ``total_bits`` not an int in [1, 8].
+    """
+    _check_int("total_bits", total_bits, 1, 8)
+    count = 2 ** total_bits
+    if signed and (add_zero or total_bits < 8):
+        count -= 1
+    values = torch.linspace(-1.0 if signed else 0.0, 1.0, count, dtype=torch.float32)
+    if count == 256:
+        return values
+    half = count // 2
+    return torch.cat([values[:half], values.new_zeros(256 - count), values[half:]])
+
+
+#: Upper quantile of bitsandbytes' NF4 construction (its ``create_normal_map`` default): the
+#: largest code sits at ``Phi^-1(0.9677083)`` ≈ 1.848 standard deviations before normalisation.
+NF4_OFFSET = 0.9677083
+
+
+def create_normal_map(offset: float = NF4_OFFSET, use_extra_value: bool = True) -> torch.Tensor:
+    """The NormalFloat map: quantiles of N(0, 1) normalised to [-1, 1] (QLoRA, Dettmers et al.
+    2023, Appendix E; bitsandbytes 0.50 ``create_normal_map``). The default call reproduces the
+    NF4 table (``get_4bit_type("nf4")``) exactly.
+
+    Positive levels: ``Phi^-1(p)`` for the first 8 (``use_extra_value``) or 7 of the fp32
+    points ``torch.linspace(offset, 0.5, n + 1)`` (0.5 itself excluded); negative levels: the
+    negated quantiles of the first 7 points of ``torch.linspace(offset, 0.5, 8)``. With zero
+    padding the 256 values are sorted and divided by their maximum, ``Phi^-1(offset)``.
+    ``Phi^-1`` is ``torch.special.ndtri`` in float64 rounded to fp32 (bitsandbytes uses scipy's
+    ``norm.ppf``; no scipy is needed here).
+
+    Args:
+        offset: the largest quantile level, ``0.5 < offset < 1``.
+        use_extra_value: 8 positive levels, 7 negative and zero (16 codes, asymmetric: NF4);
+            False gives the symmetric 7 + 7 + zero type.
+    Returns:
+        fp32 ``(256,)`` on the CPU: the negative levels, then zeros, then the positive levels
+        (so the 16 NF4 codes are ``[:8]`` and ``[-8:]``).
+    Raises:
+        ValueError: ``offset`` not a number in (0.5, 1).
+    """
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) \
+            or not 0.5 < offset < 1.0:
+        raise ValueError(f"offset must be a number in (0.5, 1), got {offset!r}")
+
+    def quantiles(n: int) -> torch.Tensor:
+        p = torch.linspace(float(offset), 0.5, n + 1, dtype=torch.float32)[:-1]
+        return torch.special.ndtri(p.double()).float()
+
+    positive = quantiles(8 if use_extra_value else 7)
+    negative = -quantiles(7)
+    zeros = positive.new_zeros(256 - positive.numel() - negative.numel())
+    values = torch.cat([positive, zeros, negative]).sort().values
+    return values / values.max()
+
+
+def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: int = 2,
+                   total_bits: int = 8) -> torch.Tensor:
+    """A small floating-point map with bitsandbytes' own exponent convention (bitsandbytes 0.50
+    ``create_fp8_map``; not IEEE / OCP FP8: the exponent runs downwards).
+
+    With ``E = exponent_bits``, ``P = precision_bits``, ``bias = 2**(E-1)``, exponent field
+    ``e`` and mantissa bits ``m`` (``frac = m / 2**P``), a code is worth
+    ``frac * 2**-bias`` for ``e == 0`` (subnormals) and ``(1 + frac) * 2**(bias + 1 - e)``
+    otherwise, with a sign bit when ``signed``. The ``2**total_bits`` values are sorted,
+    zero-padded to 256 entries and divided by the largest.
+
+    Args:
+        signed: one sign bit.
+        exponent_bits: E >= 1. precision_bits: P >= 0.
+        total_bits: must equal ``E + P + signed``, at most 8.
+    Returns:
+        fp32 ``(256,)`` sorted values in [-1, 1] on the CPU (``E=2, P=1, total_bits=4``
+        coincides with the FP4 table except the subnormal level: 1/48 here, 1/192 in FP4).
+    Raises:
+        ValueError: a bit count out of range or ``E + P + signed != total_bits``.
+    """
+    _check_int("exponent_bits", exponent_bits, 1)
+    _check_int("precision_bits", precision_bits, 0)
+    _check_int("total_bits", total_bits, 1, 8)
+    if exponent_bits + precision_bits + (1 if signed else 0) != total_bits:
+        raise ValueError(f"total_bits ({total_bits}) must equal exponent_bits ({exponent_bits}) "
+                         f"+ precision_bits ({precision_bits}) + the sign bit "
+                         f"({1 if signed else 0})")
+    bias = 2 ** (exponent_bits - 1)
+    values: list[float] = []
+    for e in range(2 ** exponent_bits):
+        for m in range(2 ** precision_bits):
+            frac = m / 2 ** precision_bits
+            v = frac * 2.0 ** -bias if e == 0 else (1.0 + frac) * 2.0 ** (bias + 1 - e)
+            values.append(v)
+            if signed:
+                values.append(-v)
+    # Python's sort is stable: the two signed zeros keep bitsandbytes' order.
+    values = sorted(values)
+    values = sorted(values + [0.0] * (256 - len(values)))
+    # float64 is exact for these dyadic values; one rounding to fp32 after the division gives
+    # the correctly rounded fp32 quotient.
+    table = torch.tensor(values, dtype=torch.float64)
+    return (table / table.max()).float()
+
+
+def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
+                       total_bits: int = 8) -> torch.Tensor:
+    """The dynamic (tree) quantization map: a decimal exponent and a linear fraction whose
+    width shrinks as the exponent grows (Dettmers, "8-Bit Approximations for Parallelism in
+    Deep Learning", ICLR 2016, arXiv:1511.04561; "8-bit Optimizers via Block-wise
+    Quantization", ICLR 2022; bitsandbytes 0.50 ``create_dynamic_map``).
+
+    With ``n = total_bits - 1`` and ``M = max_exponent_bits``, exponent level
+    ``i = 0 .. M-1`` contributes the midpoints of ``torch.linspace(0.1, 1, k + 1)`` (fp32)
+    scaled by ``10**(i - M + 1)``, ``k = 2**(i + n - M)`` (signed: with both signs) or
+    ``2**(i + n - M + 1)`` (unsigned); when ``M < n`` the ``2**(n - M) - 1`` codes with no
+    indicator bit add the midpoints of ``torch.linspace(0.1, 1, 2**(n - M))`` at scale 1
+    (both signs). Then 0 and 1; zero-padded to 256 and sorted. A signed map with ``M > n``
+    equals the one with ``M = n`` (the extra levels get no codes). The default call equals
+    ``opsq._constants.create_dynamic_map()`` (the nested-absmax map) bit for bit.
+
+    Args:
+        signed: both signs (e.g. weights, Adam's first moment) or [0, 1] (second moment).
+        max_exponent_bits: M >= 1; unsigned maps need M == total_bits - 1 (other unsigned
+            layouts do not fill ``2**total_bits`` codes: bitsandbytes fails an assertion).
+        total_bits: 1..8.
+    Returns:
+        fp32 ``(256,)`` sorted, on the CPU.
+    Raises:
+        ValueError: bit counts outside those ranges.
+    """
+    _check_int("total_bits", total_bits, 1, 8)
+    _check_int("max_exponent_bits", max_exponent_bits, 1)
+    n = total_bits - 1
+    if not signed and max_exponent_bits != n:
+        raise ValueError(f"max_exponent_bits must equal total_bits - 1 = {n} for an unsigned "
+                         f"map (other layouts leave codes unused), got {max_exponent_bits}")
+    m = min(max_exponent_bits, n)
+
+    def level(k: int, scale: float) -> list[float]:
+        grid = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
+        mids = (grid[:-1] + grid[1:]) / 2.0
+        out = (scale * mids).tolist()
+        return out + ((-scale) * mids).tolist() if signed else out
+
+    values: list[float] = []
+    for i in range(m):
+        values += level(2 ** (i + n - m + (0 if signed else 1)), 10.0 ** (i - m + 1))
+    if m < n:
+        values += level(2 ** (n - m) - 1, 1.0)
+    values += [0.0, 1.0]
+    values += [0.0] * (256 - len(values))
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+# ---- devices and pointers ------------------------------------------------------------------
+def is_on_gpu(tensors: Iterable[Optional[torch.Tensor]]) -> bool:
+    """Check that all ``tensors`` live on one device (bitsandbytes 0.50 ``is_on_gpu``; despite
+    the name, all-CPU inputs pass, as in 0.50: before 0.45 CPU tensors were rejected).
+
+    ``None`` entries and tensors marked ``is_paged`` (bitsandbytes' paged buffers, reachable
+    from any device) are skipped. Devices are compared by type and index (``cuda:0`` and
+    ``cuda:1`` differ).
+
+    Args:
+        tensors: an iterable of tensors or None.
+    Returns:
+        True.
+    Raises:
+        TypeError: ``tensors`` not iterable, or an entry neither a tensor nor None.
+        RuntimeError: the tensors are on more than one device (the message lists them).
+    """
+    try:
+        items = list(tensors)
+    except TypeError:
+        raise TypeError(f"tensors must be an iterable of tensors (or None), got "
+                        f"{type(tensors).__name__}") from None
+    seen: dict[tuple, int] = {}
+    for i, t in enumerate(items):
+        if t is None or getattr(t, "is_paged", False):
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{i}] must be a torch.Tensor or None, got "
+                            f"{type(t).__name__}")
+        seen.setdefault((t.device.type, t.device.index), i)
+    if len(seen) > 1:
+        where = ", ".join(f"tensors[{i}] {tuple(items[i].shape)} on {items[i].device}"
+                          for i in seen.values())
+        target = "device" if ("cpu", None) in seen else "GPU"
+        raise RuntimeError(f"tensors must all be on the same {target}; found {where}")
+    return True
+
+
+def get_ptr(A: Optional[torch.Tensor]) -> Optional[ctypes.c_void_p]:
+    """Address of ``A``'s first element as a ``ctypes.c_void_p`` (bitsandbytes 0.50
+    ``get_ptr``), None for None. opsq's kernels never need it (they are torch ops); it exists
+    for code that hands tensors to its own ctypes libraries.
 
     Raises:
-        ValueError: unknown ``typename``.
+        TypeError: ``A`` is neither a tensor nor None.
     """
-    return code_table(typename, device)
+    if A is None:
+        return None
+    if not isinstance(A, torch.Tensor):
+        raise TypeError(f"A must be a torch.Tensor or None, got {type(A).__name__}")
+    return ctypes.c_void_p(A.data_ptr())
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -94,14 +364,16 @@ class QuantState:
 
     Attributes:
         absmax: fp32 ``(blocks,)`` per-block absmax, or uint8 ``(blocks,)`` codes when nested.
-        shape: logical shape of the original tensor (``torch.Size``).
+        shape: logical shape of the original tensor (``torch.Size``); None for an 8-bit
+            blockwise state (bitsandbytes does not record it there).
         code: the code table: 16 fp32 values (4-bit) or 256 (8-bit map).
         blocksize: elements per block, one of ``opsq._constants.BLOCKSIZES``.
         quant_type: "nf4" / "fp4" for 4-bit, None for 8-bit blockwise.
         dtype: dtype of the original tensor, the default dequantization dtype.
         offset: fp32 0-d tensor, mean of the first-level absmax (nested only).
         state2: the second-level :class:`QuantState` (nested only): uint8 codes of
-            ``absmax - offset`` quantized blockwise (blocksize 256) with the dynamic map.
+            ``absmax - offset`` quantized blockwise with the dynamic map (blocksize 256 for a
+            4-bit state, the outer blocksize for a nested 8-bit state).
     """
 
     valid_quant_types = QUANT_TYPES
@@ -133,11 +405,13 @@ class QuantState:
 
     @classmethod
     def from_dict(cls, qs_dict: dict[str, Any], device) -> "QuantState":
-        """Build a 4-bit QuantState from the entries bitsandbytes writes in a state dict.
+        """Build a QuantState from the entries bitsandbytes writes in a state dict.
 
         ``qs_dict`` holds ``absmax``, ``quant_map``, optionally ``nested_absmax`` and
         ``nested_quant_map``, and ``quant_state.bitsandbytes__<nf4|fp4>`` (JSON in uint8) or
-        the unpacked JSON fields; any key prefix such as ``"weight."`` is ignored.
+        the unpacked JSON fields; any key prefix such as ``"weight."`` is ignored. An 8-bit
+        blockwise state (:func:`quantize_blockwise`) comes unpacked, with ``quant_type`` None
+        and ``shape`` None (or a list), as :meth:`as_dict` and bitsandbytes 0.50 write it.
 
         Raises:
             ValueError: missing, unknown or malformed entries (the message names the key).
@@ -145,7 +419,7 @@ class QuantState:
         qs_dict = dict(qs_dict)
         packed_keys = [k for k, v in qs_dict.items()
                        if "quant_state" in k and isinstance(v, torch.Tensor)]
-        if not packed_keys and "quant_type" not in qs_dict:
+        if not packed_keys and not any(k.split(".")[-1] == "quant_type" for k in qs_dict):
             raise ValueError("expected a packed 'quant_state.bitsandbytes__<nf4|fp4>' entry or "
                              "an unpacked 'quant_type' field in the quant_state dict")
         if len(packed_keys) > 1:
@@ -166,16 +440,20 @@ class QuantState:
         for key in ("absmax", "quant_map"):
             if not isinstance(qs_dict[key], torch.Tensor):
                 raise ValueError(f"quant_state {key!r} must be a tensor")
-        if qs_dict["quant_type"] not in QUANT_TYPES:
-            raise ValueError(f"quant_state 'quant_type' must be one of {QUANT_TYPES}, got "
-                             f"{qs_dict['quant_type']!r}")
+        quant_type = qs_dict["quant_type"]
+        if quant_type not in QUANT_TYPES and (packed_keys or quant_type is not None):
+            raise ValueError(f"quant_state 'quant_type' must be one of {QUANT_TYPES} (or None "
+                             f"for an unpacked 8-bit blockwise state), got {quant_type!r}")
         if qs_dict["blocksize"] not in BLOCKSIZES:
             raise ValueError(f"quant_state 'blocksize' must be one of {BLOCKSIZES}, got "
                              f"{qs_dict['blocksize']!r}")
         shape = qs_dict["shape"]
-        if not (isinstance(shape, (list, tuple)) and all(isinstance(s, int) and s >= 0
-                                                         for s in shape)):
-            raise ValueError(f"quant_state 'shape' must be a list of sizes, got {shape!r}")
+        if not (shape is None and quant_type is None) and not (
+                isinstance(shape, (list, tuple))
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                        for s in shape)):
+            raise ValueError(f"quant_state 'shape' must be a list of sizes (None only for an "
+                             f"8-bit state), got {shape!r}")
         state2 = offset = None
         if "nested_absmax" in qs_dict:
             for key in ("nested_quant_map", "nested_blocksize", "nested_offset", "nested_dtype"):
@@ -190,24 +468,31 @@ class QuantState:
                          blocksize=qs_dict["nested_blocksize"],
                          code=qs_dict["nested_quant_map"].to(device),
                          dtype=_dtype_from_name(qs_dict["nested_dtype"], "nested_dtype"))
-        return cls(quant_type=qs_dict["quant_type"], absmax=qs_dict["absmax"].to(device),
+        return cls(quant_type=quant_type, absmax=qs_dict["absmax"].to(device),
                    blocksize=qs_dict["blocksize"], code=qs_dict["quant_map"].to(device),
-                   dtype=_dtype_from_name(qs_dict["dtype"], "dtype"), shape=torch.Size(shape),
+                   dtype=_dtype_from_name(qs_dict["dtype"], "dtype"), shape=shape,
                    offset=offset, state2=state2)
 
     def as_dict(self, packed: bool = False) -> dict[str, Any]:
-        """The state as bitsandbytes writes it. With ``packed=True``: only tensors, the plain
-        fields JSON-packed into ``quant_state.bitsandbytes__<quant_type>`` (uint8)."""
+        """The state as bitsandbytes 0.50 writes it: ``quant_type``, ``absmax``, ``blocksize``,
+        ``quant_map``, ``dtype`` (name), ``shape`` (tuple, None for an 8-bit state) and, when
+        nested, ``nested_absmax``, ``nested_blocksize``, ``nested_quant_map``, ``nested_dtype``,
+        ``nested_offset`` (float).
+
+        With ``packed=True`` a 4-bit state gives only tensors, the plain fields JSON-packed
+        into ``quant_state.bitsandbytes__<quant_type>`` (uint8). An 8-bit blockwise state
+        (``quant_type`` None) has no such key, so ``packed=True`` returns the unpacked dict,
+        as bitsandbytes does; :meth:`from_dict` reads both forms back."""
         qs = {"quant_type": self.quant_type, "absmax": self.absmax, "blocksize": self.blocksize,
               "quant_map": self.code, "dtype": _dtype_name(self.dtype),
-              "shape": tuple(self.shape)}
+              "shape": None if self.shape is None else tuple(self.shape)}
         if self.nested:
             qs.update({"nested_absmax": self.state2.absmax,
                        "nested_blocksize": self.state2.blocksize,
                        "nested_quant_map": self.state2.code.clone(),
                        "nested_dtype": _dtype_name(self.state2.dtype),
                        "nested_offset": self.offset.item()})
-        if not packed:
+        if not packed or self.quant_type is None:
             return qs
         out = {k: v for k, v in qs.items() if isinstance(v, torch.Tensor)}
         plain = {k: v for k, v in qs.items() if not isinstance(v, torch.Tensor)}
@@ -241,6 +526,53 @@ class QuantState:
             same = (torch.allclose(self.offset, other.offset, atol=1e-6)
                     and self.state2 == other.state2)
         return same
+
+
+def fix_4bit_weight_quant_state_from_module(module: nn.Module) -> None:
+    """Give a 4-bit module's weight its ``quant_state`` back when a wrapper replaced the
+    parameter (FSDP, ``nn.Parameter(...)`` re-wrapping) and dropped its attributes
+    (bitsandbytes 0.50 ``bitsandbytes.nn.modules.fix_4bit_weight_quant_state_from_module``,
+    which ``Linear4bit.forward`` calls; opsq's layers keep their statistics in their own
+    tensors and never need it, so it is here for code that reads ``module.weight.quant_state``).
+
+    Does nothing when ``module.weight.quant_state`` is set. Otherwise ``module.quant_state``
+    (opsq's ``Linear4bit`` / ``Embedding4bit`` rebuild it from their tensors) is attached to the
+    weight, which is first re-wrapped as a quantized ``opsq.nn.Params4bit`` over the same data
+    if it is not one.
+
+    Args:
+        module: a module with a ``weight`` of packed codes ``(k, 1)`` and a ``quant_state``.
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module`` or has no tensor ``weight``.
+        ValueError: ``module.weight`` is not packed 4-bit codes of shape ``(k, 1)``.
+    Warns:
+        UserWarning: the module has no ``quant_state`` (not quantized yet): nothing is changed.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"module.weight must be a tensor, got {type(weight).__name__}")
+    if getattr(weight, "quant_state", None) is not None:
+        return
+    state = getattr(module, "quant_state", None)
+    if state is None:
+        warnings.warn(f"{type(module).__name__}: no quant_state to restore, the weight is not "
+                      "quantized yet; move the module to a device first (.to(device))",
+                      stacklevel=2)
+        return
+    if weight.dim() != 2 or weight.shape[1] != 1:
+        raise ValueError(f"module.weight must be packed 4-bit codes of shape (k, 1), got "
+                         f"{tuple(weight.shape)}")
+    from .nn.linear4bit import Params4bit  # opsq.nn imports this module
+    if not isinstance(weight, Params4bit):
+        weight = Params4bit(weight.data, requires_grad=False, quant_state=state,
+                            blocksize=state.blocksize, compress_statistics=state.nested,
+                            quant_type=state.quant_type, quant_storage=weight.dtype,
+                            module=module, bnb_quantized=True)
+        # plain registration: the module's statistics are already in place, nothing to adopt
+        nn.Module.__setattr__(module, "weight", weight)
+    weight.quant_state = state
 
 
 # ---- 8-bit blockwise -----------------------------------------------------------------------
@@ -279,12 +611,12 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         TypeError / ValueError: bad dtype or blocksize.
     """
     if code is None:
-        code = create_dynamic_map().to(A.device)
+        code = _default_dynamic_map().to(A.device)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = nested_offset(am)
         qa, state2 = quantize_blockwise(am - offset, blocksize=blocksize, nested=False)
-        state = QuantState(absmax=qa, code=code, blocksize=blocksize, dtype=torch.float32,
+        state = QuantState(absmax=qa, code=code, blocksize=blocksize, dtype=A.dtype,
                            offset=offset, state2=state2)
     else:
         state = QuantState(absmax=am, code=code, blocksize=blocksize, dtype=A.dtype)
@@ -310,7 +642,7 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         if code is None:
-            code = create_dynamic_map().to(A.device)
+            code = _default_dynamic_map().to(A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
                                  dtype=torch.float32)
     am = quant_state.absmax
@@ -450,6 +782,45 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0):
 
 
 vectorwise_quant = int8_vectorwise_quant
+
+#: fp32(1/127): LLM.int8 dequantizes by multiplying with this reciprocal (bitsandbytes 0.50
+#: ``int8_vectorwise_dequant``), not by dividing by 127; kept for bit-identical results.
+_RECIPROCAL_127 = float(torch.tensor(1.0 / 127.0, dtype=torch.float32))
+
+
+def int8_vectorwise_dequant(A: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`int8_vectorwise_quant`: ``A * stats[row] * fp32(1/127)``, row-wise
+    (LLM.int8, Dettmers et al. 2022; bitsandbytes 0.50 ``int8_vectorwise_dequant``).
+
+    Args:
+        A: int8 ``(..., K)``; its rows are all dimensions but the last.
+        stats: float ``(rows,)`` (or any shape with ``rows`` elements), the row absmax ``SCA``
+            in the units of the original tensor; used in fp32.
+    Returns:
+        fp32 ``A.shape`` on ``A``'s device; ``(A * stats) * fp32(1/127)``, each product
+        rounded to fp32, as bitsandbytes computes it. Outlier columns zeroed by the quantizer
+        stay 0.
+    Raises:
+        TypeError: ``A`` not an int8 tensor, ``stats`` not a floating-point tensor.
+        ValueError: ``A`` 0-d, ``stats`` with a number of elements other than the row count,
+            or on another device.
+    """
+    if not isinstance(A, torch.Tensor) or A.dtype != torch.int8:
+        raise TypeError(f"A must be an int8 tensor, got "
+                        f"{getattr(A, 'dtype', type(A).__name__)}")
+    if not isinstance(stats, torch.Tensor) or not stats.is_floating_point():
+        raise TypeError(f"stats must be a floating-point tensor, got "
+                        f"{getattr(stats, 'dtype', type(stats).__name__)}")
+    if A.dim() < 1:
+        raise ValueError("A must have at least one dimension (..., K), got a 0-d tensor")
+    rows = math.prod(A.shape[:-1])
+    if stats.numel() != rows:
+        raise ValueError(f"stats must have one value per row of A: {rows} for A of shape "
+                         f"{tuple(A.shape)}, got {stats.numel()}")
+    if stats.device != A.device:
+        raise ValueError(f"stats must be on A's device ({A.device}), got {stats.device}")
+    scale = stats.to(torch.float32).reshape(*A.shape[:-1], 1)
+    return A * scale * _RECIPROCAL_127
 
 
 def int8_double_quant(A: torch.Tensor, col_stats=None, row_stats=None, out_col=None,

@@ -58,4 +58,41 @@ from .execute import execute_and_return  # noqa: E402
 from .outlier_tools import OutlierTracer, find_outlier_dims  # noqa: E402
 
 __all__ += ["INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING", "execute_and_return", "OutlierTracer",
-            "find_outlier_dims"]
+            "find_outlier_dims", "outlier_hook"]
+
+
+def outlier_hook(module: nn.Module, input) -> None:
+    """Forward-pre-hook that traces ``module``'s outlier dimensions into the singleton
+    :class:`OutlierTracer` (bitsandbytes 0.50 ``bitsandbytes.utils.outlier_hook``), for code
+    that registers it by hand: ``layer.register_forward_pre_hook(outlier_hook)`` after
+    ``OutlierTracer.get_instance().initialize(model)``.
+
+    The first layer traced gets its outliers from its input activations, later layers from
+    their weight (the tracer's rules and thresholds, see :class:`OutlierTracer`). When the
+    weight was traced already (the model runs a second time, or a tied weight), tracing is
+    over: every hook the tracer installed is removed, as in bitsandbytes. A bare hook does not
+    know the module's name, so :attr:`OutlierTracer.outliers_by_name` records it as
+    ``"<ClassName>@0x<id>"``; use :meth:`OutlierTracer.get_outliers` with the weight instead.
+
+    Args:
+        module: a module with a tensor ``weight`` (bitsandbytes requires ``nn.Linear``).
+        input: the positional inputs of the forward call (a tuple), or one tensor.
+    Raises:
+        RuntimeError: the tracer was not initialized.
+        TypeError: ``module`` is not an ``nn.Module`` with a tensor ``weight``.
+    """
+    tracer = OutlierTracer.get_instance()
+    if not tracer.is_initialized():
+        raise RuntimeError("outlier_hook: OutlierTracer is not initialized: call "
+                           "OutlierTracer.get_instance().initialize(model) first")
+    if not isinstance(module, nn.Module) or not isinstance(getattr(module, "weight", None),
+                                                           torch.Tensor):
+        raise TypeError(f"module must be an nn.Module with a tensor weight, got "
+                        f"{type(module).__name__}")
+    if tracer.get_outliers(module.weight) is not None:
+        tracer.remove_hooks()
+        return
+    x = input[0] if isinstance(input, (tuple, list)) and input else input
+    x = x if isinstance(x, torch.Tensor) else None
+    with torch.no_grad():
+        tracer._trace(f"{type(module).__name__}@{id(module):#x}", module, x)
