@@ -31,7 +31,7 @@ from .nn.linear8bit import Int8Params, Linear8bitLt
 
 __all__ = ["init_empty_weights", "replace_with_bnb_linear", "replace_with_opsq_linear",
            "set_module_quantized_tensor_to_device", "get_keys_to_not_convert",
-           "load_quantized_state_dict", "should_convert_module"]
+           "load_quantized_state_dict", "should_convert_module", "enable_transformers"]
 
 
 @contextlib.contextmanager
@@ -438,3 +438,12 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, device="cpu",
                                 "the model under init_empty_weights())", meta_buffers))
                                if items))
     return missing, unexpected
+
+
+# ---- transformers' from_pretrained ---------------------------------------------------------------
+def enable_transformers() -> None:
+    """Route transformers' bitsandbytes quantization (``BitsAndBytesConfig``, checkpoints saved
+    with ``"quant_method": "bitsandbytes"``) through opsq: :func:`opsq.hf.enable_transformers`,
+    which imports transformers (this module does not)."""
+    from .hf import enable_transformers as enable
+    enable()
