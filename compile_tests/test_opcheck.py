@@ -5,7 +5,8 @@ import torch
 
 import opsq  # noqa: F401
 from opsq._constants import create_dynamic_map
-from opsq._schemas import SCHEMAS
+from opsq._schemas import OPTIMIZER_SCHEMAS, SCHEMAS
+from opsq.optim import unsigned_dynamic_map
 
 ops = torch.ops.opsq
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -79,11 +80,52 @@ def _samples(device):
                       ((tiled, "col_turing", "row", [40, 72]), {}),
                       ((tiled, "col_turing", "col_ampere", [40, 72]), {})],
     }
+    S.update(_optimizer_samples(rn, code, device))
     return S
 
 
+def _optimizer_samples(rn, code, device):
+    """The in-place updates: states after one update (non-zero), odd sizes (a partial last block
+    of 256), every optimizer, bf16 / fp16 / fp32 parameters, max_unorm and skip_zeros."""
+    ucode = unsigned_dynamic_map().to(device)
+    n = 300
+    blocks = 2
+
+    def f32(*shape):
+        return rn(*shape).abs() * 0.01
+
+    def q8(count):
+        return (torch.arange(count, dtype=torch.int64) % 256).to(torch.uint8).to(device)
+
+    def b32(name, dtype, max_unorm=0.0, skip=False):
+        two, double = name in ("adam", "ademamix"), name == "ademamix"
+        return ((name, rn(n, dtype=dtype), rn(n, dtype=dtype), rn(2 * n if double else n),
+                 f32(n) if two else None, f32(1) if max_unorm > 0 else None, max_unorm, 0.0,
+                 0.9, 0.99, 0.999 if double else 0.0, 5.0 if double else 0.0, 1e-8, 0.01, 3,
+                 1e-3, 1.0, skip), {})
+
+    def b8(name, dtype, skip=False):
+        two, double = name in ("adam", "ademamix"), name == "ademamix"
+        return ((name, rn(n, dtype=dtype), rn(n, dtype=dtype), q8(2 * n if double else n),
+                 q8(n) if two else None, 0.9, 0.99, 0.999 if double else 0.0,
+                 5.0 if double else 0.0, 1e-8, 3, 1e-3, code, ucode if two else None,
+                 f32(2 * blocks if double else blocks), f32(blocks) if two else None, 0.01, 1.0,
+                 skip), {})
+
+    return {
+        "optimizer_update_32bit": [
+            b32("adam", torch.float32), b32("adam", torch.bfloat16, max_unorm=1.0),
+            b32("ademamix", torch.float16), b32("lion", torch.float32, max_unorm=0.1),
+            b32("momentum", torch.bfloat16, skip=True), b32("rmsprop", torch.float32)],
+        "optimizer_update_8bit_blockwise": [
+            b8("adam", torch.float32), b8("adam", torch.bfloat16, skip=True),
+            b8("ademamix", torch.float32), b8("lion", torch.float16),
+            b8("momentum", torch.float32), b8("rmsprop", torch.bfloat16)],
+    }
+
+
 def test_every_op_has_samples():
-    assert set(_samples("cpu")) == set(SCHEMAS)
+    assert set(_samples("cpu")) == set(SCHEMAS) | set(OPTIMIZER_SCHEMAS)
 
 
 CASES = [(dev, name, i) for dev in DEVICES for name, s in _samples("cpu").items()

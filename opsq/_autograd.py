@@ -32,6 +32,9 @@ gradient, flattened to rows):
   marked non-differentiable and the inputs get None. Train through a quantizer with an explicit
   straight-through estimator (as ``int8_linear`` does for a float ``B``).
 * ``igemmlt`` and ``transform`` take only int8 tensors, which cannot require grad.
+* The optimizer updates (``optimizer_update_32bit``, ``optimizer_update_8bit_blockwise``) write
+  their arguments in place and return nothing: no derivative; they refuse to run where a
+  gradient could flow and bump the version counters of what they write.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import functools
 
 import torch
 
-from ._schemas import SCHEMAS
+from ._schemas import OPTIMIZER_SCHEMAS, SCHEMAS
 
 ops = torch.ops.opsq
 _INV127 = 1.0 / 127.0
@@ -333,6 +336,51 @@ NON_DIFFERENTIABLE = ("quantize_4bit", "quantize_blockwise", "vectorwise_quant",
 
 for _name in NON_DIFFERENTIABLE:
     _register_non_differentiable(_name)
+
+
+# ---- in-place ops (the optimizer updates) ------------------------------------------------------
+# They return nothing and overwrite their Tensor(x!) arguments, so there is no derivative to
+# register (``register_autograd`` does not take mutating ops). As ``torch.library.custom_op`` does
+# for a mutating op, they get an Autograd kernel that redispatches below autograd (refusing to
+# run where a gradient could flow: grad mode on and a tensor argument requiring grad) and an
+# ADInplaceOrView kernel that bumps the version counter of every written tensor, so autograd
+# notices a saved tensor that an update overwrote.
+_INPLACE_LIB = torch.library.Library("opsq", "FRAGMENT")
+
+
+def _register_in_place(name: str) -> None:
+    op = getattr(ops, name).default
+    schema = op._schema
+    written = [i for i, a in enumerate(schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
+
+    def autograd_kernel(keyset, *args, **kwargs):
+        if torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad
+                for a in (*args, *kwargs.values())):
+            raise RuntimeError(
+                f"opsq::{name} updates its arguments in place and is not differentiable; call "
+                "it under torch.no_grad() (as an optimizer's step does)")
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
+
+    def version_bump_kernel(keyset, *args, **kwargs):
+        names = [a.name for a in schema.arguments]
+        for i in written:
+            value = args[i] if i < len(args) else kwargs.get(names[i])
+            if isinstance(value, torch.Tensor):
+                torch.autograd.graph.increment_version(value)
+        return op.redispatch(keyset & torch._C._after_ADInplaceOrView_keyset, *args, **kwargs)
+
+    _INPLACE_LIB.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+    _INPLACE_LIB.impl(name, version_bump_kernel, "ADInplaceOrView", with_keyset=True)
+
+
+#: Ops that write their arguments in place and have no derivative.
+IN_PLACE = tuple(OPTIMIZER_SCHEMAS)
+
+for _name in IN_PLACE:
+    _register_in_place(_name)
 
 
 # ---- the C++ Autograd kernels' gradient path ---------------------------------------------------

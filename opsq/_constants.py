@@ -75,40 +75,64 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def _dynamic_map_values(signed: bool, max_exponent_bits: int, total_bits: int) -> tuple:
-    # Each exponent level e (0 .. max_exponent_bits-1) contributes the midpoints of an evenly
-    # spaced grid on [0.1, 1] with 2**(e + spare) + 1 points, scaled by 10**(e - (E-1)).
-    # The remaining bits go to the fraction; 0 and 1.0 complete the table.
-    payload_bits = total_bits - (1 if signed else 0)
-    values: list[float] = []
-    for e in range(max_exponent_bits):
-        points = 2 ** (e + payload_bits - max_exponent_bits) + 1 if signed else \
-            2 ** (e + payload_bits - max_exponent_bits + 1) + 1
-        # fp32 grid and fp32 products: the published table's exact bits.
-        grid = torch.linspace(0.1, 1.0, points, dtype=torch.float32)
+    # n = total_bits - 1, m = min(max_exponent_bits, n). Exponent level i = 0 .. m-1 gives the
+    # midpoints of an fp32 grid of k + 1 points on [0.1, 1] scaled by 10**(i - m + 1), with
+    # k = 2**(i + n - m) (signed: both signs) or 2**(i + n - m + 1) (unsigned: the sign bit is
+    # a fraction bit); when m < n, the 2**(n - m) - 1 codes without an indicator bit give the
+    # midpoints of 2**(n - m) points at scale 1 (both signs). Then 0 and 1, zero-padded to 256.
+    # fp32 grids and products: the published tables' exact bits.
+    n = total_bits - 1
+    m = min(max_exponent_bits, n)
+
+    def level(k: int, scale: float) -> list:
+        grid = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
         mids = (grid[:-1] + grid[1:]) / 2.0
-        scale = 10.0 ** (e - (max_exponent_bits - 1))
-        values += (scale * mids).tolist()
-        if signed:
-            values += ((-scale) * mids).tolist()
+        out = (scale * mids).tolist()
+        return out + ((-scale) * mids).tolist() if signed else out
+
+    values: list = []
+    for i in range(m):
+        values += level(2 ** (i + n - m + (0 if signed else 1)), 10.0 ** (i - m + 1))
+    if m < n:
+        values += level(2 ** (n - m) - 1, 1.0)
     values += [0.0, 1.0]
-    values += [0.0] * (2 ** total_bits - len(values))
-    values.sort()
-    return tuple(values)
+    values += [0.0] * (256 - len(values))
+    return tuple(sorted(values))
 
 
 def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
                        total_bits: int = 8) -> torch.Tensor:
-    """The 8-bit dynamic (tree) quantization map, ``2**total_bits`` sorted fp32 values.
+    """The dynamic (tree) quantization map: a decimal exponent and a linear fraction whose
+    width shrinks as the exponent grows, 256 sorted fp32 values (bitsandbytes 0.50's
+    ``create_dynamic_map``, bit for bit; the default call is the nested-absmax map of the
+    fixtures, the unsigned one the second-moment map of 8-bit optimizers).
 
-    Source: Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR 2022);
-    identical to bitsandbytes' ``create_dynamic_map`` (the fixtures' ``nested_quant_map``).
+    Sources: Dettmers, "8-Bit Approximations for Parallelism in Deep Learning" (ICLR 2016,
+    arXiv:1511.04561); Dettmers et al., "8-bit Optimizers via Block-wise Quantization" (ICLR
+    2022). A signed map with ``max_exponent_bits > total_bits - 1`` equals the one with
+    ``total_bits - 1`` (the extra levels get no codes).
 
+    Args:
+        signed: both signs (weights, Adam's first moment) or [0, 1] (second moment).
+        max_exponent_bits: >= 1; unsigned maps need ``total_bits - 1`` (other unsigned layouts
+            do not fill the codes: bitsandbytes fails an assertion there).
+        total_bits: 1..8.
+    Returns:
+        fp32 ``(256,)`` sorted, on the CPU (a new tensor each call).
     Raises:
-        ValueError: the bit counts leave no fraction bits.
+        ValueError: bit counts outside those ranges.
     """
-    if total_bits < 2 or max_exponent_bits >= total_bits:
-        raise ValueError(
-            f"max_exponent_bits ({max_exponent_bits}) must be < total_bits ({total_bits})")
-    return torch.tensor(_dynamic_map_values(signed, max_exponent_bits, total_bits),
+    for name, value, low, high in (("total_bits", total_bits, 1, 8),
+                                   ("max_exponent_bits", max_exponent_bits, 1, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low \
+                or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    if not signed and max_exponent_bits != total_bits - 1:
+        raise ValueError(f"max_exponent_bits must equal total_bits - 1 = {total_bits - 1} for "
+                         f"an unsigned map (other layouts leave codes unused), got "
+                         f"{max_exponent_bits}")
+    return torch.tensor(_dynamic_map_values(bool(signed), max_exponent_bits, total_bits),
                         dtype=torch.float32)

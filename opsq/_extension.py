@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ._schemas import ALIASES, SCHEMAS
+from ._schemas import ALIASES, OPTIMIZER_SCHEMAS, SCHEMAS
 
 _EXT = None
 _EXT_ERROR: str | None = None
@@ -46,7 +46,7 @@ def has_native_kernel(name: str, dispatch_key: str = "CUDA") -> bool:
 def backends() -> dict[str, dict[str, str]]:
     """For every op: which kernel serves each device ("cuda-native", "reference")."""
     out = {}
-    for name in SCHEMAS:
+    for name in [*SCHEMAS, *OPTIMIZER_SCHEMAS]:
         note = f" (alias of {ALIASES[name]})" if name in ALIASES else ""
         out[name] = {
             "cpu": "reference" + note,

@@ -100,8 +100,31 @@ OUT_OVERLOADS: dict[str, str] = {
         "Tensor(a!) out) -> Tensor(a!)",
 }
 
+#: In-place optimizer updates (bitsandbytes 0.50's names, argument names and order; Dettmers et
+#: al., "8-bit Optimizers via Block-wise Quantization", ICLR 2022). ``optimizer_name`` is one of
+#: "adam", "ademamix", "lion", "momentum", "rmsprop". They write the parameter ``p`` and the
+#: states and return nothing: every written tensor is declared ``Tensor(x!)`` (so
+#: functionalization, torch.compile and CUDA graphs see the writes); ``g`` and the maps are only
+#: read. Fake kernels in :mod:`opsq.meta.optim`, reference kernels in :mod:`opsq.reference.optim`;
+#: no derivative (:mod:`opsq._autograd` registers them as in-place, non-differentiable ops).
+#: 32-bit: fp32 states; ``state1`` is ``(2, *p.shape)`` for "ademamix" (its two EMAs).
+#: 8-bit blockwise: uint8 states, quantized per 256 elements with the 8-bit dynamic map
+#: (``qmap1`` signed, ``qmap2`` unsigned), one fp32 ``absmax`` per block.
+OPTIMIZER_SCHEMAS: dict[str, str] = {
+    "optimizer_update_32bit":
+        "(str optimizer_name, Tensor g, Tensor(a!) p, Tensor(b!) state1, Tensor(c!)? state2, "
+        "Tensor(d!)? unorm_vec, float max_unorm, float param_norm, float beta1, float beta2, "
+        "float beta3, float alpha, float eps, float weight_decay, SymInt step, float lr, "
+        "float gnorm_scale=1.0, bool skip_zeros=False) -> ()",
+    "optimizer_update_8bit_blockwise":
+        "(str optimizer_name, Tensor g, Tensor(a!) p, Tensor(b!) state1, Tensor(c!)? state2, "
+        "float beta1, float beta2, float beta3, float alpha, float eps, SymInt step, float lr, "
+        "Tensor qmap1, Tensor? qmap2, Tensor(d!) absmax1, Tensor(e!)? absmax2, "
+        "float weight_decay=0.0, float gnorm_scale=1.0, bool skip_zeros=False) -> ()",
+}
+
 _lib = torch.library.Library(NAMESPACE, "DEF")
-for _name, _schema in SCHEMAS.items():
+for _name, _schema in {**SCHEMAS, **OPTIMIZER_SCHEMAS}.items():
     _lib.define(_name + _schema)
 for _name, _schema in COMPOSITES.items():
     _lib.define(_name + _schema)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
-from ._constants import create_dynamic_map as _default_dynamic_map  # cached, the default map
+from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
 
 __all__ = [
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
@@ -204,56 +204,6 @@ def create_fp8_map(signed: bool = True, exponent_bits: int = 5, precision_bits: 
     # the correctly rounded fp32 quotient.
     table = torch.tensor(values, dtype=torch.float64)
     return (table / table.max()).float()
-
-
-def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
-                       total_bits: int = 8) -> torch.Tensor:
-    """The dynamic (tree) quantization map: a decimal exponent and a linear fraction whose
-    width shrinks as the exponent grows (Dettmers, "8-Bit Approximations for Parallelism in
-    Deep Learning", ICLR 2016, arXiv:1511.04561; "8-bit Optimizers via Block-wise
-    Quantization", ICLR 2022; bitsandbytes 0.50 ``create_dynamic_map``).
-
-    With ``n = total_bits - 1`` and ``M = max_exponent_bits``, exponent level
-    ``i = 0 .. M-1`` contributes the midpoints of ``torch.linspace(0.1, 1, k + 1)`` (fp32)
-    scaled by ``10**(i - M + 1)``, ``k = 2**(i + n - M)`` (signed: with both signs) or
-    ``2**(i + n - M + 1)`` (unsigned); when ``M < n`` the ``2**(n - M) - 1`` codes with no
-    indicator bit add the midpoints of ``torch.linspace(0.1, 1, 2**(n - M))`` at scale 1
-    (both signs). Then 0 and 1; zero-padded to 256 and sorted. A signed map with ``M > n``
-    equals the one with ``M = n`` (the extra levels get no codes). The default call equals
-    ``opsq._constants.create_dynamic_map()`` (the nested-absmax map) bit for bit.
-
-    Args:
-        signed: both signs (e.g. weights, Adam's first moment) or [0, 1] (second moment).
-        max_exponent_bits: M >= 1; unsigned maps need M == total_bits - 1 (other unsigned
-            layouts do not fill ``2**total_bits`` codes: bitsandbytes fails an assertion).
-        total_bits: 1..8.
-    Returns:
-        fp32 ``(256,)`` sorted, on the CPU.
-    Raises:
-        ValueError: bit counts outside those ranges.
-    """
-    _check_int("total_bits", total_bits, 1, 8)
-    _check_int("max_exponent_bits", max_exponent_bits, 1)
-    n = total_bits - 1
-    if not signed and max_exponent_bits != n:
-        raise ValueError(f"max_exponent_bits must equal total_bits - 1 = {n} for an unsigned "
-                         f"map (other layouts leave codes unused), got {max_exponent_bits}")
-    m = min(max_exponent_bits, n)
-
-    def level(k: int, scale: float) -> list[float]:
-        grid = torch.linspace(0.1, 1.0, k + 1, dtype=torch.float32)
-        mids = (grid[:-1] + grid[1:]) / 2.0
-        out = (scale * mids).tolist()
-        return out + ((-scale) * mids).tolist() if signed else out
-
-    values: list[float] = []
-    for i in range(m):
-        values += level(2 ** (i + n - m + (0 if signed else 1)), 10.0 ** (i - m + 1))
-    if m < n:
-        values += level(2 ** (n - m) - 1, 1.0)
-    values += [0.0, 1.0]
-    values += [0.0] * (256 - len(values))
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 # ---- devices and pointers ------------------------------------------------------------------
@@ -611,7 +561,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         TypeError / ValueError: bad dtype or blocksize.
     """
     if code is None:
-        code = _default_dynamic_map().to(A.device)
+        code = create_dynamic_map().to(A.device)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = nested_offset(am)
@@ -642,7 +592,7 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         if code is None:
-            code = _default_dynamic_map().to(A.device)
+            code = create_dynamic_map().to(A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
                                  dtype=torch.float32)
     am = quant_state.absmax

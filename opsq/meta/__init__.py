@@ -5,4 +5,4 @@ Importing this package registers them with ``torch.library.register_fake`` (thro
 family module also holds that family's ``check_*`` validation helpers, shared with the
 reference kernels.
 """
-from . import blockwise, fourbit, int8, layout  # noqa: F401  (registers the fakes)
+from . import blockwise, fourbit, int8, layout, optim  # noqa: F401  (registers the fakes)

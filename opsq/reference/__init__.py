@@ -12,6 +12,7 @@ from .blockwise import dequantize_blockwise, quantize_blockwise
 from .fourbit import dequantize_4bit, linear_4bit, quantize_4bit
 from .int8 import double_quant, igemmlt, int8_linear, mm_dequant, vectorwise_quant
 from .layout import transform
+from .optim import optimizer_update_32bit, optimizer_update_8bit_blockwise
 
 KERNELS = {
     "quantize_4bit": quantize_4bit,
@@ -25,6 +26,8 @@ KERNELS = {
     "mm_dequant": mm_dequant,
     "int8_linear": int8_linear,
     "transform": transform,
+    "optimizer_update_32bit": optimizer_update_32bit,
+    "optimizer_update_8bit_blockwise": optimizer_update_8bit_blockwise,
 }
 
 for _name, _fn in KERNELS.items():
