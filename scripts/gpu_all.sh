@@ -33,7 +33,7 @@ fi
 if has build; then
   t0=$(date +%s)
   OPSQ_BUILD_ONLY=1 OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/build_stdout.log" 2>&1
-  note "build rc=$? ($(( $(date +%s) - t0 ))s); native ops: $(grep -c cuda-native "$OUT/diagnostics.log")/12"
+  note "build rc=$? ($(( $(date +%s) - t0 ))s); native ops: $(grep -c cuda-native "$OUT/diagnostics.log") of $(grep -cE "^[a-z][a-z0-9_]+ +(reference|cuda-native)" "$OUT/diagnostics.log")"
 fi
 if has lab; then
   wait $LAB_PID
