@@ -26,10 +26,20 @@ def _free_port() -> int:
 
 
 def _spawn(worker, backend, tmp_path):
+    """Run ``worker`` on 2 ranks; the sorted names of the ``.ok`` files they wrote (a rank
+    writes its file only after all of its checks passed)."""
     os.environ["NCCL_NVLS_ENABLE"] = "0"
     os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
-    torch.multiprocessing.spawn(worker, args=(2, _free_port(), backend, str(tmp_path)),
-                                nprocs=2, join=True)
+    try:
+        torch.multiprocessing.spawn(worker, args=(2, _free_port(), backend, str(tmp_path)),
+                                    nprocs=2, join=True)
+    except torch.multiprocessing.ProcessExitedException as e:
+        # A rank killed by a signal while the process group tears down, after both ranks
+        # reported success, is not a failed check (seen ~1 in 30 runs with gloo on 2 CPUs);
+        # anything else (an exception, an exit code, a missing report) fails the test.
+        done = [f for f in os.listdir(tmp_path) if f.endswith(".ok")]
+        if e.signal_name is None or len(done) < 2:
+            raise
     return sorted(os.listdir(tmp_path))
 
 
@@ -52,3 +62,12 @@ def test_fsdp1_quant_storage_bf16(backend, tmp_path):
                     ">= 2.11; it runs in the NCCL suite on 2 GPUs")
     assert _spawn(fsdp_workers.fsdp1_worker, backend, tmp_path) == [
         "fsdp1_rank0.ok", "fsdp1_rank1.ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_opsq_optimizers_match_single_process(backend, tmp_path):
+    """opsq.optim.AdamW / AdamW8bit on fully_shard (DTensor) parameters, 2 ranks."""
+    if backend == "gloo" and not dist.is_gloo_available():
+        pytest.skip("gloo backend unavailable")
+    assert _spawn(fsdp_workers.fsdp2_optim_worker, backend, tmp_path) == [
+        "fsdp2optim_rank0.ok", "fsdp2optim_rank1.ok"]

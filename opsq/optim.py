@@ -199,6 +199,35 @@ def unsigned_dynamic_map() -> torch.Tensor:
     return create_dynamic_map(signed=False)
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's ``fully_shard``
+    parameters and gradients); False where torch.distributed is unavailable."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view sharing its storage, so in-place writes reach the
+    DTensor), or ``t`` itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    """The local shard of ``p.grad`` laid out as ``p``'s local shard (FSDP2 reduce-scatters
+    gradients to the parameter's placements already; another placement is redistributed)."""
+    grad = p.grad
+    if _is_dtensor(p):
+        if not _is_dtensor(grad):
+            raise TypeError("a DTensor parameter needs a DTensor gradient (got "
+                            f"{type(grad).__name__}); FSDP2 writes one")
+        if tuple(grad.placements) != tuple(p.placements):
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        return grad.to_local()
+    return grad
+
+
 def _arg(args, name: str, default):
     """A bitsandbytes ``args`` object's attribute (its ``MockArgs``), or ``default``."""
     return getattr(args, name, default) if args is not None else default
@@ -215,6 +244,30 @@ class Optimizer8bit(torch.optim.Optimizer):
         optim_bits: 32 (fp32 states) or 8 (8-bit blockwise states).
         is_paged: bitsandbytes' paged flag; kept (``self.is_paged``) but states are ordinary
             memory in this build.
+
+    Sharded parameters (FSDP2's ``fully_shard``, or any ``DTensor``): the optimizer works on
+    each rank's local shard. A step updates ``p.to_local()`` in place from
+    ``p.grad.to_local()`` (the gradient redistributed to ``p``'s placements if they differ),
+    with no communication; the states (``state1``/``state2``, ``absmax*``, ``unorm_vec``) are
+    **plain local tensors** shaped like the local shard, not DTensors (8-bit ``absmax`` has one
+    entry per block of 256 of the *local* shard, which no DTensor placement describes when
+    shards are uneven). Whether a parameter gets 8-bit states is decided on its *global*
+    ``numel()`` (as a single process decides). Consequences:
+
+    * 32-bit states: every element is updated exactly as in a single process (elementwise
+      arithmetic), given the same gradient.
+    * 8-bit states: blocks of 256 run over the local shard from its own start. Where each
+      shard starts at a multiple of 256 elements of the flattened parameter (FSDP2 shards dim 0:
+      ``ceil(dim0 / world) * prod(shape[1:]) % 256 == 0``), the blocks are the single process's
+      blocks and the update is bit for bit the same; otherwise the blocks of the later shards
+      are cut differently, so their states are quantized with other absmax values (a
+      difference of the order of the 8-bit quantization error itself).
+    * ``state_dict()`` holds each rank's local states: save it per rank and load it with
+      :meth:`load_state_dict` on the same rank of the same sharding (checked: a state whose
+      size does not match the local shard raises). ``torch.distributed.checkpoint`` would take
+      these plain tensors for replicated ones, so it is not supported for the optimizer state.
+    * ``max_unorm > 0`` needs the norm of the whole parameter and update (a collective); with
+      sharded parameters it raises ``NotImplementedError``.
     """
 
     #: Two states (first and second moment) or one.
@@ -285,26 +338,32 @@ class Optimizer8bit(torch.optim.Optimizer):
         bits = config["optim_bits"]
         if bits not in (8, 32):
             raise ValueError(f"optim_bits must be 8 or 32, got {bits}")
+        # the 8-bit decision on the global size (DTensor.numel() is global), the states on the
+        # local shard (a plain parameter is its own shard)
         eight = bits == 8 and p.numel() >= config["min_8bit_size"]
+        if config["max_unorm"] > 0.0 and _is_dtensor(p):
+            raise NotImplementedError("max_unorm > 0 with sharded (DTensor) parameters needs "
+                                      "the norm of the whole parameter; not supported")
+        local = _local(p)
+        device = local.device
         dtype = torch.uint8 if eight else torch.float32
         double = self.optimizer_name == "ademamix"
-        shape1 = (2, *p.shape) if double else tuple(p.shape)
+        shape1 = (2, *local.shape) if double else tuple(local.shape)
         state = self.state[p]
         state["step"] = 0
-        state["state1"] = torch.zeros(shape1, dtype=dtype, device=p.device)
+        state["state1"] = torch.zeros(shape1, dtype=dtype, device=device)
         if self.two_states:
-            state["state2"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            state["state2"] = torch.zeros(local.shape, dtype=dtype, device=device)
         if eight:
-            blocks = -(-p.numel() // OPTIMIZER_BLOCKSIZE)
-            state["qmap1"] = self._qmap(True, p.device)
+            blocks = -(-local.numel() // OPTIMIZER_BLOCKSIZE)
+            state["qmap1"] = self._qmap(True, device)
             state["absmax1"] = torch.zeros((2, blocks) if double else (blocks,),
-                                           dtype=torch.float32, device=p.device)
+                                           dtype=torch.float32, device=device)
             if self.two_states:
-                state["qmap2"] = self._qmap(False, p.device)
-                state["absmax2"] = torch.zeros((blocks,), dtype=torch.float32,
-                                               device=p.device)
+                state["qmap2"] = self._qmap(False, device)
+                state["absmax2"] = torch.zeros((blocks,), dtype=torch.float32, device=device)
         if config["max_unorm"] > 0.0:
-            state["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=p.device)
+            state["unorm_vec"] = torch.zeros((1,), dtype=torch.float32, device=device)
 
     def _schedule(self, config: dict, step: int) -> tuple[float, float]:
         """``(beta3, alpha)`` of this step (AdEMAMix's ``t_beta3`` / ``t_alpha`` warm-ups)."""
@@ -328,7 +387,8 @@ class Optimizer8bit(torch.optim.Optimizer):
         step = state["step"]
         beta1, beta2 = config["betas"][0], config["betas"][1]
         beta3, alpha = self._schedule(config, step)
-        grad = p.grad
+        grad = _local_grad(p)
+        p = _local(p)  # sharded: the local shard (written in place), states are local too
         if state["state1"].dtype == torch.float32:
             torch.ops.opsq.optimizer_update_32bit(
                 self.optimizer_name, grad, p, state["state1"], state.get("state2"),
@@ -415,6 +475,14 @@ class Optimizer8bit(torch.optim.Optimizer):
                     out[k] = v.to(dtype=param.dtype, device=param.device)
                 else:
                     out[k] = v.to(param.device)
+            if _is_dtensor(param) and isinstance(out.get("state1"), torch.Tensor):
+                # sharded: the states are this rank's local shard (see the class docstring)
+                want = _local(param).numel() * (2 if self.optimizer_name == "ademamix" else 1)
+                if out["state1"].numel() != want:
+                    raise ValueError(
+                        f"state1 of a sharded parameter has {out['state1'].numel()} elements, "
+                        f"its local shard needs {want}: load the state dict this rank saved, "
+                        "with the same sharding")
             return out
 
         state: defaultdict = defaultdict(dict)
