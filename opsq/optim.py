@@ -273,6 +273,16 @@ class Optimizer8bit(torch.optim.Optimizer):
     #: Two states (first and second moment) or one.
     two_states = True
 
+    def _configure(self, optimizer_name: str, args, optim_bits: int, min_8bit_size: int,
+                   max_unorm: float, skip_zeros: bool) -> None:
+        """The settings every bitsandbytes optimizer base stores; a bitsandbytes ``args`` object
+        (its ``MockArgs``) overrides the keyword values."""
+        self.optimizer_name = optimizer_name
+        self.optim_bits = _arg(args, "optim_bits", optim_bits)
+        self.min_8bit_size = _arg(args, "min_8bit_size", min_8bit_size)
+        self.max_unorm = _arg(args, "max_unorm", max_unorm)
+        self.skip_zeros = _arg(args, "skip_zeros", skip_zeros)
+
     def __init__(self, params, defaults: dict, optim_bits: int = 32, is_paged: bool = False):
         super().__init__(params, defaults)
         self.is_paged = is_paged
@@ -529,11 +539,7 @@ class Optimizer2State(Optimizer8bit):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         alpha=alpha, t_alpha=t_alpha, t_beta3=t_beta3)
         super().__init__(params, defaults, optim_bits, is_paged)
-        self.optimizer_name = optimizer_name
-        self.optim_bits = _arg(args, "optim_bits", optim_bits)
-        self.min_8bit_size = _arg(args, "min_8bit_size", min_8bit_size)
-        self.max_unorm = _arg(args, "max_unorm", max_unorm)
-        self.skip_zeros = _arg(args, "skip_zeros", skip_zeros)
+        self._configure(optimizer_name, args, optim_bits, min_8bit_size, max_unorm, skip_zeros)
 
 
 class Optimizer1State(Optimizer8bit):
@@ -548,11 +554,7 @@ class Optimizer1State(Optimizer8bit):
         _check_hyper(lr, eps, betas, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, optim_bits, is_paged)
-        self.optimizer_name = optimizer_name
-        self.optim_bits = _arg(args, "optim_bits", optim_bits)
-        self.min_8bit_size = _arg(args, "min_8bit_size", min_8bit_size)
-        self.max_unorm = _arg(args, "max_unorm", max_unorm)
-        self.skip_zeros = _arg(args, "skip_zeros", skip_zeros)
+        self._configure(optimizer_name, args, optim_bits, min_8bit_size, max_unorm, skip_zeros)
 
 
 class Adam(Optimizer2State):

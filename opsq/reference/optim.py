@@ -99,6 +99,14 @@ def _keep_where_zero(g_flat, new, old, two_halves=False):
     return torch.where(g_flat == 0, old, new)
 
 
+def _skip_zeros(gf, p_pair, s1_pair, s2_pair, two):
+    """``skip_zeros``: each (new, old) pair keeps its old values where the gradient is 0."""
+    new_p = _keep_where_zero(gf, *p_pair)
+    new_s1 = _keep_where_zero(gf, *s1_pair, two)
+    new_s2 = None if s2_pair[1] is None else _keep_where_zero(gf, *s2_pair)
+    return new_p, new_s1, new_s2
+
+
 def optimizer_update_32bit(optimizer_name: str, g: torch.Tensor, p: torch.Tensor,
                            state1: torch.Tensor, state2, unorm_vec, max_unorm: float,
                            param_norm: float, beta1: float, beta2: float, beta3: float,
@@ -117,10 +125,7 @@ def optimizer_update_32bit(optimizer_name: str, g: torch.Tensor, p: torch.Tensor
     new_p, new_s1, new_s2, unorm = _step(optimizer_name, gf, pf, s1, s2, max_unorm, param_norm,
                                          beta1, beta2, beta3, alpha, eps, weight_decay, step, lr)
     if skip_zeros:
-        new_p = _keep_where_zero(gf, new_p, pf)
-        new_s1 = _keep_where_zero(gf, new_s1, s1, two)
-        if s2 is not None:
-            new_s2 = _keep_where_zero(gf, new_s2, s2)
+        new_p, new_s1, new_s2 = _skip_zeros(gf, (new_p, pf), (new_s1, s1), (new_s2, s2), two)
     p.copy_(new_p.view(p.shape))
     state1.copy_(new_s1.reshape(state1.shape))
     if state2 is not None:
@@ -163,10 +168,7 @@ def optimizer_update_8bit_blockwise(optimizer_name: str, g: torch.Tensor, p: tor
     new_p, new_s1, new_s2, _ = _step(optimizer_name, gf, pf, s1, s2, 0.0, 0.0, beta1, beta2,
                                      beta3, alpha, eps, weight_decay, step, lr)
     if skip_zeros:
-        new_p = _keep_where_zero(gf, new_p, pf)
-        new_s1 = _keep_where_zero(gf, new_s1, s1, two)
-        if s2 is not None:
-            new_s2 = _keep_where_zero(gf, new_s2, s2)
+        new_p, new_s1, new_s2 = _skip_zeros(gf, (new_p, pf), (new_s1, s1), (new_s2, s2), two)
     p.copy_(new_p.view(p.shape))
     if two:
         (q0, m0), (q1, m1) = (quantize_blockwise(new_s1[i], qmap1, OPTIMIZER_BLOCKSIZE)
