@@ -351,6 +351,7 @@ _INPLACE_LIB = torch.library.Library("opsq", "FRAGMENT")
 def _register_in_place(name: str) -> None:
     op = getattr(ops, name).default
     schema = op._schema
+    names = [a.name for a in schema.arguments]
     written = [i for i, a in enumerate(schema.arguments)
                if a.alias_info is not None and a.alias_info.is_write]
 
@@ -365,7 +366,6 @@ def _register_in_place(name: str) -> None:
             return op.redispatch(keyset & torch._C._after_autograd_keyset, *args, **kwargs)
 
     def version_bump_kernel(keyset, *args, **kwargs):
-        names = [a.name for a in schema.arguments]
         for i in written:
             value = args[i] if i < len(args) else kwargs.get(names[i])
             if isinstance(value, torch.Tensor):

@@ -74,7 +74,16 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-@functools.lru_cache(maxsize=None)
+def check_int(name: str, value, low: int, high: "int | None" = None) -> int:
+    """``value`` if it is an int (not a bool) in ``[low, high]``, else a ValueError naming
+    ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low \
+            or (high is not None and value > high):
+        span = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    return value
+
+
 @functools.lru_cache(maxsize=None)
 def _dynamic_map_values(signed: bool, max_exponent_bits: int, total_bits: int) -> tuple:
     # n = total_bits - 1, m = min(max_exponent_bits, n). Exponent level i = 0 .. m-1 gives the
@@ -124,12 +133,8 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
     Raises:
         ValueError: bit counts outside those ranges.
     """
-    for name, value, low, high in (("total_bits", total_bits, 1, 8),
-                                   ("max_exponent_bits", max_exponent_bits, 1, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low \
-                or (high is not None and value > high):
-            span = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise ValueError(f"{name} must be an int {span}, got {value!r}")
+    check_int("total_bits", total_bits, 1, 8)
+    check_int("max_exponent_bits", max_exponent_bits, 1)
     if not signed and max_exponent_bits != total_bits - 1:
         raise ValueError(f"max_exponent_bits must equal total_bits - 1 = {total_bits - 1} for "
                          f"an unsigned map (other layouts leave codes unused), got "

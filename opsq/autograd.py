@@ -173,34 +173,35 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
         usual = A.shape[-1] == quant_state.shape[-1]
     except (AttributeError, TypeError, IndexError):
         usual = False
-    if not usual:
-        return _matmul_4bit_unusual(A, B, quant_state, out, bias)
+    if not usual and _is_kn_weight(A, quant_state):
+        return _matmul_4bit_kn(A, B, quant_state, out, bias)
     res = apply_op("linear_4bit", A, B, list(quant_state.shape), quant_state.absmax,
                    quant_state.blocksize, quant_state.quant_type, bias,
                    *quant_state.nested_args())  # the kernel picks the GEMV for few rows
     return _finish(res, out)
 
 
-def _matmul_4bit_unusual(A, B, quant_state, out, bias) -> torch.Tensor:
-    """:func:`matmul_4bit` when ``A``'s last dimension is not ``quant_state.shape[-1]``: bad
-    input (a clear error), or bitsandbytes' deprecated ``[K, N]`` weight."""
+def _is_kn_weight(A, quant_state) -> bool:
+    """Whether :func:`matmul_4bit` meets bitsandbytes' deprecated ``[K, N]`` weight
+    (``A.shape[-1] == quant_state.shape[0]``); any other mismatch is left to the op's own
+    message. Raises ValueError for a missing state or a state shape that is not 2-D."""
     if quant_state is None:
         raise ValueError("matmul_4bit needs the weight's quant_state")
     shape = getattr(quant_state, "shape", None)
     if shape is None or len(shape) != 2:
         raise ValueError(f"quant_state.shape must be [N, K] (out_features, in_features), got "
                          f"{None if shape is None else list(shape)}")
-    K, N = shape
-    if not (isinstance(A, torch.Tensor) and A.dim() >= 1 and A.shape[-1] == K):
-        # a plain mismatch: the op raises its usual message naming A and shapeB
-        res = apply_op("linear_4bit", A, B, list(shape), quant_state.absmax,
-                       quant_state.blocksize, quant_state.quant_type, bias,
-                       *quant_state.nested_args())
-        return _finish(res, out)
+    return isinstance(A, torch.Tensor) and A.dim() >= 1 and A.shape[-1] == shape[0]
+
+
+def _matmul_4bit_kn(A, B, quant_state, out, bias) -> torch.Tensor:
+    """``A @ dequant(B) + bias`` for a weight quantized as ``[K, N]``, with the deprecation
+    warning (not under ``torch.compile``)."""
+    K, N = quant_state.shape
     if not torch.compiler.is_compiling():
         warnings.warn(
             f"matmul_4bit: the weight was quantized from a [K, N] tensor (quant_state.shape="
-            f"{list(shape)}); it is dequantized and multiplied densely. Re-quantize it in "
+            f"{[K, N]}); it is dequantized and multiplied densely. Re-quantize it in "
             "[N, K] (out_features, in_features) orientation; bitsandbytes will reject this "
             "in a future version.", DeprecationWarning, stacklevel=3)
     W = apply_op("dequantize_4bit", B.reshape(-1, 1), quant_state.absmax,

@@ -21,6 +21,16 @@ __all__ = ["fsdp2_supports_integer_params", "enable_fsdp2_integer_params"]
 _PATCHED = False
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's sharded parameters and
+    gradients); False where torch has no distributed package."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
 def _needs(_fsdp_param) -> tuple[bool, bool]:
     """(parameter creation needs the fix, mixed-precision dtypes need the fix)."""
     shard_src = inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
+from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
 
 __all__ = [
@@ -33,15 +34,6 @@ __all__ = [
     "create_normal_map", "create_fp8_map", "is_on_gpu", "get_ptr",
     "fix_4bit_weight_quant_state_from_module", "pack_dict_to_tensor", "unpack_tensor_to_dict",
 ]
-
-
-def _check_int(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
-    """``value`` if it is an int in ``[low, high]``, else a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low \
-            or (high is not None and value > high):
-        span = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an int {span}, got {value!r}")
-    return value
 
 
 # ---- code tables and 8-bit maps --------------------------------------------------------------

@@ -54,6 +54,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._constants import create_dynamic_map
+from .fsdp import is_dtensor as _is_dtensor
 from ._singleton import Singleton
 from .meta.optim import OPTIMIZER_BLOCKSIZE
 
@@ -197,15 +198,6 @@ def unsigned_dynamic_map() -> torch.Tensor:
     """The unsigned 8-bit dynamic map (256 sorted fp32 values in [0, 1]) of second-moment
     states, bitsandbytes' ``create_dynamic_map(signed=False)``."""
     return create_dynamic_map(signed=False)
-
-
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2's ``fully_shard``
-    parameters and gradients); False where torch.distributed is unavailable."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..fsdp import is_dtensor as _is_dtensor
+
 
 class _DeviceProbe(torch.Tensor):
     """Records which device a ``Module._apply`` function moves tensors to, without moving."""
@@ -165,14 +167,6 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
                                 src_data_rank=None)
     with torch.no_grad():
         dst.copy_(src)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
