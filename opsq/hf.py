@@ -71,7 +71,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from . import functional as Fq
 from ._constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
-from .integrations import replace_with_bnb_linear, set_module_quantized_tensor_to_device
+from .integrations import _dtype, replace_with_bnb_linear, set_module_quantized_tensor_to_device
 from .nn.linear4bit import Linear4bit
 from .nn.linear8bit import Linear8bitLt
 
@@ -94,17 +94,6 @@ _SERIALIZED_8BIT = ("SCB", "weight_format", "weight")
 
 
 # ---- configuration ------------------------------------------------------------------------------
-def _as_dtype(value, name: str, allowed, none_ok: bool) -> Optional[torch.dtype]:
-    if value is None and none_ok:
-        return None
-    if isinstance(value, str):
-        value = getattr(torch, value.removeprefix("torch."), value)
-    if not isinstance(value, torch.dtype) or value not in allowed:
-        raise ValueError(f"{name} must be one of {[str(d).removeprefix('torch.') for d in allowed]}"
-                         f"{' or None' if none_ok else ''}, got {value!r}")
-    return value
-
-
 def _dtype_name(dtype: Optional[torch.dtype]) -> Optional[str]:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -182,11 +171,10 @@ class OpsqConfig(QuantizationConfigMixin):
         self.bits = int(bits)
         self.bnb_4bit_quant_type = bnb_4bit_quant_type
         self.bnb_4bit_use_double_quant = bool(bnb_4bit_use_double_quant)
-        self.bnb_4bit_compute_dtype = _as_dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype",
-                                                FLOAT_DTYPES, none_ok=True)
-        self.bnb_4bit_quant_storage = _as_dtype(bnb_4bit_quant_storage or torch.uint8,
-                                                "bnb_4bit_quant_storage", QUANT_STORAGE_DTYPES,
-                                                none_ok=False)
+        self.bnb_4bit_compute_dtype = _dtype(bnb_4bit_compute_dtype, "bnb_4bit_compute_dtype",
+                                             FLOAT_DTYPES)
+        self.bnb_4bit_quant_storage = _dtype(bnb_4bit_quant_storage or torch.uint8,
+                                             "bnb_4bit_quant_storage", QUANT_STORAGE_DTYPES)
         self.bnb_4bit_blocksize = int(bnb_4bit_blocksize)
         self.llm_int8_threshold = float(llm_int8_threshold)
         self.llm_int8_skip_modules = None if llm_int8_skip_modules is None \

@@ -68,7 +68,7 @@ def _dtype(value, name: str, allowed: Sequence[torch.dtype]) -> Optional[torch.d
         return None
     if isinstance(value, str):
         value = getattr(torch, value.removeprefix("torch."), value)
-    if value not in allowed:
+    if not isinstance(value, torch.dtype) or value not in allowed:
         raise ValueError(f"quantization_config.{name} must be one of {list(allowed)}, got "
                          f"{value!r}")
     return value
