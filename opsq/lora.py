@@ -226,10 +226,7 @@ def _requantize_4bit(layer: Linear4bit, weight: torch.Tensor) -> None:
         compress_statistics=layer.compress_statistics, quant_type=layer.quant_type,
         quant_storage=layer.quant_storage)
     state.dtype = layer.weight_dtype
-    if layer._same_layout(packed, state):
-        layer._copy_quantized(packed, state)
-    else:
-        layer._set_quantized(packed, state)
+    layer._store_quantized(packed, state)
 
 
 def _dequantized_8bit(layer: Linear8bitLt) -> torch.Tensor:

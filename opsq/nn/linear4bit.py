@@ -362,6 +362,14 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         self.weight_dtype = state.dtype
         self._sync_weight_state()
 
+    def _store_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
+        """Adopt packed codes and their state: in place where the layout is unchanged (the
+        tensors keep their identity), else registered anew."""
+        if self._same_layout(packed, state):
+            self._copy_quantized(packed, state)
+        else:
+            self._set_quantized(packed, state)
+
     def _sync_weight_state(self) -> None:
         if isinstance(self.weight, Params4bit):
             self.weight.quant_state = self.quant_state
@@ -458,10 +466,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                     raise ValueError(f"the checkpoint's quant_state shape {tuple(state.shape)} "
                                      f"is not this layer's {self.weight_shape} (out_features, "
                                      "in_features)")
-                if self._same_layout(packed, state):
-                    self._copy_quantized(packed, state)
-                else:
-                    self._set_quantized(packed, state)
+                self._store_quantized(packed, state)
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
                 return
