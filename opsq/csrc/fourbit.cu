@@ -379,7 +379,10 @@ void launch_gemv4_nested(const T* A, int M, int64_t K, const uint8_t* W, int64_t
 template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
                   int64_t blocksize, bool nf4, const T* bias, T* out, cudaStream_t stream) {
-  const CodePlanes planes = make_code_planes<T>(nf4 ? kNF4Host : kFP4Host);
+  // built once per dtype, not per launch (a decode step launches this hundreds of times)
+  static const CodePlanes kPlanes[2] = {make_code_planes<T>(kFP4Host),
+                                        make_code_planes<T>(kNF4Host)};
+  const CodePlanes& planes = kPlanes[nf4 ? 1 : 0];
   if (am.nested)
     launch_gemv4_nested<T, true>(A, M, K, W, N, am, blocksize, planes, bias, out, stream);
   else
