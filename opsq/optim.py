@@ -56,6 +56,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ._constants import create_dynamic_map
 from .fsdp import is_dtensor as _is_dtensor
 from ._singleton import Singleton
+from .meta._common import ceil_div
 from .meta.optim import OPTIMIZER_BLOCKSIZE
 
 __all__ = [
@@ -320,8 +321,7 @@ class Optimizer8bit(torch.optim.Optimizer):
     def _qmap(self, signed: bool, device) -> torch.Tensor:
         key = (signed, torch.device(device))
         if key not in self._qmaps:
-            qmap = create_dynamic_map(signed=True) if signed else unsigned_dynamic_map()
-            self._qmaps[key] = qmap.to(device)
+            self._qmaps[key] = create_dynamic_map(signed=signed).to(device)
         return self._qmaps[key]
 
     @torch.no_grad()
@@ -357,7 +357,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         if self.two_states:
             state["state2"] = torch.zeros(local.shape, dtype=dtype, device=device)
         if eight:
-            blocks = -(-local.numel() // OPTIMIZER_BLOCKSIZE)
+            blocks = ceil_div(local.numel(), OPTIMIZER_BLOCKSIZE)
             state["qmap1"] = self._qmap(True, device)
             state["absmax1"] = torch.zeros((2, blocks) if double else (blocks,),
                                            dtype=torch.float32, device=device)
