@@ -511,3 +511,68 @@ def test_paged_and_variant_signatures_follow_bitsandbytes():
         optim.AdamW([p], amsgrad=True)
     with pytest.raises(NotImplementedError):
         optim.SGD8bit([p], lr=0.1)
+
+
+# ---- continuing a run bitsandbytes recorded on CUDA ----------------------------------------------
+BNB_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "bnb_optim_cuda.pt")
+
+
+def _bnb_run():
+    if not os.path.exists(BNB_RUN):
+        pytest.skip(f"{BNB_RUN} is absent (scripts/make_optim_fixture.py writes it)")
+    return torch.load(BNB_RUN)
+
+
+def _bnb_run_names():
+    return list(torch.load(BNB_RUN)["runs"]) if os.path.exists(BNB_RUN) else ["absent"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", _bnb_run_names())
+def test_continues_a_bitsandbytes_cuda_run(device, name):
+    """bitsandbytes 0.50.2 ran ``name`` on CUDA (scripts/make_optim_fixture.py); opsq loads its
+    state_dict mid-run and takes the remaining steps with the same gradients: the parameters and
+    the states must land where bitsandbytes' did."""
+    data = _bnb_run()
+    run = data["runs"][name]
+    params = [torch.nn.Parameter(p.to(device, copy=True)) for p in run["params_before"]]
+    opt = getattr(optim, name)(params, **run["kwargs"])
+    opt.load_state_dict(run["state_before"])
+    g = torch.Generator().manual_seed(data["grad_seed"])
+    grads = [[torch.randn(*s, generator=g) for s in data["shapes"]]
+             for _ in range(data["steps_before"] + data["steps_after"])]
+    for gs in grads[data["steps_before"]:]:
+        for p, gr in zip(params, gs):
+            p.grad = gr.to(device)
+        opt.step()
+    # where the two quantizers break a tie differently a state code sits one map entry apart,
+    # which moves that element's parameter by a fraction of lr (Lion: a flipped sign, 2 lr a step)
+    lr = run["kwargs"]["lr"]
+    for p, before, want in zip(params, run["params_before"], run["params_after"]):
+        diff = (p.detach().cpu() - want).abs()
+        assert (want - before).abs().max() > 10 * lr * 0.1  # the steps moved it
+        assert (diff > 1e-5).float().mean() < 0.01 and diff.max() <= 4 * lr, diff.max()
+    ours = opt.state_dict()["state"]
+    for i, want in run["state_after"]["state"].items():
+        assert ours[i]["step"] == want["step"]
+        got_q = ours[i].get("__bnb_optimizer_quant_state__", ours[i])
+        want_q = want.get("__bnb_optimizer_quant_state__", want)
+        for key, w in want_q.items():
+            if not isinstance(w, torch.Tensor) or key.startswith("absmax"):
+                continue
+            v = got_q[key].cpu()
+            if w.dtype != torch.uint8:  # 32-bit states and the maps
+                torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-7)
+                continue
+            # 8-bit: compare the dequantized states; one entry of the dynamic map apart at most
+            # (its widest gap is 1/64 of the block's absmax)
+            n = "1" if key == "state1" else "2"
+            qmap, a_w, a_v = want_q["qmap" + n], want_q["absmax" + n], got_q["absmax" + n].cpu()
+            torch.testing.assert_close(a_v, a_w, rtol=1e-5, atol=1e-7)
+            rows = a_w.shape[0] if a_w.dim() == 2 else 1  # AdEMAMix: two EMAs, blocked apiece
+
+            def normalized(codes):
+                vals = qmap[codes.reshape(rows, -1).long()]
+                return torch.nn.functional.pad(vals, (0, (-vals.shape[1]) % 256)).reshape(-1, 256)
+            gap = (normalized(v) - normalized(w)).abs()
+            assert (gap <= 1 / 64).all() and (gap > 0).float().mean() < 0.02, key
