@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import opsq  # noqa: F401  (registers torch.ops.opsq.*)
+from opsq.integrations import plain_weights
 from opsq.nn import Linear4bit, Linear8bitLt
 
 DEVICES = [pytest.param("cpu", id="cpu"),
@@ -59,19 +60,21 @@ def test_exported_state_holds_every_parameter():
     assert "0.weight.absmax" in sd and "2.SCB" in sd and "0.weight_absmax" not in sd
 
 
-@pytest.mark.cuda
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-def test_aot_inductor_package_runs_equal_to_eager(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_aot_inductor_package_runs_equal_to_eager(device, tmp_path):
     """AOTInductor: export -> aoti_compile_and_package -> aoti_load_package. The opsq ops stay
     calls into the registered CUDA kernels (through the dispatcher), so the packaged model needs
-    ``import opsq`` in the loading process, as the exported program does."""
-    m = _model("cuda", True, 6.0, torch.float16)
-    x = torch.randn(4, 64, device="cuda", dtype=torch.float16) * 4
-    ep = torch.export.export(m, (x,))
+    ``import opsq`` in the loading process, as the exported program does. The weights go in as
+    plain parameters (:func:`opsq.integrations.plain_weights`)."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    m = _model(device, True, 6.0, dtype)
+    x = torch.randn(4, 64, device=device, dtype=dtype) * 4
+    ep = plain_weights(torch.export.export(m, (x,)))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
     runner = torch._inductor.aoti_load_package(path)
     with torch.no_grad():
         want = m(x)
         got = runner(x)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # GELU fused by Inductor
+    assert torch.equal(ep.module()(x), want)  # the plain weights change nothing for the program

@@ -68,7 +68,8 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
     if typename in QUANT_TYPES:
         return code_table(typename, device)
     if typename == "int4":
-        return torch.tensor(_INT4_LEVELS, dtype=torch.float32, device=device) / 7.0
+        # divided on the CPU: a GPU's fp32 division may differ in the last ulp
+        return (torch.tensor(_INT4_LEVELS, dtype=torch.float32) / 7.0).to(device)
     if typename == "af4":
         if blocksize != 64:
             raise ValueError(f"blocksize: the af4 table exists for blocksize 64 only, got "

@@ -26,12 +26,13 @@ from . import functional as Fq
 from ._constants import FLOAT_DTYPES, QUANT_STORAGE_DTYPES
 from .layout_utils import maybe_rearrange_weight
 from .meta.fourbit import packed_numel
-from .nn.linear4bit import Linear4bit
+from .nn.linear4bit import Linear4bit, Params4bit
 from .nn.linear8bit import Int8Params, Linear8bitLt
 
 __all__ = ["init_empty_weights", "replace_with_bnb_linear", "replace_with_opsq_linear",
            "set_module_quantized_tensor_to_device", "get_keys_to_not_convert",
-           "load_quantized_state_dict", "should_convert_module", "enable_transformers"]
+           "load_quantized_state_dict", "should_convert_module", "enable_transformers",
+           "plain_weights"]
 
 
 @contextlib.contextmanager
@@ -438,6 +439,25 @@ def load_quantized_state_dict(model: nn.Module, state_dict: dict, device="cpu",
                                 "the model under init_empty_weights())", meta_buffers))
                                if items))
     return missing, unexpected
+
+
+# ---- torch.export ---------------------------------------------------------------------------------
+def plain_weights(program: "torch.export.ExportedProgram") -> "torch.export.ExportedProgram":
+    """``program`` (an ``ExportedProgram`` of a model with opsq layers) with its quantized weights
+    (``Params4bit`` / ``Int8Params``) re-wrapped as plain frozen ``nn.Parameter`` over the same
+    storage, in place; returns ``program``.
+
+    The graph reads the weights only as tensors (one opsq op per layer takes the codes and the
+    statistics as arguments), so nothing changes for ``program.module()``. AOTInductor
+    (``torch._inductor.aoti_compile_and_package``) needs it on torch 2.11, whose fake-tensor
+    propagation refuses tensor subclasses among a program's constants; torch 2.13 accepts both.
+    """
+    state = program.state_dict
+    for name, value in list(state.items()):
+        if isinstance(value, (Params4bit, Int8Params)):
+            state[name] = nn.Parameter(torch.Tensor._make_subclass(torch.Tensor, value.data),
+                                       requires_grad=False)
+    return program
 
 
 # ---- transformers' from_pretrained ---------------------------------------------------------------

@@ -5,8 +5,8 @@ Run on the GPU machine with bitsandbytes 0.50.2 importable (``.peers/bitsandbyte
 
     PYTHONPATH=.peers python3 scripts/make_optim_fixture.py --out tests/data/bnb_optim_cuda.pt
 
-For each optimizer below, seeded fp32 parameters (one 8-bit tensor with a partial last block of
-256, one 32-bit tensor under ``min_8bit_size``) take ``STEPS_BEFORE`` steps of bitsandbytes with
+For each optimizer below, seeded fp32 parameters (8-bit tensors with and without a partial last
+block of 256, one 32-bit tensor under ``min_8bit_size``) take ``STEPS_BEFORE`` steps of bitsandbytes with
 seeded gradients; the file keeps the parameters and ``state_dict()`` there (the start of the
 test), then the parameters and state after ``STEPS_AFTER`` more steps (its oracle). Gradients and
 initial parameters are not stored: the test draws them again from the same CPU generator seeds.
@@ -17,7 +17,9 @@ import argparse
 
 import torch
 
-SHAPES = ((40, 130), (4100,), (130,))  # 5200 and 4100 elements (8-bit), 130 (32-bit)
+#: 5200 and 4100 elements (8-bit, a partial last block), 8192 (8-bit, whole blocks; the only
+#: kind whose AdEMAMix8bit state bitsandbytes lays out as opsq does), 130 (32-bit)
+SHAPES = ((40, 130), (4100,), (32, 256), (130,))
 PARAM_SEED, GRAD_SEED = 0, 1
 STEPS_BEFORE, STEPS_AFTER = 3, 2
 #: bitsandbytes class name -> keyword arguments (the same for opsq.optim's class of that name)

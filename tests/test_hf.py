@@ -342,7 +342,17 @@ def test_bnb_checkpoint_gives_bnb_logits_and_tokens(name, device, enabled):
     assert (logits - bnb).abs().max() <= case["max_err"] * bnb.abs().max()
     assert (logits - bnb).norm() < (bnb - bf16).norm()  # within bitsandbytes' own error
     tokens = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
-    assert tokens.cpu().tolist() == ref["generate_bnb"].tolist()
+    want = ref["generate_bnb"]
+    if tokens.cpu().tolist() != want.tolist():
+        # greedy decoding may part where two logits (nearly) tie: then bitsandbytes' choice must
+        # be within the logit error allowed above of this model's best at the first parting
+        # (teacher-forced on bitsandbytes' tokens), and all tokens before it equal
+        first = int((tokens.cpu()[0] != want[0]).nonzero()[0])
+        assert first >= ids.shape[1]
+        with torch.no_grad():
+            step = model(want[:1, :first].to(device)).logits[0, -1].float().cpu()
+        margin = step.max() - step[want[0, first]]
+        assert margin <= case["max_err"] * bnb.abs().max(), (first, margin)
 
 
 @pytest.mark.parametrize("name", list(FIXTURE_CASES))

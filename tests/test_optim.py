@@ -532,7 +532,12 @@ def _bnb_run_names():
 def test_continues_a_bitsandbytes_cuda_run(device, name):
     """bitsandbytes 0.50.2 ran ``name`` on CUDA (scripts/make_optim_fixture.py); opsq loads its
     state_dict mid-run and takes the remaining steps with the same gradients: the parameters and
-    the states must land where bitsandbytes' did."""
+    the states must land where bitsandbytes' did.
+
+    AdEMAMix8bit is compared on whole-block tensors only: bitsandbytes 0.50.2's CUDA kernel
+    stores the slow EMA's absmax of block ``b`` at flat index ``b + n // 256`` of ``absmax1``,
+    which is opsq's (and its own CPU path's) ``[1, b]`` only when ``n % 256 == 0``; otherwise it
+    overwrites the fast EMA's last absmax."""
     data = _bnb_run()
     run = data["runs"][name]
     params = [torch.nn.Parameter(p.to(device, copy=True)) for p in run["params_before"]]
@@ -548,13 +553,19 @@ def test_continues_a_bitsandbytes_cuda_run(device, name):
     # where the two quantizers break a tie differently a state code sits one map entry apart,
     # which moves that element's parameter by a fraction of lr (Lion: a flipped sign, 2 lr a step)
     lr = run["kwargs"]["lr"]
-    for p, before, want in zip(params, run["params_before"], run["params_after"]):
+    comparable = [not (name.startswith("AdEMAMix") and p.numel() >= 4096 and p.numel() % 256)
+                  for p in params]
+    for p, before, want, ok in zip(params, run["params_before"], run["params_after"], comparable):
+        if not ok:
+            continue
         diff = (p.detach().cpu() - want).abs()
         assert (want - before).abs().max() > 10 * lr * 0.1  # the steps moved it
         assert (diff > 1e-5).float().mean() < 0.01 and diff.max() <= 4 * lr, diff.max()
     ours = opt.state_dict()["state"]
     for i, want in run["state_after"]["state"].items():
         assert ours[i]["step"] == want["step"]
+        if not comparable[i]:
+            continue
         got_q = ours[i].get("__bnb_optimizer_quant_state__", ours[i])
         want_q = want.get("__bnb_optimizer_quant_state__", want)
         for key, w in want_q.items():

@@ -73,8 +73,12 @@ class Params4bit(nn.Parameter):
                           bnb_quantized=self.bnb_quantized, **self._attrs())
 
     def __reduce_ex__(self, proto):
-        return (_rebuild_params4bit, (self.data, self.requires_grad, self.quant_state,
-                                      self.bnb_quantized, self._attrs()))
+        # the statistics are pickled as copies: in a layer they view the storage of its int32
+        # bit-pattern parameters, and torch.save refuses one storage under two dtypes when a
+        # state dict holds both (torch.export.save of a program, for one)
+        return (_rebuild_params4bit, (self.data, self.requires_grad,
+                                      copy.deepcopy(self.quant_state), self.bnb_quantized,
+                                      self._attrs()))
 
     def _quantize(self, device) -> "Params4bit":
         w = self.data.contiguous().to(device)

@@ -69,8 +69,10 @@ class Int8Params(nn.Parameter):
                           None if self.SCB is None else self.SCB.clone())
 
     def __reduce_ex__(self, proto):
+        # SCB is pickled as a copy: in a layer it views the storage of the int32 bit-pattern
+        # parameter ``weight_scb`` (see Params4bit.__reduce_ex__)
         return (Int8Params, (self.data, self.requires_grad, self.has_fp16_weights, self.CB,
-                             self.SCB))
+                             None if self.SCB is None else self.SCB.clone()))
 
     def _quantize(self, device) -> "Int8Params":
         CB, SCB, _ = Fq.int8_vectorwise_quant(self.data.contiguous().to(device))
