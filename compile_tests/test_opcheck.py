@@ -26,6 +26,7 @@ def _samples(device):
     offset = absmax.mean()
     q2, a2 = ops.quantize_blockwise(absmax - offset, code, 256)
     nested = (a2, code, offset.reshape(1), 256)
+    q8k, a8k = ops.quantize_blockwise(rn(9000), code, 8192)  # a blockwise-only blocksize
     CB, SCB, _ = ops.vectorwise_quant(W, 0.0)
     CA = torch.randint(-127, 128, (5, 128), generator=g, dtype=torch.int8).to(device)
     C32 = ops.igemmlt(CA, CB)
@@ -57,9 +58,12 @@ def _samples(device):
             ((rn(2, 128, dtype=torch.float16, grad=True), packed_bf, [24, 128], absmax_bf, 32,
               "fp4"), {}),
         ],
-        "quantize_blockwise": [((rn(300, grad=True), code, 64), {})],
+        "quantize_blockwise": [((rn(300, grad=True), code, 64), {}),
+                               ((rn(9000, dtype=torch.bfloat16), code, 8192), {})],
         "dequantize_blockwise": [((q2, a2.clone().requires_grad_(True), code, 256,
-                                   torch.float32), {})],
+                                   torch.float32), {}),
+                                 ((q8k, a8k.clone().requires_grad_(True), code, 8192,
+                                   torch.float16), {})],
         "vectorwise_quant": [((rn(6, 128, dtype=torch.float16, grad=True), 0.0), {}),
                              ((rn(2, 3, 128), 4.0), {})],
         "double_quant": [((rn(6, 128, dtype=torch.bfloat16, grad=True), 4.0), {}),

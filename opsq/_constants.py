@@ -16,8 +16,11 @@ import functools
 
 import torch
 
-#: Blocksizes accepted by the 4-bit and 8-bit blockwise ops (elements per absmax).
+#: Blocksizes accepted by the 4-bit ops (elements per absmax).
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+#: Blocksizes accepted by the 8-bit blockwise ops (``quantize_blockwise`` /
+#: ``dequantize_blockwise``): the 4-bit ones and two larger, as in bitsandbytes 0.50.
+BLOCKWISE_BLOCKSIZES: tuple[int, ...] = BLOCKSIZES + (8192, 16384)
 #: 4-bit code books.
 QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4")
 #: Activation / output dtypes of the float ops.

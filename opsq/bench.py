@@ -11,6 +11,9 @@ Families (``--only``, comma-separated; default all):
 * ``gemv``: ``gemv_4bit`` (NF4, blocksize 64, plain and nested absmax, bf16 and fp16).
 * ``4bit``: ``dequantize_4bit`` / ``quantize_4bit`` on whole matrices.
 * ``int8``: ``vectorwise_quant``, ``double_quant`` (t=0 and t=6), ``mm_dequant``.
+* ``int8_linear``: ``Linear8bitLt`` at M in {1, 4, 16} rows, 4096 -> 14336 and 8192 -> 8192,
+  threshold 0 and 6 (two outlier columns), against fp16 ``F.linear`` (target speed-up >= 1.5x)
+  and bitsandbytes' ``Linear8bitLt``.
 * ``transform``: int8 row-major to the cuBLASLt tile layouts.
 * ``igemmlt``: int8 x int8 -> int32 against ``torch._int_mm``.
 * ``decode``: a 4-layer Linear4bit MLP at batch 1 under ``torch.compile(mode="reduce-overhead")``
@@ -18,6 +21,10 @@ Families (``--only``, comma-separated; default all):
 * ``prefill``: Linear4bit and Linear8bitLt at 2048 tokens x 8192 -> 28672 against 16-bit
   ``F.linear``, and the LLM.int8 outlier path against threshold 0.
 * ``qlora``: one compiled QLoRA training step against a bf16 base.
+* ``optim``: ``opsq.optim.AdamW8bit`` / ``PagedAdamW8bit`` / ``AdamW`` (32-bit states) steps
+  over a 1.07 B-parameter bf16 model against bitsandbytes' ``AdamW8bit`` and
+  ``torch.optim.AdamW(fused=True)`` with fp32 parameters and states; minimum bytes of the 8-bit
+  update: 10 per parameter (read g, p, two uint8 states; write p and the states).
 * ``llm``: the real workload, a Llama-3-8B-shaped transformers model at batch 1 in bf16, opsq
   NF4 / NF4 nested / FP4 / int8 (t=6, t=0) and bitsandbytes NF4 / int8 (``opsq.bench_llm``;
   ``--llm-layers``, ``--llm-variants``; needs transformers, the ``[bench]`` extra).
@@ -46,19 +53,23 @@ MATRIX_SHAPES = [(8192, 8192), (28672, 8192)]
 IGEMMLT_M = [64, 256, 2048, 8192]
 
 #: Benchmark families, in the order they run and print.
-FAMILIES = ("gemv", "4bit", "int8", "transform", "igemmlt", "decode", "prefill", "qlora", "llm")
+FAMILIES = ("gemv", "4bit", "int8", "int8_linear", "transform", "igemmlt", "decode", "prefill",
+            "qlora", "optim", "llm")
 #: One-line description printed in each family's table header.
 FAMILY_TITLES = {
     "gemv": "gemv_4bit, x 1xK @ NF4 W(NxK)^T, blocksize 64 (vs bf16 = torch F.linear on the "
             "16-bit weight, row's dtype)",
     "4bit": "blockwise NF4 quantize / dequantize, blocksize 64",
     "int8": "LLM.int8 quantization and int32 -> fp16 dequantization",
+    "int8_linear": "Linear8bitLt (has_fp16_weights=False) at decode batch sizes, fp16, eager "
+                   "layer call vs fp16 F.linear",
     "transform": "int8 row-major -> cuBLASLt tiled layouts",
     "igemmlt": "int8 GEMM (K=8192) vs torch._int_mm",
     "decode": "4-layer MLP 4096->11008->4096 (SiLU), batch 1, bf16, "
               "torch.compile(mode='reduce-overhead', fullgraph=True)",
     "prefill": "2048 tokens, 8192 -> 28672, eager layer call vs 16-bit F.linear",
     "qlora": "compiled QLoRA training step (forward, backward, AdamW on the adapters)",
+    "optim": "one optimizer.step() over 8 bf16 parameters of 8192x16384 (1.07 B), grads set",
     "llm": "Llama-3-8B-shaped transformers model (random weights), batch 1, bf16 compute: "
            "generate (compiled static cache / eager / opsq decoder), decode step, prefill",
 }
@@ -70,6 +81,11 @@ PREFILL_4BIT_MAX_RATIO = 1.10     # Linear4bit / bf16 F.linear time (lower is be
 PREFILL_INT8_MIN_SPEEDUP = 1.3    # fp16 F.linear / Linear8bitLt (t=0) time
 PREFILL_OUTLIER_MAX_RATIO = 1.15  # Linear8bitLt t=6 / t=0 time, same outlier input
 EFFICIENCY_TARGETS = (0.80, 0.85)  # fraction of copy bandwidth (drawn on the plot)
+INT8_DECODE_MIN_SPEEDUP = 1.5     # fp16 F.linear / Linear8bitLt time at M <= 16
+OPTIM_MIN_EFFICIENCY = 0.80       # AdamW8bit update: fraction of copy bandwidth
+INT8_DECODE_SHAPES = [(4096, 14336), (8192, 8192)]  # (K, N)
+INT8_DECODE_M = (1, 4, 16)
+OPTIM_SHAPES = [(8192, 16384)] * 8
 
 
 def parse_only(text: Union[str, Iterable[str], None]) -> tuple:
@@ -527,6 +543,96 @@ def run(quick: bool = False, with_bnb: bool = True,
                 print(f"  igemmlt {Ms}x8192x{N}: {t_op:.4f} ms vs _int_mm {t_ref:.4f} ms",
                       file=sys.stderr, flush=True)
 
+    # ---- Linear8bitLt at decode batch sizes ----------------------------------------------------
+    def bench_int8_linear():
+        from .nn import Linear8bitLt
+        bnn = None
+        if bF is not None:
+            import bitsandbytes.nn as bnn
+        for K, N in INT8_DECODE_SHAPES:
+            lin = nn.Linear(K, N, bias=False).to(dev, torch.float16)
+            layers = {thr: Linear8bitLt.from_float(lin, threshold=thr, has_fp16_weights=False)
+                      .to(dev) for thr in (0.0, 6.0)}
+            theirs = {}
+            if bnn is not None:
+                for thr in (0.0, 6.0):
+                    b = bnn.Linear8bitLt(K, N, bias=False, has_fp16_weights=False, threshold=thr)
+                    b.weight = bnn.Int8Params(lin.weight.detach().cpu().clone(),
+                                              requires_grad=False, has_fp16_weights=False)
+                    theirs[thr] = b.to(dev)
+            nb = N * K + 4 * N  # the int8 weight and its row scales
+            for Ms in INT8_DECODE_M:
+                x = randn(Ms, K, dtype=torch.float16)
+                x[:, 7] = 8.0  # two outlier columns (|x| >= 6)
+                x[:, K // 2] = -9.0
+                with torch.no_grad():
+                    fp16_ms = timer(lambda x=x: torch.nn.functional.linear(x, lin.weight))
+                    want = torch.nn.functional.linear(x.float(), lin.weight.float())
+                    for thr, layer in layers.items():
+                        ms = timer(lambda x=x, layer=layer: layer(x))
+                        row = compare_row(
+                            "int8_linear", f"Linear8bitLt t={thr:g}", f"{Ms}x{K}->{N}", "fp16",
+                            ms, "fp16 F.linear", fp16_ms, "speedup", INT8_DECODE_MIN_SPEEDUP,
+                            gbps=nb / (ms * 1e-3) / 1e9, efficiency=nb / (ms * 1e-3) / copy_bw,
+                            rel_err=_rel_err(layer(x), want))
+                        if thr in theirs:
+                            try:
+                                tq = timer(lambda x=x, b=theirs[thr]: b(x))
+                                row["bnb_ms"] = tq
+                                row["speedup_vs_bnb"] = tq / ms
+                            except Exception as e:  # bitsandbytes API drift: record it
+                                row["bnb_error"] = str(e)[:120]
+                        rows.append(row)
+                        _print_compare(row)
+            del layers, theirs
+
+    # ---- optimizer step: 1.07 B bf16 parameters ----------------------------------------------
+    def bench_optim():
+        from . import optim as O
+
+        def model(dtype):
+            ps = [nn.Parameter(randn(*s, dtype=dtype)) for s in OPTIM_SHAPES]
+            for p in ps:
+                p.grad = randn(*p.shape, dtype=dtype) * 1e-3
+            return ps
+
+        n = sum(a * b for a, b in OPTIM_SHAPES)
+        shape = f"{len(OPTIM_SHAPES)}x{OPTIM_SHAPES[0][0]}x{OPTIM_SHAPES[0][1]}"
+
+        def step_ms(make_opt, dtype=torch.bfloat16):
+            ps = model(dtype)
+            opt = make_opt(ps)
+            opt.step()  # states created
+            torch.cuda.synchronize()
+            state = sum(t.numel() * t.element_size() for st in opt.state.values()
+                        for t in st.values() if isinstance(t, torch.Tensor))
+            ms = timer(opt.step)
+            del ps, opt
+            torch.cuda.empty_cache()
+            return ms, state / n
+
+        bnb_ms = None
+        if bF is not None:
+            import bitsandbytes.optim as bO
+            bnb_ms, _ = step_ms(lambda ps: bO.AdamW8bit(ps, lr=1e-4))
+        torch_ms, torch_state = step_ms(
+            lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), torch.float32)
+        for name, cls, nbytes in (("AdamW8bit", O.AdamW8bit, 10 * n),
+                                  ("PagedAdamW8bit", O.PagedAdamW8bit, 10 * n),
+                                  ("AdamW (32-bit states)", O.AdamW, 22 * n)):
+            ms, per = step_ms(lambda ps, cls=cls: cls(ps, lr=1e-4))
+            row = compare_row("optim", f"{name} step", shape, "bf16", ms,
+                              "torch AdamW fused (fp32)", torch_ms, "speedup", 1.0,
+                              gbps=nbytes / (ms * 1e-3) / 1e9,
+                              efficiency=nbytes / (ms * 1e-3) / copy_bw,
+                              state_bytes_per_param=per, target_efficiency=OPTIM_MIN_EFFICIENCY,
+                              baseline_state_bytes_per_param=torch_state)
+            if bnb_ms is not None and "8bit" in name:
+                row["bnb_ms"] = bnb_ms
+                row["speedup_vs_bnb"] = bnb_ms / ms
+            rows.append(row)
+            _print_compare(row)
+
     # ---- decode: compiled 4-layer NF4 MLP at batch 1 ----------------------------------------
     def bench_decode():
         kinds = ("bf16", "nf4") if quick else ("bf16", "nf4", "nf4_nested")
@@ -595,6 +701,7 @@ def run(quick: bool = False, with_bnb: bool = True,
                   log=lambda m: print(m, file=sys.stderr, flush=True), on_variant=update)
 
     sections = {"gemv": bench_gemv, "4bit": bench_4bit, "int8": bench_int8,
+                "int8_linear": bench_int8_linear, "optim": bench_optim,
                 "transform": bench_transform, "igemmlt": bench_igemmlt, "decode": bench_decode,
                 "prefill": bench_prefill, "qlora": bench_qlora, "llm": bench_llm}
     for fam in families:
@@ -701,6 +808,10 @@ def format_table(res: dict) -> str:
                     extra += f"  [{r['gbps']:.0f} GB/s, {100 * r['efficiency']:.1f}% of copy]"
                 if "tflops" in r:
                     extra += f"  [{r['tflops']:.0f} TFLOPS]"
+                if "bnb_ms" in r:
+                    extra += f"  [bnb {r['bnb_ms']:.4f} ms: {r['speedup_vs_bnb']:.2f}x]"
+                if "state_bytes_per_param" in r:
+                    extra += f"  [states {r['state_bytes_per_param']:.2f} B/param]"
                 skips = (r.get("cudagraph_skips") or 0) + (r.get("baseline_cudagraph_skips") or 0)
                 if skips:
                     extra += f"  [cudagraph skipped x{skips}]"

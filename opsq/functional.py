@@ -21,7 +21,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
+from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE,
+                         QUANT_TYPES, code_table)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
 
@@ -310,7 +311,8 @@ class QuantState:
         shape: logical shape of the original tensor (``torch.Size``); None for an 8-bit
             blockwise state (bitsandbytes does not record it there).
         code: the code table: 16 fp32 values (4-bit) or 256 (8-bit map).
-        blocksize: elements per block, one of ``opsq._constants.BLOCKSIZES``.
+        blocksize: elements per block, one of ``opsq._constants.BLOCKSIZES`` (4-bit) or
+            ``opsq._constants.BLOCKWISE_BLOCKSIZES`` (8-bit blockwise, up to 16384).
         quant_type: "nf4" / "fp4" for 4-bit, None for 8-bit blockwise.
         dtype: dtype of the original tensor, the default dequantization dtype.
         offset: fp32 0-d tensor, mean of the first-level absmax (nested only).
@@ -387,8 +389,9 @@ class QuantState:
         if quant_type not in QUANT_TYPES and (packed_keys or quant_type is not None):
             raise ValueError(f"quant_state 'quant_type' must be one of {QUANT_TYPES} (or None "
                              f"for an unpacked 8-bit blockwise state), got {quant_type!r}")
-        if qs_dict["blocksize"] not in BLOCKSIZES:
-            raise ValueError(f"quant_state 'blocksize' must be one of {BLOCKSIZES}, got "
+        allowed = BLOCKWISE_BLOCKSIZES if quant_type is None else BLOCKSIZES
+        if qs_dict["blocksize"] not in allowed:
+            raise ValueError(f"quant_state 'blocksize' must be one of {allowed}, got "
                              f"{qs_dict['blocksize']!r}")
         shape = qs_dict["shape"]
         if not (shape is None and quant_type is None) and not (
@@ -546,8 +549,9 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         A: float tensor (fp16/bf16/fp32), any shape.
         code: fp32 ``(256,)`` map; default :func:`create_dynamic_map`.
         absmax, out: optional outputs to write (fp32 ``(blocks,)``, uint8 ``A.shape``).
-        blocksize: elements per block.
-        nested: also quantize the absmax (offset = :func:`nested_offset`, blocksize 256).
+        blocksize: elements per block, one of ``opsq._constants.BLOCKWISE_BLOCKSIZES``
+            (powers of two, 32..16384).
+        nested: also quantize the absmax (offset = :func:`nested_offset`, same blocksize).
     Returns:
         ``(out uint8 A.shape, QuantState)``.
     Raises:

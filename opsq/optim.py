@@ -12,9 +12,14 @@ formulas, state names, defaults and state-dict layout of bitsandbytes 0.50.
 * 8-bit states: uint8 codes of the signed (first moment) and unsigned (second moment) 8-bit
   dynamic maps with one fp32 absmax per block of 256: ~2 bytes per parameter for two states.
   Parameters with fewer than ``min_8bit_size`` elements (default 4096) keep fp32 states.
-* Paged optimizers: this build has no CUDA unified-memory pager, so their states live in
-  ordinary device memory (ordinary memory on the CPU); they behave exactly like the unpaged
-  classes and keep bitsandbytes' names so existing code runs.
+* Paged optimizers (``is_paged=True``, the ``Paged...`` classes): on CUDA, with opsq's CUDA
+  extension, ``state1``/``state2`` live in CUDA unified memory (``cudaMallocManaged``, owned and
+  freed by the tensor), prefetched to the GPU before each update. Under GPU memory pressure the
+  driver pages them out to host memory instead of failing; they are outside torch's caching
+  allocator (so ``torch.cuda.set_per_process_memory_fraction`` does not count them). States
+  created inside ``torch.compile`` (a compiled first step) and states on the CPU are ordinary
+  memory, and a compiled step does not prefetch (pages migrate on first touch): take the first
+  step eagerly to get paged states.
 * ``state_dict()`` / ``load_state_dict()`` use bitsandbytes' layout: per parameter ``step`` (an
   int) and, wrapped under ``"__bnb_optimizer_quant_state__"``, ``state1``/``state2`` and, for
   8-bit states, ``qmap1``/``qmap2``/``absmax1``/``absmax2`` (``unorm_vec`` with ``max_unorm``):
@@ -54,6 +59,7 @@ from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._constants import create_dynamic_map
+from ._extension import load_extension
 from .fsdp import is_dtensor as _is_dtensor
 from ._singleton import Singleton
 from .meta._common import ceil_div
@@ -199,6 +205,19 @@ def unsigned_dynamic_map() -> torch.Tensor:
     """The unsigned 8-bit dynamic map (256 sorted fp32 values in [0, 1]) of second-moment
     states, bitsandbytes' ``create_dynamic_map(signed=False)``."""
     return create_dynamic_map(signed=False)
+
+
+#: The state tensors a paged optimizer keeps in unified memory (bitsandbytes pages these two).
+PAGED_KEYS = ("state1", "state2")
+
+
+def _paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros in CUDA unified memory (:func:`opsq._C.paged_zeros`) on a CUDA device with the
+    extension, outside ``torch.compile``; ordinary zeros otherwise."""
+    ext = load_extension() if device.type == "cuda" else None
+    if ext is None or torch.compiler.is_compiling():
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return ext.paged_zeros(list(shape), torch.empty(0, dtype=dtype, device=device))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -353,9 +372,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         shape1 = (2, *local.shape) if double else tuple(local.shape)
         state = self.state[p]
         state["step"] = 0
-        state["state1"] = torch.zeros(shape1, dtype=dtype, device=device)
+        zeros = functools.partial(_paged_zeros if self.is_paged else torch.zeros, dtype=dtype,
+                                  device=device)
+        state["state1"] = zeros(shape1)
         if self.two_states:
-            state["state2"] = torch.zeros(local.shape, dtype=dtype, device=device)
+            state["state2"] = zeros(tuple(local.shape))
         if eight:
             blocks = ceil_div(local.numel(), OPTIMIZER_BLOCKSIZE)
             state["qmap1"] = self._qmap(True, device)
@@ -391,6 +412,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         beta3, alpha = self._schedule(config, step)
         grad = _local_grad(p)
         p = _local(p)  # sharded: the local shard (written in place), states are local too
+        if self.is_paged and p.is_cuda and not torch.compiler.is_compiling():
+            ext = load_extension()
+            for key in PAGED_KEYS:
+                if ext is not None and key in state and ext.is_managed(state[key]):
+                    ext.prefetch(state[key], p.device.index)
         if state["state1"].dtype == torch.float32:
             torch.ops.opsq.optimizer_update_32bit(
                 self.optimizer_name, grad, p, state["state1"], state.get("state2"),
@@ -498,6 +524,14 @@ class Optimizer8bit(torch.optim.Optimizer):
             sg = dict(sg)
             sg["params"] = g["params"]
             new_groups.append(sg)
+        if self.is_paged:  # loaded states go into unified memory too
+            for param_state in state.values():
+                for key in PAGED_KEYS:
+                    t = param_state.get(key)
+                    if isinstance(t, torch.Tensor) and t.is_cuda:
+                        paged = _paged_zeros(t.shape, t.dtype, t.device)
+                        paged.copy_(t)
+                        param_state[key] = paged
         self.__setstate__({"state": state, "param_groups": new_groups})
         self._resolve_overrides()
 
@@ -671,9 +705,10 @@ def _variant(base: type, name: str, bits: Optional[int], paged: Optional[bool],
     states = {8: "8-bit blockwise states", 32: "fp32 states", None: "``optim_bits`` states"}
     doc = f"bitsandbytes' ``{name}``: :class:`{base.__name__}` with {states[bits]}."
     if paged:
-        doc += (" Paged in bitsandbytes (states in CUDA unified memory); in this build the "
-                "states are ordinary device memory (ordinary memory on the CPU), otherwise "
-                f"identical to :class:`{base.__name__}`.")
+        doc += (" Paged: on CUDA its states live in CUDA unified memory, prefetched to the GPU "
+                "before each update, and page out to host memory under GPU memory pressure "
+                "(see the module docstring); otherwise identical to "
+                f":class:`{base.__name__}`.")
     return type(name, (base,), {"__init__": __init__, "__doc__": doc,
                                 "__module__": __name__, "__qualname__": name})
 

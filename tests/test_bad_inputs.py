@@ -20,6 +20,7 @@ import torch._dynamo
 from torch import nn
 
 import opsq.functional as Fq
+from opsq import reference as ref
 from opsq._constants import create_dynamic_map
 from opsq.nn import Embedding4bit, Embedding8bit, Linear4bit, Linear8bitLt
 
@@ -115,6 +116,8 @@ OP_ROWS: list[Row] = [
         r"blocksize must be one of"),
     Row("q4_blocksize_0", "quantize_4bit", _p(_A, 0, "nf4", torch.uint8), ValueError,
         r"blocksize.*got 0"),
+    Row("q4_blocksize_8192", "quantize_4bit", _p(_A, 8192, "nf4", torch.uint8), ValueError,
+        r"blocksize must be one of \(32, 64, 128, 256, 512, 1024, 2048, 4096\), got 8192"),
     Row("q4_blocksize_neg", "quantize_4bit", _p(_A, -64, "nf4", torch.uint8), ValueError,
         r"blocksize"),
     Row("q4_quant_type_int4", "quantize_4bit", _p(_A, 64, "int4", torch.uint8), ValueError,
@@ -228,6 +231,13 @@ OP_ROWS: list[Row] = [
         check=_shapes((0,), (0,))),
     Row("qb_one_element_ok", "quantize_blockwise", _p(torch.tensor([-3.0]), _CODE, 4096),
         check=_eq((torch.tensor([0], dtype=torch.uint8), torch.tensor([3.0])))),
+    Row("qb_blocksize_32768", "quantize_blockwise", _p(_A, _CODE, 32768), ValueError,
+        r"blocksize must be one of \(32, .*, 8192, 16384\), got 32768"),
+    Row("qb_blocksize_3000", "quantize_blockwise", _p(_A, _CODE, 3000), ValueError,
+        r"blocksize must be one of \(32, .*, 8192, 16384\), got 3000"),
+    Row("qb_blocksize_16384_offset_ok", "quantize_blockwise",
+        _p(_offset_view(_A.reshape(-1)), _CODE, 16384),
+        check=_eq(lambda: ref.quantize_blockwise(_A.reshape(-1), _CODE, 16384))),
     Row("dqb_A_float", "dequantize_blockwise", _p(_A, _AMB, _CODE, 64, torch.float32), TypeError,
         r"\bA must have dtype"),
     Row("dqb_absmax_numel", "dequantize_blockwise", _p(_QB, _AMB[:1], _CODE, 64, torch.float32),
@@ -237,6 +247,12 @@ OP_ROWS: list[Row] = [
     Row("dqb_absmax_other_device", "dequantize_blockwise",
         _p(_QB, _AMB.to(META), _CODE, 64, torch.float32), ValueError,
         r"absmax must be on the same device"),
+    Row("dqb_blocksize_32768", "dequantize_blockwise",
+        _p(_QB, _AMB[:1], _CODE, 32768, torch.float32), ValueError,
+        r"blocksize must be one of \(32, .*, 16384\), got 32768"),
+    Row("dqb_blocksize_8192_ok", "dequantize_blockwise",
+        _p(_QB, _AMB[:1], _CODE, 8192, torch.bfloat16),
+        check=_eq(lambda: (_CODE[_QB.long()] * _AMB[0]).to(torch.bfloat16))),
     Row("dqb_code_2d_ok", "dequantize_blockwise",
         _p(_QB, _AMB.reshape(2, 2), _CODE.reshape(16, 16), 64, torch.float32),
         check=_eq(lambda: ops.dequantize_blockwise(_QB, _AMB, _CODE, 64, torch.float32))),

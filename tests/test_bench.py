@@ -50,6 +50,13 @@ def fake_results() -> dict:
         dict(family="qlora", op="qlora step (4x4096^2 nf4 + r16 LoRA)", shape="8x512",
              dtype="bf16", ms=12.5, bf16_ms=11.0, ratio_vs_bf16_base=12.5 / 11.0,
              speedup_vs_bf16=11.0 / 12.5),
+        bench.compare_row("int8_linear", "Linear8bitLt t=6", "16x8192->8192", "fp16", 0.030,
+                          "fp16 F.linear", 0.044, "speedup", bench.INT8_DECODE_MIN_SPEEDUP,
+                          gbps=2237.0, efficiency=0.53, bnb_ms=0.063, speedup_vs_bnb=2.1),
+        bench.compare_row("optim", "AdamW8bit step", "8x8192x16384", "bf16", 3.2,
+                          "torch AdamW fused (fp32)", 6.0, "speedup", 1.0, gbps=3350.0,
+                          efficiency=0.79, state_bytes_per_param=2.03, bnb_ms=4.0,
+                          speedup_vs_bnb=1.25),
     ]
     rows += bench_llm.llm_rows({"bf16": {"decode step (CUDA graph)": {"ms": 5.0}},
                                 "nf4": {"decode step (CUDA graph)": {"ms": 2.0}}}, 32)
@@ -104,6 +111,8 @@ def test_format_table_has_every_family_and_verdicts():
     assert "speed-up 1.40x (target >= 1.30x) ok" in _line(text, "Linear8bitLt t=0")
     assert "ratio 1.20x (target <= 1.15x) MISS" in _line(text, "Linear8bitLt t=6 outliers")
     assert "1.136" in _line(text, "qlora step (4x4096^2 nf4 + r16 LoRA)")
+    assert "speed-up 1.47x (target >= 1.50x) MISS" in _line(text, "Linear8bitLt t=6")
+    assert "speed-up 1.88x (target >= 1.00x) ok" in _line(text, "AdamW8bit step")
     assert "copy_" not in text  # the ceiling is in the header, not a table row
 
 

@@ -486,6 +486,47 @@ def test_quant_state_8bit_from_dict_bad_input():
         Fq.QuantState.from_dict(dict(d4, shape=None), device="cpu")
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
+@pytest.mark.parametrize("blocksize", [8192, 16384])
+@pytest.mark.parametrize("device", DEVICES)
+def test_quant_state_8bit_large_blocksizes(device, blocksize, nested):
+    """bitsandbytes 0.50's largest 8-bit blocksizes through functional and the QuantState dict
+    (2.3 blocks: the last one partial)."""
+    g = _gen(device)
+    n = 2 * blocksize + 5 * blocksize // 16 + 3
+    A = (torch.randn(n, device=device, generator=g) * 3).to(torch.bfloat16)
+    q, qs = Fq.quantize_blockwise(A, blocksize=blocksize, nested=nested)
+    assert q.shape == A.shape and qs.blocksize == blocksize and qs.absmax.numel() == 3
+    assert qs.nested == nested and (not nested or qs.state2.blocksize == blocksize)
+    out = Fq.dequantize_blockwise(q, qs)
+    assert out.dtype == torch.bfloat16 and out.shape == A.shape
+    amax = torch.nn.functional.pad(A.double().abs(), (0, 3 * blocksize - n)).reshape(3, -1)
+    bound = amax.amax(1).repeat_interleave(blocksize)[:n] * 0.04 + 1e-2
+    assert ((out.double() - A.double()).abs() <= bound).all()
+    d = qs.as_dict()
+    assert d["blocksize"] == blocksize
+    back = Fq.QuantState.from_dict(dict(d), device=device)
+    assert back == qs and torch.equal(Fq.dequantize_blockwise(q, back), out)
+    # without a state: absmax and blocksize given
+    if not nested:
+        plain = Fq.dequantize_blockwise(q, absmax=qs.absmax, blocksize=blocksize)
+        assert plain.dtype == torch.float32 and torch.equal(plain.to(torch.bfloat16), out)
+    for bad in (3000, 32768):
+        with pytest.raises(ValueError, match=rf"blocksize must be one of .*16384\), got {bad}"):
+            Fq.quantize_blockwise(A, blocksize=bad)
+        with pytest.raises(ValueError, match="'blocksize' must be one of .*16384"):
+            Fq.QuantState.from_dict(dict(d, blocksize=bad), device=device)
+
+
+def test_quant_state_4bit_keeps_4096_limit():
+    _, qs = Fq.quantize_4bit(torch.randn(16, 512), blocksize=4096, quant_type="nf4")
+    d = qs.as_dict()
+    with pytest.raises(ValueError, match=r"'blocksize' must be one of \(32, .*, 4096\), got 8192"):
+        Fq.QuantState.from_dict(dict(d, blocksize=8192), device="cpu")
+    with pytest.raises(ValueError, match=r"blocksize must be one of \(32, .*, 4096\), got 8192"):
+        Fq.quantize_4bit(torch.randn(16, 512), blocksize=8192, quant_type="nf4")
+
+
 def test_quant_state_4bit_packed_unchanged():
     _, qs = Fq.quantize_4bit(torch.randn(16, 64), quant_type="fp4", compress_statistics=True)
     d = qs.as_dict(packed=True)

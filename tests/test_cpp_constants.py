@@ -14,8 +14,9 @@ import torch
 
 from opsq import _constants as C
 from opsq._constants import FLOAT_DTYPES
-from opsq.meta._common import (check_blocksize, check_dtype, check_float_dtype,
-                               check_quant_storage, check_quant_type, check_threshold)
+from opsq.meta._common import (check_blocksize, check_blockwise_blocksize, check_dtype,
+                               check_float_dtype, check_quant_storage, check_quant_type,
+                               check_threshold)
 
 CSRC = os.path.join(os.path.dirname(C.__file__), "csrc")
 
@@ -60,6 +61,7 @@ template <typename F> int ok(F f) { try { f(); return 1; } catch (const std::exc
 template <typename F> std::string msg(F f) { try { f(); return "ok"; } catch (const c10::Error& e) { return e.msg(); } }
 int main() {
   for (long b = 1; b <= 8192; ++b) if (ok([&] { opsq::check_blocksize(b); })) std::cout << "b " << b << "\n";
+  for (long b = 1; b <= 65536; ++b) if (ok([&] { opsq::check_blockwise_blocksize(b); })) std::cout << "w " << b << "\n";
   for (const char* q : {"nf4", "fp4", "NF4", "int4", "nf4 ", ""})
     std::cout << "q '" << q << "' " << ok([&] { opsq::check_quant_type(q); }) << "\n";
   const double inf = std::numeric_limits<double>::infinity();
@@ -70,6 +72,9 @@ int main() {
   std::cout << "m " << msg([&] { opsq::check_quant_storage("quant_storage", at::kComplexFloat, true); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_dtype("A", at::kInt, {at::kChar}); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_blocksize(48); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_blocksize(8192); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_blockwise_blocksize(3000); }) << "\n";
+  std::cout << "m " << msg([&] { opsq::check_blockwise_blocksize(32768, "nested_blocksize"); }) << "\n";
   std::cout << "m " << msg([&] { opsq::check_quant_type("int4"); }) << "\n";
 }
 '''
@@ -100,6 +105,8 @@ def test_checks_h_rules_match_python(tmp_path):
         pytest.fail(f"checks.h does not compile against this torch:\n{build.stderr[-3000:]}")
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60).stdout.split("\n")
     assert [int(l.split()[1]) for l in out if l.startswith("b ")] == list(C.BLOCKSIZES)
+    assert [int(l.split()[1]) for l in out if l.startswith("w ")] == \
+        list(C.BLOCKWISE_BLOCKSIZES)
     for q, line in zip(["nf4", "fp4", "NF4", "int4", "nf4 ", ""],
                        [l for l in out if l.startswith("q ")]):
         assert int(line.split()[-1]) == _accepts(check_quant_type, q), q
@@ -108,12 +115,17 @@ def test_checks_h_rules_match_python(tmp_path):
     assert got == [_accepts(check_threshold, v) for v in vals]
     assert got == [1, 1, 1, 0, 1, 0, 0, 0]
     assert all(_accepts(check_blocksize, b) for b in C.BLOCKSIZES)
+    assert all(_accepts(check_blockwise_blocksize, b) for b in C.BLOCKWISE_BLOCKSIZES)
+    assert not any(_accepts(check_blocksize, b) for b in (8192, 16384))
     # the same messages, word for word, as the Python checks the CPU and fake kernels run
     want = [_message(check_float_dtype, "dtype", torch.float64),
             _message(check_dtype, "A", torch.zeros(1, dtype=torch.int8), FLOAT_DTYPES),
             _message(check_quant_storage, torch.complex64),
             _message(check_dtype, "A", torch.zeros(1, dtype=torch.int32), (torch.int8,)),
-            _message(check_blocksize, 48), _message(check_quant_type, "int4")]
+            _message(check_blocksize, 48), _message(check_blocksize, 8192),
+            _message(check_blockwise_blocksize, 3000),
+            _message(check_blockwise_blocksize, 32768, "nested_blocksize"),
+            _message(check_quant_type, "int4")]
     assert [l[2:] for l in out if l.startswith("m ")] == want
 
 

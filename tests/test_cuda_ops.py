@@ -14,8 +14,8 @@ import torch
 import opsq  # noqa: F401  (registers the ops and loads opsq._C)
 from opsq import _extension
 from opsq import reference as ref
-from opsq._constants import (BLOCKSIZES, FP4_CODES_ASCENDING, NESTED_BLOCKSIZE, ZERO_CODE,
-                             create_dynamic_map)
+from opsq._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FP4_CODES_ASCENDING,
+                             NESTED_BLOCKSIZE, ZERO_CODE, create_dynamic_map)
 
 pytestmark = pytest.mark.cuda
 
@@ -360,14 +360,17 @@ def test_linear_4bit_unaligned_and_empty():
 # =============================================================================================
 # 8-bit blockwise
 # =============================================================================================
-@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+# every blockwise blocksize (up to 16384); the (2 * 16384 + 4101,) shape ends in a partial
+# block for each of them
+@pytest.mark.parametrize("blocksize", BLOCKWISE_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_blockwise_matches_reference(blocksize, dtype):
     need("quantize_blockwise")
     code = create_dynamic_map().to(DEV)
     rank = torch.empty(256, dtype=torch.long)
     rank[torch.sort(code.cpu()).indices] = torch.arange(256)
-    for i, shape in enumerate([(1,), (5, 3), (1000,), (4096 * 3 + 7,), (257, 129)]):
+    for i, shape in enumerate([(1,), (5, 3), (1000,), (4096 * 3 + 7,), (257, 129),
+                               (2 * 16384 + 4101,)]):
         A = randn(shape, dtype, seed=50 + i + blocksize, scale=2.0)
         q, absmax = OPS.quantize_blockwise(A, code, blocksize)
         rq, ra = ref.quantize_blockwise(A.cpu(), code.cpu(), blocksize)
@@ -376,12 +379,13 @@ def test_quantize_blockwise_matches_reference(blocksize, dtype):
         assert_codes_close(q, rq, rank)
 
 
-@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("blocksize", BLOCKWISE_BLOCKSIZES)
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_dequantize_blockwise_matches_reference(blocksize, dtype):
     need("dequantize_blockwise")
     code = create_dynamic_map().to(DEV)
-    for i, shape in enumerate([(1,), (5, 3), (1001,), (4096 * 3 + 7,), (257, 129)]):
+    for i, shape in enumerate([(1,), (5, 3), (1001,), (4096 * 3 + 7,), (257, 129),
+                               (2 * 16384 + 4101,)]):
         n = 1
         for s in shape:
             n *= s
@@ -391,6 +395,34 @@ def test_dequantize_blockwise_matches_reference(blocksize, dtype):
         out = OPS.dequantize_blockwise(A, am, code, blocksize, dtype)
         want = ref.dequantize_blockwise(A.cpu(), am.cpu(), code.cpu(), blocksize, dtype)
         assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("blocksize", [4096, 8192, 16384])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_blockwise_large_blocksizes_unaligned(blocksize, dtype):
+    """The blocksizes with one quantization block per CTA on an input that is not 16-byte
+    aligned (the scalar load path), ending in a partial block, and their CUDA checks."""
+    need("quantize_blockwise"); need("dequantize_blockwise")
+    code = create_dynamic_map().to(DEV)
+    rank = torch.empty(256, dtype=torch.long)
+    rank[torch.sort(code.cpu()).indices] = torch.arange(256)
+    A = randn((3 * blocksize + 1000,), dtype, seed=blocksize + 7, scale=3.0)[1:]
+    q, absmax = OPS.quantize_blockwise(A, code, blocksize)
+    rq, ra = ref.quantize_blockwise(A.cpu(), code.cpu(), blocksize)
+    assert absmax.shape == (4,) and torch.equal(absmax.cpu(), ra)
+    assert_codes_close(q, rq, rank)
+    qu = torch.cat([torch.zeros(1, dtype=torch.uint8, device=DEV), q])[1:]  # odd address
+    out = OPS.dequantize_blockwise(qu, absmax, code, blocksize, dtype)
+    assert torch.equal(out.cpu(), ref.dequantize_blockwise(q.cpu(), ra, code.cpu(), blocksize,
+                                                           dtype))
+    for bad in (3000, 32768):
+        with pytest.raises(ValueError, match=rf"blocksize must be one of \(32, .*, 16384\), "
+                                             rf"got {bad}"):
+            OPS.quantize_blockwise(A, code, bad)
+        with pytest.raises(ValueError, match=rf"blocksize must be one of .* got {bad}"):
+            OPS.dequantize_blockwise(q, absmax, code, bad, dtype)
+    with pytest.raises(ValueError, match=r"blocksize must be one of \(32, .*, 4096\), got 8192"):
+        OPS.quantize_4bit(A, 8192, "nf4", torch.uint8)
 
 
 def test_blockwise_specials():

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import opsq.reference as ref
-from opsq._constants import (BLOCKSIZES, FP4_CODE, NF4_CODE, ORDERS, QUANT_STORAGE_DTYPES,
-                             create_dynamic_map)
+from opsq._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FP4_CODE, NF4_CODE, ORDERS,
+                             QUANT_STORAGE_DTYPES, create_dynamic_map)
 from opsq.nn import Linear4bit, Linear8bitLt
 
 ops = torch.ops.opsq
@@ -85,9 +85,11 @@ def test_4bit_roundtrip_bound_and_nearest_code(shape, dtype, blocksize, quant_ty
 
 
 @FUZZ
-@given(shape=shapes, dtype=st.sampled_from(DTYPES), blocksize=st.sampled_from(BLOCKSIZES),
-       layout=layouts, seed=st.integers(0, 2 ** 16))
+@given(shape=shapes, dtype=st.sampled_from(DTYPES),
+       blocksize=st.sampled_from(BLOCKWISE_BLOCKSIZES), layout=layouts,
+       seed=st.integers(0, 2 ** 16))
 @example(shape=(1, 1), dtype=torch.float32, blocksize=32, layout="contiguous", seed=0)
+@example(shape=(3, 300), dtype=torch.bfloat16, blocksize=16384, layout="sliced", seed=2)
 def test_blockwise_roundtrip_bound_and_nearest_code(shape, dtype, blocksize, layout, seed):
     x = _make(shape, dtype, layout, seed)
     q, absmax = ops.quantize_blockwise(x, DYN, blocksize)

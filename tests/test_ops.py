@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import opsq  # noqa: F401
-from opsq._constants import BLOCKSIZES, code_table, create_dynamic_map
+from opsq._constants import BLOCKSIZES, BLOCKWISE_BLOCKSIZES, code_table, create_dynamic_map
 from opsq.reference.fourbit import unpack_codes
 
 ops = torch.ops.opsq
@@ -89,6 +89,68 @@ def test_blockwise_8bit_roundtrip(blocksize):
     chosen = dist.gather(1, q.long()[:, None]).squeeze(1)
     assert (chosen <= dist.min(1).values + 1e-6).all()
     assert (out - A).abs().max() < 0.05 * A.abs().max()
+
+
+@pytest.mark.parametrize("blocksize", [8192, 16384])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_blockwise_8bit_large_blocksizes_against_float64(blocksize, dtype):
+    # bitsandbytes 0.50's two largest 8-bit blocksizes; 2.4 blocks, the last one partial
+    n = 2 * blocksize + 3 * blocksize // 8 + 11
+    A = _rand((n,), dtype)
+    code = create_dynamic_map()
+    q, absmax = ops.quantize_blockwise(A, code, blocksize)
+    assert q.dtype == torch.uint8 and q.shape == A.shape
+    assert absmax.dtype == torch.float32 and absmax.shape == (3,)
+    x = torch.nn.functional.pad(A.double(), (0, 3 * blocksize - n)).view(3, blocksize)
+    assert torch.equal(absmax.double(), x.abs().amax(1))
+    # nearest map entry of x / absmax, in float64
+    normed = (x / x.abs().amax(1, keepdim=True)).reshape(-1)[:n]
+    dist = (normed[:, None] - code.double()[None, :]).abs()
+    chosen = dist.gather(1, q.long()[:, None]).squeeze(1)
+    assert (chosen <= dist.min(1).values + 1e-6).all()
+    out = ops.dequantize_blockwise(q, absmax, code, blocksize, dtype)
+    assert out.dtype == dtype and out.shape == A.shape
+    want = code.double()[q.long()] * absmax.double().repeat_interleave(blocksize)[:n]
+    assert torch.equal(out, want.float().to(dtype))
+    # within half the widest map step (1/2 * 0.0667) of each block's absmax, plus rounding
+    err = (out.double() - A.double()).abs()
+    bound = absmax.double().repeat_interleave(blocksize)[:n] * 0.04 + 1e-3
+    assert (err <= bound).all()
+
+
+def test_blockwise_blocksize_rule():
+    """The 8-bit blockwise ops take 32..16384, the 4-bit ops still 32..4096."""
+    assert BLOCKWISE_BLOCKSIZES == BLOCKSIZES + (8192, 16384)
+    A = torch.randn(5000)
+    code = create_dynamic_map()
+    q, absmax = ops.quantize_blockwise(A, code, 256)
+    for bad in (3000, 32768):
+        want = rf"blocksize must be one of \(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, " \
+               rf"16384\), got {bad}$"
+        with pytest.raises(ValueError, match=want):
+            ops.quantize_blockwise(A, code, bad)
+        with pytest.raises(ValueError, match=want):
+            ops.dequantize_blockwise(q, absmax, code, bad, torch.float32)
+    four = r"blocksize must be one of \(32, 64, 128, 256, 512, 1024, 2048, 4096\), got 8192$"
+    with pytest.raises(ValueError, match=four):
+        ops.quantize_4bit(A, 8192, "nf4", torch.uint8)
+    packed, am = ops.quantize_4bit(A, 4096, "nf4", torch.uint8)
+    with pytest.raises(ValueError, match=four):
+        ops.dequantize_4bit(packed, am, 8192, "nf4", [5000], torch.float32)
+    with pytest.raises(ValueError, match=four.replace("blocksize", "nested_blocksize")):
+        ops.dequantize_4bit(packed, q[:2], 4096, "nf4", [5000], torch.float32, absmax, code,
+                            torch.zeros(1), 8192)
+
+
+def test_blockwise_large_blocksize_under_compile():
+    def f(x, code):
+        q, absmax = ops.quantize_blockwise(x, code, 16384)
+        return ops.dequantize_blockwise(q, absmax, code, 16384, torch.float32)
+
+    A = _rand((20000,), torch.float32)
+    code = create_dynamic_map()
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(A, code)
+    assert torch.equal(got, f(A, code))
 
 
 def test_nested_dequantize_equals_two_step():

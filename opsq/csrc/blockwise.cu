@@ -186,7 +186,16 @@ void launch_quant8(const T* A, const float* code, int64_t n, int64_t blocksize, 
                    float* absmax, int64_t nblocks, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
-  if (blocksize == 4096) {
+  // 4096 and above: one quantization block per CTA, G = 256 threads of blocksize / 256 elements.
+  if (blocksize == 16384) {
+    const int grid = grid_for(nblocks, 1);
+    if (vec) quant8_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    else quant8_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+  } else if (blocksize == 8192) {
+    const int grid = grid_for(nblocks, 1);
+    if (vec) quant8_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    else quant8_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+  } else if (blocksize == 4096) {
     const int grid = grid_for(nblocks, 1);
     if (vec) quant8_kernel<T, 16, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
     else quant8_kernel<T, 16, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
@@ -223,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,
                                                            int64_t blocksize) {
   check_float_dtype("A", A.scalar_type());
   check_code(A, code);
-  check_blocksize(blocksize);
+  check_blockwise_blocksize(blocksize);
   check_same_device("A", A, "code", code);
   check_cuda("A", A);
   const c10::cuda::CUDAGuard guard(A.device());
@@ -260,7 +269,7 @@ at::Tensor dequantize_blockwise_cuda(const at::Tensor& A, const at::Tensor& absm
   check_dtype("A", A.scalar_type(), {at::kByte});
   check_dtype("absmax", absmax.scalar_type(), {at::kFloat});
   check_code(A, code);
-  check_blocksize(blocksize);
+  check_blockwise_blocksize(blocksize);
   check_float_dtype_arg("dtype", dtype);
   check_numel("absmax", absmax, ceil_div(A.numel(), blocksize),
               " (one per block of " + std::to_string(blocksize) + " of " +

@@ -119,12 +119,31 @@ inline void check_quant_storage(const char* name, at::ScalarType got, bool is_ar
   }
 }
 
-inline void check_blocksize(int64_t blocksize, const char* name = "blocksize") {
+// Blocksizes: the powers of two from kMinBlocksize to a maximum, BLOCKSIZES (4-bit ops, maximum
+// kMaxBlocksize) and BLOCKWISE_BLOCKSIZES (8-bit blockwise ops, kMaxBlockwiseBlocksize) of
+// opsq/_constants.py.
+constexpr int64_t kMinBlocksize = 32;
+constexpr int64_t kMaxBlocksize = 4096;
+constexpr int64_t kMaxBlockwiseBlocksize = 16384;
+
+// One of kMinBlocksize, 2 * kMinBlocksize, ..., max_blocksize; the message lists them as the
+// Python tuple prints.
+inline void check_blocksize(int64_t blocksize, const char* name = "blocksize",
+                            int64_t max_blocksize = kMaxBlocksize) {
   bool ok = false;
-  for (int64_t b = 32; b <= 4096; b *= 2) ok = ok || (b == blocksize);
-  TORCH_CHECK_VALUE(ok, std::string(name) +
-                            " must be one of (32, 64, 128, 256, 512, 1024, 2048, 4096), got " +
-                            fmt(blocksize));
+  for (int64_t b = kMinBlocksize; b <= max_blocksize; b *= 2) ok = ok || (b == blocksize);
+  if (ok) return;
+  std::string allowed = "(";
+  for (int64_t b = kMinBlocksize; b <= max_blocksize; b *= 2)
+    allowed += (b == kMinBlocksize ? "" : ", ") + fmt(b);
+  TORCH_CHECK_VALUE(false, std::string(name) + " must be one of " + allowed + "), got " +
+                               fmt(blocksize));
+}
+
+// The blocksize of quantize_blockwise / dequantize_blockwise (check_blockwise_blocksize of
+// opsq/meta/_common.py).
+inline void check_blockwise_blocksize(int64_t blocksize, const char* name = "blocksize") {
+  check_blocksize(blocksize, name, kMaxBlockwiseBlocksize);
 }
 
 // Returns true for "nf4", false for "fp4".

@@ -14,6 +14,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "int8_matmul.cuh"
 #include "int8_quant.h"
 #include "launch.h"
 #include "ops.h"
@@ -25,11 +26,7 @@ constexpr int kThreads = 256;
 constexpr int kDequantRowsPerCta = 16;  // rows a CTA of mm_dequant_kernel walks
 
 // ---- mm_dequant: out = ((A * row) * col) * (1/127^2) (+ bias), each product rounded in fp32
-// (mm_dequant_value, shared with int8_linear's outlier epilogue).
-constexpr float kMmDequantScale = static_cast<float>(1.0 / (127.0 * 127.0));
-__device__ __forceinline__ float mm_dequant_value(int32_t c, float row, float col) {
-  return mul_rn(mul_rn(mul_rn(__int2float_rn(c), row), col), kMmDequantScale);
-}
+// (mm_dequant_value of int8_matmul.cuh, shared with int8_linear's outlier and small-M epilogues).
 
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads)
@@ -147,28 +144,16 @@ igemm_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, int64_t
 // row of A makes that row's SCA NaN, hence the row NaN in both; an inf in A is always an
 // outlier (|inf| >= threshold) and enters the sum as the reference's products do.
 // =============================================================================================
-constexpr int kOutCap = 64;               // outlier columns held in Aout / Wout
+// kOutCap (outlier columns held in Aout / Wout), kInv127, fma_rn, outlier_weight and
+// finite_bits: int8_matmul.cuh (the small-M kernel of int8_small_m.cu rounds the same way).
 constexpr int kCompactThreads = 1024;
 constexpr int kCompactPer = 16;           // mask bytes per thread and step (one 16-byte load)
-// fl(1 / 127): the reference's `SCB / 127.0` on a CUDA tensor is SCB * fl(1 / 127) (torch
-// divides by a CPU scalar as a multiplication by its fp32 reciprocal), one rounding each.
-constexpr float kInv127 = 0x1.020408p-7f;
 
-// IEEE fused multiply-add, one rounding.
-__device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-// Weight value of the reference's outlier matmul: CB * (SCB / 127), each product rounded.
-__device__ __forceinline__ float outlier_weight(int8_t cb, float scb) {
-  return mul_rn(static_cast<float>(cb), mul_rn(scb, kInv127));
-}
 // 4 bytes -> 4 bits, bit i set where byte i is non-zero.
 __device__ __forceinline__ uint32_t nonzero_bytes4(uint32_t w) {
   // Byte flags at bits 0, 8, 16, 24; the product moves bit 8 i to bit 24 + i (no carries).
   return (((__vcmpne4(w, 0u) & 0x01010101u) * 0x01020408u) >> 24) & 0xfu;
 }
-__device__ __forceinline__ bool finite_bits(float x) {
-  return (__float_as_uint(x) & 0x7fffffffu) < 0x7f800000u;
-}
-
 // ---- compaction: one CTA walks the mask in steps of kCompactThreads * kCompactPer bytes;
 // thread t holds bytes [16 t, 16 t + 16) of a step as a 16-bit flag word; a block-wide
 // exclusive scan of the flag counts gives each thread its first output slot.
@@ -437,9 +422,7 @@ void int8_linear_outliers(const at::Tensor& C, const at::Tensor& a, const at::Te
   const auto* cbp = cptr<int8_t>(CB);
   const float* sp = scb.data_ptr<float>();
 
-  outlier_compact_kernel<<<1, kCompactThreads, 0, stream>>>(
-      reinterpret_cast<const uint8_t*>(mask.data_ptr()), K, idx, cnt);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_outlier_compact(reinterpret_cast<const uint8_t*>(mask.data_ptr()), K, idx, cnt, stream);
   {
     // Sized for the capacity; the kernel reads the count and strides over what it needs.
     const int64_t work = int64_t{kOutCap} * (N + rows);
@@ -466,6 +449,12 @@ void int8_linear_outliers(const at::Tensor& C, const at::Tensor& a, const at::Te
 }
 
 }  // namespace
+
+void launch_outlier_compact(const uint8_t* mask, int64_t K, int64_t* idx, int64_t* cnt,
+                            cudaStream_t stream) {
+  outlier_compact_kernel<<<1, kCompactThreads, 0, stream>>>(mask, K, idx, cnt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 at::Tensor igemmlt_cuda(const at::Tensor& A, const at::Tensor& B) {
   check_dtype("A", A.scalar_type(), {at::kChar});
@@ -602,6 +591,17 @@ at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
   for (int64_t d = 0; d + 1 < A.dim(); ++d) rows *= A.size(d);
   const at::Tensor a2 = A.reshape({rows, K}).contiguous();
   Int8Stats aq = int8_quant(a2, threshold, false);
+  if (B.scalar_type() == at::kChar && int8_small_m_applies(rows, N, K, CB.data_ptr()) &&
+      aligned16(aq.CA.data_ptr())) {
+    // Decode-sized A (<= 16 rows): one kernel streams CB once (tensor-core int8 products) and
+    // runs the same epilogue arithmetic; bytes equal to the path below (int8_small_m.cu).
+    at::Tensor out = at::empty({rows, N}, A.options());
+    at::Tensor bf;
+    if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
+    const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
+    int8_linear_small_m(a2, aq.CA, aq.row_stats, aq.mask, CB, scb, bp, threshold, out);
+    return out.reshape(out_shape);
+  }
   const at::Tensor C = igemmlt_cuda(aq.CA, CB).contiguous();  // (rows, N) int32
   if (threshold <= 0.0 || rows == 0 || N == 0 || K == 0) {
     // No outlier term (K == 0: the reference's outlier matmul is all zeros): one epilogue,

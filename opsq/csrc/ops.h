@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/SymInt.h>
 #include <c10/core/SymIntArrayRef.h>
 #include <c10/util/string_view.h>
 
@@ -51,6 +52,22 @@ at::Tensor mm_dequant_cuda(const at::Tensor& A, const at::Tensor& row_stats,
 at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
                             const std::optional<at::Tensor>& SCB,
                             const std::optional<at::Tensor>& bias, double threshold);
+
+// ---- optimizer updates (optim.cu): write p and the states in place ---------------------------
+void optimizer_update_32bit_cuda(c10::string_view optimizer_name, const at::Tensor& g,
+                                 at::Tensor& p, at::Tensor& state1,
+                                 const std::optional<at::Tensor>& state2,
+                                 const std::optional<at::Tensor>& unorm_vec, double max_unorm,
+                                 double param_norm, double beta1, double beta2, double beta3,
+                                 double alpha, double eps, double weight_decay, c10::SymInt step,
+                                 double lr, double gnorm_scale, bool skip_zeros);
+void optimizer_update_8bit_blockwise_cuda(
+    c10::string_view optimizer_name, const at::Tensor& g, at::Tensor& p, at::Tensor& state1,
+    const std::optional<at::Tensor>& state2, double beta1, double beta2, double beta3,
+    double alpha, double eps, c10::SymInt step, double lr, const at::Tensor& qmap1,
+    const std::optional<at::Tensor>& qmap2, at::Tensor& absmax1,
+    const std::optional<at::Tensor>& absmax2, double weight_decay, double gnorm_scale,
+    bool skip_zeros);
 
 // ---- legacy cuBLASLt int8 layouts ----------------------------------------------------------
 at::Tensor transform_cuda(const at::Tensor& A, c10::string_view from_order,

@@ -20,12 +20,18 @@ TORCH_LIBRARY_IMPL(opsq, CUDA, m) {
   m.impl("mm_dequant", &opsq::mm_dequant_cuda);
   m.impl("int8_linear", &opsq::int8_linear_cuda);
   m.impl("transform", &opsq::transform_cuda);
+  m.impl("optimizer_update_32bit", &opsq::optimizer_update_32bit_cuda);
+  m.impl("optimizer_update_8bit_blockwise", &opsq::optimizer_update_8bit_blockwise_cuda);
 }
 
 namespace opsq {
 // autograd.cpp: the Python half of the C++ Autograd kernels (the gradient path).
 void set_autograd_callback(const std::string& name, pybind11::object fn);
 bool has_autograd_callback(const std::string& name);
+// paged.cu: paged optimizer states
+at::Tensor paged_zeros(std::vector<int64_t> sizes, const at::Tensor& like);
+void prefetch(const at::Tensor& t, int64_t device);
+bool is_managed(const at::Tensor& t);
 }  // namespace opsq
 
 // `import opsq._C` loads the shared library, which runs the registrations above.
@@ -35,4 +41,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_autograd_callback", &opsq::set_autograd_callback,
         "Register the Python callable that computes op `name` when a gradient is needed");
   m.def("has_autograd_callback", &opsq::has_autograd_callback);
+  m.def("paged_zeros", &opsq::paged_zeros,
+        "A zero tensor in CUDA unified memory (paged optimizer states) with the dtype and device of "
+        "`like`, freed with the tensor");
+  m.def("prefetch", &opsq::prefetch,
+        "Migrate a unified-memory tensor to GPU `device` (host for device < 0), asynchronously");
+  m.def("is_managed", &opsq::is_managed, "Whether the tensor's memory is CUDA unified memory");
 }

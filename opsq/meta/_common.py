@@ -14,7 +14,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .._constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
+from .._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES,
+                          QUANT_TYPES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,9 +73,19 @@ def check_float_dtype(name: str, dtype: torch.dtype) -> None:
                       lambda: f"{name} must be one of {list(FLOAT_DTYPES)}, got {dtype}")
 
 
+def _check_one_of_blocksizes(blocksize: int, name: str, allowed: tuple[int, ...]) -> None:
+    torch._check_value(blocksize in allowed,
+                       lambda: f"{name} must be one of {allowed}, got {blocksize}")
+
+
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
-    torch._check_value(blocksize in BLOCKSIZES,
-                       lambda: f"{name} must be one of {BLOCKSIZES}, got {blocksize}")
+    """A blocksize of the 4-bit ops (and of their nested absmax): one of ``BLOCKSIZES``."""
+    _check_one_of_blocksizes(blocksize, name, BLOCKSIZES)
+
+
+def check_blockwise_blocksize(blocksize: int, name: str = "blocksize") -> None:
+    """A blocksize of the 8-bit blockwise ops: one of ``BLOCKWISE_BLOCKSIZES``."""
+    _check_one_of_blocksizes(blocksize, name, BLOCKWISE_BLOCKSIZES)
 
 
 def check_quant_type(quant_type: str) -> None:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 
 from .._constants import FLOAT_DTYPES
-from ._common import (ceil_div, check_blocksize, check_dtype, check_float_dtype, check_numel,
-                      check_same_device, register_fake)
+from ._common import (ceil_div, check_blockwise_blocksize, check_dtype, check_float_dtype,
+                      check_numel, check_same_device, register_fake)
 
 
 def check_quantize_blockwise(A, code, blocksize):
     check_dtype("A", A, FLOAT_DTYPES)
     check_dtype("code", code, (torch.float32,))
     check_numel("code", code, 256)
-    check_blocksize(blocksize)
+    check_blockwise_blocksize(blocksize)
     check_same_device("A", A, code=code)
     return tuple(A.shape), (ceil_div(A.numel(), blocksize),)
 
@@ -23,7 +23,7 @@ def check_dequantize_blockwise(A, absmax, code, blocksize, dtype):
     check_dtype("absmax", absmax, (torch.float32,))
     check_dtype("code", code, (torch.float32,))
     check_numel("code", code, 256)
-    check_blocksize(blocksize)
+    check_blockwise_blocksize(blocksize)
     check_float_dtype("dtype", dtype)
     check_numel("absmax", absmax, ceil_div(A.numel(), blocksize),
                 f" (one per block of {blocksize} of {A.numel()} elements)")
