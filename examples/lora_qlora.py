@@ -11,6 +11,10 @@ output head train too (PEFT's ``modules_to_save``); every Linear of the transfor
     python examples/lora_qlora.py                       # CPU: Inductor, 300 steps
     python examples/lora_qlora.py --backend aot_eager   # CPU without a C++ compiler
     python examples/lora_qlora.py --device cuda --dtype bfloat16
+    python examples/lora_qlora.py --optim adamw         # torch.optim.AdamW instead
+
+The optimizer defaults to ``opsq.optim.PagedAdamW8bit``, the QLoRA recipe's
+``paged_adamw_8bit`` (8-bit states for tensors of >= 4096 elements, CUDA unified memory on a GPU).
 
 Prints the loss curve and, when matplotlib is importable, plots it to ``--plot``.
 """
@@ -28,11 +32,15 @@ from torch import nn
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
+import opsq.optim
 from opsq.lora import add_lora, lora_parameters, mark_only_lora_trainable
 from opsq.nn import Linear4bit
 
 CORPUS = Path(__file__).resolve().parents[1] / "opsq" / "data" / "sentences.txt"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``--optim`` choices (the names transformers' Trainer uses for them)
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adamw_8bit": opsq.optim.AdamW8bit,
+              "paged_adamw_8bit": opsq.optim.PagedAdamW8bit}
 
 
 class Block(nn.Module):
@@ -166,6 +174,8 @@ def parse_args(argv=None):
                    help="write the loss curve to this PNG (when matplotlib is importable); "
                         "default: no file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optim", choices=sorted(OPTIMIZERS), default="paged_adamw_8bit",
+                   help="optimizer of the trainable parameters")
     args = p.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
@@ -188,7 +198,7 @@ def main(argv=None) -> dict:
     step_fn = model if args.backend == "none" else \
         torch.compile(model, fullgraph=True, backend=args.backend)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    opt = OPTIMIZERS[args.optim](params, lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
     stream = batches(data, args.batch, args.seq, torch.Generator().manual_seed(args.seed),

@@ -20,10 +20,13 @@ from .autograd import (MatmulLtState, MatMul4Bit, MatMul8bit, MatMul8bitLt,  # n
 from .functional import QuantState  # noqa: E402
 
 __version__ = "0.1.0"
+#: Devices the ops run on (bitsandbytes 0.50's ``supported_torch_devices``): CUDA kernels, and
+#: the pure-PyTorch reference kernels on the CPU (and any other device torch supports).
+supported_torch_devices = {"cpu", "cuda"}
 
 __all__ = ["functional", "nn", "utils", "QuantState", "matmul", "matmul_4bit", "MatmulLtState",
            "MatMul8bitLt", "MatMul4Bit", "MatMul8bit", "matmul_cublas", "mm_cublas",
-           "bmm_cublas", "backends", "__version__"]
+           "bmm_cublas", "backends", "supported_torch_devices", "__version__"]
 
 from . import fsdp, integrations, lora, optim  # noqa: E402
 from .layout_utils import (get_inverse_transform_indices, get_tile_inds,  # noqa: E402

@@ -51,6 +51,9 @@ GEMV_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 
                (28672, 8192)]  # (K, N): x is 1 x K, W is N x K
 MATRIX_SHAPES = [(8192, 8192), (28672, 8192)]
 IGEMMLT_M = [64, 256, 2048, 8192]
+#: (out, in) of one Llama-3-8B decoder layer's linears: q, k, v, o, gate, up, down
+LLAMA3_8B_LINEARS = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096),
+                     (14336, 4096), (4096, 14336)]
 
 #: Benchmark families, in the order they run and print.
 FAMILIES = ("gemv", "4bit", "int8", "int8_linear", "transform", "igemmlt", "decode", "prefill",
@@ -502,6 +505,30 @@ def run(quick: bool = False, with_bnb: bool = True,
                 bnb_fn=(lambda A=A: bF.quantize_4bit(A, blocksize=64, quant_type="nf4"))
                 if bF is not None else None)
             del A, packed, absmax
+        # quantize-on-load of a Llama-3-8B-shaped model: each linear's shape timed once, x32
+        total = {"opsq": 0.0, "bnb": 0.0}
+        nb = 0
+        for N, K in LLAMA3_8B_LINEARS:
+            W = randn(N, K)
+            total["opsq"] += timer(lambda W=W: F.quantize_4bit(
+                W, blocksize=64, quant_type="nf4", compress_statistics=True))
+            if bF is not None:
+                total["bnb"] += timer(lambda W=W: bF.quantize_4bit(
+                    W, blocksize=64, quant_type="nf4", compress_statistics=True))
+            nb += N * K * 2 + N * K // 2 + N * K // 64  # read bf16, write codes + absmax codes
+            del W
+        layers = 32
+        row = dict(family="4bit", op="quantize_4bit nested (load)",
+                   shape=f"Llama-3-8B linears x{layers}", dtype="bf16", ms=layers * total["opsq"],
+                   gbps=nb / (total["opsq"] * 1e-3) / 1e9,
+                   efficiency=nb / (total["opsq"] * 1e-3) / copy_bw, backend="cuda-native")
+        if bF is not None:
+            row["bnb_ms"] = layers * total["bnb"]
+            row["speedup_vs_bnb"] = total["bnb"] / total["opsq"]
+        rows.append(row)
+        print(f"  4bit quantize at load (32 layers): opsq {row['ms']:.2f} ms"
+              + (f", bnb {row['bnb_ms']:.2f} ms" if "bnb_ms" in row else ""),
+              file=sys.stderr, flush=True)
 
     # ---- int8 family -------------------------------------------------------------------------
     M = K = 8192

@@ -34,6 +34,8 @@ __all__ = [
     "mm_dequant", "transform", "get_4bit_type", "create_dynamic_map", "create_linear_map",
     "create_normal_map", "create_fp8_map", "is_on_gpu", "get_ptr",
     "fix_4bit_weight_quant_state_from_module", "pack_dict_to_tensor", "unpack_tensor_to_dict",
+    "igemm", "batched_igemm", "optimizer_update_32bit", "optimizer_update_8bit_blockwise",
+    "get_paged", "prefetch_tensor",
 ]
 
 
@@ -864,3 +866,114 @@ def transform(A: torch.Tensor, to_order: str, from_order: str = "row", out=None,
     if out is not None:
         res = out.copy_(res)
     return res, (tuple(shape), to_order)
+
+
+# ---- bitsandbytes 0.50's remaining functional names ----------------------------------------------
+def igemm(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
+          transposed_A: bool = False, transposed_B: bool = False) -> torch.Tensor:
+    """int8 matrix product with int32 accumulation, ``op(A) @ op(B)`` (bitsandbytes 0.50
+    ``igemm``): ``A`` int8 ``(..., K)`` (``(K, M)`` when ``transposed_A``, 2-D), ``B`` int8
+    ``(K, N)`` (``(N, K)`` when ``transposed_B``). Returns int32 ``(..., N)`` (into ``out`` if
+    given). Runs :func:`int8_linear_matmul` (``torch.ops.opsq.igemmlt``) on ``B`` as ``(N, K)``.
+
+    Raises:
+        TypeError: non-int8 operands. RuntimeError: the inner dimensions differ.
+    """
+    a = A.t() if transposed_A else A
+    b = B if transposed_B else B.t()
+    return int8_linear_matmul(a, b, out=out)
+
+
+def batched_igemm(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = None,
+                  transposed_A: bool = False, transposed_B: bool = False) -> torch.Tensor:
+    """:func:`igemm` over a batch (bitsandbytes 0.50 ``batched_igemm``): int8 ``A (b, M, K)``
+    and ``B (b, K, N)`` (their last two dimensions swapped when ``transposed_*``) -> int32
+    ``(b, M, N)``, one :func:`igemm` per batch entry.
+
+    Raises:
+        RuntimeError: ``A`` or ``B`` not 3-D, or their batch sizes differ.
+    """
+    if A.dim() != 3 or B.dim() != 3 or A.shape[0] != B.shape[0]:
+        raise RuntimeError(f"batched_igemm: A and B must be 3-D with one batch size, got "
+                           f"{tuple(A.shape)} and {tuple(B.shape)}")
+    M = A.shape[2] if transposed_A else A.shape[1]
+    N = B.shape[1] if transposed_B else B.shape[2]
+    res = torch.empty((A.shape[0], M, N), dtype=torch.int32, device=A.device)
+    for i in range(A.shape[0]):
+        res[i] = igemm(A[i], B[i], transposed_A=transposed_A, transposed_B=transposed_B)
+    if out is not None:
+        return out.copy_(res)
+    return res
+
+
+def optimizer_update_32bit(optimizer_name: str, g: torch.Tensor, p: torch.Tensor,
+                           state1: torch.Tensor, beta1: float, eps: float, step: int, lr: float,
+                           state2: Optional[torch.Tensor] = None, beta2: float = 0.0,
+                           beta3: float = 0.0, alpha: float = 0.0, weight_decay: float = 0.0,
+                           gnorm_scale: float = 1.0, unorm_vec: Optional[torch.Tensor] = None,
+                           max_unorm: float = 0.0, skip_zeros: bool = False) -> None:
+    """bitsandbytes 0.50's ``optimizer_update_32bit`` (its argument order and defaults): one
+    in-place update of ``p`` and its fp32 states, ``torch.ops.opsq.optimizer_update_32bit``
+    (formulas in :mod:`opsq.reference.optim`; ``param_norm`` 0: ``||p||`` is computed).
+
+    Raises:
+        ValueError / TypeError / RuntimeError: as the op (the argument is named).
+    """
+    torch.ops.opsq.optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec,
+                                          max_unorm, 0.0, beta1, beta2, beta3, alpha, eps,
+                                          weight_decay, step, lr, gnorm_scale, skip_zeros)
+
+
+def optimizer_update_8bit_blockwise(optimizer_name: str, g: torch.Tensor, p: torch.Tensor,
+                                    state1: torch.Tensor, state2: Optional[torch.Tensor],
+                                    beta1: float, beta2: float, beta3: float, alpha: float,
+                                    eps: float, step: int, lr: float, qmap1: torch.Tensor,
+                                    qmap2: Optional[torch.Tensor], absmax1: torch.Tensor,
+                                    absmax2: Optional[torch.Tensor], weight_decay: float = 0.0,
+                                    gnorm_scale: float = 1.0, skip_zeros: bool = False) -> None:
+    """bitsandbytes 0.50's ``optimizer_update_8bit_blockwise``: one in-place update of ``p``
+    and its 8-bit blockwise states (blocks of 256), ``torch.ops.opsq.optimizer_update_8bit_
+    blockwise`` with the same arguments.
+
+    Raises:
+        ValueError / TypeError / RuntimeError: as the op (the argument is named).
+    """
+    torch.ops.opsq.optimizer_update_8bit_blockwise(
+        optimizer_name, g, p, state1, state2, beta1, beta2, beta3, alpha, eps, step, lr, qmap1,
+        qmap2, absmax1, absmax2, weight_decay, gnorm_scale, skip_zeros)
+
+
+def get_paged(*shape: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """A zero tensor of ``shape`` in CUDA unified memory (bitsandbytes 0.50 ``get_paged``; its
+    buffer is not zeroed), owned by the tensor, on ``device`` (default: the current CUDA
+    device). ``is_paged`` is set on it, as bitsandbytes does.
+
+    Raises:
+        RuntimeError: no CUDA device, or opsq's CUDA extension is not built.
+    """
+    from ._extension import extension_error, load_extension
+    ext = load_extension()
+    if ext is None or not torch.cuda.is_available():
+        raise RuntimeError("get_paged needs a CUDA device and opsq's CUDA extension "
+                           f"({extension_error() or 'no CUDA device'})")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None \
+        else torch.device(device)
+    out = ext.paged_zeros(list(shape), torch.empty(0, dtype=dtype, device=device))
+    out.is_paged = True
+    out.page_deviceid = device.index
+    return out
+
+
+def prefetch_tensor(A: torch.Tensor, to_cpu: bool = False) -> None:
+    """Migrate a unified-memory tensor (from :func:`get_paged` or a paged optimizer's state) to
+    its GPU, or to the host when ``to_cpu``, asynchronously on the current stream
+    (bitsandbytes 0.50 ``prefetch_tensor``).
+
+    Raises:
+        ValueError: ``A`` is not in CUDA unified memory.
+    """
+    from ._extension import load_extension
+    ext = load_extension()
+    if ext is None or not A.is_cuda or not ext.is_managed(A):
+        raise ValueError("A must be a paged tensor (CUDA unified memory, e.g. from get_paged)")
+    ext.prefetch(A, -1 if to_cpu else A.device.index)

@@ -66,8 +66,10 @@ if has tests; then
   # every CUDA-parametrized test of tests/ and compile_tests/ but the op tests (the cuda_ops
   # phase) and the NCCL suites (the fsdp phase)
   t0=$(date +%s)
-  timeout ${TESTS_TIMEOUT:-480} $PY -m pytest -q -rfE -p no:cacheprovider tests compile_tests \
-    --ignore=tests/test_cuda_ops.py -k "(cuda or Cuda or CUDA) and not nccl" >"$OUT/tests_cuda.log" 2>&1
+  # (TESTS_PATHS / TESTS_K narrow it: a focused re-run)
+  timeout ${TESTS_TIMEOUT:-480} $PY -m pytest -q -rfE -p no:cacheprovider \
+    ${TESTS_PATHS:-tests compile_tests --ignore=tests/test_cuda_ops.py} \
+    -k "${TESTS_K:-(cuda or Cuda or CUDA) and not nccl}" >"$OUT/tests_cuda.log" 2>&1
   note "CUDA suite (all CUDA-parametrized tests but the op tests) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | cut -c1-300 | head -30 | tee -a "$SUMMARY"
 fi

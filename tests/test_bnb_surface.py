@@ -678,3 +678,55 @@ def test_outlier_hook(device):
 def test_execute_and_return_bnb_call():
     out, err = Ut.execute_and_return(command_string=f"{sys.executable} -c 'print(3)'")
     assert (out, err) == ("3", "")
+
+
+# ---- the remaining functional names: igemm, batched_igemm, the optimizer updates, paging --------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_igemm_and_batched_igemm_match_int64_matmul(device, ta, tb):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randint(-127, 128, (3, 5, 40), generator=g, dtype=torch.int8)
+    B = torch.randint(-127, 128, (3, 40, 24), generator=g, dtype=torch.int8)
+    want = A.long() @ B.long()
+    a = (A.mT.contiguous() if ta else A).to(device)
+    b = (B.mT.contiguous() if tb else B).to(device)
+    got = Fq.batched_igemm(a, b, transposed_A=ta, transposed_B=tb)
+    assert got.dtype == torch.int32 and torch.equal(got.cpu().long(), want)
+    one = Fq.igemm(a[1], b[1], transposed_A=ta, transposed_B=tb)
+    assert torch.equal(one.cpu().long(), want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_functional_optimizer_updates_call_the_ops(device):
+    from opsq.optim import unsigned_dynamic_map
+    g = torch.Generator().manual_seed(4)
+    p = torch.randn(600, generator=g).to(device)
+    grad = torch.randn(600, generator=g).to(device)
+    s1, s2 = torch.zeros(600, device=device), torch.zeros(600, device=device)
+    p32 = p.clone()
+    Fq.optimizer_update_32bit("adam", grad, p32, s1, 0.9, 1e-8, 1, 1e-2, state2=s2, beta2=0.999)
+    # Adam's first step moves every element by lr (sign of the gradient) up to eps
+    torch.testing.assert_close(p32, p - 1e-2 * torch.sign(grad), rtol=0, atol=1e-5)
+    c1, c2 = (torch.zeros(600, dtype=torch.uint8, device=device) for _ in range(2))
+    a1, a2 = torch.zeros(3, device=device), torch.zeros(3, device=device)
+    p8 = p.clone()
+    Fq.optimizer_update_8bit_blockwise("adam", grad, p8, c1, c2, 0.9, 0.999, 0.0, 0.0, 1e-8, 1,
+                                       1e-2, Fq.create_dynamic_map().to(device),
+                                       unsigned_dynamic_map().to(device), a1, a2)
+    torch.testing.assert_close(p8, p32, rtol=0, atol=1e-4)
+    assert (a1 > 0).all() and (a2 > 0).all()
+
+
+def test_get_paged_needs_cuda_or_pages():
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            Fq.get_paged(4, 4)
+        return
+    t = Fq.get_paged(64, 32, dtype=torch.uint8)
+    assert t.is_paged and t.shape == (64, 32) and t.dtype == torch.uint8 and not t.any()
+    Fq.prefetch_tensor(t, to_cpu=True)
+    Fq.prefetch_tensor(t)
+    t += 3
+    assert (t == 3).all()
+    with pytest.raises(ValueError, match="paged"):
+        Fq.prefetch_tensor(torch.zeros(4, device="cuda"))

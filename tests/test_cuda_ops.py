@@ -614,6 +614,150 @@ def test_int8_linear_outlier_column_counts(n_out):
     assert torch.equal(out, OPS.int8_linear(A, CB, SCB, bias, 6.0))  # deterministic
 
 
+# ---- int8_linear's small-M kernel (int8_small_m.cu): <= 16 rows, int8 weight, K % 16 == 0 ----
+def same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads included)."""
+    itype = {2: torch.int16, 4: torch.int32}[x.element_size()]
+    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(itype), y.view(itype))
+
+
+def small_m_input(ashape, dtype, seed, n_out=0):
+    """N(0, 1) activations with n_out outlier columns: one element of each set to ±(6.5 .. 9.5)
+    (an outlier at threshold 6; the column's other rows keep their small values)."""
+    A = randn(ashape, torch.float32, seed=seed)
+    K = ashape[-1]
+    A2 = A.reshape(-1, K)
+    if n_out:
+        g = torch.Generator().manual_seed(seed)
+        cols = torch.randperm(K, generator=g)[:n_out]
+        rws = torch.randint(0, A2.shape[0], (n_out,), generator=g)
+        mag = 6.5 + 3.0 * torch.rand(n_out, generator=g)
+        sign = torch.where(torch.rand(n_out, generator=g) < 0.5, -1.0, 1.0)
+        A2[rws.to(DEV), cols.to(DEV)] = (sign * mag).to(DEV)
+    return A2.reshape(ashape).to(dtype)
+
+
+def int8_linear_two_kernel(A, CB, SCB, bias, threshold):
+    """The same op through igemmlt + the epilogue kernels: A's rows repeated up to 17 rows (the
+    small-M path takes <= 16). Repeats change neither the outlier columns nor any row's values."""
+    K = A.shape[-1]
+    a = A.reshape(-1, K)
+    rows = a.shape[0]
+    big = a[torch.arange(17, device=DEV) % rows]
+    return OPS.int8_linear(big, CB, SCB, bias, threshold)[:rows].reshape(*A.shape[:-1], -1)
+
+
+SMALL_M_CASES = [((1, 256), 72), ((3, 256), 72), ((16, 256), 72), ((2, 3, 128), 40),
+                 ((16, 4096), 1024)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_linear_small_m_matches_reference(dtype, threshold):
+    """1..16 rows with an int8 weight (tail columns: N = 72, 40): bytes equal to the two-kernel
+    path; at threshold 0 equal to the reference byte for byte, at 6 (5 outlier columns) within
+    the matmul tolerance (the reference sums the outlier columns in another order)."""
+    need("int8_linear")
+    for i, (ashape, N) in enumerate(SMALL_M_CASES):
+        K = ashape[-1]
+        A = small_m_input(ashape, dtype, seed=80 + i, n_out=5)
+        W = randn((N, K), dtype, seed=90 + i, scale=0.1)
+        CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+        for bias in (None, randn((N,), dtype, seed=1), randn((N,), torch.float32, seed=2)):
+            got = OPS.int8_linear(A, CB, SCB, bias, threshold)
+            want = ref.int8_linear(A, CB, SCB, bias, threshold)
+            assert got.shape == want.shape and got.dtype == dtype
+            assert same_bytes(got, int8_linear_two_kernel(A, CB, SCB, bias, threshold)), \
+                (ashape, N, bias is None)
+            if threshold == 0.0:
+                assert torch.equal(got, want), (ashape, N, bias is None)
+            else:
+                assert_matmul_close(got, want, dtype if dtype != torch.float32 else torch.float16)
+            no_new_nan(got)
+
+
+@pytest.mark.parametrize("n_out", [0, 1, 5, 64, 70])
+def test_int8_linear_small_m_outlier_column_counts(n_out):
+    """Threshold 6, 4 rows, exactly n_out outlier columns (more than one chunk of 64; counts
+    that are not multiples of 4): bytes equal to the two-kernel path, deterministic; one column
+    equals the reference."""
+    need("int8_linear")
+    rows, K, N = 4, 1024, 136
+    A = small_m_input((rows, K), torch.bfloat16, seed=n_out, n_out=n_out)
+    W = randn((N, K), torch.bfloat16, seed=3, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    bias = randn((N,), torch.bfloat16, seed=4)
+    _, _, mask = OPS.vectorwise_quant(A, 6.0)
+    assert int(mask.sum()) == n_out
+    out = OPS.int8_linear(A, CB, SCB, bias, 6.0)
+    want = ref.int8_linear(A, CB, SCB, bias, 6.0)
+    assert same_bytes(out, int8_linear_two_kernel(A, CB, SCB, bias, 6.0))
+    if n_out <= 1:
+        assert torch.equal(out, want)
+    assert_matmul_close(out, want, torch.bfloat16)
+    assert same_bytes(out, OPS.int8_linear(A, CB, SCB, bias, 6.0))  # deterministic
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_linear_small_m_non_finite(threshold):
+    """A NaN and an inf in A, an inf and a NaN in SCB: the same bytes as the two-kernel path
+    and the reference's NaN / inf positions (a NaN row; a non-finite SCB column)."""
+    need("int8_linear")
+    rows, K, N = 5, 256, 72
+    A = small_m_input((rows, K), torch.float16, seed=7, n_out=3)
+    A[1, 17] = float("nan")
+    A[3, 40] = float("inf")
+    W = randn((N, K), torch.float16, seed=8, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    SCB = SCB.clone()
+    SCB[3] = float("inf")
+    SCB[10] = float("nan")
+    bias = randn((N,), torch.float16, seed=9)
+    got = OPS.int8_linear(A, CB, SCB, bias, threshold)
+    want = ref.int8_linear(A, CB, SCB, bias, threshold)
+    assert same_bytes(got, int8_linear_two_kernel(A, CB, SCB, bias, threshold))
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.isinf(), want.isinf())
+    fin = torch.isfinite(want)
+    assert bool(got[1].isnan().all()) and bool(got[:, 10].isnan().all())
+    if threshold == 0.0:
+        assert torch.equal(got[fin], want[fin])
+    else:
+        assert_matmul_close(got[fin], want[fin], torch.float16)
+
+
+def test_int8_linear_small_m_fallbacks():
+    """Shapes the small-M kernel does not take run the two-kernel path: K % 16 != 0, a weight
+    not 16-byte aligned; results as the reference (threshold 0: byte for byte)."""
+    need("int8_linear")
+    A = randn((3, 200), torch.float16, seed=11)
+    W = randn((40, 200), torch.float16, seed=12, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    assert torch.equal(OPS.int8_linear(A, CB, SCB, None, 0.0),
+                       ref.int8_linear(A, CB, SCB, None, 0.0))
+    A = randn((3, 256), torch.float16, seed=13)
+    W = randn((40, 256), torch.float16, seed=14, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    flat = torch.zeros(CB.numel() + 1, dtype=torch.int8, device=DEV)
+    flat[1:] = CB.reshape(-1)
+    shifted = flat[1:].view(CB.shape)  # storage offset 1
+    got = OPS.int8_linear(A, shifted, SCB, None, 0.0)
+    assert torch.equal(got, ref.int8_linear(A, CB, SCB, None, 0.0))
+    assert torch.equal(got, OPS.int8_linear(A, CB, SCB, None, 0.0))
+
+
+def test_int8_linear_small_m_cuda_graph():
+    """The small-M path (threshold 6: compaction + fused kernel, outlier count read on the
+    device) captured in a CUDA graph and replayed on new activations with other outliers."""
+    need("int8_linear")
+    W = randn((72, 256), torch.float16, seed=21, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    bias = randn((72,), torch.float16, seed=22)
+    static = small_m_input((4, 256), torch.float16, seed=23, n_out=2)
+    fresh = small_m_input((4, 256), torch.float16, seed=24, n_out=7)
+    graph_check(lambda a: OPS.int8_linear(a, CB, SCB, bias, 6.0), (static,), (fresh,))
+
+
 # =============================================================================================
 # transform (legacy cuBLASLt tile orders)
 # =============================================================================================

@@ -23,14 +23,16 @@ def load_example():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optim", ["paged_adamw_8bit", "adamw"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_example_loss_falls(device, tmp_path, capsys):
+def test_example_loss_falls(device, optim, tmp_path, capsys):
     torch._dynamo.reset()
     example = load_example()
     png = tmp_path / "loss.png"
     result = example.main(["--device", device, "--steps", "40", "--backend", "aot_eager",
                            "--d-model", "64", "--batch", "8", "--log-every", "10",
-                           "--plot", str(png), "--seed", str(torch.seed() % 1000)])
+                           "--plot", str(png), "--seed", str(torch.seed() % 1000),
+                           "--optim", optim])
     out = capsys.readouterr().out
     assert "step   40" in out and "sample:" in out
     assert result["last"] < result["first"] - 1.0, result["losses"]

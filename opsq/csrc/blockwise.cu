@@ -9,6 +9,7 @@
 
 #include "checks.h"
 #include "common.cuh"
+#include "encode8.cuh"
 #include "launch.h"
 #include "ops.h"
 
@@ -23,50 +24,27 @@ int log2_exact(int64_t v) {
   return l;
 }
 
-
-// IEEE a < b (subnormals kept: the extension is built without flush-to-zero).
-__device__ __forceinline__ bool lt_ieee(float a, float b) { return a < b; }
-
-// The map sorted in shared memory (a stable rank sort by 256 threads), the fp32 midpoints of
-// neighbours ((s[i] + s[i+1]) / 2, as the reference computes them) and the original index of
-// each sorted entry. encode() = order[number of midpoints < v]; NaN sorts above everything.
-struct Encoder8 {
-  float mids[256];
-  unsigned char order[256];
-  float sorted[256];
-
-  __device__ void build(const float* __restrict__ code) {
-    const int t = threadIdx.x;  // blockDim.x == 256
-    const float v = code[t];
-    sorted[t] = v;  // staging copy of the map
-    __syncthreads();
-    int rank = 0;
-    for (int i = 0; i < 256; ++i) {
-      const float c = sorted[i];
-      const bool eq = !lt_ieee(c, v) && !lt_ieee(v, c);
-      rank += (lt_ieee(c, v) || (eq && i < t)) ? 1 : 0;
-    }
-    __syncthreads();
-    sorted[rank] = v;
-    order[rank] = static_cast<unsigned char>(t);
-    __syncthreads();
-    mids[t] = t < 255 ? mul_rn(add_rn(sorted[t], sorted[t + 1]), 0.5f) : __int_as_float(0x7f800000);
-    __syncthreads();
-  }
-
-  __device__ __forceinline__ uint32_t encode(float v) const {
-    int lo = 0;
-#pragma unroll
-    for (int step = 128; step >= 1; step >>= 1)
-      if (lt_ieee(mids[lo + step - 1], v)) lo += step;
-    if (abs_bits(v) > 0x7f800000u) lo = 255;
-    return order[lo];
-  }
-};
-
-
-// G = blocksize / EPT threads per block (<= 256), as quant4_kernel.
+// EPT elements of A from e0 (zeros past n or for an inactive group); true when all are in range.
 template <typename T, int EPT, bool VEC>
+__device__ __forceinline__ bool load_chunk(const T* __restrict__ A, int64_t e0, int64_t n,
+                                           bool active, float (&x)[EPT]) {
+  const bool full = active && e0 + EPT <= n;
+  if (VEC && full) {
+    load_elems<T, EPT>(A + e0, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < EPT; ++i)
+      x[i] = (active && e0 + i < n) ? Cvt<T>::to_float(A[e0 + i]) : 0.0f;
+  }
+  return full;
+}
+
+// G = blocksize / (EPT * SEG) threads per block (<= 256), as quant4_kernel. A thread holds EPT
+// elements in registers; with SEG > 1 (blocksizes above 256 * 32) it covers SEG segments of the
+// block, G * EPT elements apart: a first pass takes their max, the second reloads each segment
+// (mostly from L1/L2, the last one loaded first) to encode it. Keeping the last segment's
+// registers instead of reloading it keeps x live across both loops: 116 registers, not 64-79.
+template <typename T, int EPT, int SEG, bool VEC>
 __global__ void __launch_bounds__(kThreads)
 quant8_kernel(const T* __restrict__ A, const float* __restrict__ code, int64_t n, int bs_log2,
               uint8_t* __restrict__ q, float* __restrict__ absmax, int64_t nblocks) {
@@ -74,29 +52,27 @@ quant8_kernel(const T* __restrict__ A, const float* __restrict__ code, int64_t n
   __shared__ uint32_t red[kThreads / 32];
   enc.build(code);
 
-  const int G = (1 << bs_log2) / EPT;
+  const int G = (1 << bs_log2) / (EPT * SEG);
   const int per_cta = kThreads / G;
   const int gi = threadIdx.x & (G - 1);
   const int gb = threadIdx.x / G;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  const int64_t seg_stride = int64_t{G} * EPT;
   for (int64_t b0 = int64_t{blockIdx.x} * per_cta; b0 < nblocks;
        b0 += int64_t{gridDim.x} * per_cta) {
     const int64_t qb = b0 + gb;
     const bool active = qb < nblocks;
-    const int64_t e0 = (qb << bs_log2) + int64_t{gi} * EPT;
+    const int64_t base = (qb << bs_log2) + int64_t{gi} * EPT;
     float x[EPT];
-    const bool full = active && e0 + EPT <= n;
-    if (VEC && full) {
-      load_elems<T, EPT>(A + e0, x);
-    } else {
-#pragma unroll
-      for (int i = 0; i < EPT; ++i)
-        x[i] = (active && e0 + i < n) ? Cvt<T>::to_float(A[e0 + i]) : 0.0f;
-    }
+    bool full = false;
     uint32_t m = 0;
+#pragma unroll 1
+    for (int s = 0; s < SEG; ++s) {
+      full = load_chunk<T, EPT, VEC>(A, base + s * seg_stride, n, active, x);
 #pragma unroll
-    for (int i = 0; i < EPT; ++i) m = max(m, abs_bits(x[i]));
+      for (int i = 0; i < EPT; ++i) m = max(m, abs_bits(x[i]));
+    }
     for (int o = (G < 32 ? G : 32) >> 1; o > 0; o >>= 1)
       m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (G > 32) {
@@ -109,20 +85,25 @@ quant8_kernel(const T* __restrict__ A, const float* __restrict__ code, int64_t n
     if (!active) continue;
     if (gi == 0) absmax[qb] = __uint_as_float(m);
     const float scale = safe_rcp_from_bits(m);
-    uint32_t word[EPT / 4];
+#pragma unroll 1
+    for (int s = SEG - 1; s >= 0; --s) {
+      const int64_t e0 = base + s * seg_stride;
+      if constexpr (SEG > 1) full = load_chunk<T, EPT, VEC>(A, e0, n, active, x);
+      uint32_t word[EPT / 4];
 #pragma unroll
-    for (int k = 0; k < EPT / 4; ++k) word[k] = 0;
-#pragma unroll
-    for (int i = 0; i < EPT; ++i)
-      word[i / 4] |= enc.encode(scale_or_div(x[i], scale, __uint_as_float(m))) << (8 * (i % 4));
-    if (full) {
-      uint32_t* dst = reinterpret_cast<uint32_t*>(q + e0);
-#pragma unroll
-      for (int k = 0; k < EPT / 4; ++k) dst[k] = word[k];
-    } else {
+      for (int k = 0; k < EPT / 4; ++k) word[k] = 0;
 #pragma unroll
       for (int i = 0; i < EPT; ++i)
-        if (e0 + i < n) q[e0 + i] = static_cast<uint8_t>(word[i / 4] >> (8 * (i % 4)));
+        word[i / 4] |= enc.encode(scale_or_div(x[i], scale, __uint_as_float(m))) << (8 * (i % 4));
+      if (full) {
+        uint32_t* dst = reinterpret_cast<uint32_t*>(q + e0);
+#pragma unroll
+        for (int k = 0; k < EPT / 4; ++k) dst[k] = word[k];
+      } else {
+#pragma unroll
+        for (int i = 0; i < EPT; ++i)
+          if (e0 + i < n) q[e0 + i] = static_cast<uint8_t>(word[i / 4] >> (8 * (i % 4)));
+      }
     }
   }
 }
@@ -186,23 +167,25 @@ void launch_quant8(const T* A, const float* code, int64_t n, int64_t blocksize, 
                    float* absmax, int64_t nblocks, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
-  // 4096 and above: one quantization block per CTA, G = 256 threads of blocksize / 256 elements.
-  if (blocksize == 16384) {
+  // 4096 and above: one quantization block per CTA, 256 threads of 16 elements (4096) or 32
+  // (8192; 16384 in two segments: 64 in registers would take 127 registers and cut the
+  // resident CTAs per SM to 2).
+  if (blocksize >= 4096) {
     const int grid = grid_for(nblocks, 1);
-    if (vec) quant8_kernel<T, 64, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    else quant8_kernel<T, 64, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-  } else if (blocksize == 8192) {
-    const int grid = grid_for(nblocks, 1);
-    if (vec) quant8_kernel<T, 32, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    else quant8_kernel<T, 32, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-  } else if (blocksize == 4096) {
-    const int grid = grid_for(nblocks, 1);
-    if (vec) quant8_kernel<T, 16, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    else quant8_kernel<T, 16, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    if (blocksize == 16384) {
+      if (vec) quant8_kernel<T, 32, 2, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+      else quant8_kernel<T, 32, 2, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    } else if (blocksize == 8192) {
+      if (vec) quant8_kernel<T, 32, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+      else quant8_kernel<T, 32, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    } else {
+      if (vec) quant8_kernel<T, 16, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+      else quant8_kernel<T, 16, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    }
   } else {
     const int grid = grid_for(nblocks, kThreads / (blocksize / 8));
-    if (vec) quant8_kernel<T, 8, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    else quant8_kernel<T, 8, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    if (vec) quant8_kernel<T, 8, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    else quant8_kernel<T, 8, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

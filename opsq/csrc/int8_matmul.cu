@@ -5,6 +5,11 @@
 // rounding), or, with outliers, outlier_compact_kernel / outlier_gather_kernel /
 // outlier_dequant_kernel (the outlier columns' fp32 term fused into the same pass; no host
 // synchronisation).
+// Small-M path (int8_small_m.cu): with <= 16 rows, an int8 weight, K % 16 == 0 and 16-byte
+// aligned weight rows, int8_linear runs the quantization of A, the outlier compaction (threshold
+// > 0) and then one kernel that streams CB once with 16-byte loads, forms the int32 sums on tensor
+// cores (mma.m16n8k32 s8, A's rows as the 16 mma rows) and applies this file's epilogue
+// arithmetic (int8_matmul.cuh) in the same CTA: the output bytes equal those of the path below.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

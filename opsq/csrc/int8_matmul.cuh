@@ -41,8 +41,8 @@ __device__ __forceinline__ bool finite_bits(float x) {
 constexpr int kOutCap = 64;
 
 // ---- host entry points -----------------------------------------------------------------------
-// Compaction of the outlier mask (K bool bytes) into idx (the outlier columns, ascending, int64; room
-// for K) and *cnt (their number), on `stream`; one CTA, no host synchronisation.
+// Compaction of the outlier mask (K bool bytes) into idx (the outlier columns, ascending, int64;
+// room for K) and *cnt (their number), on `stream`; one CTA, no host synchronisation.
 void launch_outlier_compact(const uint8_t* mask, int64_t K, int64_t* idx, int64_t* cnt,
                             cudaStream_t stream);
 

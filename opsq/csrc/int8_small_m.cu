@@ -41,19 +41,22 @@ constexpr int kMaxWarps = 16;
 // Epilogue outputs per thread (16 rows x 64 columns over at least kMinWarps warps).
 constexpr int kOutPerThread = static_cast<int>(kSmallMRows) * kCtaCols / (kMinWarps * 32);
 
-// 16 bytes of the weight: read-only path, not allocated in L1 (each byte is read once).
+// 16 bytes of the weight: read-only path, not allocated in L1 (each byte is read once), L2
+// fetching the 256-byte block around it (the CTA's other warps read its neighbours). volatile:
+// never executed speculatively outside the bounds check that guards it.
 __device__ __forceinline__ uint4 ld_weight16(const int8_t* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
 }
 
-// c += A (16 x 32, s8, row) * B (32 x 8, s8, col), s32 accumulate.
+// c += A (16 x 32, s8, row) * B (32 x 8, s8, col), s32 accumulate. Not volatile: the compiler
+// may move it (it is executed by the whole warp, outside any branch) around the weight loads.
 __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                        uint32_t a3, uint32_t b0, uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
       "{%8, %9}, {%0, %1, %2, %3};"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
@@ -91,7 +94,8 @@ int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
     if (n0 + 8 * j + g < N) tiles |= 1u << j;
   const int64_t steps = (K + kStepK - 1) / kStepK;
   const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll 1
+  // Unrolled twice: a warp has two steps' loads (8 KB) in flight.
+#pragma unroll 2
   for (int64_t s = warp; s < steps; s += nwarps) {
     const int64_t k = s * kStepK;
     const bool kin = k + 16 * t < K;  // K % 16 == 0: a lane's 16 bytes are all in or all out
