@@ -214,8 +214,10 @@ PAGED_KEYS = ("state1", "state2")
 def _paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros in CUDA unified memory (:func:`opsq._C.paged_zeros`) on a CUDA device with the
     extension, outside ``torch.compile``; ordinary zeros otherwise."""
-    ext = load_extension() if device.type == "cuda" else None
-    if ext is None or torch.compiler.is_compiling():
+    ext = None
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        ext = load_extension()
+    if ext is None:
         return torch.zeros(shape, dtype=dtype, device=device)
     return ext.paged_zeros(list(shape), torch.empty(0, dtype=dtype, device=device))
 
