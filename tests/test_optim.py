@@ -596,7 +596,7 @@ KERNEL_CASES = [(name, bits, dtype, n)
                 for name in ("adam", "ademamix", "lion", "momentum", "rmsprop")
                 for bits in (8, 32)
                 for dtype in (torch.float32, torch.bfloat16, torch.float16)
-                for n in (300, 4100, 2048)]
+                for n in (300, 4100, 2048, 301)]
 
 
 def _op_args(name, bits, dtype, n, seed, step):

@@ -13,7 +13,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 # blocks run here, found by a line they contain (robust to the README's order)
 RUN = {"layer": "layer = Linear4bit(4096, 4096", "hf": "cfg = OpsqConfig(load_in_4bit=True",
-       "hf_enable": "opsq.hf.enable_transformers()", "peft": "opsq.lora.peft_config(LoraConfig"}
+       "hf_enable": "opsq.hf.enable_transformers()", "peft": "opsq.lora.peft_config(LoraConfig",
+       "export": "program = torch.export.export(model"}
 # blocks deliberately not run: the reader's own model builders / a 2-process launch
 NOT_RUN = ("StaticGreedyDecoder(model", "fully_shard", "build_model(linear=")
 
@@ -86,3 +87,22 @@ def test_peft_block(tmp_path, monkeypatch):
     exec(_block("peft"), env)
     assert os.path.isdir(tmp_path / "adapter")
     assert type(env["merged"].model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+
+
+@pytest.mark.slow
+def test_export_block(tmp_path, monkeypatch):
+    """The export block on a small CPU model with both layer kinds: the program, the saved file
+    and the AOTInductor package all give the eager outputs."""
+    from opsq.nn import Linear4bit, Linear8bitLt
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Linear4bit(64, 48), torch.nn.ReLU(),
+                                Linear8bitLt(48, 32, has_fp16_weights=False, threshold=6.0)
+                                ).to("cpu")  # quantizes
+    x = torch.randn(3, 64) * 4
+    env = {"model": model, "x": x}
+    exec(_block("export"), env)
+    want = model(x)
+    assert torch.equal(env["program"].module()(x), want)
+    assert torch.equal(torch.export.load("model.pt2").module()(x), want)
+    torch.testing.assert_close(env["runner"](x), want, rtol=1e-5, atol=1e-5)
