@@ -11,8 +11,8 @@
 #include <random>
 #include <vector>
 #include "../opsq/csrc/gemv4.cuh"
+#include "lab_common.cuh"
 using namespace opsq;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
 
 // The memory side alone: gemv4_kernel's loads (codes of 16 rows in chunks of 64, one absmax a
 // chunk and row, 4 warps splitting K in steps of 256) with the arithmetic replaced by an XOR.
@@ -33,17 +33,6 @@ __global__ void __launch_bounds__(128, 4) drain_kernel(int64_t K, const uint8_t*
   if (sink == 0x12345678u) out[0] = 1.f;  // keeps the loads
 }
 struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M; };
-static char* g_flush; static const size_t kFlush = 256u << 20;
-template <typename F> float time_med(F f, int reps = 30) {
-  cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int r = 0; r < reps + 3; ++r) {
-    CK(cudaMemsetAsync(g_flush, r & 0xff, kFlush));
-    cudaEventRecord(a); f(); cudaEventRecord(b); CK(cudaEventSynchronize(b));
-    float ms; cudaEventElapsedTime(&ms, a, b); if (r >= 3) t.push_back(ms * 1000.f);
-  }
-  std::sort(t.begin(), t.end()); return t[t.size() / 2];
-}
 static CodePlanes g_planes;
 static AbsmaxArgs g_nested;
 template <int C, int WARPS, int DEPTH, bool NESTED = false>
@@ -58,15 +47,9 @@ static float bfr(float f) { uint32_t x; memcpy(&x, &f, 4); x = (x + 0x7fff + ((x
 static int g_only = -1, g_idx = 0;
 int main(int argc, char** argv) {
   if (argc > 1) g_only = atoi(argv[1]);
-  CK(cudaMalloc(&g_flush, kFlush));
   const float nf4[16] = {OPSQ_NF4_VALUES};
   g_planes = make_code_planes<__nv_bfloat16>(nf4);
-  // copy bandwidth
-  char *c0, *c1; const size_t cb = 512u << 20; CK(cudaMalloc(&c0, cb)); CK(cudaMalloc(&c1, cb));
-  const float cus = time_med([&] { cudaMemcpyAsync(c1, c0, cb, cudaMemcpyDeviceToDevice); }, 10);
-  const double B = 2.0 * cb / (cus * 1e-6);
-  printf("copy bandwidth %.2f TB/s\n", B / 1e12);
-  CK(cudaFree(c0)); CK(cudaFree(c1));
+  const double B = copy_bandwidth();
   const int64_t shapes[][2] = {{28672, 8192}, {8192, 28672}, {8192, 8192}, {11008, 4096}, {4096, 11008}, {4096, 4096}};
   std::mt19937 rng(1);
   for (auto& sh : shapes) for (int M : {1, 8}) {

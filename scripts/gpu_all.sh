@@ -4,7 +4,8 @@
 # the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
 # `opsq demo --device cuda`, the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json` (kernel families; the llm family is its own
 # phase, `llm`, with LLM_LAYERS / LLM_VARIANTS), compute-sanitizer memcheck/racecheck over the
-# op tests, and `lab` (benchmarks/gemv_lab.cu: gemv4.cuh variants timed without torch). Logs and
+# op tests, and `lab` (benchmarks/gemv_lab.cu and optim_lab.cu: kernel variants timed without
+# torch; LAB_ONLY=gemv,optim). Logs and
 # results under $OUT; a summary table is printed last.
 #   OUT=/tmp/o bash scripts/gpu_all.sh
 #   PHASES=bench,sanitizer bash scripts/gpu_all.sh
@@ -25,9 +26,11 @@ has() { [[ ",$PHASES," == *",$1,"* ]]; }
 note() { echo "$1" | tee -a "$SUMMARY"; }
 last() { grep -E "passed|failed|error" "$1" | tail -1; }
 
-if has lab; then  # benchmarks/gemv_lab.cu (gemv4.cuh variants, no torch): compiled beside the build
+if has lab; then  # benchmarks/{gemv,optim}_lab.cu (kernel variants, no torch): compiled beside the build
   (nvcc -O3 -arch=sm_90 -std=c++17 -lineinfo -o /tmp/opsq_gemv_lab benchmarks/gemv_lab.cu \
-    >"$OUT/gemv_lab_build.log" 2>&1) &
+    >"$OUT/gemv_lab_build.log" 2>&1;
+   nvcc -O3 -arch=sm_90 -std=c++17 -lineinfo -o /tmp/opsq_optim_lab benchmarks/optim_lab.cu \
+    >"$OUT/optim_lab_build.log" 2>&1) &
   LAB_PID=$!
 fi
 if has build; then
@@ -37,9 +40,17 @@ if has build; then
 fi
 if has lab; then
   wait $LAB_PID
-  timeout 120 /tmp/opsq_gemv_lab >"$OUT/gemv_lab.txt" 2>&1
-  note "gemv lab rc=$? (benchmarks/gemv_lab.cu; copy bandwidth, µs, % of it, error vs a float64 host reference)"
-  cat "$OUT/gemv_lab.txt" >>"$SUMMARY"
+  if [[ ",${LAB_ONLY:-gemv,optim}," == *",gemv,"* ]]; then
+    timeout 120 /tmp/opsq_gemv_lab >"$OUT/gemv_lab.txt" 2>&1
+    note "gemv lab rc=$? (benchmarks/gemv_lab.cu; copy bandwidth, µs, % of it, error vs a float64 host reference)"
+    cat "$OUT/gemv_lab.txt" >>"$SUMMARY"
+  fi
+  if [[ ",${LAB_ONLY:-gemv,optim}," == *",optim,"* ]]; then
+    $PY -c "from opsq._constants import create_dynamic_map as m; import torch; torch.cat([m(signed=True), m(signed=False)]).numpy().tofile('/tmp/opsq_maps.bin')"
+    timeout 120 /tmp/opsq_optim_lab /tmp/opsq_maps.bin >"$OUT/optim_lab.txt" 2>&1
+    note "optim lab rc=$? (benchmarks/optim_lab.cu; 8-bit AdamW update variants, µs, % of copy, bytes differing from production)"
+    cat "$OUT/optim_lab.txt" >>"$SUMMARY"
+  fi
 fi
 if has cuda_ops; then
   OPSQ_SKIP_TIMINGS=1 OUT="$OUT" bash scripts/gpu_run.sh >"$OUT/cuda_ops_stdout.log" 2>&1

@@ -1,0 +1,244 @@
+// optim lab: times the 8-bit blockwise AdamW update (update8_kernel of opsq/csrc/optim.cuh, bf16
+// parameters, 128 M elements) without torch, in its production form and with alternatives, and
+// a loads-only kernel with the same traffic (10 bytes an element: read g, p, two codes; write
+// p and the codes):
+//   v0  production: Encoder8 (binary search over the sorted midpoints), maps read through L1
+//   v1  maps decoded from a shared-memory copy
+//   v2  EncoderEytz: the same midpoints in breadth-first (Eytzinger) order, so the 8 look-ups of
+//       a search are at consecutive words level by level (the production order puts every probe
+//       of the first levels in one shared-memory bank: up to 8-way conflicts a probe)
+//   v3  v1 + v2
+// Every variant computes the same function: its p, codes and absmax must equal v0's bit for bit
+// (printed). The maps are opsq's 8-bit dynamic maps, written by Python:
+//   python3 -c "from opsq._constants import create_dynamic_map as m; import torch; \
+//     torch.cat([m(signed=True), m(signed=False)]).numpy().tofile('/tmp/opsq_maps.bin')"
+//   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/optim_lab benchmarks/optim_lab.cu
+//   /tmp/optim_lab /tmp/opsq_maps.bin               # the timings (GPU)
+//   /tmp/optim_lab /tmp/opsq_maps.bin --host-check  # EncoderEytz == Encoder8's rule, no GPU
+// (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "../opsq/csrc/optim.cuh"
+#include "lab_common.cuh"
+using namespace opsq;
+
+// In-order rank (0..254) of node i (1..255) of the complete 8-level tree in breadth-first order.
+__host__ __device__ inline int eytz_rank(int i) {
+  int d = 0;
+  while ((2 << d) <= i) ++d;
+  return ((2 * (i - (1 << d)) + 1) << (7 - d)) - 1;
+}
+
+__host__ __device__ inline bool is_nan_bits(float v) {
+  uint32_t b;
+  memcpy(&b, &v, 4);
+  return (b & 0x7fffffffu) > 0x7f800000u;
+}
+
+// Encoder8's rule (order[number of midpoints < v], NaN -> order[255]) with the midpoints stored
+// breadth-first: tree[1..255].
+struct EncoderEytz {
+  float tree[256];
+  unsigned char order[256];
+  float sorted[256];
+
+  // By the CTA (blockDim.x == 256), as Encoder8::build; ends with __syncthreads().
+  __device__ void build(const float* __restrict__ code) {
+    const int t = threadIdx.x;
+    const float v = code[t];
+    sorted[t] = v;
+    __syncthreads();
+    int rank = 0;
+    for (int i = 0; i < 256; ++i) {
+      const float c = sorted[i];
+      rank += ((c < v) || (!(c < v) && !(v < c) && i < t)) ? 1 : 0;
+    }
+    __syncthreads();
+    sorted[rank] = v;
+    order[rank] = static_cast<unsigned char>(t);
+    __syncthreads();
+    if (t >= 1) {
+      const int r = eytz_rank(t);
+      tree[t] = __fmul_rn(__fadd_rn(sorted[r], sorted[r + 1]), 0.5f);
+    }
+    __syncthreads();
+  }
+
+  __host__ __device__ uint32_t encode(float v) const {
+    int i = 1;
+#pragma unroll
+    for (int l = 0; l < 8; ++l) i = 2 * i + (tree[i] < v ? 1 : 0);
+    return order[is_nan_bits(v) ? 255 : i - 256];
+  }
+};
+
+// Host versions of the two builds: sorted map, midpoints, order (Encoder8::build's arithmetic).
+struct HostMaps { float mids[256]; unsigned char order[256]; EncoderEytz eytz; };
+static HostMaps host_build(const float* code) {
+  HostMaps h{};
+  float sorted[256];
+  for (int t = 0; t < 256; ++t) {
+    int rank = 0;
+    for (int i = 0; i < 256; ++i)
+      rank += ((code[i] < code[t]) || (!(code[i] < code[t]) && !(code[t] < code[i]) && i < t)) ? 1 : 0;
+    sorted[rank] = code[t];
+    h.order[rank] = static_cast<unsigned char>(t);
+  }
+  for (int t = 0; t < 256; ++t) {
+    h.mids[t] = t < 255 ? (sorted[t] + sorted[t + 1]) * 0.5f : INFINITY;
+    h.eytz.order[t] = h.order[t];
+    if (t >= 1) { const int r = eytz_rank(t); h.eytz.tree[t] = (sorted[r] + sorted[r + 1]) * 0.5f; }
+  }
+  return h;
+}
+// Encoder8::encode on the host: the same binary search over the sorted midpoints.
+static uint32_t host_encode8(const HostMaps& h, float v) {
+  int lo = 0;
+  for (int step = 128; step >= 1; step >>= 1)
+    if (h.mids[lo + step - 1] < v) lo += step;
+  if (is_nan_bits(v)) lo = 255;
+  return h.order[lo];
+}
+
+static int host_check(const float* maps) {
+  long long bad = 0, n = 0;
+  for (int m = 0; m < 2; ++m) {
+    const HostMaps h = host_build(maps + 256 * m);
+    // every float whose bits are a multiple of 3 (all signs, exponents, most mantissas), and
+    // every midpoint and its two neighbours exactly
+    for (uint64_t bits = 0; bits <= 0xffffffffull; bits += 3) {
+      const uint32_t b = static_cast<uint32_t>(bits);
+      float v; memcpy(&v, &b, 4);
+      ++n;
+      if (host_encode8(h, v) != h.eytz.encode(v)) ++bad;
+    }
+    for (int t = 0; t < 255; ++t)
+      for (float v : {h.mids[t], nextafterf(h.mids[t], -INFINITY), nextafterf(h.mids[t], INFINITY)}) {
+        ++n;
+        if (host_encode8(h, v) != h.eytz.encode(v)) ++bad;
+      }
+  }
+  printf("host check: EncoderEytz vs Encoder8's rule on %lld values of the two maps: %lld differ\n",
+         n, bad);
+  return bad != 0;
+}
+
+// The memory side alone: update8_kernel's loads and stores (4 elements a thread, blocks of 256,
+// the absmax of each block) with the arithmetic replaced by adds.
+__global__ void __launch_bounds__(kThreads)
+drain8_kernel(const __nv_bfloat16* __restrict__ g, __nv_bfloat16* __restrict__ p, States8 st,
+              int64_t n, int64_t nblocks) {
+  const int64_t stride = int64_t{gridDim.x} * kThreads * 4;
+  for (int64_t e = (int64_t{blockIdx.x} * kThreads + threadIdx.x) * 4; e < n; e += stride) {
+    const uint2 gv = *reinterpret_cast<const uint2*>(g + e);
+    uint2 pv = *reinterpret_cast<const uint2*>(p + e);
+    uint32_t c1 = *reinterpret_cast<const uint32_t*>(st.c1 + e);
+    uint32_t c2 = *reinterpret_cast<const uint32_t*>(st.c2 + e);
+    const float a1 = st.a1[e >> 8], a2 = st.a2[e >> 8];
+    pv.x += gv.x; pv.y += gv.y; c1 += gv.x ^ __float_as_uint(a1); c2 += gv.y ^ __float_as_uint(a2);
+    *reinterpret_cast<uint2*>(p + e) = pv;
+    *reinterpret_cast<uint32_t*>(st.c1 + e) = c1;
+    *reinterpret_cast<uint32_t*>(st.c2 + e) = c2;
+    if ((e & 255) == 0) { st.a1[e >> 8] = a1; st.a2[e >> 8] = a2; }
+  }
+}
+
+// x[i] = scale * (an approximately standard normal value from a hash of (i, seed)): the sum of
+// four uniform [0, 1) values, centred and scaled to unit variance.
+__global__ void fill_kernel(__nv_bfloat16* x, int64_t n, float scale, int seed) {
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 0x9e3779b9u ^ (static_cast<uint32_t>(seed) * 0x85ebca6bu + 0x165667b1u);
+    float s = 0.0f;
+    for (int k = 0; k < 4; ++k) {
+      h ^= h >> 16; h *= 0x7feb352du; h ^= h >> 15; h *= 0x846ca68bu; h ^= h >> 16;
+      s += static_cast<float>(h >> 8) * (1.0f / 16777216.0f);
+    }
+    x[i] = __float2bfloat16(scale * (s - 2.0f) * 1.7320508f);
+  }
+}
+
+struct Buf {  // one copy of everything an update reads and writes
+  __nv_bfloat16 *g, *p; uint8_t *c1, *c2; float *a1, *a2;
+};
+
+int main(int argc, char** argv) {
+  if (argc < 2) { printf("usage: %s MAPS.bin [--host-check]\n", argv[0]); return 2; }
+  std::vector<float> maps(512);
+  FILE* f = fopen(argv[1], "rb");
+  if (!f || fread(maps.data(), 4, 512, f) != 512) { printf("cannot read 512 floats from %s\n", argv[1]); return 2; }
+  fclose(f);
+  if (argc > 2 && !strcmp(argv[2], "--host-check")) return host_check(maps.data());
+
+  const double B = copy_bandwidth();
+  const int64_t n = int64_t{1} << 27, nblocks = n / kOptBlock;
+  int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const int grid = static_cast<int>(std::min<int64_t>(nblocks / (kThreads / kGroup), int64_t{sms} * 4));
+  float* dmaps; CK(cudaMalloc(&dmaps, 2048)); CK(cudaMemcpy(dmaps, maps.data(), 2048, cudaMemcpyHostToDevice));
+  auto alloc = [&]() {
+    Buf b;
+    CK(cudaMalloc(&b.g, n * 2)); CK(cudaMalloc(&b.p, n * 2)); CK(cudaMalloc(&b.c1, n)); CK(cudaMalloc(&b.c2, n));
+    CK(cudaMalloc(&b.a1, nblocks * 4)); CK(cudaMalloc(&b.a2, nblocks * 4));
+    return b;
+  };
+  auto states = [&](const Buf& b) { return States8{b.c1, b.c2, b.a1, b.a2, dmaps, dmaps + 256}; };
+  auto copy = [&](const Buf& d, const Buf& s) {
+    CK(cudaMemcpy(d.g, s.g, n * 2, cudaMemcpyDeviceToDevice)); CK(cudaMemcpy(d.p, s.p, n * 2, cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(d.c1, s.c1, n, cudaMemcpyDeviceToDevice)); CK(cudaMemcpy(d.c2, s.c2, n, cudaMemcpyDeviceToDevice));
+    CK(cudaMemcpy(d.a1, s.a1, nblocks * 4, cudaMemcpyDeviceToDevice)); CK(cudaMemcpy(d.a2, s.a2, nblocks * 4, cudaMemcpyDeviceToDevice));
+  };
+  // the starting point: random parameters and states from 3 production steps of random gradients
+  Buf base = alloc(), work = alloc();
+  {
+    fill_kernel<<<1024, 256>>>(base.p, n, 1.0f, 0);
+    CK(cudaMemset(base.c1, 0, n)); CK(cudaMemset(base.c2, 0, n));
+    CK(cudaMemset(base.a1, 0, nblocks * 4)); CK(cudaMemset(base.a2, 0, nblocks * 4));
+    for (int step = 1; step <= 4; ++step) {
+      fill_kernel<<<1024, 256>>>(base.g, n, 1e-3f, step);
+      if (step == 4) break;  // the timed steps use this gradient
+      const Hyper hy = make_hyper(kAdam, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, step, 1e-4, 1.0, 0.0, 0.0, false);
+      update8_kernel<__nv_bfloat16, kAdam><<<grid, kThreads>>>(base.g, base.p, states(base), n, nblocks, true, hy);
+    }
+    CK(cudaDeviceSynchronize());
+  }
+  const Hyper hy = make_hyper(kAdam, 0.9, 0.999, 0.0, 0.0, 1e-8, 0.01, 4, 1e-4, 1.0, 0.0, 0.0, false);
+  // v0's result, the reference of the others
+  Buf ref = alloc();
+  copy(ref, base);
+  update8_kernel<__nv_bfloat16, kAdam><<<grid, kThreads>>>(ref.g, ref.p, states(ref), n, nblocks, true, hy);
+  CK(cudaDeviceSynchronize());
+  std::vector<uint8_t> want(n), got(n);
+  const double bytes = 10.0 * n + 16.0 * nblocks;
+  auto run = [&](const char* name, auto launch) {
+    copy(work, base);
+    launch(work);
+    CK(cudaDeviceSynchronize());
+    long long diff = 0;
+    for (int k = 0; k < 3; ++k) {
+      const size_t len = k == 0 ? n * 2 : n;
+      const void* a = k == 0 ? (const void*)ref.p : (k == 1 ? (const void*)ref.c1 : (const void*)ref.c2);
+      const void* b = k == 0 ? (const void*)work.p : (k == 1 ? (const void*)work.c1 : (const void*)work.c2);
+      want.resize(len); got.resize(len);
+      CK(cudaMemcpy(want.data(), a, len, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(got.data(), b, len, cudaMemcpyDeviceToHost));
+      for (size_t i = 0; i < len; ++i) diff += want[i] != got[i];
+    }
+    const float us = time_med([&] { launch(work); }, 20);
+    printf("%-34s %9.1f us %5.1f %% of copy   bytes differing from v0: %lld\n", name, us,
+           100.0 * bytes / (us * 1e-6) / B, diff);
+  };
+  printf("AdamW 8-bit blockwise update, %lld bf16 parameters, grid %d x %d\n", (long long)n, grid, kThreads);
+  run("v0 production (Encoder8, L1 maps)", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("v1 shared-memory maps", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("v2 EncoderEytz", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, EncoderEytz, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("v3 EncoderEytz + shared maps", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, EncoderEytz, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("loads only (drain; differs)", [&](const Buf& b) {
+    drain8_kernel<<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks); });
+  return 0;
+}
