@@ -321,7 +321,9 @@ def test_linear_4bit_matches_reference(op, quant_type, dtype, nested):
     need(op)
     cases = [((1, 64), 1, 64), ((1, 4096), 1000, 64), ((3, 96), 17, 32), ((8, 512), 129, 128),
              ((2, 5, 256), 48, 256), ((33, 128), 40, 64), ((4, 100), 21, 64), ((300,), 7, 32),
-             ((1, 8192), 3000, 4096), ((17, 1024), 64, 2048)]
+             ((1, 8192), 3000, 4096), ((17, 1024), 64, 2048),
+             # K < 2 N: the 4-warp CTAs (the others up to 16 rows: 8 warps, kGemvWideWarps)
+             ((1, 256), 200, 64), ((5, 512), 300, 128), ((2, 96), 70, 32)]
     for i, (ashape, N, bs) in enumerate(cases):
         K = ashape[-1]
         A = randn(ashape, dtype, seed=100 + i)

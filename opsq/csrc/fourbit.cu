@@ -365,7 +365,11 @@ void launch_gemv4_nested(const T* A, int M, int64_t K, const uint8_t* W, int64_t
   const ShiftMuls sh{1u << 16, 1u << 31};
   const int bs_log2 = log2_exact(blocksize);
 #define OPSQ_GEMV4(C, BSEQ)                                                                  \
-  gemv4_kernel<T, NESTED, C, BSEQ><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N,     \
+  if (K >= 2 * N)                                                                            \
+    gemv4_kernel<T, NESTED, C, BSEQ, kGemvWideWarps><<<grid, kGemvWideWarps * 32, 0, stream>>>( \
+        A, M, K, W, N, am.args, bs_log2, planes, sh, bias, out);                             \
+  else                                                                                       \
+    gemv4_kernel<T, NESTED, C, BSEQ><<<grid, kGemvWarps * 32, 0, stream>>>(A, M, K, W, N,   \
                                                                           am.args, bs_log2,  \
                                                                           planes, sh, bias, out)
   if (blocksize >= 64 && K % 64 == 0) {

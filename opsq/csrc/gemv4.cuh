@@ -27,8 +27,9 @@
 //    4j .. 4j + 3 as logical k = 2q, 2q + 1, 2q + 8, 2q + 9 (a dot product is order-free), so
 //    the four lanes of a row cover 16 codes of one chunk, and the activations are read the
 //    same way.
-//  * A CTA of kGemvWarps warps owns 16 output features; the warps split K in steps of 256
-//    codes, DEPTH steps of loads in flight each, and reduce through shared memory.
+//  * A CTA of WARPS warps (kGemvWarps; kGemvWideWarps where K >= 2 N) owns 16 output features;
+//    the warps split K in steps of 256 codes, DEPTH steps of loads in flight each, and reduce
+//    through shared memory.
 // Requires K % 32 == 0 and 16-byte aligned A rows and packed codes (the host checks).
 #pragma once
 
@@ -44,6 +45,10 @@
 namespace opsq {
 
 constexpr int kGemvWarps = 4;
+// Where K >= 2 N (few, long rows: e.g. the MLP down-projection) too few CTAs would hold 4 warps
+// each; 8 warps a CTA measured 3-15 % faster there on the H200 (benchmarks/gemv_lab.cu:
+// 11008->4096 20.0 vs 23.5 us, 28672->8192 76.1 vs 78.2 us) and slower elsewhere.
+constexpr int kGemvWideWarps = 8;
 constexpr int kGemvDepth = 1;
 constexpr int64_t kGemvStepK = 256;
 // Rows up to which linear_4bit / gemv_4bit use this kernel instead of dequantize + GEMM.
