@@ -49,18 +49,7 @@ struct EncoderEytz {
   // By the CTA (blockDim.x == 256), as Encoder8::build; ends with __syncthreads().
   __device__ void build(const float* __restrict__ code) {
     const int t = threadIdx.x;
-    const float v = code[t];
-    sorted[t] = v;
-    __syncthreads();
-    int rank = 0;
-    for (int i = 0; i < 256; ++i) {
-      const float c = sorted[i];
-      rank += ((c < v) || (!(c < v) && !(v < c) && i < t)) ? 1 : 0;
-    }
-    __syncthreads();
-    sorted[rank] = v;
-    order[rank] = static_cast<unsigned char>(t);
-    __syncthreads();
+    sort_map(code, sorted, order);
     if (t >= 1) {
       const int r = eytz_rank(t);
       tree[t] = __fmul_rn(__fadd_rn(sorted[r], sorted[r + 1]), 0.5f);
