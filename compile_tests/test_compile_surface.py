@@ -1,6 +1,9 @@
 """The rest of the bitsandbytes surface under torch.compile(fullgraph=True): embeddings, SwitchBack,
 OutlierAwareLinear. Zero graph breaks, one graph across batch sizes, outputs (and gradients)
 equal to eager, no module state changed by forward."""
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +13,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from opsq.nn import (Embedding, Embedding4bit, Embedding8bit, EmbeddingNF4, OutlierAwareLinear,
                      StableEmbedding, StandardLinear, SwitchBackLinearBnb, SwitchBackLinearGlobal,
                      SwitchBackLinearGlobalMemEfficient, SwitchBackLinearVectorwise)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from module_state import assert_unchanged, snapshot  # noqa: E402  (tests/module_state.py)
 
 
 class _Bf16Inliers(OutlierAwareLinear):
@@ -53,18 +60,6 @@ LINEARS = {
 }
 
 
-def _snapshot(module):
-    return {k: (id(v), v.detach().clone()) for k, v in
-            list(module.named_parameters()) + list(module.named_buffers())}
-
-
-def _assert_unchanged(module, snap):
-    now = dict(list(module.named_parameters()) + list(module.named_buffers()))
-    assert set(now) == set(snap)
-    for k, (ident, value) in snap.items():
-        assert id(now[k]) == ident and torch.equal(now[k].detach(), value), k
-
-
 def _run(module, inputs, backward=False):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
@@ -75,7 +70,7 @@ def _run(module, inputs, backward=False):
         x2 = x.detach().clone().requires_grad_(backward)
         if i == 0:
             torch._dynamo.mark_dynamic(x2, 0)
-        snap = _snapshot(module)
+        snap = snapshot(module)
         if backward:
             x1 = x.detach().clone().requires_grad_(True)
             ge, = torch.autograd.grad(module(x1).float().square().sum(), x1)
@@ -83,7 +78,7 @@ def _run(module, inputs, backward=False):
             torch.testing.assert_close(gc, ge, rtol=0, atol=0)
         else:
             torch.testing.assert_close(compiled(x2), module(x), rtol=0, atol=0)
-        _assert_unchanged(module, snap)
+        assert_unchanged(module, snap)
     assert sum(counters["graph_break"].values()) == 0
     assert backend.frame_count == 1, f"recompiled: {backend.frame_count} graphs"
 

@@ -17,6 +17,7 @@ from opsq.nn.parametrize import Bnb4bitParametrization, replace_parameter_4bit_p
 from opsq.reference.fourbit import unpack_codes
 
 from fixture_utils import fixture_cases, load_fixture, quant_meta
+from module_state import assert_unchanged, snapshot
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=(
@@ -77,18 +78,6 @@ def _float64_decode(packed, absmax, shape, blocksize, quant_type, nested=None):
         am = create_dynamic_map().double()[am.long()] * scale + offset
     am = am.double().repeat_interleave(blocksize)[:n]
     return (code_table(quant_type).double()[codes] * am).reshape(shape)
-
-
-def _snapshot(module):
-    return {k: (id(v), v.detach().clone()) for k, v in
-            list(module.named_parameters()) + list(module.named_buffers())}
-
-
-def _assert_unchanged(module, snap):
-    now = dict(list(module.named_parameters()) + list(module.named_buffers()))
-    assert set(now) == set(snap)
-    for k, (ident, value) in snap.items():
-        assert id(now[k]) == ident and torch.equal(now[k].detach(), value), k
 
 
 # ---- values --------------------------------------------------------------------------------------
@@ -309,7 +298,7 @@ def test_functional_call(device, nested):
     idx = torch.tensor([2, 0, 1, 2], device=device)
     tensors = {**dict(m.named_parameters()), **dict(m.named_buffers())}
     assert "parametrizations.w.original" in tensors and "parametrizations.w.0.absmax" in tensors
-    snap = _snapshot(m)
+    snap = snapshot(m)
     out = torch.func.functional_call(m, tensors, (x, idx))
     assert torch.equal(out, m(x, idx))
     # substituted tensors reach the dequantization: doubled bias, zeroed codes, other absmax
@@ -324,7 +313,7 @@ def test_functional_call(device, nested):
             m, {"parametrizations.w.0.absmax": m.parametrizations.w[0].absmax * 2}, (x, idx))
         torch.testing.assert_close(out - m.bias[idx], 2 * (m(x, idx) - m.bias[idx]),
                                    rtol=1e-5, atol=1e-5)
-    _assert_unchanged(m, snap)
+    assert_unchanged(m, snap)
 
 
 def test_deepcopy_keeps_format():
@@ -384,9 +373,9 @@ def test_compile_fullgraph_aot_eager(device, nested):
         if i == 0:
             torch._dynamo.mark_dynamic(x, 0)
             torch._dynamo.mark_dynamic(idx, 0)
-        snap = _snapshot(m)
+        snap = snapshot(m)
         torch.testing.assert_close(compiled(x, idx), m(x, idx), rtol=0, atol=0)
-        _assert_unchanged(m, snap)
+        assert_unchanged(m, snap)
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} graphs"
     calls = [n for n in graphs[0].graph.nodes
