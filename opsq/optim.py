@@ -60,6 +60,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._constants import create_dynamic_map
 from ._extension import load_extension
+from .functional import get_paged
 from .fsdp import is_dtensor as _is_dtensor
 from ._singleton import Singleton
 from .meta._common import ceil_div
@@ -212,14 +213,11 @@ PAGED_KEYS = ("state1", "state2")
 
 
 def _paged_zeros(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeros in CUDA unified memory (:func:`opsq._C.paged_zeros`) on a CUDA device with the
-    extension, outside ``torch.compile``; ordinary zeros otherwise."""
-    ext = None
-    if device.type == "cuda" and not torch.compiler.is_compiling():
-        ext = load_extension()
-    if ext is None:
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return ext.paged_zeros(list(shape), torch.empty(0, dtype=dtype, device=device))
+    """Zeros in CUDA unified memory (:func:`opsq.functional.get_paged`) on a CUDA device with
+    the extension, outside ``torch.compile``; ordinary zeros otherwise."""
+    if device.type == "cuda" and not torch.compiler.is_compiling() and load_extension():
+        return get_paged(*shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
