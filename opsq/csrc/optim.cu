@@ -22,6 +22,8 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
+#include <utility>
+#include <vector>
 
 #include "checks.h"
 #include "common.cuh"
@@ -192,18 +194,23 @@ update32_kernel(const T* __restrict__ g, T* __restrict__ p, States32 st, int64_t
 
 bool aligned(const void* ptr, int bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
 
-// Runs fn on a contiguous tensor holding t's values and writes the result back into t when t
-// itself is not contiguous.
-template <typename F>
-void with_contiguous(at::Tensor& t, F&& fn) {
-  if (t.is_contiguous()) {
-    fn(t);
-  } else {
+// Contiguous stand-ins for the tensors an update writes: operator() returns t itself when it is
+// contiguous (or undefined), else a contiguous copy that write_back() copies into t.
+class Written {
+ public:
+  at::Tensor operator()(const at::Tensor& t) {
+    if (!t.defined() || t.is_contiguous()) return t;
     at::Tensor c = t.contiguous();
-    fn(c);
-    t.copy_(c);
+    pending_.emplace_back(t, c);
+    return c;
   }
-}
+  void write_back() {
+    for (auto& [dst, src] : pending_) dst.copy_(src);
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
+};
 
 template <typename T, Opt O>
 void launch32(const at::Tensor& g, at::Tensor& p, at::Tensor& s1, std::optional<at::Tensor>& s2,
@@ -330,20 +337,12 @@ void optimizer_update_32bit_cuda(c10::string_view optimizer_name, const at::Tens
   const Hyper h = make_hyper(o, beta1, beta2, beta3, alpha, eps, weight_decay, t, lr, gnorm_scale,
                              max_unorm, param_norm, skip_zeros);
   const at::Tensor gc = g.contiguous();
-  std::optional<at::Tensor> s2 = state2, uv = unorm_vec;
-  with_contiguous(p, [&](at::Tensor& pc) {
-    with_contiguous(state1, [&](at::Tensor& s1c) {
-      if (!s2.has_value()) {
-        by_optimizer<Run32>(o, gc, pc, s1c, s2, uv, h);
-        return;
-      }
-      at::Tensor s2t = *s2;
-      with_contiguous(s2t, [&](at::Tensor& s2c) {
-        std::optional<at::Tensor> s2o = s2c;
-        by_optimizer<Run32>(o, gc, pc, s1c, s2o, uv, h);
-      });
-    });
-  });
+  Written written;
+  at::Tensor pc = written(p), s1c = written(state1);
+  std::optional<at::Tensor> s2c, uv = unorm_vec;
+  if (state2.has_value()) s2c = written(*state2);
+  by_optimizer<Run32>(o, gc, pc, s1c, s2c, uv, h);
+  written.write_back();
 }
 
 void optimizer_update_8bit_blockwise_cuda(
@@ -394,28 +393,15 @@ void optimizer_update_8bit_blockwise_cuda(
   const at::Tensor gc = g.contiguous();
   const at::Tensor m1 = qmap1.contiguous();
   const at::Tensor m2 = qmap2.has_value() ? qmap2->contiguous() : at::Tensor();
-  at::Tensor s2t = state2.has_value() ? *state2 : at::Tensor();
-  at::Tensor a2t = absmax2.has_value() ? *absmax2 : at::Tensor();
-  with_contiguous(p, [&](at::Tensor& pc) {
-    with_contiguous(state1, [&](at::Tensor& s1c) {
-      with_contiguous(absmax1, [&](at::Tensor& a1c) {
-        States8 st{s1c.data_ptr<uint8_t>(), nullptr, a1c.data_ptr<float>(), nullptr,
-                   m1.data_ptr<float>(), nullptr};
-        if (!s2t.defined()) {
-          by_optimizer<Run8>(o, gc, pc, st, h);
-          return;
-        }
-        with_contiguous(s2t, [&](at::Tensor& s2c) {
-          with_contiguous(a2t, [&](at::Tensor& a2c) {
-            st.c2 = s2c.data_ptr<uint8_t>();
-            st.a2 = a2c.data_ptr<float>();
-            st.map2 = m2.data_ptr<float>();
-            by_optimizer<Run8>(o, gc, pc, st, h);
-          });
-        });
-      });
-    });
-  });
+  Written written;
+  at::Tensor pc = written(p), s1c = written(state1), a1c = written(absmax1);
+  const at::Tensor s2c = written(state2.value_or(at::Tensor()));
+  const at::Tensor a2c = written(absmax2.value_or(at::Tensor()));
+  const States8 st{s1c.data_ptr<uint8_t>(), s2c.defined() ? s2c.data_ptr<uint8_t>() : nullptr,
+                   a1c.data_ptr<float>(), a2c.defined() ? a2c.data_ptr<float>() : nullptr,
+                   m1.data_ptr<float>(), m2.defined() ? m2.data_ptr<float>() : nullptr};
+  by_optimizer<Run8>(o, gc, pc, st, h);
+  written.write_back();
 }
 
 }  // namespace opsq
