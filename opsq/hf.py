@@ -71,7 +71,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from . import functional as Fq
 from ._constants import BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES, QUANT_TYPES
-from .integrations import _dtype, replace_with_bnb_linear, set_module_quantized_tensor_to_device
+from .integrations import (_dtype, _is_conv1d, replace_with_bnb_linear,
+                           set_module_quantized_tensor_to_device)
 from .nn.linear4bit import Linear4bit
 from .nn.linear8bit import Linear8bitLt
 
@@ -369,11 +370,6 @@ def _is_opsq_conversion(transform) -> bool:
 
 
 # ---- the quantizer ------------------------------------------------------------------------------
-def _conv1d():
-    from transformers.pytorch_utils import Conv1D
-    return Conv1D
-
-
 class OpsqHfQuantizer(HfQuantizer):
     """transformers ``HfQuantizer`` that builds opsq layers, for :class:`OpsqConfig` and (after
     :func:`enable_transformers`) ``BitsAndBytesConfig``.
@@ -446,9 +442,8 @@ class OpsqHfQuantizer(HfQuantizer):
                 and isinstance(device_map, dict):
             skip += [k for k, v in device_map.items() if str(v) in ("cpu", "disk")]
         self.modules_to_not_convert = skip
-        conv1d = _conv1d()
         keep = [name for name, m in model.named_modules()
-                if name and (type(m) is nn.Linear or isinstance(m, conv1d))
+                if name and (type(m) is nn.Linear or _is_conv1d(type(m)))
                 and not should_convert_module(name, skip)]
         replace_with_bnb_linear(model, keep, _layer_settings(config, model.dtype))
         return model
