@@ -1,7 +1,5 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
-// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax, split-K over a cluster
-// of 2 or 4 CTAs) and a loads-only
-// kernel, on the shapes of opsq bench's gemv family, without torch. Each output is checked
+// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax) and a loads-only kernel, on the shapes of opsq bench's gemv family, without torch. Each output is checked
 // against a float64 host reference (relerr: max error over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
@@ -36,26 +34,13 @@ __global__ void __launch_bounds__(128, 4) drain_kernel(int64_t K, const uint8_t*
 struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M; };
 static CodePlanes g_planes;
 static AbsmaxArgs g_nested;
-template <int C, int WARPS, int DEPTH, bool NESTED = false, int SPLIT = 1>
+template <int C, int WARPS, int DEPTH, bool NESTED = false>
 void launch4(const Bufs& b) {
   AbsmaxArgs am = NESTED ? g_nested : AbsmaxArgs{};
   if (!NESTED) am.absmax = b.absmax;
-  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, SPLIT>;
+  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH>;
   const ShiftMuls sh{65536u, 0x80000000u};
-  if (SPLIT == 1) {
-    kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
-    return;
-  }
-  // split-K: clusters of 1 x SPLIT CTAs sharing K (gemv4.cuh)
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>((b.N + 15) / 16), SPLIT);
-  cfg.blockDim = dim3(WARPS * 32);
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = 1; attr.val.clusterDim.y = SPLIT; attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr; cfg.numAttrs = 1;
-  CK(cudaLaunchKernelEx(&cfg, kernel, (const __nv_bfloat16*)b.A, b.M, b.K, (const uint8_t*)b.W, b.N, am, 6, g_planes, sh,
-                        (const __nv_bfloat16*)nullptr, b.out));
+  kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
 static float bf(__nv_bfloat16 v) { uint16_t u; memcpy(&u, &v, 2); uint32_t x = uint32_t(u) << 16; float f; memcpy(&f, &x, 4); return f; }
 static float bfr(float f) { uint32_t x; memcpy(&x, &f, 4); x = (x + 0x7fff + ((x >> 16) & 1)) & 0xffff0000u; float r; memcpy(&r, &x, 4); return r; }
@@ -111,9 +96,6 @@ int main(int argc, char** argv) {
     check("v4 c64 w4 d1 (opsq launch)")([&] { launch4<64, 4, 1>(b); });
     check("v4 c64 w4 d2")([&] { launch4<64, 4, 2>(b); });
     check("v4 c32 w4 d1")([&] { launch4<32, 4, 1>(b); });
-    check("v4 c64 w4 d1 split2")([&] { launch4<64, 4, 1, false, 2>(b); });
-    check("v4 c64 w4 d1 split4")([&] { launch4<64, 4, 1, false, 4>(b); });
-    check("v4 c64 w8 d1 split2")([&] { launch4<64, 8, 1, false, 2>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;

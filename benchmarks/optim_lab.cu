@@ -2,19 +2,20 @@
 // parameters, 128 M elements) without torch, in its production form and with alternatives, and
 // a loads-only kernel with the same traffic (10 bytes an element: read g, p, two codes; write
 // p and the codes):
-//   v0  production: Encoder8 (binary search over the sorted midpoints), maps read through L1
+//   v0  production: Encoder8 (a breadth-first search over the midpoints), maps read through L1,
+//       a group of 64 threads (two warps) a block of 256
 //   v1  maps decoded from a shared-memory copy
-//   v2  EncoderEytz: the same midpoints in breadth-first (Eytzinger) order, so the 8 look-ups of
-//       a search are at consecutive words level by level (the production order puts every probe
-//       of the first levels in one shared-memory bank: up to 8-way conflicts a probe)
-//   v3  v1 + v2
+//   v4  CHUNKS 2: a warp a block (two 4-element chunks a thread), its max by shuffles, no
+//       barrier in the loop
+//   v6  v4 and v7 v0 on a grid of every resident CTA (instead of 4 an SM)
+// (Measured 2026-12-05 and since removed: the binary-search encoder, 10 % slower; NOTES.md.)
 // Every variant computes the same function: its p, codes and absmax must equal v0's bit for bit
 // (printed). The maps are opsq's 8-bit dynamic maps, written by Python:
 //   python3 -c "from opsq._constants import create_dynamic_map as m; import torch; \
 //     torch.cat([m(signed=True), m(signed=False)]).numpy().tofile('/tmp/opsq_maps.bin')"
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/optim_lab benchmarks/optim_lab.cu
 //   /tmp/optim_lab /tmp/opsq_maps.bin               # the timings (GPU)
-//   /tmp/optim_lab /tmp/opsq_maps.bin --host-check  # EncoderEytz == Encoder8's rule, no GPU
+//   /tmp/optim_lab /tmp/opsq_maps.bin --host-check  # breadth-first == binary search, no GPU
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
 #include <cmath>
 #include <cstdio>
@@ -26,47 +27,25 @@
 #include "lab_common.cuh"
 using namespace opsq;
 
-// In-order rank (0..254) of node i (1..255) of the complete 8-level tree in breadth-first order.
-__host__ __device__ inline int eytz_rank(int i) {
-  int d = 0;
-  while ((2 << d) <= i) ++d;
-  return ((2 * (i - (1 << d)) + 1) << (7 - d)) - 1;
-}
-
 __host__ __device__ inline bool is_nan_bits(float v) {
   uint32_t b;
   memcpy(&b, &v, 4);
   return (b & 0x7fffffffu) > 0x7f800000u;
 }
 
-// Encoder8's rule (order[number of midpoints < v], NaN -> order[255]) with the midpoints stored
-// breadth-first: tree[1..255].
-struct EncoderEytz {
+// The same midpoints breadth-first, as Encoder8 (encode8.cuh) stores and searches them.
+struct HostEytz {
   float tree[256];
   unsigned char order[256];
-  float sorted[256];
-
-  // By the CTA (blockDim.x == 256), as Encoder8::build; ends with __syncthreads().
-  __device__ void build(const float* __restrict__ code) {
-    const int t = threadIdx.x;
-    sort_map(code, sorted, order);
-    if (t >= 1) {
-      const int r = eytz_rank(t);
-      tree[t] = __fmul_rn(__fadd_rn(sorted[r], sorted[r + 1]), 0.5f);
-    }
-    __syncthreads();
-  }
-
-  __host__ __device__ uint32_t encode(float v) const {
+  uint32_t encode(float v) const {
     int i = 1;
-#pragma unroll
     for (int l = 0; l < 8; ++l) i = 2 * i + (tree[i] < v ? 1 : 0);
     return order[is_nan_bits(v) ? 255 : i - 256];
   }
 };
 
 // Host versions of the two builds: sorted map, midpoints, order (Encoder8::build's arithmetic).
-struct HostMaps { float mids[256]; unsigned char order[256]; EncoderEytz eytz; };
+struct HostMaps { float mids[256]; unsigned char order[256]; HostEytz eytz; };
 static HostMaps host_build(const float* code) {
   HostMaps h{};
   float sorted[256];
@@ -84,7 +63,7 @@ static HostMaps host_build(const float* code) {
   }
   return h;
 }
-// Encoder8::encode on the host: the same binary search over the sorted midpoints.
+// The rule as a binary search over the sorted midpoints (the encoder before 2026-12-05).
 static uint32_t host_encode8(const HostMaps& h, float v) {
   int lo = 0;
   for (int step = 128; step >= 1; step >>= 1)
@@ -111,7 +90,7 @@ static int host_check(const float* maps) {
         if (host_encode8(h, v) != h.eytz.encode(v)) ++bad;
       }
   }
-  printf("host check: EncoderEytz vs Encoder8's rule on %lld values of the two maps: %lld differ\n",
+  printf("host check: Encoder8's breadth-first search vs a binary search on %lld values of the two maps: %lld differ\n",
          n, bad);
   return bad != 0;
 }
@@ -165,7 +144,7 @@ int main(int argc, char** argv) {
   const double B = copy_bandwidth();
   const int64_t n = int64_t{1} << 27, nblocks = n / kOptBlock;
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int grid = static_cast<int>(std::min<int64_t>(nblocks / (kThreads / kGroup), int64_t{sms} * 4));
+  const int grid = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(1), int64_t{sms} * 4));
   float* dmaps; CK(cudaMalloc(&dmaps, 2048)); CK(cudaMemcpy(dmaps, maps.data(), 2048, cudaMemcpyHostToDevice));
   auto alloc = [&]() {
     Buf b;
@@ -223,10 +202,21 @@ int main(int argc, char** argv) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("v1 shared-memory maps", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
-  run("v2 EncoderEytz", [&](const Buf& b) {
-    update8_kernel<__nv_bfloat16, kAdam, EncoderEytz, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
-  run("v3 EncoderEytz + shared maps", [&](const Buf& b) {
-    update8_kernel<__nv_bfloat16, kAdam, EncoderEytz, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  const int grid2 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(2), int64_t{sms} * 4));
+  run("v4 a warp a block (CHUNKS 2)", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2><<<grid2, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  int resident = 0;  // as many CTAs as fit on the GPU at once (instead of 4 an SM)
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2>, kThreads, 0));
+  const int grid3 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(2), int64_t{sms} * resident));
+  printf("v6: %d CTAs resident an SM\n", resident);
+  run("v6 v4 on a grid of every resident CTA", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2><<<grid3, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  int resident1 = 0;
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident1, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 1>, kThreads, 0));
+  const int grid4 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(1), int64_t{sms} * resident1));
+  printf("v7: %d CTAs resident an SM\n", resident1);
+  run("v7 v0 on a grid of every resident CTA", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 1><<<grid4, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("loads only (drain; differs)", [&](const Buf& b) {
     drain8_kernel<<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks); });
   return 0;

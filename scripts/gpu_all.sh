@@ -2,7 +2,7 @@
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
 # sanitizer, timings, qlora_prof and llm_prof): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
 # the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
-# `opsq demo --device cuda`, the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json` (kernel families; the llm family is its own
+# `opsq demo --device cuda`, AOTInductor per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json` (kernel families; the llm family is its own
 # phase, `llm`, with LLM_LAYERS / LLM_VARIANTS), compute-sanitizer memcheck/racecheck over the
 # op tests, and `lab` (benchmarks/gemv_lab.cu and optim_lab.cu: kernel variants timed without
 # torch; LAB_ONLY=gemv,optim). Logs and
@@ -83,6 +83,12 @@ if has tests; then
     -k "${TESTS_K:-(cuda or Cuda or CUDA) and not nccl}" >"$OUT/tests_cuda.log" 2>&1
   note "CUDA suite (all CUDA-parametrized tests but the op tests) rc=$? ($(( $(date +%s) - t0 ))s): $(last "$OUT/tests_cuda.log")"
   grep -E "^(FAILED|ERROR)" "$OUT/tests_cuda.log" | cut -c1-300 | head -30 | tee -a "$SUMMARY"
+fi
+if has aoti; then  # AOTInductor package + load, one process per model (a crash stays in it)
+  t0=$(date +%s)
+  timeout 400 $PY scripts/aoti_probe.py --device ${AOTI_DEVICE:-cuda} >"$OUT/aoti_probe.log" 2>&1
+  note "AOTInductor probe (scripts/aoti_probe.py) rc=$? ($(( $(date +%s) - t0 ))s)"
+  cut -c1-220 "$OUT/aoti_probe.log" | head -80 | tee -a "$SUMMARY"
 fi
 if has fsdp; then
   t0=$(date +%s)

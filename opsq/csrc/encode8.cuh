@@ -31,11 +31,24 @@ __device__ __forceinline__ void sort_map(const float* __restrict__ code, float* 
   __syncthreads();
 }
 
+// In-order rank (0..254) of node i (1..255) of the complete 8-level binary tree stored
+// breadth-first (node i's children are 2i and 2i + 1).
+__host__ __device__ constexpr int eytz_rank(int i) {
+  int d = 0;
+  while ((2 << d) <= i) ++d;
+  return ((2 * (i - (1 << d)) + 1) << (7 - d)) - 1;
+}
+
 // The map sorted in shared memory (sort_map), the fp32 midpoints of neighbours
-// ((s[i] + s[i+1]) / 2, as the reference computes them) and the original index of each sorted
-// entry. encode() = order[number of midpoints < v]; NaN sorts above everything.
+// ((s[r] + s[r+1]) / 2, as the reference computes them) and the original index of each sorted
+// entry. encode(v) = order[number of midpoints < v]; NaN takes order[255] (it sorts above
+// everything). The midpoints are stored breadth-first (tree[1..255], Eytzinger order), so the 8
+// probes of a search read level by level from consecutive words: the sorted order put every
+// probe of the first levels in one shared-memory bank (benchmarks/NOTES.md: 10 % of the 8-bit
+// optimizer step). benchmarks/optim_lab.cu --host-check compares the rule with a plain binary
+// search over the sorted midpoints on 2.86e9 float bit patterns.
 struct Encoder8 {
-  float mids[256];
+  float tree[256];
   unsigned char order[256];
   float sorted[256];
 
@@ -43,17 +56,18 @@ struct Encoder8 {
   __device__ void build(const float* __restrict__ code) {
     const int t = threadIdx.x;
     sort_map(code, sorted, order);
-    mids[t] = t < 255 ? mul_rn(add_rn(sorted[t], sorted[t + 1]), 0.5f) : __int_as_float(0x7f800000);
+    if (t >= 1) {
+      const int r = eytz_rank(t);
+      tree[t] = mul_rn(add_rn(sorted[r], sorted[r + 1]), 0.5f);
+    }
     __syncthreads();
   }
 
   __device__ __forceinline__ uint32_t encode(float v) const {
-    int lo = 0;
+    int i = 1;
 #pragma unroll
-    for (int step = 128; step >= 1; step >>= 1)
-      if (mids[lo + step - 1] < v) lo += step;
-    if (abs_bits(v) > 0x7f800000u) lo = 255;
-    return order[lo];
+    for (int l = 0; l < 8; ++l) i = 2 * i + (tree[i] < v ? 1 : 0);
+    return order[abs_bits(v) > 0x7f800000u ? 255 : i - 256];
   }
 };
 

@@ -36,7 +36,6 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -135,13 +134,7 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 }
 
 // C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
-// SPLIT > 1 (sm_90+, launched with a cluster of 1 x SPLIT CTAs, gridDim.y == SPLIT): the SPLIT
-// CTAs of a cluster share K (CTA y takes the steps y WARPS + warp, y WARPS + warp + SPLIT WARPS,
-// ...) and CTA 0 adds their 16 x 8 tiles through distributed shared memory, in rank order:
-// more CTAs for shapes with few rows of output, no workspace, no extra launch. Not used by the
-// extension yet (benchmarks/gemv_lab.cu times it).
-template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
-          int SPLIT = 1>
+template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes, ShiftMuls sh,
@@ -258,9 +251,9 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
     }
   };
 
-  // this warp's first step and the distance between its steps (all warps of the cluster)
-  const int64_t first = (SPLIT > 1 ? int64_t{blockIdx.y} * WARPS : 0) + warp;
-  constexpr int64_t kStride = int64_t{WARPS} * SPLIT;
+  // this warp's first step and the distance between its steps
+  const int64_t first = warp;
+  constexpr int64_t kStride = WARPS;
   Wt buf[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH; ++d) {
@@ -286,31 +279,7 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
   red[warp][g + 8][2 * q] = acc[2];
   red[warp][g + 8][2 * q + 1] = acc[3];
   __syncthreads();
-  if constexpr (SPLIT > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // the CTA's tile in red[0], then CTA 0 of the cluster adds the SPLIT tiles in rank order
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    float y = 0.f;
-    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
-    if (threadIdx.x < 128) {
-      y = red[0][r][n];
-#pragma unroll
-      for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
-    }
-    __syncthreads();
-    if (threadIdx.x < 128) red[0][r][n] = y;
-    cluster.sync();
-    if (blockIdx.y == 0 && threadIdx.x < 128 && n < M && row0 + r < N) {
-      y = 0.f;
-#pragma unroll
-      for (int k = 0; k < SPLIT; ++k) y += cluster.map_shared_rank(&red[0][0][0], k)[r * 8 + n];
-      if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
-      out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
-    }
-    cluster.sync();  // the other CTAs' shared memory stays until CTA 0 has read it
-#endif
-  } else if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
+  if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
     const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
     if (n < M && row0 + r < N) {
       float y = red[0][r][n];

@@ -261,7 +261,7 @@ void launch8(const at::Tensor& g, at::Tensor& p, const States8& st, const Hyper&
   const bool vec = n % 4 == 0 && aligned(gp, vb) && aligned(pp, vb) && aligned(st.c1, 4) &&
                    (st.c2 == nullptr || aligned(st.c2, 4));
   // persistent CTAs: each builds the encoders once
-  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(nblocks, kThreads / kGroup),
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(nblocks, blocks_per_cta(1)),
                                                       int64_t{sm_count()} * 4));
   update8_kernel<T, O><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       gp, pp, st, n, nblocks, vec, h);

@@ -1,0 +1,93 @@
+"""Which models AOTInductor packages and loads, each in its own process (a crash in
+``aoti_load_package`` kills only that case): a plain ``nn.Linear`` control, then opsq's layers
+one kind at a time, then compile_tests/test_export.py's model. Prints one line per case:
+``case device rc stage max-abs-error``.
+
+    python3 scripts/aoti_probe.py [--device cuda] [--cases linear,l4,...]
+"""
+import argparse
+import faulthandler
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+CASES = ("linear", "l4", "l4_bias", "l4_nested", "l8_t0", "l8_t6", "full")
+
+
+def _model(case):
+    import torch
+    from opsq.nn import Linear4bit, Linear8bitLt
+    torch.manual_seed(5)
+    if case == "linear":
+        return torch.nn.Sequential(torch.nn.Linear(64, 32))
+    if case == "l4":
+        return torch.nn.Sequential(Linear4bit(64, 32, bias=False, compress_statistics=False))
+    if case == "l4_bias":
+        return torch.nn.Sequential(Linear4bit(64, 32, bias=True, compress_statistics=False))
+    if case == "l4_nested":
+        return torch.nn.Sequential(Linear4bit(64, 32, bias=False, compress_statistics=True))
+    if case in ("l8_t0", "l8_t6"):
+        return torch.nn.Sequential(Linear8bitLt(64, 32, has_fp16_weights=False,
+                                                threshold=0.0 if case == "l8_t0" else 6.0))
+    return torch.nn.Sequential(
+        Linear4bit(64, 48, quant_type="nf4", compress_statistics=True), torch.nn.GELU(),
+        Linear8bitLt(48, 32, has_fp16_weights=False, threshold=6.0),
+        Linear4bit(32, 16, bias=False, quant_type="fp4", compress_statistics=False))
+
+
+def run_case(case, device):
+    faulthandler.enable()
+    import torch
+    import opsq  # noqa: F401
+    from opsq.integrations import plain_weights
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    m = _model(case).to(device).to(dtype)
+    x = torch.randn(4, 64, device=device, dtype=dtype) * 4
+    print("stage export", flush=True)
+    ep = plain_weights(torch.export.export(m, (x,)))
+    print("stage compile", flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
+        print("stage load", flush=True)
+        runner = torch._inductor.aoti_load_package(path)
+        print("stage run", flush=True)
+        with torch.no_grad():
+            err = (runner(x).float() - m(x).float()).abs().max().item()
+    print(f"stage done {err:.3g}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--timeout", type=int, default=300)
+    a = ap.parse_args()
+    if a.one:
+        return run_case(a.one, a.device)
+    procs = {c: subprocess.Popen([sys.executable, __file__, "--one", c, "--device", a.device],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in a.cases.split(",")}
+    for case, p in procs.items():
+        try:
+            out, _ = p.communicate(timeout=a.timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+        stages = [ln for ln in out.splitlines() if ln.startswith("stage ")]
+        print(f"{case:<10} {a.device:<5} rc={p.returncode:<4} {stages[-1] if stages else '-'}")
+        if p.returncode != 0:
+            tail = [ln for ln in out.splitlines() if ln.strip()][-12:]
+            print("    " + "\n    ".join(tail))
+            if p.returncode < 0 and shutil.which("gdb"):  # a native crash: its C++ frames
+                bt = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
+                                     sys.executable, __file__, "--one", case, "--device",
+                                     a.device], capture_output=True, text=True,
+                                    timeout=a.timeout).stdout
+                print("    " + "\n    ".join(ln for ln in bt.splitlines() if ln.startswith("#")))
+
+
+if __name__ == "__main__":
+    main()
