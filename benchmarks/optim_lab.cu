@@ -2,11 +2,11 @@
 // parameters, 128 M elements) without torch, in its production form and with alternatives, and
 // a loads-only kernel with the same traffic (10 bytes an element: read g, p, two codes; write
 // p and the codes):
-//   v0  production: Encoder8 (a breadth-first search over the midpoints), maps read through L1,
-//       a group of 64 threads (two warps) a block of 256
+//   v0  Encoder8 (a breadth-first search over the midpoints), maps read through L1, a group of
+//       64 threads (two warps) a block of 256 (CHUNKS 1)
 //   v1  maps decoded from a shared-memory copy
-//   v4  CHUNKS 2: a warp a block (two 4-element chunks a thread), its max by shuffles, no
-//       barrier in the loop
+//   v4  CHUNKS 2, production (optim.cu's kUpdate8Chunks): a warp a block (two 4-element chunks
+//       a thread), its max by shuffles, no barrier in the loop
 //   v6  v4 and v7 v0 on a grid of every resident CTA (instead of 4 an SM)
 // (Measured 2026-12-05 and since removed: the binary-search encoder, 10 % slower; NOTES.md.)
 // Every variant computes the same function: its p, codes and absmax must equal v0's bit for bit
@@ -198,12 +198,12 @@ int main(int argc, char** argv) {
            100.0 * bytes / (us * 1e-6) / B, diff);
   };
   printf("AdamW 8-bit blockwise update, %lld bf16 parameters, grid %d x %d\n", (long long)n, grid, kThreads);
-  run("v0 production (Encoder8, L1 maps)", [&](const Buf& b) {
+  run("v0 64 threads a block (Encoder8, L1)", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("v1 shared-memory maps", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   const int grid2 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(2), int64_t{sms} * 4));
-  run("v4 a warp a block (CHUNKS 2)", [&](const Buf& b) {
+  run("v4 a warp a block (production)", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2><<<grid2, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   int resident = 0;  // as many CTAs as fit on the GPU at once (instead of 4 an SM)
   CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2>, kThreads, 0));
