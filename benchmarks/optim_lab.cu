@@ -2,13 +2,12 @@
 // parameters, 128 M elements) without torch, in its production form and with alternatives, and
 // a loads-only kernel with the same traffic (10 bytes an element: read g, p, two codes; write
 // p and the codes):
-//   v0  Encoder8 (a breadth-first search over the midpoints), maps read through L1, a group of
-//       64 threads (two warps) a block of 256 (CHUNKS 1)
+//   v0  production: Encoder8 (a breadth-first search over the midpoints), maps read through L1,
+//       a group of 64 threads (two warps) a block of 256, 4 CTAs an SM
 //   v1  maps decoded from a shared-memory copy
-//   v4  CHUNKS 2, production (optim.cu's kUpdate8Chunks): a warp a block (two 4-element chunks
-//       a thread), its max by shuffles, no barrier in the loop
-//   v6  v4 and v7 v0 on a grid of every resident CTA (instead of 4 an SM)
-// (Measured 2026-12-05 and since removed: the binary-search encoder, 10 % slower; NOTES.md.)
+//   v2  v0 on a grid of every resident CTA (5 an SM on the H100)
+// (Measured and removed since, NOTES.md: the binary-search encoder, 10 % slower; a warp a
+// block with no barrier in the loop, 6 % slower.)
 // Every variant computes the same function: its p, codes and absmax must equal v0's bit for bit
 // (printed). The maps are opsq's 8-bit dynamic maps, written by Python:
 //   python3 -c "from opsq._constants import create_dynamic_map as m; import torch; \
@@ -144,7 +143,7 @@ int main(int argc, char** argv) {
   const double B = copy_bandwidth();
   const int64_t n = int64_t{1} << 27, nblocks = n / kOptBlock;
   int sms = 0; CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  const int grid = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(1), int64_t{sms} * 4));
+  const int grid = static_cast<int>(std::min<int64_t>(nblocks / (kThreads / kGroup), int64_t{sms} * 4));
   float* dmaps; CK(cudaMalloc(&dmaps, 2048)); CK(cudaMemcpy(dmaps, maps.data(), 2048, cudaMemcpyHostToDevice));
   auto alloc = [&]() {
     Buf b;
@@ -198,25 +197,16 @@ int main(int argc, char** argv) {
            100.0 * bytes / (us * 1e-6) / B, diff);
   };
   printf("AdamW 8-bit blockwise update, %lld bf16 parameters, grid %d x %d\n", (long long)n, grid, kThreads);
-  run("v0 64 threads a block (Encoder8, L1)", [&](const Buf& b) {
+  run("v0 production (Encoder8, L1 maps)", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("v1 shared-memory maps", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
-  const int grid2 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(2), int64_t{sms} * 4));
-  run("v4 a warp a block (production)", [&](const Buf& b) {
-    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2><<<grid2, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
-  int resident = 0;  // as many CTAs as fit on the GPU at once (instead of 4 an SM)
-  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2>, kThreads, 0));
-  const int grid3 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(2), int64_t{sms} * resident));
-  printf("v6: %d CTAs resident an SM\n", resident);
-  run("v6 v4 on a grid of every resident CTA", [&](const Buf& b) {
-    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 2><<<grid3, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   int resident1 = 0;
-  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident1, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 1>, kThreads, 0));
-  const int grid4 = static_cast<int>(std::min<int64_t>(nblocks / blocks_per_cta(1), int64_t{sms} * resident1));
-  printf("v7: %d CTAs resident an SM\n", resident1);
-  run("v7 v0 on a grid of every resident CTA", [&](const Buf& b) {
-    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false, 1><<<grid4, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident1, update8_kernel<__nv_bfloat16, kAdam, Encoder8, false>, kThreads, 0));
+  const int grid4 = static_cast<int>(std::min<int64_t>(nblocks / (kThreads / kGroup), int64_t{sms} * resident1));
+  printf("v2: %d CTAs resident an SM\n", resident1);
+  run("v2 v0 on a grid of every resident CTA", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid4, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("loads only (drain; differs)", [&](const Buf& b) {
     drain8_kernel<<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks); });
   return 0;

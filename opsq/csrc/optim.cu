@@ -11,12 +11,11 @@
 // pass computes the squared norms of the update (and of p when param_norm <= 0) as per-CTA
 // partial sums over a fixed grid, added in a fixed order by a one-CTA kernel (deterministic),
 // which the update pass then reads: no host synchronisation (CUDA-graph safe).
-// 8-bit blockwise: a warp owns a block of 256 elements (two chunks of 4 a lane, 128 apart: each
-// warp load contiguous); the states are decoded (map[code] * absmax), updated in registers, the
-// parameter written, then the block's new max |state| is reduced by warp shuffles (no barrier)
-// and the states re-encoded with the map sorted in shared memory (encode8.cuh). A CTA (256
-// threads) holds 8 blocks at a time and strides over the rest, so the two encoders are built
-// once per CTA.
+// 8-bit blockwise: 64 threads own a block of 256 elements (4 each); the states are decoded
+// (map[code] * absmax), updated in registers, the parameter written, then the block's new
+// max |state| is reduced (warp shuffles + one shared word) and the states re-encoded with the
+// map sorted in shared memory (encode8.cuh). A CTA (256 threads) holds 4 blocks at a time and
+// strides over the rest, so the two encoders are built once per CTA.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -36,8 +35,6 @@ namespace opsq {
 namespace {
 
 constexpr int kNormCtas = 512;          // fixed grid of the norm pass (its partial sums)
-// update8_kernel's CHUNKS (optim.cuh): 4-element chunks a thread takes of its block
-constexpr int kUpdate8Chunks = 2;
 
 // Python's repr of a float (the f-string of the Python checks): shortest round-trip digits,
 // ".0" appended to an integral value.
@@ -264,10 +261,9 @@ void launch8(const at::Tensor& g, at::Tensor& p, const States8& st, const Hyper&
   const bool vec = n % 4 == 0 && aligned(gp, vb) && aligned(pp, vb) && aligned(st.c1, 4) &&
                    (st.c2 == nullptr || aligned(st.c2, 4));
   // persistent CTAs: each builds the encoders once
-  const int grid = static_cast<int>(std::min<int64_t>(
-      ceil_div(nblocks, blocks_per_cta(kUpdate8Chunks)), int64_t{sm_count()} * 4));
-  update8_kernel<T, O, Encoder8, false, kUpdate8Chunks>
-      <<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  const int grid = static_cast<int>(std::min<int64_t>(ceil_div(nblocks, kThreads / kGroup),
+                                                      int64_t{sm_count()} * 4));
+  update8_kernel<T, O><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
       gp, pp, st, n, nblocks, vec, h);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

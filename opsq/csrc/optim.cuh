@@ -17,9 +17,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kOptBlock = 256;          // OPTIMIZER_BLOCKSIZE of opsq/meta/optim.py
-constexpr int kPerThread = 4;           // elements a chunk (a thread's load of each array)
-// blocks of 256 a CTA of update8_kernel<..., CHUNKS> takes at a time
-__host__ __device__ constexpr int blocks_per_cta(int chunks) { return kThreads * kPerThread * chunks / kOptBlock; }
+constexpr int kPerThread = 4;           // elements a thread
 constexpr int kGroup = kOptBlock / kPerThread;  // threads a block of 256 elements
 
 enum Opt : int { kAdam = 0, kAdEMAMix = 1, kLion = 2, kMomentum = 3, kRMSprop = 4 };
@@ -184,19 +182,15 @@ __device__ __forceinline__ void store_codes(uint8_t* __restrict__ dst, int64_t e
   }
 }
 
-// max |x| (as IEEE bits, NaN-propagating) over the threads of one block's group: a warp by
-// shuffles; with GROUP == 64, the two warps' maxima combined through shared memory (slot per
-// warp, two barriers).
-template <int GROUP>
+// max |x| (as IEEE bits, NaN-propagating) over the 64 threads of a group: 2 warps, combined
+// through shared memory (slot per warp).
 __device__ __forceinline__ uint32_t group_max(uint32_t m, uint32_t* slots) {
   for (int o = 16; o > 0; o >>= 1) m = max(m, __shfl_xor_sync(0xffffffffu, m, o));
-  if constexpr (GROUP == 64) {
-    const int warp = threadIdx.x >> 5;
-    if ((threadIdx.x & 31) == 0) slots[warp] = m;
-    __syncthreads();
-    m = max(slots[warp & ~1], slots[warp | 1]);
-    __syncthreads();
-  }
+  const int warp = threadIdx.x >> 5;
+  if ((threadIdx.x & 31) == 0) slots[warp] = m;
+  __syncthreads();
+  m = max(slots[warp & ~1], slots[warp | 1]);
+  __syncthreads();
   return m;
 }
 
@@ -211,18 +205,13 @@ __device__ __forceinline__ void encode4(const Enc& enc, const float (&x)[4], uin
 }
 
 // Enc: the map encoder (build(code) by the whole CTA, then encode(v)); SMEM_MAPS: decode from
-// a shared-memory copy of the maps instead of L1 gathers. CHUNKS: the 4-element chunks a thread
-// takes of its block of 256: 1 (a group of 64 threads, two warps, a block; its max through
-// shared memory) or 2 (a warp a block, chunks 128 elements apart so that each load of a warp is
-// contiguous; its max by shuffles alone, no barrier). The extension runs the defaults;
+// a shared-memory copy of the maps instead of L1 gathers. The extension runs the defaults;
 // benchmarks/optim_lab.cu times alternatives with the same code around them.
-template <typename T, Opt O, typename Enc = Encoder8, bool SMEM_MAPS = false, int CHUNKS = 1>
+template <typename T, Opt O, typename Enc = Encoder8, bool SMEM_MAPS = false>
 __global__ void __launch_bounds__(kThreads)
 update8_kernel(const T* __restrict__ g, T* __restrict__ p, States8 st, int64_t n,
                int64_t nblocks, bool vec, Hyper h) {
   constexpr bool kTwo = O == kAdam || O == kAdEMAMix;
-  constexpr int kGroupThreads = kOptBlock / (kPerThread * CHUNKS);
-  static_assert(kGroupThreads == 64 || kGroupThreads == 32, "a block is 2 warps or 1");
   __shared__ Enc enc1;
   __shared__ Enc enc2;
   __shared__ uint32_t slots[3][kThreads / 32];
@@ -236,83 +225,72 @@ update8_kernel(const T* __restrict__ g, T* __restrict__ p, States8 st, int64_t n
   };
   enc1.build(st.map1);
   if (kTwo) enc2.build(st.map2);
-  const int gi = threadIdx.x % kGroupThreads;
-  const int gb = threadIdx.x / kGroupThreads;
-  constexpr int kPerCta = blocks_per_cta(CHUNKS);
+  const int gi = threadIdx.x % kGroup;
+  const int gb = threadIdx.x / kGroup;
+  constexpr int kPerCta = kThreads / kGroup;
   for (int64_t b0 = int64_t{blockIdx.x} * kPerCta; b0 < nblocks;
        b0 += int64_t{gridDim.x} * kPerCta) {
     const int64_t blk = b0 + gb;
     const bool active = blk < nblocks;
+    const int64_t e = blk * kOptBlock + gi * kPerThread;
     const int64_t lim = active ? n : 0;  // an inactive group loads and stores nothing
-    int64_t e[CHUNKS];
-    float gv[CHUNKS][4], pv[CHUNKS][4], s1[CHUNKS][4], s1b[CHUNKS][4] = {}, s2[CHUNKS][4] = {};
+    float gv[4], pv[4], s1[4], s1b[4] = {0, 0, 0, 0}, s2[4] = {0, 0, 0, 0};
+    load4<T>(g, e, lim, vec, gv);
+    load4<T>(p, e, lim, vec, pv);
     uint32_t c[4];
-    const float a1 = active ? st.a1[blk] : 0.0f;
-    const float a1b = O == kAdEMAMix && active ? st.a1[nblocks + blk] : 0.0f;
-    const float a2 = kTwo && active ? st.a2[blk] : 0.0f;
+    {
+      load_codes(st.c1, e, lim, vec, c);
+      const float a = active ? st.a1[blk] : 0.0f;
 #pragma unroll
-    for (int k = 0; k < CHUNKS; ++k) {
-      e[k] = blk * kOptBlock + (k * kGroupThreads + gi) * kPerThread;
-      load4<T>(g, e[k], lim, vec, gv[k]);
-      load4<T>(p, e[k], lim, vec, pv[k]);
-      load_codes(st.c1, e[k], lim, vec, c);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) s1[k][j] = mul_rn(decode(0, c[j]), a1);
-      if (O == kAdEMAMix) {
-        load_codes(st.c1 + n, e[k], lim, vec, c);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s1b[k][j] = mul_rn(decode(0, c[j]), a1b);
-      }
-      if (kTwo) {
-        load_codes(st.c2, e[k], lim, vec, c);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) s2[k][j] = mul_rn(decode(1, c[j]), a2);
-      }
+      for (int j = 0; j < 4; ++j) s1[j] = mul_rn(decode(0, c[j]), a);
     }
-    float n1[CHUNKS][4], n1b[CHUNKS][4], n2[CHUNKS][4];
+    if (O == kAdEMAMix) {
+      load_codes(st.c1 + n, e, lim, vec, c);
+      const float a = active ? st.a1[nblocks + blk] : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s1b[j] = mul_rn(decode(0, c[j]), a);
+    }
+    if (kTwo) {
+      load_codes(st.c2, e, lim, vec, c);
+      const float a = active ? st.a2[blk] : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) s2[j] = mul_rn(decode(1, c[j]), a);
+    }
+    float np[4], n1[4], n1b[4], n2[4];
     uint32_t m1 = 0, m1b = 0, m2 = 0;
 #pragma unroll
-    for (int k = 0; k < CHUNKS; ++k) {
-      float np[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float gf = mul_rn(gv[k][j], h.gnorm_scale);
-        float pp = pv[k][j], a = s1[k][j], ab = s1b[k][j], b = s2[k][j], dir, u2;
-        update_one<O>(h, gf, pp, a, ab, b, dir, u2);
-        pp = add_rn(pp, -mul_rn(h.step_size, dir));
-        const bool keep = h.skip_zeros && gf == 0.0f;
-        const bool real = e[k] + j < lim;  // padding elements count as 0 in the block's max
-        np[j] = keep ? pv[k][j] : pp;
-        n1[k][j] = real ? (keep ? s1[k][j] : a) : 0.0f;
-        n1b[k][j] = real ? (keep ? s1b[k][j] : ab) : 0.0f;
-        n2[k][j] = real ? (keep ? s2[k][j] : b) : 0.0f;
-        m1 = max(m1, abs_bits(n1[k][j]));
-        m1b = max(m1b, abs_bits(n1b[k][j]));
-        m2 = max(m2, abs_bits(n2[k][j]));
-      }
-      store4<T>(p, e[k], lim, vec, np);
+    for (int j = 0; j < 4; ++j) {
+      const float gf = mul_rn(gv[j], h.gnorm_scale);
+      float pp = pv[j], a = s1[j], ab = s1b[j], b = s2[j], dir, u2;
+      update_one<O>(h, gf, pp, a, ab, b, dir, u2);
+      pp = add_rn(pp, -mul_rn(h.step_size, dir));
+      const bool keep = h.skip_zeros && gf == 0.0f;
+      const bool real = e + j < lim;  // padding elements count as 0 in the block's max
+      np[j] = keep ? pv[j] : pp;
+      n1[j] = real ? (keep ? s1[j] : a) : 0.0f;
+      n1b[j] = real ? (keep ? s1b[j] : ab) : 0.0f;
+      n2[j] = real ? (keep ? s2[j] : b) : 0.0f;
+      m1 = max(m1, abs_bits(n1[j]));
+      m1b = max(m1b, abs_bits(n1b[j]));
+      m2 = max(m2, abs_bits(n2[j]));
     }
-    m1 = group_max<kGroupThreads>(m1, slots[0]);
-    if (O == kAdEMAMix) m1b = group_max<kGroupThreads>(m1b, slots[1]);
-    if (kTwo) m2 = group_max<kGroupThreads>(m2, slots[2]);
+    store4<T>(p, e, lim, vec, np);
+    m1 = group_max(m1, slots[0]);
+    if (O == kAdEMAMix) m1b = group_max(m1b, slots[1]);
+    if (kTwo) m2 = group_max(m2, slots[2]);
     if (!active) continue;
-#pragma unroll
-    for (int k = 0; k < CHUNKS; ++k) {
-      encode4(enc1, n1[k], m1, c);
-      store_codes(st.c1, e[k], n, vec, c);
-      if (O == kAdEMAMix) {
-        encode4(enc1, n1b[k], m1b, c);
-        store_codes(st.c1 + n, e[k], n, vec, c);
-      }
-      if (kTwo) {
-        encode4(enc2, n2[k], m2, c);
-        store_codes(st.c2, e[k], n, vec, c);
-      }
+    encode4(enc1, n1, m1, c);
+    store_codes(st.c1, e, n, vec, c);
+    if (gi == 0) st.a1[blk] = __uint_as_float(m1);
+    if (O == kAdEMAMix) {
+      encode4(enc1, n1b, m1b, c);
+      store_codes(st.c1 + n, e, n, vec, c);
+      if (gi == 0) st.a1[nblocks + blk] = __uint_as_float(m1b);
     }
-    if (gi == 0) {
-      st.a1[blk] = __uint_as_float(m1);
-      if (O == kAdEMAMix) st.a1[nblocks + blk] = __uint_as_float(m1b);
-      if (kTwo) st.a2[blk] = __uint_as_float(m2);
+    if (kTwo) {
+      encode4(enc2, n2, m2, c);
+      store_codes(st.c2, e, n, vec, c);
+      if (gi == 0) st.a2[blk] = __uint_as_float(m2);
     }
   }
 }
