@@ -2,12 +2,14 @@
 exported program runs equal to eager, and it survives torch.export.save / load (a deployment
 needs ``import opsq`` so that ``torch.ops.opsq.*`` exist)."""
 import io
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import opsq  # noqa: F401  (registers torch.ops.opsq.*)
-from opsq.integrations import plain_weights
 from opsq.nn import Linear4bit, Linear8bitLt
 
 DEVICES = [pytest.param("cpu", id="cpu"),
@@ -60,21 +62,36 @@ def test_exported_state_holds_every_parameter():
     assert "0.weight.absmax" in sd and "2.SCB" in sd and "0.weight_absmax" not in sd
 
 
+_PROBE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "aoti_probe.py"
+
+
+def _probe(*args):
+    """scripts/aoti_probe.py in a subprocess (a native crash of the AOTInductor loader must not
+    take the test session with it): (returncode, the last line it printed)."""
+    run = subprocess.run([sys.executable, str(_PROBE), *args], capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("stage ")]
+    return run.returncode, (lines[-1] if lines else "") + "\n" + run.stderr[-2000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
-def test_aot_inductor_package_runs_equal_to_eager(device, tmp_path):
-    """AOTInductor: export -> aoti_compile_and_package -> aoti_load_package. The opsq ops stay
-    calls into the registered CUDA kernels (through the dispatcher), so the packaged model needs
-    ``import opsq`` in the loading process, as the exported program does. The weights go in as
-    plain parameters (:func:`opsq.integrations.plain_weights`)."""
-    dtype = torch.float32 if device == "cpu" else torch.float16
-    m = _model(device, True, 6.0, dtype)
-    x = torch.randn(4, 64, device=device, dtype=dtype) * 4
-    ep = plain_weights(torch.export.export(m, (x,)))
-    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
-    runner = torch._inductor.aoti_load_package(path)
-    with torch.no_grad():
-        want = m(x)
-        got = runner(x)
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # GELU fused by Inductor
-    assert torch.equal(ep.module()(x), want)  # the plain weights change nothing for the program
+def test_aot_inductor_package_runs_equal_to_eager(device):
+    """AOTInductor: export -> aoti_compile_and_package -> aoti_load_package of _model's layers
+    (scripts/aoti_probe.py's ``full`` case, which prints the max |packaged - eager|). The opsq
+    ops stay calls into the registered kernels (through the dispatcher), so the packaged model
+    needs ``import opsq`` in the loading process, as the exported program does; the weights go in
+    as plain parameters (:func:`opsq.integrations.plain_weights`).
+
+    torch 2.11+cu130 on the H100 device crashed (SIGSEGV) in ``aoti_load_package`` for every
+    model, a plain ``nn.Linear`` included; if the same ``nn.Linear`` without opsq imported also
+    crashes, the loader is torch's problem and the test skips, saying so."""
+    rc, last = _probe("--one", "full", "--device", device)
+    if rc < 0:
+        rc0, _ = _probe("--one", "linear", "--no-opsq", "--device", device)
+        if rc0 < 0:
+            pytest.skip(f"torch {torch.__version__}'s AOTInductor loader crashes (signal {-rc0}) "
+                        f"on {device} for a plain nn.Linear without opsq")
+    assert rc == 0, last
+    err = float(last.split()[2])
+    assert err <= 2e-3, last  # GELU fused by Inductor

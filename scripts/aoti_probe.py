@@ -3,7 +3,11 @@
 one kind at a time, then compile_tests/test_export.py's model. Prints one line per case:
 ``case device rc stage max-abs-error``.
 
-    python3 scripts/aoti_probe.py [--device cuda] [--cases linear,l4,...]
+    python3 scripts/aoti_probe.py [--device cuda] [--cases linear,l4,...] [--no-opsq]
+
+--no-opsq runs the ``linear`` control without importing opsq (is a crash torch's own?).
+compile_tests/test_export.py runs ``--one full`` (and, when that crashes, ``--one linear
+--no-opsq``) in a subprocess.
 """
 import argparse
 import faulthandler
@@ -18,10 +22,10 @@ CASES = ("linear", "l4", "l4_bias", "l4_nested", "l8_t0", "l8_t6", "full")
 
 def _model(case):
     import torch
-    from opsq.nn import Linear4bit, Linear8bitLt
     torch.manual_seed(5)
     if case == "linear":
         return torch.nn.Sequential(torch.nn.Linear(64, 32))
+    from opsq.nn import Linear4bit, Linear8bitLt
     if case == "l4":
         return torch.nn.Sequential(Linear4bit(64, 32, bias=False, compress_statistics=False))
     if case == "l4_bias":
@@ -37,16 +41,19 @@ def _model(case):
         Linear4bit(32, 16, bias=False, quant_type="fp4", compress_statistics=False))
 
 
-def run_case(case, device):
+def run_case(case, device, with_opsq=True):
     faulthandler.enable()
     import torch
-    import opsq  # noqa: F401
-    from opsq.integrations import plain_weights
+    if with_opsq:
+        import opsq  # noqa: F401
     dtype = torch.float16 if device == "cuda" else torch.float32
     m = _model(case).to(device).to(dtype)
     x = torch.randn(4, 64, device=device, dtype=dtype) * 4
     print("stage export", flush=True)
-    ep = plain_weights(torch.export.export(m, (x,)))
+    ep = torch.export.export(m, (x,))
+    if with_opsq:
+        from opsq.integrations import plain_weights
+        ep = plain_weights(ep)
     print("stage compile", flush=True)
     with tempfile.TemporaryDirectory() as d:
         path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
@@ -62,12 +69,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--one", metavar="CASE", help="run one case in this process")
+    ap.add_argument("--no-opsq", action="store_true", help="do not import opsq (linear only)")
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
+    if a.no_opsq and (a.one or a.cases) != "linear":
+        ap.error("--no-opsq runs only the linear case")
     if a.one:
-        return run_case(a.one, a.device)
-    procs = {c: subprocess.Popen([sys.executable, __file__, "--one", c, "--device", a.device],
+        return run_case(a.one, a.device, not a.no_opsq)
+    extra = ["--no-opsq"] if a.no_opsq else []
+    procs = {c: subprocess.Popen([sys.executable, __file__, "--one", c, "--device", a.device, *extra],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in a.cases.split(",")}
     for case, p in procs.items():
