@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer, timings, qlora_prof and llm_prof): build the extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of
-# the suite on CUDA (fixtures, opcheck, compiles, training), the FSDP suites with NCCL on 2 GPUs,
-# `opsq demo --device cuda`, AOTInductor per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json` (kernel families; the llm family is its own
-# phase, `llm`, with LLM_LAYERS / LLM_VARIANTS), compute-sanitizer memcheck/racecheck over the
-# op tests, and `lab` (benchmarks/gemv_lab.cu and optim_lab.cu: kernel variants timed without
-# torch; LAB_ONLY=gemv,optim). Logs and
-# results under $OUT; a summary table is printed last.
+# sanitizer, timings, qlora_prof and llm_prof): build the extension, the CUDA op tests
+# (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
+# training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
+# per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
+# (kernel families; the llm family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
+# compute-sanitizer memcheck/racecheck over the op tests, and `lab` (benchmarks/gemv_lab.cu and
+# optim_lab.cu: kernel variants timed without torch; LAB_ONLY=gemv,optim). Logs and results
+# under $OUT; a summary table is printed last.
 #   OUT=/tmp/o bash scripts/gpu_all.sh
 #   PHASES=bench,sanitizer bash scripts/gpu_all.sh
 set -u -o pipefail

@@ -249,7 +249,7 @@ for name, us, gbs, peer, peer_us in rows:
 PYEOF
 BENCH_RC=$?
 
-# ---- Nsight Compute: one launch each of the fused gemv and the 4-bit quantizer ------------
+# ---- Nsight Compute: one launch each of issue 14's kernels (OPSQ_NCU=1; not yet run) -------
 if [ "${OPSQ_NCU:-0}" = "1" ] && command -v ncu >/dev/null 2>&1; then
   cat >/tmp/opsq_ncu_case.py <<'PYEOF'
 # one launch of each issue-14 kernel: the 4-bit quantizer, the gemv at 8192->28672 and
