@@ -1,8 +1,8 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
-// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), a loads-only kernel
-// and one over a repacked (tiled) layout, on the shapes of opsq bench's gemv family, without
-// torch. Each output is checked against a float64 host reference (relerr: max error over 65
-// rows / max |reference|).
+// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), a loads-only kernel,
+// and the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), on the
+// shapes of opsq bench's gemv family, without torch. Each output is checked against a float64
+// host reference (relerr: max error over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
 #include <algorithm>
@@ -56,16 +56,35 @@ __global__ void __launch_bounds__(128, 4) drain_tiled_kernel(int64_t K, const ui
   }
   if (sink == 0x12345678u) out[0] = 1.f;  // keeps the loads
 }
-struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M; };
+struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M;
+              uint8_t* Wt; float* absmax_t; };  // Wt, absmax_t: tile16_repack's layout
 static CodePlanes g_planes;
 static AbsmaxArgs g_nested;
-template <int C, int WARPS, int DEPTH, bool NESTED = false>
+template <int C, int WARPS, int DEPTH, bool NESTED = false, bool TILED = false>
 void launch4(const Bufs& b) {
   AbsmaxArgs am = NESTED ? g_nested : AbsmaxArgs{};
-  if (!NESTED) am.absmax = b.absmax;
-  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH>;
+  if (!NESTED) am.absmax = TILED ? b.absmax_t : b.absmax;
+  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED>;
   const ShiftMuls sh{65536u, 0x80000000u};
-  kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
+  kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
+}
+// gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
+// (blocksize 64; N % 16 == 0, K % 256 == 0).
+static void tile16_repack(const std::vector<uint8_t>& w, const std::vector<float>& a, int64_t N, int64_t K,
+                          std::vector<uint8_t>& wt, std::vector<float>& at) {
+  const int64_t steps = K / 256;
+  wt.assign(w.size(), 0); at.assign(a.size(), 0.f);
+  for (int64_t b = 0; b < N / 16; ++b) for (int64_t s = 0; s < steps; ++s) {
+    const int64_t run = b * steps + s;
+    for (int c = 0; c < 4; ++c) for (int lane = 0; lane < 32; ++lane) {
+      const int g = lane >> 2, q = lane & 3;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = b * 16 + g + 8 * h;
+        memcpy(&wt[run * 2048 + (c * 32 + lane) * 16 + h * 8], &w[row * (K / 2) + s * 128 + c * 32 + q * 8], 8);
+        at[run * 64 + c * 16 + 2 * g + h] = a[row * (K / 64) + s * 4 + c];
+      }
+    }
+  }
 }
 static float bf(__nv_bfloat16 v) { uint16_t u; memcpy(&u, &v, 2); uint32_t x = uint32_t(u) << 16; float f; memcpy(&f, &x, 4); return f; }
 static float bfr(float f) { uint32_t x; memcpy(&x, &f, 4); x = (x + 0x7fff + ((x >> 16) & 1)) & 0xffff0000u; float r; memcpy(&r, &x, 4); return r; }
@@ -88,6 +107,12 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&b.W, nc / 2)); CK(cudaMalloc(&b.absmax, nb * 4)); CK(cudaMalloc(&b.A, M * b.K * 2)); CK(cudaMalloc(&b.out, M * b.N * 2));
     CK(cudaMemcpy(b.W, hw.data(), nc / 2, cudaMemcpyHostToDevice)); CK(cudaMemcpy(b.absmax, ha.data(), nb * 4, cudaMemcpyHostToDevice));
     CK(cudaMemcpy(b.A, hx.data(), M * b.K * 2, cudaMemcpyHostToDevice));
+    {
+      std::vector<uint8_t> hwt; std::vector<float> hat;
+      tile16_repack(hw, ha, b.N, b.K, hwt, hat);
+      CK(cudaMalloc(&b.Wt, nc / 2)); CK(cudaMalloc(&b.absmax_t, nb * 4));
+      CK(cudaMemcpy(b.Wt, hwt.data(), nc / 2, cudaMemcpyHostToDevice)); CK(cudaMemcpy(b.absmax_t, hat.data(), nb * 4, cudaMemcpyHostToDevice));
+    }
     const double bytes = nc / 2 + nb * 4.0 + M * b.K * 2 + M * b.N * 2;
     // host reference for rows 0..63 and the last row
     std::vector<float> ref(M * b.N, 0.f);
@@ -116,7 +141,9 @@ int main(int argc, char** argv) {
       };
     };
     check("loads only (drain)")([&] { drain_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
-    check("loads only, tiled runs (repack)")([&] { drain_tiled_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
+    check("loads only, tiled runs (repack)")([&] { drain_tiled_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.Wt, b.N, b.absmax_t, reinterpret_cast<float*>(b.out)); });
+    check("v4 tiled c64 w4 d1 (repack)")([&] { launch4<64, 4, 1, false, true>(b); });
+    check("v4 tiled c64 w8 d1 (repack)")([&] { launch4<64, 8, 1, false, true>(b); });
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w8 d2")([&] { launch4<64, 8, 2>(b); });
     check("v4 c64 w4 d1 (opsq launch)")([&] { launch4<64, 4, 1>(b); });
@@ -136,6 +163,7 @@ int main(int argc, char** argv) {
       CK(cudaFree(dc)); CK(cudaFree(dn)); CK(cudaFree(doff)); CK(cudaFree(dq));
     }
     CK(cudaFree(b.W)); CK(cudaFree(b.absmax)); CK(cudaFree(b.A)); CK(cudaFree(b.out));
+    CK(cudaFree(b.Wt)); CK(cudaFree(b.absmax_t));
     if (g_only >= 0) return 0;
   }
   return 0;

@@ -134,13 +134,22 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 }
 
 // C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
-template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth>
+// TILED (benchmarks/gemv_lab.cu only, not yet measured; C == 64, BSEQ, plain absmax, N % 16 == 0,
+// K % 256 == 0): W and am.absmax in a repacked layout made for the loads (gemv_lab's
+// tile16_repack): the codes a CTA's 16 rows have in one step form one 2 KB run (the run of CTA b,
+// step s at (b * steps + s) * 2048), in which lane l's 16 bytes for chunk c sit at (c * 32 + l) * 16
+// (its 8 bytes of row g, then of row g + 8), so that each warp load reads 512 contiguous bytes;
+// the step's 64 absmax values form one run at (b * steps + s) * 64, (row g, row g + 8) of chunk c
+// at c * 16 + 2 g.
+template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
+          bool TILED = false>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes, ShiftMuls sh,
              const T* __restrict__ bias, T* __restrict__ out) {
   constexpr int NC = kGemvStepK / C;  // chunks a step
   constexpr int NW = C / 32;          // 32-bit code words a lane, row and chunk
+  static_assert(!TILED || (C == 64 && BSEQ && !NESTED), "the tiled layout: chunks of 64, plain absmax");
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[WARPS][16][8];
   ams.load(am);
@@ -183,7 +192,17 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
     const uint8_t* pb = wb + s * (kGemvStepK / 2);
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
-      if (c < nc) {
+      if (TILED && c < nc) {
+        const int64_t run = int64_t{blockIdx.x} * steps + s;
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(W + run * 2048) + c * 32 + lane);
+        w.a[c][0] = v.x;
+        w.a[c][NW - 1] = v.y;
+        w.b[c][0] = v.z;
+        w.b[c][NW - 1] = v.w;
+        const float2 sc = __ldg(reinterpret_cast<const float2*>(am.absmax + run * 64) + c * 8 + g);
+        w.sa[c] = sc.x;
+        w.sb[c] = sc.y;
+      } else if (c < nc) {
         load_code(pa + c * (C / 2), w.a[c]);
         load_code(pb + c * (C / 2), w.b[c]);
         if constexpr (BSEQ) {
