@@ -6,6 +6,8 @@
 //       a group of 64 threads (two warps) a block of 256, 4 CTAs an SM
 //   v1  maps decoded from a shared-memory copy
 //   v2  v0 on a grid of every resident CTA (5 an SM on the H100)
+//   v3  EncoderBucket (below: a bucket table and three compares instead of the 8-level search)
+//   v4  v3 + v1
 // (Measured and removed since, NOTES.md: the binary-search encoder, 10 % slower; a warp a
 // block with no barrier in the loop, 6 % slower.)
 // Every variant computes the same function: its p, codes and absmax must equal v0's bit for bit
@@ -14,7 +16,7 @@
 //     torch.cat([m(signed=True), m(signed=False)]).numpy().tofile('/tmp/opsq_maps.bin')"
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/optim_lab benchmarks/optim_lab.cu
 //   /tmp/optim_lab /tmp/opsq_maps.bin               # the timings (GPU)
-//   /tmp/optim_lab /tmp/opsq_maps.bin --host-check  # breadth-first == binary search, no GPU
+//   /tmp/optim_lab /tmp/opsq_maps.bin --host-check  # both encoders == binary search, no GPU
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
 #include <cmath>
 #include <cstdio>
@@ -43,10 +45,89 @@ struct HostEytz {
   }
 };
 
+// EncoderBucket: Encoder8's rule without a search. The monotone integer key of a float (its bits,
+// negatives reversed) cut to its top kT bits picks one of 2^kT buckets; lo[b] is the number of
+// midpoints below the bucket's smallest float, so a value's rank is lo[b] plus the midpoints of its
+// own bucket below it: three compares against mids[lo], mids[lo + 1], mids[lo + 2] when every
+// bucket holds at most three (`fits`; 2 for the signed dynamic map, 3 for the unsigned one at
+// kT = 14), else the binary search. -0 is made +0 (v + 0) in the midpoints and in the value, so
+// that key order and float order agree. Shared loads an encode: 5 (table, 3 midpoints, order)
+// instead of 9. 18.7 KB of shared memory a map.
+struct EncoderBucket {
+  static constexpr int kT = 14;
+  unsigned char lo[1 << kT];
+  float mids[259];  // sorted midpoints (+0 for -0), then +inf x 4
+  unsigned char order[256];
+  float sorted[256];
+  int fits;
+
+  __host__ __device__ static float plus_zero(float v) {
+#ifdef __CUDA_ARCH__
+    return __fadd_rn(v, 0.0f);
+#else
+    return v + 0.0f;
+#endif
+  }
+  __host__ __device__ static uint32_t key(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    return (b >> 31) ? ~b : (b | 0x80000000u);
+  }
+  // the smallest float (by key) of bucket b
+  __host__ __device__ static float bucket_min(int b) {
+    const uint32_t k = static_cast<uint32_t>(b) << (32 - kT);
+    const uint32_t bits = (k >> 31) ? (k & 0x7fffffffu) : ~k;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+  }
+  // number of midpoints < f (the binary search of the rule)
+  __host__ __device__ int count_below(float f) const {
+    int r = 0;
+    for (int step = 128; step >= 1; step >>= 1)
+      if (mids[r + step - 1] < f) r += step;
+    return r;
+  }
+  // midpoints in bucket b; 0 for the buckets of NaNs (encode() never reads their lo)
+  __host__ __device__ int bucket_count(int b) const {
+    if (is_nan_bits(bucket_min(b))) return 0;
+    return (b + 1 < (1 << kT) ? lo[b + 1] : 255) - lo[b];
+  }
+
+  // By the CTA (blockDim.x == 256), as Encoder8::build; ends with __syncthreads().
+  __device__ void build(const float* __restrict__ code) {
+    const int t = threadIdx.x;
+    sort_map(code, sorted, order);
+    mids[t] = t < 255 ? plus_zero(__fmul_rn(__fadd_rn(sorted[t], sorted[t + 1]), 0.5f)) : INFINITY;
+    if (t < 3) mids[256 + t] = INFINITY;
+    __syncthreads();
+    for (int b = t; b < (1 << kT); b += 256) lo[b] = static_cast<unsigned char>(count_below(bucket_min(b)));
+    __syncthreads();
+    int ok = 1;
+    for (int b = t; b < (1 << kT); b += 256) ok &= bucket_count(b) <= 3;
+    ok = __syncthreads_and(ok);
+    if (t == 0) fits = ok;
+    __syncthreads();
+  }
+
+  __host__ __device__ uint32_t encode(float v) const {
+    const float c = plus_zero(v);
+    int r;
+    if (fits) {
+      r = lo[key(c) >> (32 - kT)];
+      r += (mids[r] < c ? 1 : 0) + (mids[r + 1] < c ? 1 : 0) + (mids[r + 2] < c ? 1 : 0);
+    } else {
+      r = count_below(c);
+    }
+    return order[is_nan_bits(v) ? 255 : r];
+  }
+};
+
 // Host versions of the two builds: sorted map, midpoints, order (Encoder8::build's arithmetic).
-struct HostMaps { float mids[256]; unsigned char order[256]; HostEytz eytz; };
+struct HostMaps { float mids[256]; unsigned char order[256]; HostEytz eytz; EncoderBucket bucket; };
 static HostMaps host_build(const float* code) {
-  HostMaps h{};
+  static HostMaps h;  // 19 KB: static, not on the stack
+  h = HostMaps{};
   float sorted[256];
   for (int t = 0; t < 256; ++t) {
     int rank = 0;
@@ -59,7 +140,14 @@ static HostMaps host_build(const float* code) {
     h.mids[t] = t < 255 ? (sorted[t] + sorted[t + 1]) * 0.5f : INFINITY;
     h.eytz.order[t] = h.order[t];
     if (t >= 1) { const int r = eytz_rank(t); h.eytz.tree[t] = (sorted[r] + sorted[r + 1]) * 0.5f; }
+    h.bucket.order[t] = h.order[t];
+    h.bucket.mids[t] = t < 255 ? EncoderBucket::plus_zero((sorted[t] + sorted[t + 1]) * 0.5f) : INFINITY;
   }
+  for (int t = 256; t < 259; ++t) h.bucket.mids[t] = INFINITY;
+  h.bucket.fits = 1;
+  for (int b = 0; b < (1 << EncoderBucket::kT); ++b)
+    h.bucket.lo[b] = static_cast<unsigned char>(h.bucket.count_below(EncoderBucket::bucket_min(b)));
+  for (int b = 0; b < (1 << EncoderBucket::kT); ++b) h.bucket.fits &= h.bucket.bucket_count(b) <= 3;
   return h;
 }
 // The rule as a binary search over the sorted midpoints (the encoder before 2026-12-05).
@@ -72,26 +160,32 @@ static uint32_t host_encode8(const HostMaps& h, float v) {
 }
 
 static int host_check(const float* maps) {
-  long long bad = 0, n = 0;
+  long long bad = 0, bad_bucket = 0, n = 0;
   for (int m = 0; m < 2; ++m) {
-    const HostMaps h = host_build(maps + 256 * m);
+    const HostMaps& h = host_build(maps + 256 * m);
     // every float whose bits are a multiple of 3 (all signs, exponents, most mantissas), and
     // every midpoint and its two neighbours exactly
     for (uint64_t bits = 0; bits <= 0xffffffffull; bits += 3) {
       const uint32_t b = static_cast<uint32_t>(bits);
       float v; memcpy(&v, &b, 4);
       ++n;
-      if (host_encode8(h, v) != h.eytz.encode(v)) ++bad;
+      const uint32_t want = host_encode8(h, v);
+      bad += want != h.eytz.encode(v);
+      bad_bucket += want != h.bucket.encode(v);
     }
     for (int t = 0; t < 255; ++t)
-      for (float v : {h.mids[t], nextafterf(h.mids[t], -INFINITY), nextafterf(h.mids[t], INFINITY)}) {
+      for (float v : {h.mids[t], nextafterf(h.mids[t], -INFINITY), nextafterf(h.mids[t], INFINITY), 0.0f, -0.0f}) {
         ++n;
-        if (host_encode8(h, v) != h.eytz.encode(v)) ++bad;
+        const uint32_t want = host_encode8(h, v);
+        bad += want != h.eytz.encode(v);
+        bad_bucket += want != h.bucket.encode(v);
       }
+    printf("map %d: EncoderBucket fits (<= 3 midpoints a bucket): %d\n", m, h.bucket.fits);
   }
   printf("host check: Encoder8's breadth-first search vs a binary search on %lld values of the two maps: %lld differ\n",
          n, bad);
-  return bad != 0;
+  printf("host check: EncoderBucket vs the binary search on the same values: %lld differ\n", bad_bucket);
+  return bad != 0 || bad_bucket != 0;
 }
 
 // The memory side alone: update8_kernel's loads and stores (4 elements a thread, blocks of 256,
@@ -207,6 +301,10 @@ int main(int argc, char** argv) {
   printf("v2: %d CTAs resident an SM\n", resident1);
   run("v2 v0 on a grid of every resident CTA", [&](const Buf& b) {
     update8_kernel<__nv_bfloat16, kAdam, Encoder8, false><<<grid4, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("v3 EncoderBucket", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, EncoderBucket, false><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
+  run("v4 EncoderBucket + shared maps", [&](const Buf& b) {
+    update8_kernel<__nv_bfloat16, kAdam, EncoderBucket, true><<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks, true, hy); });
   run("loads only (drain; differs)", [&](const Buf& b) {
     drain8_kernel<<<grid, kThreads>>>(b.g, b.p, states(b), n, nblocks); });
   return 0;
