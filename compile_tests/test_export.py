@@ -78,7 +78,8 @@ def _probe(*args):
 @pytest.mark.parametrize("device", DEVICES)
 def test_aot_inductor_package_runs_equal_to_eager(device):
     """AOTInductor: export -> aoti_compile_and_package -> aoti_load_package of _model's layers
-    (scripts/aoti_probe.py's ``full`` case, which prints the max |packaged - eager|). The opsq
+    (scripts/aoti_probe.py's ``full`` case, which asserts the packaged model close to eager and
+    the program unchanged by plain_weights, then prints ``stage done``). The opsq
     ops stay calls into the registered kernels (through the dispatcher), so the packaged model
     needs ``import opsq`` in the loading process, as the exported program does; the weights go in
     as plain parameters (:func:`opsq.integrations.plain_weights`).
@@ -92,6 +93,4 @@ def test_aot_inductor_package_runs_equal_to_eager(device):
         if rc0 < 0:
             pytest.skip(f"torch {torch.__version__}'s AOTInductor loader crashes (signal {-rc0}) "
                         f"on {device} for a plain nn.Linear without opsq")
-    assert rc == 0, last
-    err = float(last.split()[2])
-    assert err <= 2e-3, last  # GELU fused by Inductor
+    assert rc == 0 and last.startswith("stage done"), last

@@ -1,7 +1,9 @@
 """Which models AOTInductor packages and loads, each in its own process (a crash in
 ``aoti_load_package`` kills only that case): a plain ``nn.Linear`` control, then opsq's layers
-one kind at a time, then compile_tests/test_export.py's model. Prints one line per case:
-``case device rc stage max-abs-error``.
+one kind at a time, then compile_tests/test_export.py's model. Each case checks the packaged
+model against eager (``assert_close``, rtol = atol = 2e-3: Inductor fuses the GELU) and that
+:func:`opsq.integrations.plain_weights` leaves the exported program's output unchanged. Prints
+one line per case: ``case device rc last-stage max-abs-error``.
 
     python3 scripts/aoti_probe.py [--device cuda] [--cases linear,l4,...] [--no-opsq]
 
@@ -51,9 +53,13 @@ def run_case(case, device, with_opsq=True):
     x = torch.randn(4, 64, device=device, dtype=dtype) * 4
     print("stage export", flush=True)
     ep = torch.export.export(m, (x,))
+    with torch.no_grad():
+        want = m(x)
     if with_opsq:
         from opsq.integrations import plain_weights
         ep = plain_weights(ep)
+        assert torch.equal(ep.module()(x), want), "plain_weights changed the exported program"
+
     print("stage compile", flush=True)
     with tempfile.TemporaryDirectory() as d:
         path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
@@ -61,7 +67,10 @@ def run_case(case, device, with_opsq=True):
         runner = torch._inductor.aoti_load_package(path)
         print("stage run", flush=True)
         with torch.no_grad():
-            err = (runner(x).float() - m(x).float()).abs().max().item()
+            got = runner(x)
+    err = (got.float() - want.float()).abs().max().item()
+    print(f"stage run {err:.3g}", flush=True)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # GELU fused by Inductor
     print(f"stage done {err:.3g}", flush=True)
 
 
