@@ -201,13 +201,19 @@ def test_forward_equals_base_plus_scaled_adapter(base, dtype, device):
         torch.testing.assert_close(layer(x), layer.get_base_layer()(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_two_active_adapters_and_mixed_batch(device):
+def two_adapters(device):
+    """An NF4 model with random adapters "default" and "other" (r=2) on q_proj, and its q_proj
+    LoRA layer."""
     model, _ = wrap("nf4", device)
     model.add_adapter("other", peft_config(r=2, lora_alpha=4, target_modules=["q_proj"]))
     randomize_adapters(model)
     randomize_adapters(model, name="other")
-    layer = lora_layers(model)["q_proj"]
+    return model, lora_layers(model)["q_proj"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_active_adapters_and_mixed_batch(device):
+    model, layer = two_adapters(device)
     x = torch.randn(4, K, device=device)
     base = layer.get_base_layer()(x).double()
     parts = {n: layer.scaling[n] * (x.double() @ layer.lora_A[n].weight.double().T
@@ -401,11 +407,7 @@ def test_safe_merge_rejects_non_finite_weights_and_leaves_base_untouched(base, d
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_merging_two_adapters_requantizes_once(device):
-    model, _ = wrap("nf4", device)
-    model.add_adapter("other", peft_config(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    randomize_adapters(model)
-    randomize_adapters(model, name="other")
-    layer = lora_layers(model)["q_proj"]
+    _, layer = two_adapters(device)
     b = layer.get_base_layer()
     want = quantized_like(b, dequantized(b) + layer.get_delta_weight("default")
                           + layer.get_delta_weight("other"))
