@@ -1,6 +1,7 @@
 """torch.export of models with opsq's quantized layers: one opsq op per layer in the graph, the
 exported program runs equal to eager, and it survives torch.export.save / load (a deployment
 needs ``import opsq`` so that ``torch.ops.opsq.*`` exist)."""
+import importlib.util
 import io
 import pathlib
 import subprocess
@@ -10,7 +11,6 @@ import pytest
 import torch
 
 import opsq  # noqa: F401  (registers torch.ops.opsq.*)
-from opsq.nn import Linear4bit, Linear8bitLt
 
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=(
@@ -18,14 +18,14 @@ DEVICES = [pytest.param("cpu", id="cpu"),
                pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
+_PROBE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "aoti_probe.py"
+_spec = importlib.util.spec_from_file_location("aoti_probe", _PROBE)
+aoti_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(aoti_probe)
+
+
 def _model(device, nested, threshold, dtype):
-    torch.manual_seed(5)
-    m = torch.nn.Sequential(
-        Linear4bit(64, 48, quant_type="nf4", compress_statistics=nested),
-        torch.nn.GELU(),
-        Linear8bitLt(48, 32, has_fp16_weights=False, threshold=threshold),
-        Linear4bit(32, 16, bias=False, quant_type="fp4", compress_statistics=False))
-    return m.to(device).to(dtype)
+    return aoti_probe.export_model(nested, threshold).to(device).to(dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,9 +60,6 @@ def test_exported_state_holds_every_parameter():
     # the module's own state_dict keeps bitsandbytes' keys
     sd = m.state_dict()
     assert "0.weight.absmax" in sd and "2.SCB" in sd and "0.weight_absmax" not in sd
-
-
-_PROBE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "aoti_probe.py"
 
 
 def _probe(*args):

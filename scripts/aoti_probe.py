@@ -22,8 +22,23 @@ import tempfile
 CASES = ("linear", "l4", "l4_bias", "l4_nested", "l8_t0", "l8_t6", "full")
 
 
+def export_model(nested=True, threshold=6.0):
+    """The model of compile_tests/test_export.py (and of the ``full`` case): a nested or plain
+    NF4 layer, GELU, an LLM.int8 layer with ``threshold``, a plain FP4 layer; seeded, on the
+    CPU in fp32."""
+    import torch
+    from opsq.nn import Linear4bit, Linear8bitLt
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        Linear4bit(64, 48, quant_type="nf4", compress_statistics=nested), torch.nn.GELU(),
+        Linear8bitLt(48, 32, has_fp16_weights=False, threshold=threshold),
+        Linear4bit(32, 16, bias=False, quant_type="fp4", compress_statistics=False))
+
+
 def _model(case):
     import torch
+    if case == "full":
+        return export_model()
     torch.manual_seed(5)
     if case == "linear":
         return torch.nn.Sequential(torch.nn.Linear(64, 32))
@@ -34,13 +49,8 @@ def _model(case):
         return torch.nn.Sequential(Linear4bit(64, 32, bias=True, compress_statistics=False))
     if case == "l4_nested":
         return torch.nn.Sequential(Linear4bit(64, 32, bias=False, compress_statistics=True))
-    if case in ("l8_t0", "l8_t6"):
-        return torch.nn.Sequential(Linear8bitLt(64, 32, has_fp16_weights=False,
-                                                threshold=0.0 if case == "l8_t0" else 6.0))
-    return torch.nn.Sequential(
-        Linear4bit(64, 48, quant_type="nf4", compress_statistics=True), torch.nn.GELU(),
-        Linear8bitLt(48, 32, has_fp16_weights=False, threshold=6.0),
-        Linear4bit(32, 16, bias=False, quant_type="fp4", compress_statistics=False))
+    return torch.nn.Sequential(Linear8bitLt(64, 32, has_fp16_weights=False,
+                                            threshold=0.0 if case == "l8_t0" else 6.0))
 
 
 def run_case(case, device, with_opsq=True):
