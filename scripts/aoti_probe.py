@@ -6,8 +6,10 @@ model against eager (``assert_close``, rtol = atol = 2e-3: Inductor fuses the GE
 one line per case: ``case device rc last-stage max-abs-error``.
 
     python3 scripts/aoti_probe.py [--device cuda] [--cases linear,l4,...] [--no-opsq]
+        [--split | --single-threaded | --legacy]
 
---no-opsq runs the ``linear`` control without importing opsq (is a crash torch's own?).
+--no-opsq runs the ``linear`` control without importing opsq (is a crash torch's own?);
+--split, --single-threaded and --legacy are ways around a loader crash (see main's help).
 compile_tests/test_export.py runs ``--one full`` (and, when that crashes, ``--one linear
 --no-opsq``) in a subprocess.
 """
@@ -53,7 +55,11 @@ def _model(case):
                                             threshold=0.0 if case == "l8_t0" else 6.0))
 
 
-def run_case(case, device, with_opsq=True):
+def run_case(case, device, with_opsq=True, split=None, single_threaded=False, legacy=False):
+    """Export ``case``, package it with AOTInductor, load and run it against eager. ``split``
+    (a folder) packages in this process and loads in a fresh one; ``single_threaded`` passes
+    ``run_single_threaded=True`` to the loader; ``legacy`` uses torch._export.aot_compile and
+    aot_load (a bare .so, no package loader) instead."""
     faulthandler.enable()
     import torch
     if with_opsq:
@@ -72,16 +78,45 @@ def run_case(case, device, with_opsq=True):
 
     print("stage compile", flush=True)
     with tempfile.TemporaryDirectory() as d:
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
-        print("stage load", flush=True)
-        runner = torch._inductor.aoti_load_package(path)
-        print("stage run", flush=True)
-        with torch.no_grad():
-            got = runner(x)
+        d = split or d
+        if legacy:
+            so = torch._export.aot_compile(ep.module(), (x,))
+            print("stage load", flush=True)
+            runner = torch._export.aot_load(so, device)
+        else:
+            path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
+            if split:
+                torch.save((x.cpu(), want.cpu()), os.path.join(d, "io.pt"))
+                load = [sys.executable, __file__, "--load", path, "--device", device]
+                print("stage load (a fresh process)", flush=True)
+                sys.exit(subprocess.run(load + ([] if with_opsq else ["--no-opsq"])).returncode)
+            print("stage load", flush=True)
+            runner = torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
+        _check(runner, x, want)
+
+
+def _check(runner, x, want):
+    import torch
+    print("stage run", flush=True)
+    with torch.no_grad():
+        got = runner(x)
     err = (got.float() - want.float()).abs().max().item()
     print(f"stage run {err:.3g}", flush=True)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)  # GELU fused by Inductor
     print(f"stage done {err:.3g}", flush=True)
+
+
+def load_and_run(path, device, with_opsq):
+    """The second half of ``--split``: load the package at ``path`` in this process and check it
+    against the input and eager output saved beside it."""
+    faulthandler.enable()
+    import torch
+    if with_opsq:
+        import opsq  # noqa: F401
+    x, want = torch.load(os.path.join(os.path.dirname(path), "io.pt"))
+    print("stage load", flush=True)
+    runner = torch._inductor.aoti_load_package(path)
+    _check(runner, x.to(device), want.to(device))
 
 
 def main():
@@ -90,13 +125,28 @@ def main():
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--one", metavar="CASE", help="run one case in this process")
     ap.add_argument("--no-opsq", action="store_true", help="do not import opsq (linear only)")
+    ap.add_argument("--split", action="store_true",
+                    help="package in one process, load in a fresh one")
+    ap.add_argument("--single-threaded", action="store_true",
+                    help="aoti_load_package(..., run_single_threaded=True)")
+    ap.add_argument("--legacy", action="store_true",
+                    help="torch._export.aot_compile + aot_load instead of the package")
+    ap.add_argument("--load", metavar="PACKAGE", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
     if a.no_opsq and (a.one or a.cases) != "linear":
         ap.error("--no-opsq runs only the linear case")
+    if a.load:
+        return load_and_run(a.load, a.device, not a.no_opsq)
     if a.one:
-        return run_case(a.one, a.device, not a.no_opsq)
-    extra = ["--no-opsq"] if a.no_opsq else []
+        if a.split:
+            with tempfile.TemporaryDirectory() as d:
+                return run_case(a.one, a.device, not a.no_opsq, split=d)
+        return run_case(a.one, a.device, not a.no_opsq, single_threaded=a.single_threaded,
+                        legacy=a.legacy)
+    extra = [f for f, on in (("--no-opsq", a.no_opsq), ("--split", a.split),
+                             ("--single-threaded", a.single_threaded),
+                             ("--legacy", a.legacy)) if on]
     procs = {c: subprocess.Popen([sys.executable, __file__, "--one", c, "--device", a.device, *extra],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for c in a.cases.split(",")}
@@ -109,12 +159,12 @@ def main():
         stages = [ln for ln in out.splitlines() if ln.startswith("stage ")]
         print(f"{case:<10} {a.device:<5} rc={p.returncode:<4} {stages[-1] if stages else '-'}")
         if p.returncode != 0:
-            tail = [ln for ln in out.splitlines() if ln.strip()][-12:]
+            tail = [ln for ln in out.splitlines() if ln.strip()][-30:]
             print("    " + "\n    ".join(tail))
             if p.returncode < 0 and shutil.which("gdb"):  # a native crash: its C++ frames
                 bt = subprocess.run(["gdb", "-batch", "-ex", "run", "-ex", "bt 25", "--args",
                                      sys.executable, __file__, "--one", case, "--device",
-                                     a.device], capture_output=True, text=True,
+                                     a.device, *extra], capture_output=True, text=True,
                                     timeout=a.timeout).stdout
                 print("    " + "\n    ".join(ln for ln in bt.splitlines() if ln.startswith("#")))
 

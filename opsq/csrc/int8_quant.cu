@@ -529,6 +529,132 @@ outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
   }
 }
 
+// ---- vectorwise_quant of a decode-sized A with a threshold, plus its outlier columns -----------
+// int8_linear's small-M path (int8_small_m.cu) at threshold > 0: rows <= kSmallMRows, K % 16 ==
+// 0, K <= kSmallMaxK, A 16-byte aligned. One CTA does what rowreg_kernel, outlier_fixup_kernel
+// and outlier_compact_kernel do in three launches (plus a memset): A is small (<= 16 rows), so
+// the outlier columns are known before any code is written and no fix-up is needed.
+//   pass 1: each item (row r, 16-byte chunk j) adds its max |x| over the elements below the
+//           threshold to the row's maximum (shared atomicMax on the IEEE bits, NaN above inf,
+//           as rowreg_kernel's max) and the chunk's outlier elements (|x| >= thr) to a bitset of
+//           columns in shared memory;
+//   pass 2: the row statistics, and every chunk quantized again from A (an L1/L2 hit) with
+//           rowreg_kernel's arithmetic, the bitset's columns written as 0;
+//   pass 3: the bitset's columns, ascending, as int64 idx and their number *cnt (a block scan
+//           of per-thread counts), as outlier_compact_kernel writes them.
+// Same bytes as the three-launch route (tests/test_cuda_ops.py compares int8_linear's small-M
+// output with the reference).
+constexpr int kSmallThreads = 1024;
+
+template <typename T>
+__global__ void __launch_bounds__(kSmallThreads)
+small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
+                      int8_t* __restrict__ CA, float* __restrict__ stats,
+                      int64_t* __restrict__ idx, int64_t* __restrict__ cnt) {
+  constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk (divides 32)
+  __shared__ uint32_t s_bits[kSmallMaxK / 32];
+  __shared__ uint32_t s_max[kSmallMRows];
+  __shared__ int s_warp[kSmallThreads / 32];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int words = (K + 31) >> 5;
+  for (int w = tid; w < words; w += kSmallThreads) s_bits[w] = 0u;
+  if (tid < rows) s_max[tid] = 0u;
+  __syncthreads();
+  const int chunks = K / E;
+  const int items = rows * chunks;
+  // Whole warps iterate together (the shuffles below): item base + lane, base warp-aligned.
+  for (int base = warp * 32; base < items; base += kSmallThreads) {
+    const int i = base + lane;
+    const bool valid = i < items;
+    const int r = valid ? i / chunks : 0;
+    const int j = i - r * chunks;
+    uint32_t m = 0u, f = 0u;
+    if (valid) {
+      float x[E];
+      unpack16<T>(__ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + j), x);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        uint32_t b = abs_bits(x[e]);
+        if (__uint_as_float(b) >= thr) {
+          b = 0u;
+          f |= 1u << e;
+        }
+        m = max(m, b);
+      }
+      if (f != 0u) atomicOr(&s_bits[(j * E) >> 5], f << ((j * E) & 31));
+    }
+    const int r0 = __shfl_sync(0xffffffffu, r, 0);
+    if (__all_sync(0xffffffffu, !valid || r == r0)) {
+      m = __reduce_max_sync(0xffffffffu, m);
+      if (lane == 0 && m != 0u) atomicMax(&s_max[r0], m);
+    } else if (valid && m != 0u) {
+      atomicMax(&s_max[r], m);
+    }
+  }
+  __syncthreads();
+  if (tid < rows) stats[tid] = __uint_as_float(s_max[tid]);
+  for (int i = tid; i < items; i += kSmallThreads) {
+    const int r = i / chunks, j = i - r * chunks;
+    const float st = __uint_as_float(s_max[r]);
+    const float s = int8_scale(st);
+    float x[E];
+    unpack16<T>(__ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + j), x);
+    uint32_t w[E / 4];
+    if (fast_scale(s)) {
+#pragma unroll
+      for (int q = 0; q < E / 4; ++q)
+        w[q] = pack_low_bytes(code_bits(x[4 * q], s), code_bits(x[4 * q + 1], s),
+                              code_bits(x[4 * q + 2], s), code_bits(x[4 * q + 3], s));
+    } else {
+#pragma unroll
+      for (int q = 0; q < E / 4; ++q)
+        w[q] = pack_codes(quant_int8(x[4 * q], s, st), quant_int8(x[4 * q + 1], s, st),
+                          quant_int8(x[4 * q + 2], s, st), quant_int8(x[4 * q + 3], s, st));
+    }
+    const uint32_t fb = s_bits[(j * E) >> 5] >> ((j * E) & 31);
+#pragma unroll
+    for (int q = 0; q < E / 4; ++q) w[q] &= ~byte_mask4((fb >> (4 * q)) & 0xfu);
+    int8_t* o = CA + static_cast<int64_t>(r) * K + static_cast<int64_t>(j) * E;
+    if constexpr (E == 8) {
+      *reinterpret_cast<uint2*>(o) = make_uint2(w[0], w[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(o) = w[0];
+    }
+  }
+  // Pass 3: thread t owns bitset words [t * per, (t + 1) * per).
+  const int per = (words + kSmallThreads - 1) / kSmallThreads;
+  const int w0 = min(tid * per, words), w1 = min(w0 + per, words);
+  int c = 0;
+  for (int w = w0; w < w1; ++w) c += __popc(s_bits[w]);
+  int incl = c;  // inclusive scan over the warp, then over the warps' totals
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    int t = s_warp[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, t, o);
+      if (lane >= o) t += v;
+    }
+    s_warp[lane] = t;
+  }
+  __syncthreads();
+  int pos = (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
+  for (int w = w0; w < w1; ++w) {
+    uint32_t left = s_bits[w];
+    while (left != 0u) {
+      idx[pos++] = static_cast<int64_t>(w) * 32 + __ffs(left) - 1;
+      left &= left - 1u;
+    }
+  }
+  if (tid == 0) *cnt = s_warp[kSmallThreads / 32 - 1];
+}
+
 // ---- double_quant pass 1: row and column statistics (and the outlier mask), A read once. ---
 // A CTA owns a strip of 256 columns: lane l of every warp holds columns strip * 256 + 8 l ...
 // + 7 (one 16-byte chunk, two for fp32). Row blocks of 32 rows are taken in ascending order
@@ -812,6 +938,16 @@ void vectorwise_rowreg(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// vectorwise_quant of a decode-sized A with a threshold, and its outlier columns compacted, in
+// one launch (small_outliers_kernel); see int8_quant.h.
+template <typename T>
+void small_outliers(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* st,
+                    int64_t* idx, int64_t* cnt, cudaStream_t stream) {
+  small_outliers_kernel<T><<<1, kSmallThreads, 0, stream>>>(
+      a, static_cast<int>(rows), static_cast<int>(K), thr, ca, st, idx, cnt);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // double_quant on the vector path (rows >= 1, K >= 1): statistics pass, then both outputs.
 template <typename T>
 void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
@@ -981,6 +1117,28 @@ Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols) {
     case at::kFloat: int8_quant_impl<float>(x, rows, K, threshold, cols, r); break;
     case at::kHalf: int8_quant_impl<__half>(x, rows, K, threshold, cols, r); break;
     default: int8_quant_impl<__nv_bfloat16>(x, rows, K, threshold, cols, r); break;
+  }
+  return r;
+}
+
+Int8Stats int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* idx,
+                                    int64_t* cnt) {
+  const int64_t rows = a.size(0), K = a.size(1);
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && a.is_contiguous() && small_outliers_applies(rows, K, a) &&
+                        threshold > 0.0);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Int8Stats r;
+  r.CA = at::empty({rows, K}, a.options().dtype(at::kChar));
+  r.row_stats = at::empty({rows}, a.options().dtype(at::kFloat));
+  int8_t* ca = r.CA.data_ptr<int8_t>();
+  float* st = r.row_stats.data_ptr<float>();
+  const float thr = static_cast<float>(threshold);
+  switch (a.scalar_type()) {
+    case at::kFloat: small_outliers<float>(cptr<float>(a), rows, K, thr, ca, st, idx, cnt, stream); break;
+    case at::kHalf: small_outliers<__half>(cptr<__half>(a), rows, K, thr, ca, st, idx, cnt, stream); break;
+    default:
+      small_outliers<__nv_bfloat16>(cptr<__nv_bfloat16>(a), rows, K, thr, ca, st, idx, cnt, stream);
+      break;
   }
   return r;
 }
