@@ -81,9 +81,10 @@ def test_aot_inductor_package_runs_equal_to_eager(device):
     needs ``import opsq`` in the loading process, as the exported program does; the weights go in
     as plain parameters (:func:`opsq.integrations.plain_weights`).
 
-    torch 2.11+cu130 on the H100 device crashed (SIGSEGV) in ``aoti_load_package`` for every
-    model, a plain ``nn.Linear`` included; if the same ``nn.Linear`` without opsq imported also
-    crashes, the loader is torch's problem and the test skips, saying so."""
+    torch 2.11+cu130 on the H100 device crashes (SIGSEGV) in ``aoti_load_package`` for every
+    model, a plain ``nn.Linear`` in a process that never imports opsq included (2026-12-05,
+    benchmarks/results/2026-12-05-h100-session3): where that control crashes too, the loader is
+    torch's problem and the test skips, saying so."""
     rc, last = _probe("--one", "full", "--device", device)
     if rc < 0:
         rc0, _ = _probe("--one", "linear", "--no-opsq", "--device", device)
