@@ -731,11 +731,12 @@ def test_int8_linear_small_m_non_finite(threshold):
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_linear_small_m_outlier_prologue(dtype):
     """Threshold 6: A's quantization and the outlier compaction in one launch
-    (int8_quant.cu's small_outliers_kernel), at the shapes that exercise its corners: rows that
-    share a warp (K = 272: 34 or 68 chunks a row), a compaction of 3000 columns over 1280
-    bitset words (two a thread), every column an outlier, and the routes around it (K > 65536;
-    A not 16-byte aligned). Bytes equal to the two-kernel path (rowreg_kernel, its fix-up and
-    outlier_compact_kernel), close to the reference."""
+    (int8_quant.cu's small_outliers_kernel, a cluster of 8 CTAs, one strip of K each), at the
+    shapes that exercise its corners: rows that share a warp and strips left empty (K = 272: 9
+    bitset words over 8 CTAs), a compaction of 3000 columns across the strips, every column an
+    outlier, and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the
+    two-kernel path (rowreg_kernel, its fix-up and outlier_compact_kernel), close to the
+    reference."""
     need("int8_linear")
     cases = [((5, 272), 24, 3), ((2, 40960), 16, 3000), ((3, 64), 16, 64), ((2, 65552), 8, 9)]
     for i, (ashape, N, n_out) in enumerate(cases):

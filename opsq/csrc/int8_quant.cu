@@ -16,6 +16,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
 
 #include "checks.h"
@@ -530,58 +532,77 @@ outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
 }
 
 // ---- vectorwise_quant of a decode-sized A with a threshold, plus its outlier columns -----------
-// int8_linear's small-M path (int8_small_m.cu) at threshold > 0: rows <= kSmallMRows, K % 16 ==
-// 0, K <= kSmallMaxK, A 16-byte aligned. One CTA does what rowreg_kernel, outlier_fixup_kernel
-// and outlier_compact_kernel do in three launches (plus a memset): A is small (<= 16 rows), so
-// the outlier columns are known before any code is written and no fix-up is needed.
-//   pass 1: each item (row r, 16-byte chunk j) adds its max |x| over the elements below the
-//           threshold to the row's maximum (shared atomicMax on the IEEE bits, NaN above inf,
-//           as rowreg_kernel's max) and the chunk's outlier elements (|x| >= thr) to a bitset of
-//           columns in shared memory;
-//   pass 2: the row statistics, and every chunk quantized again from A (an L1/L2 hit) with
+// int8_linear's small-M path (int8_small_m.cu) at threshold > 0 (small_outliers_applies: rows <=
+// kSmallMRows, K % 16 == 0, K <= kSmallMaxK, A 16-byte aligned, sm_90). One launch does what
+// rowreg_kernel, outlier_fixup_kernel and outlier_compact_kernel do in three (plus a memset):
+// with <= 16 rows every row's outliers are seen before any code is written, so nothing needs a
+// fix-up. A cluster of kSmallCluster CTAs (sm_90 thread-block clusters) splits K into strips of
+// whole 32-column bitset words; CTA q owns strip q for every row:
+//   pass 1: each item (row r, 16-byte chunk j of the strip) adds its max |x| over the elements
+//           below the threshold to the row's maximum (shared atomicMax on the IEEE bits, NaN
+//           above inf, as rowreg_kernel's max) and its outlier elements (|x| >= thr) to the
+//           strip's bitset of columns (shared memory);
+//   the CTAs' row maxima are combined through distributed shared memory (cluster.sync);
+//   pass 2: every chunk quantized again from A (an L1 hit: a strip of <= 16 rows) with
 //           rowreg_kernel's arithmetic, the bitset's columns written as 0;
-//   pass 3: the bitset's columns, ascending, as int64 idx and their number *cnt (a block scan
-//           of per-thread counts), as outlier_compact_kernel writes them.
+//   pass 3: the strip's outlier columns, ascending, as int64 idx (a block scan of per-thread
+//           counts, offset by the lower strips' totals) and their number *cnt, as
+//           outlier_compact_kernel writes them.
 // Same bytes as the three-launch route (tests/test_cuda_ops.py compares int8_linear's small-M
-// output with the reference).
+// output with the two-kernel path).
 constexpr int kSmallThreads = 1024;
+constexpr int kSmallCluster = 8;  // CTAs a cluster (the portable maximum)
 
 template <typename T>
 __global__ void __launch_bounds__(kSmallThreads)
 small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
                       int8_t* __restrict__ CA, float* __restrict__ stats,
                       int64_t* __restrict__ idx, int64_t* __restrict__ cnt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
   constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk (divides 32)
-  __shared__ uint32_t s_bits[kSmallMaxK / 32];
-  __shared__ uint32_t s_max[kSmallMRows];
+  constexpr int kWordChunks = 32 / E;                   // chunks per bitset word
+  __shared__ uint32_t s_bits[kSmallMaxK / 32 / kSmallCluster + 1];  // this strip's words
+  __shared__ uint32_t s_max[kSmallMRows];  // this strip's row maxima (read by the cluster)
+  __shared__ uint32_t s_row[kSmallMRows];  // the rows' maxima
   __shared__ int s_warp[kSmallThreads / 32];
+  __shared__ int s_total;                  // outlier columns of this strip (read by the cluster)
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int q = static_cast<int>(cluster.block_rank());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int chunks = K / E;
   const int words = (K + 31) >> 5;
-  for (int w = tid; w < words; w += kSmallThreads) s_bits[w] = 0u;
+  // Strip q: chunks [c0, c0 + cq), bitset words [w0, w0 + wq) (whole words).
+  const int wps = (words + kSmallCluster - 1) / kSmallCluster;
+  const int w0 = min(q * wps, words), wq = min(w0 + wps, words) - w0;
+  const int c0 = w0 * kWordChunks, cq = max(0, min(chunks, (w0 + wq) * kWordChunks) - c0);
+  for (int w = tid; w < wq; w += kSmallThreads) s_bits[w] = 0u;
   if (tid < rows) s_max[tid] = 0u;
   __syncthreads();
-  const int chunks = K / E;
-  const int items = rows * chunks;
+  const int items = rows * cq;
+  const auto chunk_of = [&](int r, int jj) {
+    return __ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + c0 + jj);
+  };
   // Whole warps iterate together (the shuffles below): item base + lane, base warp-aligned.
   for (int base = warp * 32; base < items; base += kSmallThreads) {
     const int i = base + lane;
     const bool valid = i < items;
-    const int r = valid ? i / chunks : 0;
-    const int j = i - r * chunks;
+    const int r = valid ? i / cq : 0;
+    const int jj = i - r * cq;
     uint32_t m = 0u, f = 0u;
     if (valid) {
       float x[E];
-      unpack16<T>(__ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + j), x);
+      unpack16<T>(chunk_of(r, jj), x);
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        uint32_t b = abs_bits(x[e]);
-        if (__uint_as_float(b) >= thr) {
-          b = 0u;
+        uint32_t bt = abs_bits(x[e]);
+        if (__uint_as_float(bt) >= thr) {
+          bt = 0u;
           f |= 1u << e;
         }
-        m = max(m, b);
+        m = max(m, bt);
       }
-      if (f != 0u) atomicOr(&s_bits[(j * E) >> 5], f << ((j * E) & 31));
+      if (f != 0u) atomicOr(&s_bits[(jj * E) >> 5], f << ((jj * E) & 31));
     }
     const int r0 = __shfl_sync(0xffffffffu, r, 0);
     if (__all_sync(0xffffffffu, !valid || r == r0)) {
@@ -591,41 +612,47 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
       atomicMax(&s_max[r], m);
     }
   }
+  cluster.sync();  // every strip's row maxima written
+  if (tid < rows) {
+    uint32_t m = 0u;
+    for (int p = 0; p < kSmallCluster; ++p) m = max(m, cluster.map_shared_rank(s_max, p)[tid]);
+    s_row[tid] = m;
+    if (q == 0) stats[tid] = __uint_as_float(m);
+  }
   __syncthreads();
-  if (tid < rows) stats[tid] = __uint_as_float(s_max[tid]);
   for (int i = tid; i < items; i += kSmallThreads) {
-    const int r = i / chunks, j = i - r * chunks;
-    const float st = __uint_as_float(s_max[r]);
-    const float s = int8_scale(st);
+    const int r = i / cq, jj = i - r * cq;
+    const float st = __uint_as_float(s_row[r]);
+    const float sc = int8_scale(st);
     float x[E];
-    unpack16<T>(__ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + j), x);
+    unpack16<T>(chunk_of(r, jj), x);
     uint32_t w[E / 4];
-    if (fast_scale(s)) {
+    if (fast_scale(sc)) {
 #pragma unroll
-      for (int q = 0; q < E / 4; ++q)
-        w[q] = pack_low_bytes(code_bits(x[4 * q], s), code_bits(x[4 * q + 1], s),
-                              code_bits(x[4 * q + 2], s), code_bits(x[4 * q + 3], s));
+      for (int k = 0; k < E / 4; ++k)
+        w[k] = pack_low_bytes(code_bits(x[4 * k], sc), code_bits(x[4 * k + 1], sc),
+                              code_bits(x[4 * k + 2], sc), code_bits(x[4 * k + 3], sc));
     } else {
 #pragma unroll
-      for (int q = 0; q < E / 4; ++q)
-        w[q] = pack_codes(quant_int8(x[4 * q], s, st), quant_int8(x[4 * q + 1], s, st),
-                          quant_int8(x[4 * q + 2], s, st), quant_int8(x[4 * q + 3], s, st));
+      for (int k = 0; k < E / 4; ++k)
+        w[k] = pack_codes(quant_int8(x[4 * k], sc, st), quant_int8(x[4 * k + 1], sc, st),
+                          quant_int8(x[4 * k + 2], sc, st), quant_int8(x[4 * k + 3], sc, st));
     }
-    const uint32_t fb = s_bits[(j * E) >> 5] >> ((j * E) & 31);
+    const uint32_t fb = s_bits[(jj * E) >> 5] >> ((jj * E) & 31);
 #pragma unroll
-    for (int q = 0; q < E / 4; ++q) w[q] &= ~byte_mask4((fb >> (4 * q)) & 0xfu);
-    int8_t* o = CA + static_cast<int64_t>(r) * K + static_cast<int64_t>(j) * E;
+    for (int k = 0; k < E / 4; ++k) w[k] &= ~byte_mask4((fb >> (4 * k)) & 0xfu);
+    int8_t* o = CA + static_cast<int64_t>(r) * K + static_cast<int64_t>(c0 + jj) * E;
     if constexpr (E == 8) {
       *reinterpret_cast<uint2*>(o) = make_uint2(w[0], w[1]);
     } else {
       *reinterpret_cast<uint32_t*>(o) = w[0];
     }
   }
-  // Pass 3: thread t owns bitset words [t * per, (t + 1) * per).
-  const int per = (words + kSmallThreads - 1) / kSmallThreads;
-  const int w0 = min(tid * per, words), w1 = min(w0 + per, words);
+  // Pass 3: thread t owns the strip's words [t * per, (t + 1) * per).
+  const int per = (wq + kSmallThreads - 1) / kSmallThreads;
+  const int v0 = min(tid * per, wq), v1 = min(v0 + per, wq);
   int c = 0;
-  for (int w = w0; w < w1; ++w) c += __popc(s_bits[w]);
+  for (int w = v0; w < v1; ++w) c += __popc(s_bits[w]);
   int incl = c;  // inclusive scan over the warp, then over the warps' totals
 #pragma unroll
   for (int o = 1; o < 32; o <<= 1) {
@@ -642,17 +669,24 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
       if (lane >= o) t += v;
     }
     s_warp[lane] = t;
+    if (lane == 31) s_total = t;
   }
-  __syncthreads();
-  int pos = (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
-  for (int w = w0; w < w1; ++w) {
+  cluster.sync();  // every strip's total written (and this CTA's s_warp)
+  int below = 0;   // outlier columns of the lower strips
+  for (int p = 0; p < q; ++p) below += *cluster.map_shared_rank(&s_total, p);
+  int pos = below + (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
+  for (int w = v0; w < v1; ++w) {
     uint32_t left = s_bits[w];
     while (left != 0u) {
-      idx[pos++] = static_cast<int64_t>(w) * 32 + __ffs(left) - 1;
+      idx[pos++] = static_cast<int64_t>(w0 + w) * 32 + __ffs(left) - 1;
       left &= left - 1u;
     }
   }
-  if (tid == 0) *cnt = s_warp[kSmallThreads / 32 - 1];
+  if (q == kSmallCluster - 1 && tid == 0) *cnt = below + s_total;
+  cluster.sync();  // no CTA leaves while another may still read its shared memory
+#else
+  __trap();  // launched only on sm_90 and later (small_outliers_applies)
+#endif
 }
 
 // ---- double_quant pass 1: row and column statistics (and the outlier mask), A read once. ---
@@ -943,9 +977,19 @@ void vectorwise_rowreg(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
 template <typename T>
 void small_outliers(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* st,
                     int64_t* idx, int64_t* cnt, cudaStream_t stream) {
-  small_outliers_kernel<T><<<1, kSmallThreads, 0, stream>>>(
-      a, static_cast<int>(rows), static_cast<int>(K), thr, ca, st, idx, cnt);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kSmallCluster);
+  cfg.blockDim = dim3(kSmallThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kSmallCluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, small_outliers_kernel<T>, a, static_cast<int>(rows),
+                                    static_cast<int>(K), thr, ca, st, idx, cnt));
 }
 
 // double_quant on the vector path (rows >= 1, K >= 1): statistics pass, then both outputs.
@@ -1119,6 +1163,11 @@ Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols) {
     default: int8_quant_impl<__nv_bfloat16>(x, rows, K, threshold, cols, r); break;
   }
   return r;
+}
+
+bool small_outliers_applies(int64_t rows, int64_t K, const at::Tensor& a) {
+  return rows >= 1 && rows <= kSmallMRows && K >= 16 && K <= kSmallMaxK && K % 16 == 0 &&
+         aligned16(a.data_ptr()) && at::cuda::getCurrentDeviceProperties()->major >= 9;
 }
 
 Int8Stats int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* idx,

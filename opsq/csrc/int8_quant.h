@@ -19,12 +19,10 @@ Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols);
 // Widest row (in elements) of int8_quant_small_outliers: its column bitset lives in shared memory.
 constexpr int64_t kSmallMaxK = 65536;
 
-// Whether int8_quant_small_outliers covers a (rows x K, contiguous): 1 <= rows <= kSmallMRows
-// (int8_linear's small-M rows), 16 <= K <= kSmallMaxK, K % 16 == 0, a 16-byte aligned.
-inline bool small_outliers_applies(int64_t rows, int64_t K, const at::Tensor& a) {
-  return rows >= 1 && rows <= kSmallMRows && K >= 16 && K <= kSmallMaxK && K % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0;
-}
+// Whether int8_quant_small_outliers covers a (rows x K, contiguous) on the current device:
+// 1 <= rows <= kSmallMRows (int8_linear's small-M rows), 16 <= K <= kSmallMaxK, K % 16 == 0, a
+// 16-byte aligned, compute capability >= 9.0 (a thread-block cluster).
+bool small_outliers_applies(int64_t rows, int64_t K, const at::Tensor& a);
 
 // vectorwise_quant of a (rows x K, contiguous, small_outliers_applies) at threshold > 0 (CA,
 // row_stats; no mask), and its outlier columns (any |a| >= threshold) compacted as
