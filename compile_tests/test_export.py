@@ -76,7 +76,8 @@ def _probe(*args):
 def test_aot_inductor_package_runs_equal_to_eager(device):
     """AOTInductor: export -> aoti_compile_and_package -> aoti_load_package of _model's layers
     (scripts/aoti_probe.py's ``full`` case, which asserts the packaged model close to eager and
-    the program unchanged by plain_weights, then prints ``stage done``). The opsq
+    the program unchanged by plain_weights, then prints ``stage done``), packaged in one process
+    and loaded in a fresh one, as a deployment does (``--split``). The opsq
     ops stay calls into the registered kernels (through the dispatcher), so the packaged model
     needs ``import opsq`` in the loading process, as the exported program does; the weights go in
     as plain parameters (:func:`opsq.integrations.plain_weights`).
@@ -85,9 +86,9 @@ def test_aot_inductor_package_runs_equal_to_eager(device):
     model, a plain ``nn.Linear`` in a process that never imports opsq included (2026-12-05,
     benchmarks/results/2026-12-05-h100-session3): where that control crashes too, the loader is
     torch's problem and the test skips, saying so."""
-    rc, last = _probe("--one", "full", "--device", device)
+    rc, last = _probe("--one", "full", "--device", device, "--split")
     if rc < 0:
-        rc0, _ = _probe("--one", "linear", "--no-opsq", "--device", device)
+        rc0, _ = _probe("--one", "linear", "--no-opsq", "--device", device, "--split")
         if rc0 < 0:
             pytest.skip(f"torch {torch.__version__}'s AOTInductor loader crashes (signal {-rc0}) "
                         f"on {device} for a plain nn.Linear without opsq")

@@ -89,7 +89,11 @@ def run_case(case, device, with_opsq=True, split=None, single_threaded=False, le
                 torch.save((x.cpu(), want.cpu()), os.path.join(d, "io.pt"))
                 load = [sys.executable, __file__, "--load", path, "--device", device]
                 print("stage load (a fresh process)", flush=True)
-                sys.exit(subprocess.run(load + ([] if with_opsq else ["--no-opsq"])).returncode)
+                rc = subprocess.run(load + ([] if with_opsq else ["--no-opsq"])).returncode
+                if rc < 0:  # the loader died of a signal: die of the same one
+                    faulthandler.disable()
+                    os.kill(os.getpid(), -rc)
+                sys.exit(rc)
             print("stage load", flush=True)
             runner = torch._inductor.aoti_load_package(path, run_single_threaded=single_threaded)
         _check(runner, x, want)
