@@ -184,23 +184,10 @@ outlier_compact_kernel(const uint8_t* __restrict__ mask, int64_t K, int64_t* __r
         if (k + j < K && mask[k + j] != 0) f |= 1u << j;
     }
     const int c = __popc(f);
-    int s = c;  // inclusive scan over the warp
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, s, o);
-      if (lane >= o) s += v;
-    }
+    const int s = warp_inclusive_sum(c, lane);  // inclusive scan over the warp
     if (lane == 31) s_tot[warp] = s;
     __syncthreads();
-    if (warp == 0) {  // inclusive scan of the warp totals
-      int w = s_tot[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += v;
-      }
-      s_tot[lane] = w;
-    }
+    if (warp == 0) s_tot[lane] = warp_inclusive_sum(s_tot[lane], lane);  // of the warp totals
     __syncthreads();
     int64_t pos = total + (warp > 0 ? s_tot[warp - 1] : 0) + (s - c);
     while (f != 0u) {

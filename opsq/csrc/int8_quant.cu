@@ -259,6 +259,25 @@ __device__ __forceinline__ uint32_t byte_mask4(uint32_t b4) {
 __device__ __forceinline__ bool fast_scale(float s) {
   return !isinf(s) && __float_as_uint(s) != 0u;
 }
+// The int8 codes of one 16-byte chunk's E values x with row scale s and statistic st, E / 4
+// words (element 4k + i in byte i of word k): the fast path where fast (= fast_scale(s), hoisted
+// by the caller), quant_int8 elsewhere. rowreg_kernel and small_outliers_kernel.
+template <int E>
+__device__ __forceinline__ void chunk_codes(const float (&x)[E], float s, float st, bool fast,
+                                            uint32_t (&w)[E / 4]) {
+  if (fast) {
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k)
+      w[k] = pack_low_bytes(code_bits(x[4 * k], s), code_bits(x[4 * k + 1], s),
+                            code_bits(x[4 * k + 2], s), code_bits(x[4 * k + 3], s));
+  } else {
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k)
+      w[k] = pack_codes(quant_int8(x[4 * k], s, st), quant_int8(x[4 * k + 1], s, st),
+                        quant_int8(x[4 * k + 2], s, st), quant_int8(x[4 * k + 3], s, st));
+  }
+}
+
 // Strong (relaxed, gpu-scope) loads: they bypass L1 and take part in the fence.sc ordering of
 // the outlier protocol below.
 __device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
@@ -437,17 +456,7 @@ rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* _
           unpack16<T>(v[k], x);
           // (Outlier elements are quantized as they are; their codes are masked to 0 below.)
           uint32_t w[E / 4];
-          if (fast) {
-#pragma unroll
-            for (int q = 0; q < E / 4; ++q)
-              w[q] = pack_low_bytes(code_bits(x[4 * q], s), code_bits(x[4 * q + 1], s),
-                                    code_bits(x[4 * q + 2], s), code_bits(x[4 * q + 3], s));
-          } else {
-#pragma unroll
-            for (int q = 0; q < E / 4; ++q)
-              w[q] = pack_codes(quant_int8(x[4 * q], s, st), quant_int8(x[4 * q + 1], s, st),
-                                quant_int8(x[4 * q + 2], s, st), quant_int8(x[4 * q + 3], s, st));
-          }
+          chunk_codes<E>(x, s, st, fast, w);
           if constexpr (THR) {
             // Code 0 for the chunk's outlier elements (as quantizing them as 0) and for the
             // columns of the snapshot.
@@ -627,17 +636,7 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
     float x[E];
     unpack16<T>(chunk_of(r, jj), x);
     uint32_t w[E / 4];
-    if (fast_scale(sc)) {
-#pragma unroll
-      for (int k = 0; k < E / 4; ++k)
-        w[k] = pack_low_bytes(code_bits(x[4 * k], sc), code_bits(x[4 * k + 1], sc),
-                              code_bits(x[4 * k + 2], sc), code_bits(x[4 * k + 3], sc));
-    } else {
-#pragma unroll
-      for (int k = 0; k < E / 4; ++k)
-        w[k] = pack_codes(quant_int8(x[4 * k], sc, st), quant_int8(x[4 * k + 1], sc, st),
-                          quant_int8(x[4 * k + 2], sc, st), quant_int8(x[4 * k + 3], sc, st));
-    }
+    chunk_codes<E>(x, sc, st, fast_scale(sc), w);
     const uint32_t fb = s_bits[(jj * E) >> 5] >> ((jj * E) & 31);
 #pragma unroll
     for (int k = 0; k < E / 4; ++k) w[k] &= ~byte_mask4((fb >> (4 * k)) & 0xfu);
@@ -653,21 +652,11 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
   const int v0 = min(tid * per, wq), v1 = min(v0 + per, wq);
   int c = 0;
   for (int w = v0; w < v1; ++w) c += __popc(s_bits[w]);
-  int incl = c;  // inclusive scan over the warp, then over the warps' totals
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int v = __shfl_up_sync(0xffffffffu, incl, o);
-    if (lane >= o) incl += v;
-  }
+  const int incl = warp_inclusive_sum(c, lane);  // then over the warps' totals
   if (lane == 31) s_warp[warp] = incl;
   __syncthreads();
   if (warp == 0) {
-    int t = s_warp[lane];
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, t, o);
-      if (lane >= o) t += v;
-    }
+    const int t = warp_inclusive_sum(s_warp[lane], lane);
     s_warp[lane] = t;
     if (lane == 31) s_total = t;
   }
