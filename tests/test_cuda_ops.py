@@ -728,39 +728,6 @@ def test_int8_linear_small_m_non_finite(threshold):
         assert_matmul_close(got[fin], want[fin], torch.float16)
 
 
-@pytest.mark.parametrize("dtype", FLOATS)
-def test_int8_linear_small_m_outlier_prologue(dtype):
-    """Threshold 6: A's quantization and the outlier compaction in one launch
-    (int8_quant.cu's small_outliers_kernel, a cluster of 8 CTAs, one strip of K each), at the
-    shapes that exercise its corners: rows that share a warp and strips left empty (K = 272: 9
-    bitset words over 8 CTAs), a compaction of 3000 columns across the strips, every column an
-    outlier, and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the
-    two-kernel path (rowreg_kernel, its fix-up and outlier_compact_kernel), close to the
-    reference."""
-    need("int8_linear")
-    cases = [((5, 272), 24, 3), ((2, 40960), 16, 3000), ((3, 64), 16, 64), ((2, 65552), 8, 9)]
-    for i, (ashape, N, n_out) in enumerate(cases):
-        K = ashape[-1]
-        A = small_m_input(ashape, dtype, seed=300 + i, n_out=n_out)
-        W = randn((N, K), dtype, seed=310 + i, scale=0.1)
-        CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
-        bias = randn((N,), dtype, seed=320 + i)
-        _, _, mask = OPS.vectorwise_quant(A, 6.0)
-        assert int(mask.sum()) == n_out
-        got = OPS.int8_linear(A, CB, SCB, bias, 6.0)
-        assert same_bytes(got, int8_linear_two_kernel(A, CB, SCB, bias, 6.0)), (ashape, n_out)
-        assert_matmul_close(got, ref.int8_linear(A, CB, SCB, bias, 6.0),
-                            dtype if dtype != torch.float32 else torch.float16)
-    A = small_m_input((3, 256), dtype, seed=330, n_out=4)
-    flat = torch.zeros(A.numel() + 1, dtype=dtype, device=DEV)
-    flat[1:] = A.reshape(-1)
-    shifted = flat[1:].view(A.shape)  # storage offset of one element
-    W = randn((40, 256), dtype, seed=331, scale=0.1)
-    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
-    assert same_bytes(OPS.int8_linear(shifted, CB, SCB, None, 6.0),
-                      OPS.int8_linear(A, CB, SCB, None, 6.0))
-
-
 def test_int8_linear_small_m_fallbacks():
     """Shapes the small-M kernel does not take run the two-kernel path: K % 16 != 0, a weight
     not 16-byte aligned; results as the reference (threshold 0: byte for byte)."""

@@ -4,8 +4,6 @@
 
 #include <ATen/ATen.h>
 
-#include "int8_matmul.cuh"
-
 namespace opsq {
 
 struct Int8Stats {
@@ -15,20 +13,5 @@ struct Int8Stats {
 // vectorwise_quant (cols = false: CA, row_stats, mask) or double_quant (cols = true: also
 // CA_col, col_stats) of A on its device, arguments already checked.
 Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols);
-
-// Widest row (in elements) of int8_quant_small_outliers: its column bitset lives in shared memory.
-constexpr int64_t kSmallMaxK = 65536;
-
-// Whether int8_quant_small_outliers covers a (rows x K, contiguous) on the current device:
-// 1 <= rows <= kSmallMRows (int8_linear's small-M rows), 16 <= K <= kSmallMaxK, K % 16 == 0, a
-// 16-byte aligned, compute capability >= 9.0 (a thread-block cluster).
-bool small_outliers_applies(int64_t rows, int64_t K, const at::Tensor& a);
-
-// vectorwise_quant of a (rows x K, contiguous, small_outliers_applies) at threshold > 0 (CA,
-// row_stats; no mask), and its outlier columns (any |a| >= threshold) compacted as
-// launch_outlier_compact writes them: idx (ascending, int64, room for K) and *cnt. One launch on
-// the current stream, no host synchronisation; bytes equal int8_quant's + the compaction.
-Int8Stats int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* idx,
-                                    int64_t* cnt);
 
 }  // namespace opsq
