@@ -9,9 +9,9 @@ one line per case: ``case device rc last-stage max-abs-error``.
         [--split | --single-threaded | --legacy]
 
 --no-opsq runs the ``linear`` control without importing opsq (is a crash torch's own?);
---split, --single-threaded and --legacy are ways around a loader crash (see main's help).
-compile_tests/test_export.py runs ``--one full`` (and, when that crashes, ``--one linear
---no-opsq``) in a subprocess.
+--split, --single-threaded and --legacy (one at a time) are ways around a loader crash (see
+main's help). compile_tests/test_export.py runs ``--one full --split`` (and, when that crashes,
+``--one linear --no-opsq --split``) in a subprocess.
 """
 import argparse
 import faulthandler
@@ -77,14 +77,15 @@ def run_case(case, device, with_opsq=True, split=None, single_threaded=False, le
         assert torch.equal(ep.module()(x), want), "plain_weights changed the exported program"
 
     print("stage compile", flush=True)
-    with tempfile.TemporaryDirectory() as d:
-        d = split or d
+    with tempfile.TemporaryDirectory() as tmp:
+        d = split or tmp  # the package's folder
         if legacy:
             so = torch._export.aot_compile(ep.module(), (x,))
             print("stage load", flush=True)
             runner = torch._export.aot_load(so, device)
         else:
-            path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
+            path = torch._inductor.aoti_compile_and_package(
+                ep, package_path=os.path.join(d, "m.pt2"))
             if split:
                 torch.save((x.cpu(), want.cpu()), os.path.join(d, "io.pt"))
                 load = [sys.executable, __file__, "--load", path, "--device", device]
@@ -151,9 +152,9 @@ def main():
     extra = [f for f, on in (("--no-opsq", a.no_opsq), ("--split", a.split),
                              ("--single-threaded", a.single_threaded),
                              ("--legacy", a.legacy)) if on]
-    procs = {c: subprocess.Popen([sys.executable, __file__, "--one", c, "--device", a.device, *extra],
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in a.cases.split(",")}
+    procs = {c: subprocess.Popen(
+        [sys.executable, __file__, "--one", c, "--device", a.device, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in a.cases.split(",")}
     for case, p in procs.items():
         try:
             out, _ = p.communicate(timeout=a.timeout)
