@@ -23,6 +23,41 @@ def test_linear4bit_quantizes_on_first_move_only():
     assert layer.weight.shape == (64 * 32 // 2, 1)
 
 
+class _Tagged(torch.Tensor):
+    """An activation subclass whose __torch_function__ counts calls (and otherwise passes)."""
+
+    calls = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls += 1
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_linear4bit_forward_skips_params4bit_torch_function(monkeypatch):
+    """With plain activations, Linear4bit.forward never enters Params4bit.__torch_function__
+    (Python, ~4-5 us a call on every decode step); an activation subclass still gets its own
+    __torch_function__, and both give the same numbers."""
+    torch.manual_seed(3)
+    layer = Linear4bit.from_float(nn.Linear(64, 32), quant_type="nf4", compress_statistics=True)
+    x = torch.randn(2, 64)
+    seen = []
+    original = Params4bit.__torch_function__.__func__
+
+    def spy(cls, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(cls, func, types, args, kwargs)
+
+    monkeypatch.setattr(Params4bit, "__torch_function__", classmethod(spy))
+    want = layer(x)
+    assert seen == []
+    got = layer(x.as_subclass(_Tagged))
+    assert _Tagged.calls > 0 and seen  # the slow path: every subclass asked, as before
+    torch.testing.assert_close(got.as_subclass(torch.Tensor), want, rtol=0, atol=0)
+    assert len(torch.chunk(layer.weight, 2)) == 2 and isinstance(torch.chunk(layer.weight, 2)[0],
+                                                                 Params4bit)
+
+
 def test_quantized_state_survives_dtype_moves():
     layer = Linear4bit(64, 32, quant_type="fp4", quant_storage=torch.bfloat16).to("cpu")
     before = {k: v.clone() for k, v in layer.state_dict().items()}
