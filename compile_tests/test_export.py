@@ -93,3 +93,12 @@ def test_aot_inductor_package_runs_equal_to_eager(device):
             pytest.skip(f"torch {torch.__version__}'s AOTInductor loader crashes (signal {-rc0}) "
                         f"on {device} for a plain nn.Linear without opsq")
     assert rc == 0 and last.startswith("stage done"), last
+
+
+@pytest.mark.slow
+def test_aot_inductor_control_runs_where_the_loader_works():
+    """The control that test_aot_inductor_package_runs_equal_to_eager falls back to (a plain
+    ``nn.Linear``, opsq never imported, packaged and loaded in separate processes) runs to the
+    end on the CPU: a broken control would turn a crash of torch's loader into a failure."""
+    rc, last = _probe("--one", "linear", "--no-opsq", "--device", "cpu", "--split")
+    assert rc == 0 and last.startswith("stage done"), last

@@ -55,9 +55,9 @@ def _model(case):
                                             threshold=0.0 if case == "l8_t0" else 6.0))
 
 
-def run_case(case, device, with_opsq=True, split=None, single_threaded=False, legacy=False):
+def run_case(case, device, with_opsq=True, split=False, single_threaded=False, legacy=False):
     """Export ``case``, package it with AOTInductor, load and run it against eager. ``split``
-    (a folder) packages in this process and loads in a fresh one; ``single_threaded`` passes
+    packages in this process and loads in a fresh one; ``single_threaded`` passes
     ``run_single_threaded=True`` to the loader; ``legacy`` uses torch._export.aot_compile and
     aot_load (a bare .so, no package loader) instead."""
     faulthandler.enable()
@@ -77,8 +77,7 @@ def run_case(case, device, with_opsq=True, split=None, single_threaded=False, le
         assert torch.equal(ep.module()(x), want), "plain_weights changed the exported program"
 
     print("stage compile", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        d = split or tmp  # the package's folder
+    with tempfile.TemporaryDirectory() as d:
         if legacy:
             so = torch._export.aot_compile(ep.module(), (x,))
             print("stage load", flush=True)
@@ -139,16 +138,13 @@ def main():
     ap.add_argument("--load", metavar="PACKAGE", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300)
     a = ap.parse_args()
+    if a.load:  # --split's loading process (the case was checked by the one that packaged)
+        return load_and_run(a.load, a.device, not a.no_opsq)
     if a.no_opsq and (a.one or a.cases) != "linear":
         ap.error("--no-opsq runs only the linear case")
-    if a.load:
-        return load_and_run(a.load, a.device, not a.no_opsq)
     if a.one:
-        if a.split:
-            with tempfile.TemporaryDirectory() as d:
-                return run_case(a.one, a.device, not a.no_opsq, split=d)
-        return run_case(a.one, a.device, not a.no_opsq, single_threaded=a.single_threaded,
-                        legacy=a.legacy)
+        return run_case(a.one, a.device, not a.no_opsq, split=a.split,
+                        single_threaded=a.single_threaded, legacy=a.legacy)
     extra = [f for f, on in (("--no-opsq", a.no_opsq), ("--split", a.split),
                              ("--single-threaded", a.single_threaded),
                              ("--legacy", a.legacy)) if on]
