@@ -74,7 +74,39 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
         values = FP4_CODE
     else:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return table_on(values, device)
+
+
+#: Device-resident masters of :func:`table_on`, keyed by (values, device); never written.
+_RESIDENT: dict = {}
+
+
+def table_on(values: tuple, device=None) -> torch.Tensor:
+    """A new fp32 tensor holding ``values`` (a small table: a code book, the dynamic map) on
+    ``device`` (None: torch's default device).
+
+    The first call per (table, device) builds a master from the values; later calls clone
+    it. On an accelerator building means a copy from pageable host memory, which synchronises
+    the stream, while the clone is an asynchronous device-to-device copy: quantizing a model
+    layer by layer stays free of host syncs (two per nested ``quantize_4bit`` otherwise).
+    The meta device, tracing (``torch.compile``, ``torch.export``) and active dispatch modes
+    build the tensor from the values every call.
+
+    Returns:
+        fp32 ``(len(values),)``, owned by the caller (writing to it changes no later table).
+    """
+    dev = torch.device(device) if device is not None else torch.get_default_device()
+    if (dev.type == "meta" or torch.compiler.is_compiling()
+            or torch._C._len_torch_dispatch_stack() > 0):
+        return torch.tensor(values, dtype=torch.float32, device=dev)
+    if dev.index is None and dev.type != "cpu":
+        dev = torch.device(dev.type, getattr(torch, dev.type).current_device())
+    master = _RESIDENT.get((values, dev))
+    if master is None:
+        with torch.inference_mode(False):  # a normal tensor, also when first built in one
+            master = torch.tensor(values, dtype=torch.float32, device=dev)
+        _RESIDENT[(values, dev)] = master
+    return master.clone()
 
 
 def check_int(name: str, value, low: int, high: "int | None" = None) -> int:
@@ -144,3 +176,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
                          f"{max_exponent_bits}")
     return torch.tensor(_dynamic_map_values(bool(signed), max_exponent_bits, total_bits),
                         dtype=torch.float32)
+
+
+def dynamic_map_on(device=None) -> torch.Tensor:
+    """:func:`create_dynamic_map` with its defaults (signed, the nested-absmax map) as a new
+    fp32 ``(256,)`` tensor on ``device``, through :func:`table_on` (no host sync once warm)."""
+    return table_on(_dynamic_map_values(True, 7, 8), device)

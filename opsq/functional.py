@@ -25,6 +25,7 @@ from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_
                          QUANT_TYPES, code_table)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
+from ._constants import dynamic_map_on
 
 __all__ = [
     "QuantState", "quantize_4bit", "dequantize_4bit", "quantize_nf4", "quantize_fp4",
@@ -560,7 +561,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
         TypeError / ValueError: bad dtype or blocksize.
     """
     if code is None:
-        code = create_dynamic_map().to(A.device)
+        code = dynamic_map_on(A.device)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
     if nested:
         offset = nested_offset(am)
@@ -591,7 +592,7 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
         if absmax is None:
             raise ValueError("dequantize_blockwise needs quant_state or absmax")
         if code is None:
-            code = create_dynamic_map().to(A.device)
+            code = dynamic_map_on(A.device)
         quant_state = QuantState(absmax=absmax, code=code, blocksize=blocksize,
                                  dtype=torch.float32)
     am = quant_state.absmax

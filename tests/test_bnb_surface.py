@@ -19,6 +19,7 @@ from opsq import functional as Fq
 from opsq import utils as Ut
 from opsq._constants import FP4_CODE, NF4_CODE, code_table
 from opsq._constants import create_dynamic_map as constants_dynamic_map
+from opsq._constants import dynamic_map_on
 from opsq.autograd import matmul_4bit
 from opsq.nn import Linear4bit, Params4bit
 from opsq.outlier_tools import OutlierTracer
@@ -265,6 +266,56 @@ def _dynamic_oracle(signed, m, total):
 def test_create_dynamic_map_default_is_opsq_map_bit_for_bit():
     assert torch.equal(Fq.create_dynamic_map(), constants_dynamic_map())
     assert torch.equal(Fq.create_dynamic_map(True, 7, 8), constants_dynamic_map())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_small_tables_are_new_tensors_each_call(device):
+    """code_table / the default dynamic map keep a device-resident master on accelerators
+    (opsq._constants.table_on): every call must still hand out its own tensor, so a caller
+    writing into one (or into a QuantState's code) changes no later table."""
+    for make, want in ((lambda: code_table("nf4", device), torch.tensor(NF4_CODE)),
+                       (lambda: code_table("fp4", device), torch.tensor(FP4_CODE)),
+                       (lambda: dynamic_map_on(device), constants_dynamic_map())):
+        first = make()
+        assert first.device.type == device and first.dtype == torch.float32
+        assert torch.equal(first.cpu(), want)
+        first.fill_(float("nan"))
+        second = make()
+        assert second.data_ptr() != first.data_ptr()
+        assert torch.equal(second.cpu(), want)
+    W = torch.randn(64, 256, generator=_gen(), dtype=torch.bfloat16).to(device)
+    _, qs1 = Fq.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    qs1.code.zero_()
+    qs1.state2.code.zero_()
+    _, qs2 = Fq.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(qs2.code.cpu(), torch.tensor(NF4_CODE))
+    assert torch.equal(qs2.state2.code.cpu(), constants_dynamic_map())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_quantize_on_load_never_syncs_once_warm():
+    """Quantizing a model layer by layer (nested quantize_4bit, quantize_blockwise and its
+    inverse) enqueues work without waiting for the GPU: each call used to copy its code table
+    and dynamic map from pageable host memory, a stream sync each."""
+    g = _gen("cuda")
+    W = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16, generator=g)
+    A = torch.randn(4096, device="cuda", generator=g)
+
+    def work():
+        packed, qs = Fq.quantize_4bit(W, quant_type="nf4", compress_statistics=True)
+        q, qb = Fq.quantize_blockwise(A, blocksize=256)
+        return packed, qs, Fq.dequantize_blockwise(q, absmax=qb.absmax, blocksize=256)
+
+    packed, qs, back = work()  # warm: builds each device-resident table once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        packed2, qs2, back2 = work()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(packed2, packed) and torch.equal(qs2.absmax, qs.absmax)
+    assert torch.equal(back2, back)
 
 
 DYNAMIC_LAYOUTS = [(True, 7, 8), (False, 7, 8), (True, 4, 8), (True, 1, 8), (True, 3, 6),
