@@ -19,7 +19,8 @@ Families (``--only``, comma-separated; default all):
 * ``decode``: a 4-layer Linear4bit MLP at batch 1 under ``torch.compile(mode="reduce-overhead")``
   against the same bf16 model (target speed-up >= 3x).
 * ``prefill``: Linear4bit and Linear8bitLt at 2048 tokens x 8192 -> 28672 against 16-bit
-  ``F.linear``, and the LLM.int8 outlier path against threshold 0.
+  ``F.linear``, the LLM.int8 outlier path against threshold 0, and Linear8bitLt threshold 6
+  at 2048 x 4096 -> 4096 against fp16 ``F.linear`` (target: no slower).
 * ``qlora``: one compiled QLoRA training step against a bf16 base.
 * ``optim``: ``opsq.optim.AdamW8bit`` / ``PagedAdamW8bit`` / ``AdamW`` (32-bit states) steps
   over a 1.07 B-parameter bf16 model against bitsandbytes' ``AdamW8bit`` and
@@ -70,7 +71,8 @@ FAMILY_TITLES = {
     "igemmlt": "int8 GEMM (K=8192) vs torch._int_mm",
     "decode": "4-layer MLP 4096->11008->4096 (SiLU), batch 1, bf16, "
               "torch.compile(mode='reduce-overhead', fullgraph=True)",
-    "prefill": "2048 tokens, 8192 -> 28672, eager layer call vs 16-bit F.linear",
+    "prefill": "2048 tokens, 8192 -> 28672 (and int8 t=6 at 4096 -> 4096), eager layer call "
+               "vs 16-bit F.linear",
     "qlora": "compiled QLoRA training step (forward, backward, AdamW on the adapters)",
     "optim": "one optimizer.step() over 8 bf16 parameters of 8192x16384 (1.07 B), grads set",
     "llm": "Llama-3-8B-shaped transformers model (random weights), batch 1, bf16 compute: "
@@ -83,6 +85,8 @@ DECODE_MIN_SPEEDUP = 3.0          # NF4 decode MLP vs bf16 (speed-up, higher is 
 PREFILL_4BIT_MAX_RATIO = 1.10     # Linear4bit / bf16 F.linear time (lower is better)
 PREFILL_INT8_MIN_SPEEDUP = 1.3    # fp16 F.linear / Linear8bitLt (t=0) time
 PREFILL_OUTLIER_MAX_RATIO = 1.15  # Linear8bitLt t=6 / t=0 time, same outlier input
+PREFILL_OUTLIER_VS_FP16_MAX_RATIO = 1.0  # Linear8bitLt t=6 / fp16 F.linear, 2048x4096->4096
+PREFILL_SMALL_SHAPE = (2048, 4096, 4096)  # (M, K, N) of that row
 EFFICIENCY_TARGETS = (0.80, 0.85)  # fraction of copy bandwidth (drawn on the plot)
 INT8_DECODE_MIN_SPEEDUP = 1.5     # fp16 F.linear / Linear8bitLt time at M <= 16
 OPTIM_MIN_EFFICIENCY = 0.80       # AdamW8bit update: fraction of copy bandwidth
@@ -699,6 +703,14 @@ def run(quick: bool = False, with_bnb: bool = True,
             tflops=flops / (p["int8_t6_ms"] * 1e-3) / 1e12, rel_err=p["int8_t6_rel_err"],
             baseline_rel_err=p["int8_t0_outlier_rel_err"], outlier_cols=p["outlier_cols"],
             outlier_row_frac=p["outlier_row_frac"]))
+        _print_compare(rows[-1])
+        M, K, N = PREFILL_SMALL_SHAPE
+        p = prefill_times(timer, dev, M, K, N)
+        rows.append(compare_row(
+            "prefill", "Linear8bitLt t=6 outliers", f"{M}x{K}->{N}", "fp16", p["int8_t6_ms"],
+            "fp16 F.linear", p["fp16_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
+            tflops=2 * M * K * N / (p["int8_t6_ms"] * 1e-3) / 1e12, rel_err=p["int8_t6_rel_err"],
+            outlier_cols=p["outlier_cols"], outlier_row_frac=p["outlier_row_frac"]))
         _print_compare(rows[-1])
 
     def bench_qlora():

@@ -47,6 +47,9 @@ def fake_results() -> dict:
         bench.compare_row("prefill", "Linear8bitLt t=6 outliers", "2048x8192->28672", "fp16",
                           0.96, "Linear8bitLt t=0", 0.80, "ratio",
                           bench.PREFILL_OUTLIER_MAX_RATIO, outlier_cols=16),
+        bench.compare_row("prefill", "Linear8bitLt t=6 outliers", "2048x4096->4096", "fp16",
+                          0.148, "fp16 F.linear", 0.092, "ratio",
+                          bench.PREFILL_OUTLIER_VS_FP16_MAX_RATIO, outlier_cols=16),
         dict(family="qlora", op="qlora step (4x4096^2 nf4 + r16 LoRA)", shape="8x512",
              dtype="bf16", ms=12.5, bf16_ms=11.0, ratio_vs_bf16_base=12.5 / 11.0,
              speedup_vs_bf16=11.0 / 12.5),
@@ -109,7 +112,11 @@ def test_format_table_has_every_family_and_verdicts():
     assert "cudagraph skipped x2" in nested
     assert "ratio 1.20x (target <= 1.10x) MISS" in _line(text, "Linear4bit nf4")
     assert "speed-up 1.40x (target >= 1.30x) ok" in _line(text, "Linear8bitLt t=0")
-    assert "ratio 1.20x (target <= 1.15x) MISS" in _line(text, "Linear8bitLt t=6 outliers")
+    outliers = [ln for ln in text.splitlines() if ln.startswith("Linear8bitLt t=6 outliers ")]
+    assert len(outliers) == 2
+    assert "2048x8192->28672" in outliers[0] and "ratio 1.20x (target <= 1.15x) MISS" in outliers[0]
+    assert "2048x4096->4096" in outliers[1] and "fp16 F.linear" in outliers[1]
+    assert "ratio 1.61x (target <= 1.00x) MISS" in outliers[1]
     assert "1.136" in _line(text, "qlora step (4x4096^2 nf4 + r16 LoRA)")
     assert "speed-up 1.47x (target >= 1.50x) MISS" in _line(text, "Linear8bitLt t=6")
     assert "speed-up 1.88x (target >= 1.00x) ok" in _line(text, "AdamW8bit step")
@@ -210,6 +217,9 @@ def test_plot_rows_cover_decode_and_prefill():
     # a ratio target (<= 1.10) is drawn as the speed-up 1 / 1.10
     base, _, target = by_label["Linear4bit nf4 2048x8192->28672 bf16 (vs bf16 F.linear)"]
     assert base == pytest.approx(1.10 / 1.32) and target == pytest.approx(1 / 1.10)
+    # issue 14's int8 prefill target: threshold 6 at 2048x4096->4096 no slower than fp16
+    base, _, target = by_label["Linear8bitLt t=6 outliers 2048x4096->4096 fp16 (vs fp16 F.linear)"]
+    assert base == pytest.approx(0.092 / 0.148) and target == pytest.approx(1.0)
 
 
 def test_plot_with_empty_results(tmp_path):
