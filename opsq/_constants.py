@@ -99,8 +99,9 @@ def table_on(values: tuple, device=None) -> torch.Tensor:
     if (dev.type == "meta" or torch.compiler.is_compiling()
             or torch._C._len_torch_dispatch_stack() > 0):
         return torch.tensor(values, dtype=torch.float32, device=dev)
-    if dev.index is None and dev.type != "cpu":
-        dev = torch.device(dev.type, getattr(torch, dev.type).current_device())
+    current = getattr(getattr(torch, dev.type, None), "current_device", None)
+    if dev.index is None and dev.type != "cpu" and current is not None:
+        dev = torch.device(dev.type, current())  # "cuda" and "cuda:0" share one master
     master = _RESIDENT.get((values, dev))
     if master is None:
         with torch.inference_mode(False):  # a normal tensor, also when first built in one
