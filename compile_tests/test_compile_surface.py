@@ -109,3 +109,20 @@ def test_compiled_switchback_weight_gradient_matches_eager():
     torch._dynamo.reset()
     torch.compile(layer, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
     torch.testing.assert_close(layer.weight.grad, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["default-device", "cpu"])
+def test_code_tables_compile_without_graph_breaks(device):
+    """get_4bit_type / the default dynamic map inside a compiled function (opsq._constants.
+    table_on: its per-device masters are bypassed while tracing): one graph, eager's values."""
+    from opsq import functional as Fq
+    from opsq._constants import dynamic_map_on
+
+    def fn(x):
+        return x * Fq.get_4bit_type("nf4", device) + x.sum() * dynamic_map_on(device)[:16]
+
+    cnt = CompileCounterWithBackend("aot_eager")
+    x = torch.randn(16)
+    got = torch.compile(fn, fullgraph=True, backend=cnt)(x)
+    assert cnt.frame_count == 1
+    torch.testing.assert_close(got, fn(x), rtol=0, atol=0)

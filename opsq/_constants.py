@@ -74,39 +74,42 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
         values = FP4_CODE
     else:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    return table_on(values, device)
+    return table_on(quant_type, values, device)
 
 
-#: Device-resident masters of :func:`table_on`, keyed by (values, device); never written.
+#: Device-resident masters of :func:`table_on`, keyed by (name, device); never written.
 _RESIDENT: dict = {}
 
 
-def table_on(values: tuple, device=None) -> torch.Tensor:
+def table_on(name: str, values: tuple, device=None) -> torch.Tensor:
     """A new fp32 tensor holding ``values`` (a small table: a code book, the dynamic map) on
-    ``device`` (None: torch's default device).
+    ``device`` (None: torch's default device). ``name`` identifies the values (one name, one
+    table: "nf4", "fp4", "dynamic").
 
-    The first call per (table, device) builds a master from the values; later calls clone
-    it. On an accelerator building means a copy from pageable host memory, which synchronises
-    the stream, while the clone is an asynchronous device-to-device copy: quantizing a model
-    layer by layer stays free of host syncs (two per nested ``quantize_4bit`` otherwise).
-    The meta device, tracing (``torch.compile``, ``torch.export``) and active dispatch modes
-    build the tensor from the values every call.
+    The first call per (name, device) builds a master from the values; later calls clone it.
+    On an accelerator building means a copy from pageable host memory, which synchronises the
+    stream, while the clone is an asynchronous device-to-device copy: quantizing a model layer
+    by layer stays free of host syncs (two per nested ``quantize_4bit`` otherwise). Masters live
+    as long as the process (a few KB per device; one first built inside a private memory pool
+    keeps that pool alive). Tracing (``torch.compile``, ``torch.export``), active dispatch modes
+    and the meta device build the tensor from the values every call.
 
     Returns:
         fp32 ``(len(values),)``, owned by the caller (writing to it changes no later table).
     """
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return torch.tensor(values, dtype=torch.float32, device=device)
     dev = torch.device(device) if device is not None else torch.get_default_device()
-    if (dev.type == "meta" or torch.compiler.is_compiling()
-            or torch._C._len_torch_dispatch_stack() > 0):
+    if dev.type == "meta":
         return torch.tensor(values, dtype=torch.float32, device=dev)
     current = getattr(getattr(torch, dev.type, None), "current_device", None)
     if dev.index is None and dev.type != "cpu" and current is not None:
         dev = torch.device(dev.type, current())  # "cuda" and "cuda:0" share one master
-    master = _RESIDENT.get((values, dev))
+    master = _RESIDENT.get((name, dev))
     if master is None:
         with torch.inference_mode(False):  # a normal tensor, also when first built in one
             master = torch.tensor(values, dtype=torch.float32, device=dev)
-        _RESIDENT[(values, dev)] = master
+        _RESIDENT[(name, dev)] = master
     return master.clone()
 
 
@@ -182,4 +185,9 @@ def create_dynamic_map(signed: bool = True, max_exponent_bits: int = 7,
 def dynamic_map_on(device=None) -> torch.Tensor:
     """:func:`create_dynamic_map` with its defaults (signed, the nested-absmax map) as a new
     fp32 ``(256,)`` tensor on ``device``, through :func:`table_on` (no host sync once warm)."""
-    return table_on(_dynamic_map_values(True, 7, 8), device)
+    return table_on("dynamic", _DYNAMIC_SIGNED, device)
+
+
+#: The default dynamic map's values, computed once at import (``torch.compile`` reads the
+#: tuple as a constant; it cannot trace the fp32 construction, which ends in ``tolist``).
+_DYNAMIC_SIGNED: tuple = _dynamic_map_values(True, 7, 8)

@@ -331,16 +331,18 @@ def decode_mlp_times(timer, dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nes
 
 
 def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
-                  outlier_cols: int = 16, outlier_scale: float = 20.0) -> dict:
+                  outlier_cols: int = 16, outlier_scale: float = 20.0,
+                  nf4: bool = True) -> dict:
     """Median ms of the prefill comparisons (eager layer calls under ``torch.no_grad()``).
 
-    * ``nf4_ms`` / ``bf16_ms``: ``Linear4bit`` (NF4, blocksize 64, bf16 compute) on an
-      ``(M, K)`` bf16 input vs ``F.linear`` with the bf16 ``(N, K)`` weight.
+    * ``nf4_ms`` / ``bf16_ms`` (only with ``nf4``): ``Linear4bit`` (NF4, blocksize 64, bf16
+      compute) on an ``(M, K)`` bf16 input vs ``F.linear`` with the bf16 ``(N, K)`` weight.
     * ``int8_ms`` / ``fp16_ms``: ``Linear8bitLt`` (``has_fp16_weights=False``, threshold 0) on an
       ``(M, K)`` fp16 N(0, 1) input vs ``F.linear`` with the fp16 weight.
     * ``int8_t6_ms`` / ``int8_t0_outlier_ms``: ``Linear8bitLt`` threshold 6.0 vs threshold 0 on
       the same fp16 input with ``outlier_cols`` columns (fixed seed) scaled by
-      ``outlier_scale`` (so |x| >= 6 in ~75 % of their rows for a scale of 20).
+      ``outlier_scale`` (so |x| >= 6 in ~75 % of their rows for a scale of 20), and
+      ``fp16_outlier_ms``: ``F.linear`` on that input.
 
     Returns:
         The times (ms), ``*_rel_err`` (output vs the 16-bit ``F.linear``), ``outlier_cols`` (input
@@ -353,18 +355,20 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
     out: dict = {}
     gen = torch.Generator(device=dev).manual_seed(2)
     with torch.no_grad():
-        torch.manual_seed(0)
-        lin = nn.Linear(K, N, bias=False, device=dev, dtype=torch.bfloat16).requires_grad_(False)
-        q4 = Linear4bit.from_float(lin, quant_type="nf4", blocksize=64,
-                                   compress_statistics=False,
-                                   compute_dtype=torch.bfloat16).to(dev)
-        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=gen)
-        w = lin.weight
-        out["nf4_ms"] = timer(lambda q4=q4, x=x: q4(x))
-        out["bf16_ms"] = timer(lambda x=x, w=w: tF.linear(x, w))
-        out["nf4_rel_err"] = _rel_err(q4(x), tF.linear(x, w))
-        del q4, lin, w, x
-        torch.cuda.empty_cache()
+        if nf4:
+            torch.manual_seed(0)
+            lin = nn.Linear(K, N, bias=False, device=dev,
+                            dtype=torch.bfloat16).requires_grad_(False)
+            q4 = Linear4bit.from_float(lin, quant_type="nf4", blocksize=64,
+                                       compress_statistics=False,
+                                       compute_dtype=torch.bfloat16).to(dev)
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=gen)
+            w = lin.weight
+            out["nf4_ms"] = timer(lambda q4=q4, x=x: q4(x))
+            out["bf16_ms"] = timer(lambda x=x, w=w: tF.linear(x, w))
+            out["nf4_rel_err"] = _rel_err(q4(x), tF.linear(x, w))
+            del q4, lin, w, x
+            torch.cuda.empty_cache()
 
         torch.manual_seed(0)
         lin = nn.Linear(K, N, bias=False, device=dev, dtype=torch.float16).requires_grad_(False)
@@ -380,6 +384,7 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
         out["int8_rel_err"] = _rel_err(l8[0.0](x), tF.linear(x, w))
         out["int8_t0_outlier_ms"] = timer(lambda f=l8[0.0], xo=xo: f(xo))
         out["int8_t6_ms"] = timer(lambda f=l8[6.0], xo=xo: f(xo))
+        out["fp16_outlier_ms"] = timer(lambda xo=xo, w=w: tF.linear(xo, w))
         ref = tF.linear(xo, w)
         out["int8_t0_outlier_rel_err"] = _rel_err(l8[0.0](xo), ref)
         out["int8_t6_rel_err"] = _rel_err(l8[6.0](xo), ref)
@@ -705,10 +710,10 @@ def run(quick: bool = False, with_bnb: bool = True,
             outlier_row_frac=p["outlier_row_frac"]))
         _print_compare(rows[-1])
         M, K, N = PREFILL_SMALL_SHAPE
-        p = prefill_times(timer, dev, M, K, N)
+        p = prefill_times(timer, dev, M, K, N, nf4=False)
         rows.append(compare_row(
             "prefill", "Linear8bitLt t=6 outliers", f"{M}x{K}->{N}", "fp16", p["int8_t6_ms"],
-            "fp16 F.linear", p["fp16_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
+            "fp16 F.linear", p["fp16_outlier_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
             tflops=2 * M * K * N / (p["int8_t6_ms"] * 1e-3) / 1e12, rel_err=p["int8_t6_rel_err"],
             outlier_cols=p["outlier_cols"], outlier_row_frac=p["outlier_row_frac"]))
         _print_compare(rows[-1])

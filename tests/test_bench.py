@@ -229,3 +229,23 @@ def test_plot_with_empty_results(tmp_path):
     png = tmp_path / "empty.png"
     bench.plot_results(res, str(png))
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("nf4", [True, False])
+def test_prefill_times_keys_on_cpu(nf4):
+    """prefill_times' dictionary (what the prefill rows read), on a tiny shape with the CPU
+    reference kernels and a timer that only calls: nf4=False skips the 4-bit half."""
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(fn)
+        return 1.0 + len(calls)
+
+    p = bench.prefill_times(timer, "cpu", M=8, K=64, N=32, outlier_cols=4, nf4=nf4)
+    int8_keys = {"int8_ms", "fp16_ms", "int8_t0_outlier_ms", "int8_t6_ms", "fp16_outlier_ms"}
+    assert int8_keys <= set(p)
+    assert ({"nf4_ms", "bf16_ms"} <= set(p)) == nf4
+    assert len(calls) == len(int8_keys) + (2 if nf4 else 0)
+    assert p["outlier_cols"] == 4 and 0.5 < p["outlier_row_frac"] <= 1.0
+    assert p["int8_t6_rel_err"] < 0.05  # the outlier columns go through the fp16 path

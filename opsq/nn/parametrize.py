@@ -379,7 +379,7 @@ def _incoming_state(parametrization: Bnb4bitParametrization, key: str, incoming,
     if tuple(state.shape) != expected:
         raise ValueError(f"the checkpoint's quant_state shape {tuple(state.shape)} is not this "
                          f"parameter's {expected}")
-    table = code_table(state.quant_type)
+    table = code_table(state.quant_type, "cpu")
     if state.code.shape != table.shape or not torch.allclose(state.code.detach().cpu().float(),
                                                              table, rtol=0, atol=1e-6):
         raise ValueError(f"{key}.quant_map is not the {state.quant_type} code table, which the "
