@@ -961,10 +961,9 @@ void check_vectorwise(const at::Tensor& A, double threshold) {
   check_float_dtype("A", A.scalar_type());
   check_min_dim("A", A, 1);
   check_threshold(threshold);
+}
 
 }  // namespace
-
-}
 
 Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols) {
   const int64_t K = A.size(-1);
