@@ -604,3 +604,30 @@ def test_to_device_keeps_strides_and_offsets():
             assert moved.is_contiguous() == t.is_contiguous()
             if dev == "cuda":
                 assert torch.equal(moved.cpu(), t)
+
+
+def test_passing_checks_skip_torch_check(monkeypatch):
+    """The validations of opsq/meta return at once when they pass in eager mode (a plain True;
+    torch._check* costs ~1.2 us even then, and a layer call runs ~36 checks): a quantized layer
+    call on valid input never reaches torch._check_with, while a failing check still raises
+    through it, with its message."""
+    calls = []
+    real = torch._check_with
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_check_with", counting)
+    lin = nn.Linear(64, 32).to(torch.bfloat16)
+    q4 = Linear4bit.from_float(lin, quant_type="nf4", compress_statistics=True).to("cpu")
+    q8 = Linear8bitLt.from_float(nn.Linear(64, 32).half(), threshold=6.0,
+                                 has_fp16_weights=False).to("cpu")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        q4(x)
+        q8(x.half())
+    assert calls == []
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        torch.ops.opsq.quantize_4bit(x, 48, "nf4", torch.uint8)
+    assert calls == [ValueError]

@@ -14,6 +14,7 @@ from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
 from ._common import (ceil_div, check_blocksize, check_dim, check_dtype, check_float_dtype,
                       check_min_dim, check_numel, check_quant_storage, check_quant_type,
                       check_same_device, check_shape_arg, numel_of, register_fake)
+from ._common import check, check_value
 
 
 def packed_numel(n, itemsize: int):
@@ -41,7 +42,7 @@ def check_absmax(A: torch.Tensor, absmax: torch.Tensor, n, blocksize: int,
     check_same_device("A", A, absmax=absmax, nested_absmax=nested_absmax,
                       nested_code=nested_code, offset=offset)
     if absmax.dtype == torch.uint8:
-        torch._check_value(
+        check_value(
             nested_absmax is not None and nested_code is not None and offset is not None,
             lambda: "absmax is uint8 (nested statistics): nested_absmax, nested_code and offset "
                     "are required")
@@ -54,7 +55,7 @@ def check_absmax(A: torch.Tensor, absmax: torch.Tensor, n, blocksize: int,
         check_dtype("offset", offset, (torch.float32,))
         check_numel("offset", offset, 1)
     else:
-        torch._check_value(
+        check_value(
             nested_absmax is None and nested_code is None and offset is None,
             lambda: "nested_absmax/nested_code/offset given but absmax is float32; nested "
                     "statistics need absmax as uint8 codes")
@@ -87,12 +88,12 @@ def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bia
     check_min_dim("A", A, 1)
     check_blocksize(blocksize)
     check_quant_type(quant_type)
-    torch._check_value(len(shapeB) == 2,
+    check_value(len(shapeB) == 2,
                        lambda: f"shapeB must be [N, K] (out_features, in_features), got "
                                f"{list(shapeB)}")
     check_shape_arg("shapeB", shapeB)
     N, K = shapeB
-    torch._check(A.shape[-1] == K,
+    check(A.shape[-1] == K,
                  lambda: f"A's last dimension ({A.shape[-1]}) must equal shapeB[1] = K ({K})")
     check_same_device("A", A, B=B, bias=bias)
     check_packed("B", B, N * K)

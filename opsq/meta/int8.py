@@ -7,6 +7,7 @@ import torch
 from .._constants import FLOAT_DTYPES
 from ._common import (check_dim, check_dtype, check_float_dtype, check_min_dim, check_numel,
                       check_same_device, check_threshold, numel_of, register_fake)
+from ._common import check, check_value
 
 
 def check_vectorwise_quant(A, threshold):
@@ -23,7 +24,7 @@ def check_igemmlt(A, B):
     check_min_dim("A", A, 1)
     check_dim("B", B, 2)
     check_same_device("A", A, B=B)
-    torch._check(A.shape[-1] == B.shape[1],
+    check(A.shape[-1] == B.shape[1],
                  lambda: f"A's last dimension ({A.shape[-1]}) must equal B's K "
                          f"(B.shape[1] = {B.shape[1]}); B is (N, K) and the op computes A @ B.T")
     return tuple(A.shape[:-1]) + (B.shape[0],)
@@ -53,18 +54,18 @@ def check_int8_linear(A, B, SCB, bias, threshold):
     check_dtype("B", B, (torch.int8,) + FLOAT_DTYPES)
     check_dim("B", B, 2)
     check_same_device("A", A, B=B, SCB=SCB, bias=bias)
-    torch._check(A.shape[-1] == B.shape[1],
+    check(A.shape[-1] == B.shape[1],
                  lambda: f"A's last dimension ({A.shape[-1]}) must equal B.shape[1] "
                          f"(in_features = {B.shape[1]})")
     N = B.shape[0]
     if B.dtype == torch.int8:
-        torch._check_value(SCB is not None,
+        check_value(SCB is not None,
                            lambda: "SCB (fp32 row scales of the int8 weight B) is required when "
                                    "B is int8")
         check_dtype("SCB", SCB, (torch.float32,))
         check_numel("SCB", SCB, N, " (one per row of B)")
     else:
-        torch._check_value(SCB is None,
+        check_value(SCB is None,
                            lambda: "SCB must be None when B is a floating-point weight "
                                    "(it is quantized per call)")
     if bias is not None:

@@ -5,6 +5,7 @@ import torch
 
 from .._constants import ORDERS
 from ._common import ceil_div, check_dim, check_dtype, check_numel, check_shape_arg, register_fake
+from ._common import check, check_value
 
 
 def tiled_numel(order: str, rows, cols):
@@ -26,15 +27,15 @@ def tiled_numel(order: str, rows, cols):
 def check_transform(A, from_order, to_order, shape):
     check_dtype("A", A, (torch.int8,))
     for name, order in (("from_order", from_order), ("to_order", to_order)):
-        torch._check_value(order in ORDERS,
+        check_value(order in ORDERS,
                            lambda: f"{name} must be one of {ORDERS}, got {order!r}")
-    torch._check_value(len(shape) == 2,
+    check_value(len(shape) == 2,
                        lambda: f"shape must be [rows, cols], got {list(shape)}")
     check_shape_arg("shape", shape)
     rows, cols = shape
     if from_order == "row":
         check_dim("A", A, 2)
-        torch._check(A.shape[0] == rows and A.shape[1] == cols,
+        check(A.shape[0] == rows and A.shape[1] == cols,
                      lambda: f"A (row-major) must have shape {list(shape)}, got {tuple(A.shape)}")
     else:
         check_numel("A", A, tiled_numel(from_order, rows, cols),

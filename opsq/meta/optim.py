@@ -10,6 +10,7 @@ import torch
 
 from .._constants import FLOAT_DTYPES
 from ._common import ceil_div, check_dtype, check_numel, check_same_device, register_fake
+from ._common import check, check_type, check_value
 
 #: Optimizers the update ops implement (bitsandbytes' ``optimizer_name`` strings).
 OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "ademamix", "lion", "momentum", "rmsprop")
@@ -26,34 +27,34 @@ def _n_state1(optimizer_name: str, n):
 
 def _check_common(optimizer_name, g, p, state2, max_unorm, beta1, beta2, beta3, alpha, eps,
                   weight_decay, step, lr, gnorm_scale):
-    torch._check_value(optimizer_name in OPTIMIZER_NAMES,
+    check_value(optimizer_name in OPTIMIZER_NAMES,
                        lambda: f"optimizer_name must be one of {OPTIMIZER_NAMES}, "
                                f"got {optimizer_name!r}")
     check_dtype("p", p, FLOAT_DTYPES)
     check_dtype("g", g, FLOAT_DTYPES)
-    torch._check_type(g.dtype == p.dtype,
+    check_type(g.dtype == p.dtype,
                       lambda: f"g must have the dtype of p ({p.dtype}), got {g.dtype}")
-    torch._check(g.shape == p.shape,
+    check(g.shape == p.shape,
                  lambda: f"g must have the shape of p {tuple(p.shape)}, got {tuple(g.shape)}")
     if optimizer_name in TWO_STATE:
-        torch._check_value(state2 is not None,
+        check_value(state2 is not None,
                            lambda: f"state2 is required for optimizer_name={optimizer_name!r}")
     else:
-        torch._check_value(state2 is None,
+        check_value(state2 is None,
                            lambda: f"state2 must be None for optimizer_name={optimizer_name!r} "
                                    "(one state)")
     for name, value in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
-        torch._check_value(0.0 <= value < 1.0,
+        check_value(0.0 <= value < 1.0,
                            lambda: f"{name} must be in [0, 1), got {value}")
-    torch._check_value(eps >= 0.0, lambda: f"eps must be >= 0, got {eps}")
-    torch._check_value(lr >= 0.0, lambda: f"lr must be >= 0, got {lr}")
-    torch._check_value(weight_decay >= 0.0,
+    check_value(eps >= 0.0, lambda: f"eps must be >= 0, got {eps}")
+    check_value(lr >= 0.0, lambda: f"lr must be >= 0, got {lr}")
+    check_value(weight_decay >= 0.0,
                        lambda: f"weight_decay must be >= 0, got {weight_decay}")
-    torch._check_value(max_unorm >= 0.0, lambda: f"max_unorm must be >= 0, got {max_unorm}")
-    torch._check_value(gnorm_scale >= 0.0,
+    check_value(max_unorm >= 0.0, lambda: f"max_unorm must be >= 0, got {max_unorm}")
+    check_value(gnorm_scale >= 0.0,
                        lambda: f"gnorm_scale must be >= 0, got {gnorm_scale}")
-    torch._check_value(alpha >= 0.0, lambda: f"alpha must be >= 0, got {alpha}")
-    torch._check_value(step >= 1, lambda: f"step must be >= 1 (1 on the first update), "
+    check_value(alpha >= 0.0, lambda: f"alpha must be >= 0, got {alpha}")
+    check_value(step >= 1, lambda: f"step must be >= 1 (1 on the first update), "
                                           f"got {step}")
 
 
@@ -70,10 +71,10 @@ def check_optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec
         check_dtype("state2", state2, (torch.float32,))
         check_numel("state2", state2, n, " (p.numel())")
     if max_unorm > 0.0:
-        torch._check_value(optimizer_name != "ademamix",
+        check_value(optimizer_name != "ademamix",
                            lambda: "max_unorm > 0 is not supported for optimizer_name="
                                    "'ademamix' (bitsandbytes ignores it there); pass 0.0")
-        torch._check_value(unorm_vec is not None, lambda: "unorm_vec is required when "
+        check_value(unorm_vec is not None, lambda: "unorm_vec is required when "
                                                           f"max_unorm > 0 (got {max_unorm})")
     if unorm_vec is not None:
         check_dtype("unorm_vec", unorm_vec, (torch.float32,))
@@ -101,8 +102,8 @@ def check_optimizer_update_8bit_blockwise(optimizer_name, g, p, state1, state2, 
     if state2 is not None:
         check_dtype("state2", state2, (torch.uint8,))
         check_numel("state2", state2, n, " (p.numel())")
-        torch._check_value(qmap2 is not None, lambda: "qmap2 is required with state2")
-        torch._check_value(absmax2 is not None, lambda: "absmax2 is required with state2")
+        check_value(qmap2 is not None, lambda: "qmap2 is required with state2")
+        check_value(absmax2 is not None, lambda: "absmax2 is required with state2")
         check_dtype("qmap2", qmap2, (torch.float32,))
         check_numel("qmap2", qmap2, 256)
         check_dtype("absmax2", absmax2, (torch.float32,))

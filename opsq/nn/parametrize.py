@@ -48,6 +48,7 @@ from torch import nn
 from .. import functional as Fq
 from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, code_table
 from ..meta._common import ceil_div, check_blocksize, check_quant_type, numel_of
+from ..meta._common import check_type
 from ..meta.fourbit import check_dequantize_4bit
 
 __all__ = ["Bnb4bitParametrization", "replace_parameter_4bit",
@@ -95,7 +96,7 @@ class Bnb4bitParametrization(nn.Module):
         """Take over ``state``'s statistics and attributes (construction only)."""
         check_blocksize(state.blocksize)
         check_quant_type(state.quant_type)
-        torch._check_type(state.dtype in FLOAT_DTYPES,
+        check_type(state.dtype in FLOAT_DTYPES,
                           lambda: f"dtype must be one of {list(FLOAT_DTYPES)}, got {state.dtype}")
         self.shape = tuple(int(s) for s in state.shape)
         self.dtype = state.dtype
@@ -179,9 +180,9 @@ def _validate(packed: torch.Tensor, state: Fq.QuantState) -> None:
 
 def _check_target(module: Any, param_name: Any) -> nn.Parameter:
     """The parameter ``module.<param_name>``, or an exception naming the bad argument."""
-    torch._check_type(isinstance(module, nn.Module),
+    check_type(isinstance(module, nn.Module),
                       lambda: f"module must be an nn.Module, got {type(module).__name__}")
-    torch._check_type(isinstance(param_name, str),
+    check_type(isinstance(param_name, str),
                       lambda: f"param_name must be a str, got {type(param_name).__name__}")
     cls = P.type_before_parametrizations(module).__name__
     if P.is_parametrized(module, param_name):
@@ -243,10 +244,10 @@ def replace_parameter_4bit(module: nn.Module, param_name: str,
             parametrized.
     """
     param = _check_target(module, param_name)
-    torch._check_type(param.dtype in FLOAT_DTYPES,
+    check_type(param.dtype in FLOAT_DTYPES,
                       lambda: f"param_name {param_name!r} must be a parameter with dtype in "
                               f"{list(FLOAT_DTYPES)}, got {param.dtype}")
-    torch._check_type(isinstance(compress_statistics, bool),
+    check_type(isinstance(compress_statistics, bool),
                       lambda: "compress_statistics must be a bool, got "
                               f"{type(compress_statistics).__name__}")
     check_quant_type(quant_type)
