@@ -63,7 +63,7 @@ def check_tensor_args(op: str, args: Sequence, kwargs: dict | None = None) -> No
         if value is None and optional:
             continue
         check_type(isinstance(value, torch.Tensor),
-                          lambda: f"{name} must be a Tensor, got {type(value).__name__}")
+                   lambda: f"{name} must be a Tensor, got {type(value).__name__}")
 
 
 def with_tensor_args_checked(op: str, fn: Callable) -> Callable:
@@ -88,17 +88,17 @@ def register_fake(qualname: str) -> Callable:
 def check_dtype(name: str, t: torch.Tensor, allowed: Iterable[torch.dtype]) -> None:
     allowed = tuple(allowed)
     check_type(t.dtype in allowed,
-                      lambda: f"{name} must have dtype in {list(allowed)}, got {t.dtype}")
+               lambda: f"{name} must have dtype in {list(allowed)}, got {t.dtype}")
 
 
 def check_float_dtype(name: str, dtype: torch.dtype) -> None:
     check_type(dtype in FLOAT_DTYPES,
-                      lambda: f"{name} must be one of {list(FLOAT_DTYPES)}, got {dtype}")
+               lambda: f"{name} must be one of {list(FLOAT_DTYPES)}, got {dtype}")
 
 
 def _check_one_of_blocksizes(blocksize: int, name: str, allowed: tuple[int, ...]) -> None:
     check_value(blocksize in allowed,
-                       lambda: f"{name} must be one of {allowed}, got {blocksize}")
+                lambda: f"{name} must be one of {allowed}, got {blocksize}")
 
 
 def check_blocksize(blocksize: int, name: str = "blocksize") -> None:
@@ -113,7 +113,7 @@ def check_blockwise_blocksize(blocksize: int, name: str = "blocksize") -> None:
 
 def check_quant_type(quant_type: str) -> None:
     check_value(quant_type in QUANT_TYPES,
-                       lambda: f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+                lambda: f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
 def check_quant_storage(quant_storage: torch.dtype) -> None:
@@ -140,19 +140,19 @@ def check_same_device(main_name: str, main: torch.Tensor, **others: torch.Tensor
 
 def check_numel(name: str, t: torch.Tensor, expected, what: str = "") -> None:
     check(t.numel() == expected,
-                 lambda: f"{name} must have {expected} elements{what}, got {t.numel()} "
-                         f"(shape {tuple(t.shape)})")
+          lambda: f"{name} must have {expected} elements{what}, got {t.numel()} "
+                  f"(shape {tuple(t.shape)})")
 
 
 def check_dim(name: str, t: torch.Tensor, ndim: int) -> None:
     check(t.dim() == ndim,
-                 lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+          lambda: f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
 def check_min_dim(name: str, t: torch.Tensor, ndim: int) -> None:
     check(t.dim() >= ndim,
-                 lambda: f"{name} must have at least {ndim} dimension(s), got shape "
-                         f"{tuple(t.shape)}")
+          lambda: f"{name} must have at least {ndim} dimension(s), got shape "
+                  f"{tuple(t.shape)}")
 
 
 def check_shape_arg(name: str, shape: Sequence) -> None:

@@ -89,12 +89,12 @@ def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bia
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     check_value(len(shapeB) == 2,
-                       lambda: f"shapeB must be [N, K] (out_features, in_features), got "
-                               f"{list(shapeB)}")
+                lambda: f"shapeB must be [N, K] (out_features, in_features), got "
+                        f"{list(shapeB)}")
     check_shape_arg("shapeB", shapeB)
     N, K = shapeB
     check(A.shape[-1] == K,
-                 lambda: f"A's last dimension ({A.shape[-1]}) must equal shapeB[1] = K ({K})")
+          lambda: f"A's last dimension ({A.shape[-1]}) must equal shapeB[1] = K ({K})")
     check_same_device("A", A, B=B, bias=bias)
     check_packed("B", B, N * K)
     check_absmax(A, absmax, N * K, blocksize, nested_absmax, nested_code, offset,

@@ -25,8 +25,8 @@ def check_igemmlt(A, B):
     check_dim("B", B, 2)
     check_same_device("A", A, B=B)
     check(A.shape[-1] == B.shape[1],
-                 lambda: f"A's last dimension ({A.shape[-1]}) must equal B's K "
-                         f"(B.shape[1] = {B.shape[1]}); B is (N, K) and the op computes A @ B.T")
+          lambda: f"A's last dimension ({A.shape[-1]}) must equal B's K "
+                  f"(B.shape[1] = {B.shape[1]}); B is (N, K) and the op computes A @ B.T")
     return tuple(A.shape[:-1]) + (B.shape[0],)
 
 
@@ -55,19 +55,19 @@ def check_int8_linear(A, B, SCB, bias, threshold):
     check_dim("B", B, 2)
     check_same_device("A", A, B=B, SCB=SCB, bias=bias)
     check(A.shape[-1] == B.shape[1],
-                 lambda: f"A's last dimension ({A.shape[-1]}) must equal B.shape[1] "
-                         f"(in_features = {B.shape[1]})")
+          lambda: f"A's last dimension ({A.shape[-1]}) must equal B.shape[1] "
+                  f"(in_features = {B.shape[1]})")
     N = B.shape[0]
     if B.dtype == torch.int8:
         check_value(SCB is not None,
-                           lambda: "SCB (fp32 row scales of the int8 weight B) is required when "
-                                   "B is int8")
+                    lambda: "SCB (fp32 row scales of the int8 weight B) is required when "
+                            "B is int8")
         check_dtype("SCB", SCB, (torch.float32,))
         check_numel("SCB", SCB, N, " (one per row of B)")
     else:
         check_value(SCB is None,
-                           lambda: "SCB must be None when B is a floating-point weight "
-                                   "(it is quantized per call)")
+                    lambda: "SCB must be None when B is a floating-point weight "
+                            "(it is quantized per call)")
     if bias is not None:
         check_dtype("bias", bias, FLOAT_DTYPES)
         check_dim("bias", bias, 1)

@@ -28,15 +28,15 @@ def check_transform(A, from_order, to_order, shape):
     check_dtype("A", A, (torch.int8,))
     for name, order in (("from_order", from_order), ("to_order", to_order)):
         check_value(order in ORDERS,
-                           lambda: f"{name} must be one of {ORDERS}, got {order!r}")
+                    lambda: f"{name} must be one of {ORDERS}, got {order!r}")
     check_value(len(shape) == 2,
-                       lambda: f"shape must be [rows, cols], got {list(shape)}")
+                lambda: f"shape must be [rows, cols], got {list(shape)}")
     check_shape_arg("shape", shape)
     rows, cols = shape
     if from_order == "row":
         check_dim("A", A, 2)
         check(A.shape[0] == rows and A.shape[1] == cols,
-                     lambda: f"A (row-major) must have shape {list(shape)}, got {tuple(A.shape)}")
+              lambda: f"A (row-major) must have shape {list(shape)}, got {tuple(A.shape)}")
     else:
         check_numel("A", A, tiled_numel(from_order, rows, cols),
                     f" ({from_order} layout of a {rows}x{cols} matrix, padding included)")

@@ -28,34 +28,34 @@ def _n_state1(optimizer_name: str, n):
 def _check_common(optimizer_name, g, p, state2, max_unorm, beta1, beta2, beta3, alpha, eps,
                   weight_decay, step, lr, gnorm_scale):
     check_value(optimizer_name in OPTIMIZER_NAMES,
-                       lambda: f"optimizer_name must be one of {OPTIMIZER_NAMES}, "
-                               f"got {optimizer_name!r}")
+                lambda: f"optimizer_name must be one of {OPTIMIZER_NAMES}, "
+                        f"got {optimizer_name!r}")
     check_dtype("p", p, FLOAT_DTYPES)
     check_dtype("g", g, FLOAT_DTYPES)
     check_type(g.dtype == p.dtype,
-                      lambda: f"g must have the dtype of p ({p.dtype}), got {g.dtype}")
+               lambda: f"g must have the dtype of p ({p.dtype}), got {g.dtype}")
     check(g.shape == p.shape,
-                 lambda: f"g must have the shape of p {tuple(p.shape)}, got {tuple(g.shape)}")
+          lambda: f"g must have the shape of p {tuple(p.shape)}, got {tuple(g.shape)}")
     if optimizer_name in TWO_STATE:
         check_value(state2 is not None,
-                           lambda: f"state2 is required for optimizer_name={optimizer_name!r}")
+                    lambda: f"state2 is required for optimizer_name={optimizer_name!r}")
     else:
         check_value(state2 is None,
-                           lambda: f"state2 must be None for optimizer_name={optimizer_name!r} "
-                                   "(one state)")
+                    lambda: f"state2 must be None for optimizer_name={optimizer_name!r} "
+                            "(one state)")
     for name, value in (("beta1", beta1), ("beta2", beta2), ("beta3", beta3)):
         check_value(0.0 <= value < 1.0,
-                           lambda: f"{name} must be in [0, 1), got {value}")
+                    lambda: f"{name} must be in [0, 1), got {value}")
     check_value(eps >= 0.0, lambda: f"eps must be >= 0, got {eps}")
     check_value(lr >= 0.0, lambda: f"lr must be >= 0, got {lr}")
     check_value(weight_decay >= 0.0,
-                       lambda: f"weight_decay must be >= 0, got {weight_decay}")
+                lambda: f"weight_decay must be >= 0, got {weight_decay}")
     check_value(max_unorm >= 0.0, lambda: f"max_unorm must be >= 0, got {max_unorm}")
     check_value(gnorm_scale >= 0.0,
-                       lambda: f"gnorm_scale must be >= 0, got {gnorm_scale}")
+                lambda: f"gnorm_scale must be >= 0, got {gnorm_scale}")
     check_value(alpha >= 0.0, lambda: f"alpha must be >= 0, got {alpha}")
     check_value(step >= 1, lambda: f"step must be >= 1 (1 on the first update), "
-                                          f"got {step}")
+                                   f"got {step}")
 
 
 def check_optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec, max_unorm,
@@ -72,10 +72,10 @@ def check_optimizer_update_32bit(optimizer_name, g, p, state1, state2, unorm_vec
         check_numel("state2", state2, n, " (p.numel())")
     if max_unorm > 0.0:
         check_value(optimizer_name != "ademamix",
-                           lambda: "max_unorm > 0 is not supported for optimizer_name="
-                                   "'ademamix' (bitsandbytes ignores it there); pass 0.0")
+                    lambda: "max_unorm > 0 is not supported for optimizer_name="
+                            "'ademamix' (bitsandbytes ignores it there); pass 0.0")
         check_value(unorm_vec is not None, lambda: "unorm_vec is required when "
-                                                          f"max_unorm > 0 (got {max_unorm})")
+                                                   f"max_unorm > 0 (got {max_unorm})")
     if unorm_vec is not None:
         check_dtype("unorm_vec", unorm_vec, (torch.float32,))
         check_numel("unorm_vec", unorm_vec, 1)

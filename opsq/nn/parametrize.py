@@ -97,7 +97,7 @@ class Bnb4bitParametrization(nn.Module):
         check_blocksize(state.blocksize)
         check_quant_type(state.quant_type)
         check_type(state.dtype in FLOAT_DTYPES,
-                          lambda: f"dtype must be one of {list(FLOAT_DTYPES)}, got {state.dtype}")
+                   lambda: f"dtype must be one of {list(FLOAT_DTYPES)}, got {state.dtype}")
         self.shape = tuple(int(s) for s in state.shape)
         self.dtype = state.dtype
         self.blocksize = state.blocksize
@@ -181,9 +181,9 @@ def _validate(packed: torch.Tensor, state: Fq.QuantState) -> None:
 def _check_target(module: Any, param_name: Any) -> nn.Parameter:
     """The parameter ``module.<param_name>``, or an exception naming the bad argument."""
     check_type(isinstance(module, nn.Module),
-                      lambda: f"module must be an nn.Module, got {type(module).__name__}")
+               lambda: f"module must be an nn.Module, got {type(module).__name__}")
     check_type(isinstance(param_name, str),
-                      lambda: f"param_name must be a str, got {type(param_name).__name__}")
+               lambda: f"param_name must be a str, got {type(param_name).__name__}")
     cls = P.type_before_parametrizations(module).__name__
     if P.is_parametrized(module, param_name):
         kinds = [type(p).__name__ for p in module.parametrizations[param_name]]
@@ -245,11 +245,11 @@ def replace_parameter_4bit(module: nn.Module, param_name: str,
     """
     param = _check_target(module, param_name)
     check_type(param.dtype in FLOAT_DTYPES,
-                      lambda: f"param_name {param_name!r} must be a parameter with dtype in "
-                              f"{list(FLOAT_DTYPES)}, got {param.dtype}")
+               lambda: f"param_name {param_name!r} must be a parameter with dtype in "
+                       f"{list(FLOAT_DTYPES)}, got {param.dtype}")
     check_type(isinstance(compress_statistics, bool),
-                      lambda: "compress_statistics must be a bool, got "
-                              f"{type(compress_statistics).__name__}")
+               lambda: "compress_statistics must be a bool, got "
+                       f"{type(compress_statistics).__name__}")
     check_quant_type(quant_type)
     if blocksize is None:
         blocksize = DEFAULT_BLOCKSIZE
