@@ -60,11 +60,13 @@ struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; i
               uint8_t* Wt; float* absmax_t; };  // Wt, absmax_t: tile16_repack's layout
 static CodePlanes g_planes;
 static AbsmaxArgs g_nested;
-template <int C, int WARPS, int DEPTH, bool NESTED = false, bool TILED = false, int MIN_CTAS = 16 / WARPS>
+template <int C, int WARPS, int DEPTH, bool NESTED = false, bool TILED = false,
+          int MIN_CTAS = 16 / WARPS>
 void launch4(const Bufs& b) {
   AbsmaxArgs am = NESTED ? g_nested : AbsmaxArgs{};
   if (!NESTED) am.absmax = TILED ? b.absmax_t : b.absmax;
-  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED, MIN_CTAS>;
+  auto kernel =
+      opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED, MIN_CTAS>;
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }

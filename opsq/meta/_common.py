@@ -19,26 +19,27 @@ from .._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_
                           QUANT_TYPES)
 
 
-def _passing_fast(check: Callable) -> Callable:
-    """``check`` (``torch._check`` / ``_check_value`` / ``_check_type``) returning at once
-    when the condition is the plain ``True`` of an eager call; anything else (``False``, a
-    ``SymBool`` while tracing) goes to ``check`` itself. ``torch._check*`` costs ~1.2 us even
-    when it passes, and a 4-bit op runs ~36 checks a call."""
+def _passing_fast(torch_check: Callable, name: str) -> Callable:
+    """``torch_check`` (``torch._check`` / ``_check_value`` / ``_check_type``) returning at
+    once when the condition is the plain ``True`` of an eager call; anything else (``False``, a
+    ``SymBool`` while tracing) goes to ``torch_check`` itself. ``torch._check*`` costs ~1.2 us
+    even when it passes, and a 4-bit op runs ~36 checks a call."""
     def passing_fast(cond, message=None):
         if cond is True:
             return
-        check(cond, message)
-    passing_fast.__name__ = passing_fast.__qualname__ = check.__name__
-    passing_fast.__doc__ = check.__doc__
+        torch_check(cond, message)
+    passing_fast.__name__ = passing_fast.__qualname__ = name
+    passing_fast.__doc__ = (f"``torch.{torch_check.__name__}(cond, message)``, returning at once "
+                            "when ``cond is True``.")
     return passing_fast
 
 
 #: ``torch._check`` (RuntimeError), ``torch._check_value`` (ValueError) and
 #: ``torch._check_type`` (TypeError) with the fast pass of :func:`_passing_fast`; every
 #: validation of opsq/meta goes through these.
-check = _passing_fast(torch._check)
-check_value = _passing_fast(torch._check_value)
-check_type = _passing_fast(torch._check_type)
+check = _passing_fast(torch._check, "check")
+check_value = _passing_fast(torch._check_value, "check_value")
+check_type = _passing_fast(torch._check_type, "check_type")
 
 
 @functools.lru_cache(maxsize=None)

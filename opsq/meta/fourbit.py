@@ -11,10 +11,9 @@ from typing import Sequence
 import torch
 
 from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
-from ._common import (ceil_div, check_blocksize, check_dim, check_dtype, check_float_dtype,
+from ._common import (ceil_div, check, check_blocksize, check_dim, check_dtype, check_float_dtype,
                       check_min_dim, check_numel, check_quant_storage, check_quant_type,
-                      check_same_device, check_shape_arg, numel_of, register_fake)
-from ._common import check, check_value
+                      check_same_device, check_shape_arg, check_value, numel_of, register_fake)
 
 
 def packed_numel(n, itemsize: int):

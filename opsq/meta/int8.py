@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from .._constants import FLOAT_DTYPES
-from ._common import (check_dim, check_dtype, check_float_dtype, check_min_dim, check_numel,
-                      check_same_device, check_threshold, numel_of, register_fake)
-from ._common import check, check_value
+from ._common import (check, check_dim, check_dtype, check_float_dtype, check_min_dim, check_numel,
+                      check_same_device, check_threshold, check_value, numel_of, register_fake)
 
 
 def check_vectorwise_quant(A, threshold):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from .._constants import ORDERS
-from ._common import ceil_div, check_dim, check_dtype, check_numel, check_shape_arg, register_fake
-from ._common import check, check_value
+from ._common import (ceil_div, check, check_dim, check_dtype, check_numel, check_shape_arg,
+                      check_value, register_fake)
 
 
 def tiled_numel(order: str, rows, cols):

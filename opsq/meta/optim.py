@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from .._constants import FLOAT_DTYPES
-from ._common import ceil_div, check_dtype, check_numel, check_same_device, register_fake
-from ._common import check, check_type, check_value
+from ._common import (ceil_div, check, check_dtype, check_numel, check_same_device, check_type,
+                      check_value, register_fake)
 
 #: Optimizers the update ops implement (bitsandbytes' ``optimizer_name`` strings).
 OPTIMIZER_NAMES: tuple[str, ...] = ("adam", "ademamix", "lion", "momentum", "rmsprop")

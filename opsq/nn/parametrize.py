@@ -47,8 +47,7 @@ from torch import nn
 
 from .. import functional as Fq
 from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, code_table
-from ..meta._common import ceil_div, check_blocksize, check_quant_type, numel_of
-from ..meta._common import check_type
+from ..meta._common import ceil_div, check_blocksize, check_quant_type, check_type, numel_of
 from ..meta.fourbit import check_dequantize_4bit
 
 __all__ = ["Bnb4bitParametrization", "replace_parameter_4bit",
