@@ -270,7 +270,7 @@ def test_create_dynamic_map_default_is_opsq_map_bit_for_bit():
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_small_tables_are_new_tensors_each_call(device):
-    """code_table / the default dynamic map keep a device-resident master on accelerators
+    """code_table / the default dynamic map keep one master per device
     (opsq._constants.table_on): every call must still hand out its own tensor, so a caller
     writing into one (or into a QuantState's code) changes no later table."""
     for make, want in ((lambda: code_table("nf4", device), torch.tensor(NF4_CODE)),
