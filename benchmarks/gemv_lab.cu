@@ -60,13 +60,11 @@ struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; i
               uint8_t* Wt; float* absmax_t; };  // Wt, absmax_t: tile16_repack's layout
 static CodePlanes g_planes;
 static AbsmaxArgs g_nested;
-template <int C, int WARPS, int DEPTH, bool NESTED = false, bool TILED = false,
-          int MIN_CTAS = 16 / WARPS>
+template <int C, int WARPS, int DEPTH, bool NESTED = false, bool TILED = false>
 void launch4(const Bufs& b) {
   AbsmaxArgs am = NESTED ? g_nested : AbsmaxArgs{};
   if (!NESTED) am.absmax = TILED ? b.absmax_t : b.absmax;
-  auto kernel =
-      opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED, MIN_CTAS>;
+  auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED>;
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
@@ -146,10 +144,6 @@ int main(int argc, char** argv) {
     check("loads only, tiled runs (repack)")([&] { drain_tiled_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.Wt, b.N, b.absmax_t, reinterpret_cast<float*>(b.out)); });
     check("v4 tiled c64 w4 d1 (repack)")([&] { launch4<64, 4, 1, false, true>(b); });
     check("v4 tiled c64 w8 d1 (repack)")([&] { launch4<64, 8, 1, false, true>(b); });
-    // 20 warps an SM instead of 16 (<= 96 registers: the tiled kernel fits, the other spills
-    // 40 B): is the kernel short of warps to hide its latency (ncu: 24 % occupancy)?
-    check("v4 tiled c64 w4 d1 20 warps/SM")([&] { launch4<64, 4, 1, false, true, 5>(b); });
-    check("v4 c64 w4 d1 20 warps/SM")([&] { launch4<64, 4, 1, false, false, 5>(b); });
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w8 d2")([&] { launch4<64, 8, 2>(b); });
     check("v4 c64 w4 d1 (opsq launch)")([&] { launch4<64, 4, 1>(b); });

@@ -249,12 +249,12 @@ for name, us, gbs, peer, peer_us in rows:
 PYEOF
 BENCH_RC=$?
 
-# ---- Nsight Compute: one launch each of issue 14's kernels (OPSQ_NCU=1; not yet run) -------
+# ---- Nsight Compute: one launch each of issue 14's kernels (OPSQ_NCU=1) -----------------------
 if [ "${OPSQ_NCU:-0}" = "1" ] && command -v ncu >/dev/null 2>&1; then
   cat >/tmp/opsq_ncu_case.py <<'PYEOF'
 # one launch of each issue-14 kernel: the 4-bit quantizer, the gemv at 8192->28672 and
 # 4096->4096, double_quant's kernels, the int8 small-M matmul (threshold 0 and 6) and the 8-bit
-# optimizer update
+# optimizer update (int8_linear at threshold 6 also launches small_outliers_kernel)
 import torch
 import opsq  # noqa: F401
 OPS = torch.ops.opsq
@@ -278,8 +278,8 @@ opt.step()
 torch.cuda.synchronize()
 PYEOF
   timeout 300 ncu --clock-control none \
-      --kernel-name regex:"gemv4_kernel|(^|[^e])quant4_kernel|dq_|int8_small_m|update8_kernel" \
-      --launch-skip 0 --launch-count 12 --section SpeedOfLight --section Occupancy \
+      --kernel-name regex:"gemv4_kernel|(^|[^e])quant4_kernel|dq_|int8_small_m|small_outliers|update8_kernel" \
+      --launch-skip 0 --launch-count 14 --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
       --section InstructionStats --section MemoryWorkloadAnalysis \
       $PY /tmp/opsq_ncu_case.py >"$OUT/ncu.log" 2>&1

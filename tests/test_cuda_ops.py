@@ -728,6 +728,58 @@ def test_int8_linear_small_m_non_finite(threshold):
         assert_matmul_close(got[fin], want[fin], torch.float16)
 
 
+def cuda_kernel_names(fn) -> set:
+    """Names of the CUDA kernels ``fn()`` launches (torch.profiler)."""
+    acts = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_linear_small_m_outlier_prologue(dtype):
+    """Threshold 6: A's quantization and the outlier compaction in one launch
+    (int8_quant.cu's small_outliers_kernel, a cluster of 8 CTAs, one strip of K each), at the
+    shapes that exercise its corners: rows that share a warp and strips left empty (K = 272: 9
+    bitset words over 8 CTAs; K = 16: one word), a compaction of 3000 columns across the strips,
+    every column an outlier, 16 rows at the widest K it takes (65536), a row of subnormal
+    values (its statistic subnormal in fp32 and bf16: quant_int8's division path; 0 in fp16),
+    and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the two-kernel
+    path (rowreg_kernel, its fix-up and outlier_compact_kernel), close to the reference; on
+    sm_90 the profiler must see the kernel (a build without sm_90 code falls back)."""
+    need("int8_linear")
+    cases = [((5, 272), 24, 3), ((2, 40960), 16, 3000), ((3, 64), 16, 64), ((2, 16), 8, 1),
+             ((16, 65536), 8, 40), ((4, 512), 24, 2), ((2, 65552), 8, 9)]
+    for i, (ashape, N, n_out) in enumerate(cases):
+        K = ashape[-1]
+        A = small_m_input(ashape, dtype, seed=300 + i, n_out=n_out)
+        if ashape == (4, 512):
+            A[3] = (A[3].float() * 1e-39).to(dtype)  # the outliers are in rows 2 and 0
+        W = randn((N, K), dtype, seed=310 + i, scale=0.1)
+        CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+        bias = randn((N,), dtype, seed=320 + i)
+        _, _, mask = OPS.vectorwise_quant(A, 6.0)
+        assert int(mask.sum()) == n_out
+        got = OPS.int8_linear(A, CB, SCB, bias, 6.0)
+        assert same_bytes(got, int8_linear_two_kernel(A, CB, SCB, bias, 6.0)), (ashape, n_out)
+        assert_matmul_close(got, ref.int8_linear(A, CB, SCB, bias, 6.0),
+                            dtype if dtype != torch.float32 else torch.float16)
+    A = small_m_input((3, 256), dtype, seed=330, n_out=4)
+    flat = torch.zeros(A.numel() + 1, dtype=dtype, device=DEV)
+    flat[1:] = A.reshape(-1)
+    shifted = flat[1:].view(A.shape)  # storage offset of one element
+    W = randn((40, 256), dtype, seed=331, scale=0.1)
+    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+    assert same_bytes(OPS.int8_linear(shifted, CB, SCB, None, 6.0),
+                      OPS.int8_linear(A, CB, SCB, None, 6.0))
+    names = cuda_kernel_names(lambda: OPS.int8_linear(A, CB, SCB, None, 6.0))
+    # (no names at all: the profiler could not attach, e.g. under compute-sanitizer)
+    if torch.cuda.get_device_capability()[0] >= 9 and names:
+        assert any("small_outliers_kernel" in n for n in names), sorted(names)
+        assert not any("outlier_fixup_kernel" in n for n in names), sorted(names)
+
+
 def test_int8_linear_small_m_fallbacks():
     """Shapes the small-M kernel does not take run the two-kernel path: K % 16 != 0, a weight
     not 16-byte aligned; results as the reference (threshold 0: byte for byte)."""

@@ -36,6 +36,16 @@ __device__ __forceinline__ float scale_or_div(float x, float scale, float absmax
   return isinf(scale) ? div_rn(x, absmax) : mul_rn(x, scale);
 }
 
+// Inclusive prefix sum of v over the lanes of a full warp (lane = this thread's lane).
+__device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  return v;
+}
+
 // ---- element conversions -----------------------------------------------------------------
 template <typename T> struct Cvt;
 template <> struct Cvt<float> {

@@ -183,14 +183,22 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       uint32_t word[EPT / 8];
 #pragma unroll
       for (int k = 0; k < EPT / 8; ++k) word[k] = 0;
-#pragma unroll
-      for (int i = 0; i < EPT; ++i) {
-        const uint32_t c = (e0[s] + i < n)
-                               ? Encoder::encode(lut, scale_or_div(x[s][i], scale,
-                                                                   __uint_as_float(m[s])))
-                                           : static_cast<uint32_t>(Encoder::kZero);
-        // element 2j -> high nibble of byte j; bytes little-endian within the 32-bit word
+      // element 2j -> high nibble of byte j; bytes little-endian within the 32-bit word
+      auto put = [&](int i, uint32_t c) {
         word[i / 8] |= c << (8 * ((i % 8) / 2) + ((i & 1) ? 0 : 4));
+      };
+      if (e0[s] + EPT <= n && !isinf(scale)) {
+        // The common case, decided once for the thread's EPT elements: all in range, and a
+        // finite reciprocal (scale_or_div's multiply), so no per-element test or branch.
+#pragma unroll
+        for (int i = 0; i < EPT; ++i) put(i, Encoder::encode(lut, mul_rn(x[s][i], scale)));
+      } else {
+#pragma unroll
+        for (int i = 0; i < EPT; ++i) {
+          put(i, (e0[s] + i < n) ? Encoder::encode(lut, scale_or_div(x[s][i], scale,
+                                                                     __uint_as_float(m[s])))
+                                 : static_cast<uint32_t>(Encoder::kZero));
+        }
       }
       const int64_t bo = e0[s] >> 1;
       if (bo + EPT / 2 <= nbytes) {

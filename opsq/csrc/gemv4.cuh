@@ -141,11 +141,9 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 // (its 8 bytes of row g, then of row g + 8), so that each warp load reads 512 contiguous bytes;
 // the step's 64 absmax values form one run at (b * steps + s) * 64, (row g, row g + 8) of chunk c
 // at c * 16 + 2 g.
-// MIN_CTAS: CTAs an SM must hold (the register cap: 16 warps an SM by default, <= 128 registers;
-// the lab tries 20 warps, <= 96 registers).
 template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
-          bool TILED = false, int MIN_CTAS = 16 / WARPS>
-__global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
+          bool TILED = false>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
 gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
              int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes, ShiftMuls sh,
              const T* __restrict__ bias, T* __restrict__ out) {

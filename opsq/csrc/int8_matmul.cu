@@ -6,10 +6,11 @@
 // outlier_dequant_kernel (the outlier columns' fp32 term fused into the same pass; no host
 // synchronisation).
 // Small-M path (int8_small_m.cu): with <= 16 rows, an int8 weight, K % 16 == 0 and 16-byte
-// aligned weight rows, int8_linear runs the quantization of A, the outlier compaction (threshold
-// > 0) and then one kernel that streams CB once with 16-byte loads, forms the int32 sums on tensor
-// cores (mma.m16n8k32 s8, A's rows as the 16 mma rows) and applies this file's epilogue
-// arithmetic (int8_matmul.cuh) in the same CTA: the output bytes equal those of the path below.
+// aligned weight rows, int8_linear runs the quantization of A and the outlier compaction (one
+// launch, int8_quant.cu's small_outliers_kernel, where threshold > 0) and then one kernel that
+// streams CB once with 16-byte loads, forms the int32 sums on tensor cores (mma.m16n8k32 s8,
+// A's rows as the 16 mma rows) and applies this file's epilogue arithmetic (int8_matmul.cuh) in
+// the same CTA: the output bytes equal those of the path below.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -183,23 +184,10 @@ outlier_compact_kernel(const uint8_t* __restrict__ mask, int64_t K, int64_t* __r
         if (k + j < K && mask[k + j] != 0) f |= 1u << j;
     }
     const int c = __popc(f);
-    int s = c;  // inclusive scan over the warp
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int v = __shfl_up_sync(0xffffffffu, s, o);
-      if (lane >= o) s += v;
-    }
+    const int s = warp_inclusive_sum(c, lane);  // inclusive scan over the warp
     if (lane == 31) s_tot[warp] = s;
     __syncthreads();
-    if (warp == 0) {  // inclusive scan of the warp totals
-      int w = s_tot[lane];
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int v = __shfl_up_sync(0xffffffffu, w, o);
-        if (lane >= o) w += v;
-      }
-      s_tot[lane] = w;
-    }
+    if (warp == 0) s_tot[lane] = warp_inclusive_sum(s_tot[lane], lane);  // of the warp totals
     __syncthreads();
     int64_t pos = total + (warp > 0 ? s_tot[warp - 1] : 0) + (s - c);
     while (f != 0u) {
@@ -595,18 +583,18 @@ at::Tensor int8_linear_cuda(const at::Tensor& A, const at::Tensor& B,
   int64_t rows = 1;
   for (int64_t d = 0; d + 1 < A.dim(); ++d) rows *= A.size(d);
   const at::Tensor a2 = A.reshape({rows, K}).contiguous();
-  Int8Stats aq = int8_quant(a2, threshold, false);
-  if (B.scalar_type() == at::kChar && int8_small_m_applies(rows, N, K, CB.data_ptr()) &&
-      aligned16(aq.CA.data_ptr())) {
-    // Decode-sized A (<= 16 rows): one kernel streams CB once (tensor-core int8 products) and
-    // runs the same epilogue arithmetic; bytes equal to the path below (int8_small_m.cu).
+  if (B.scalar_type() == at::kChar && int8_small_m_applies(rows, N, K, CB.data_ptr())) {
+    // Decode-sized A (<= 16 rows): A's quantization (with the outlier columns: one launch), then
+    // one kernel streams CB once (tensor-core int8 products) and runs the same epilogue
+    // arithmetic; bytes equal to the path below (int8_small_m.cu).
     at::Tensor out = at::empty({rows, N}, A.options());
     at::Tensor bf;
     if (bias.has_value()) bf = bias->to(at::kFloat).contiguous();
     const float* bp = bias.has_value() ? bf.data_ptr<float>() : nullptr;
-    int8_linear_small_m(a2, aq.CA, aq.row_stats, aq.mask, CB, scb, bp, threshold, out);
+    int8_linear_small_m(a2, CB, scb, bp, threshold, out);
     return out.reshape(out_shape);
   }
+  Int8Stats aq = int8_quant(a2, threshold, false);
   const at::Tensor C = igemmlt_cuda(aq.CA, CB).contiguous();  // (rows, N) int32
   if (threshold <= 0.0 || rows == 0 || N == 0 || K == 0) {
     // No outlier term (K == 0: the reference's outlier matmul is all zeros): one epilogue,

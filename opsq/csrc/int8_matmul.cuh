@@ -57,12 +57,11 @@ inline bool int8_small_m_applies(int64_t rows, int64_t N, int64_t K, const void*
 }
 
 // int8_linear for int8_small_m_applies shapes, on the current stream, no host synchronisation:
-// a (rows x K, contiguous, A's dtype), its row quantization CA (rows x K int8, 16-byte aligned),
-// row_stats (rows fp32) and mask (K bools, used where threshold > 0), CB (N x K int8) and scb (N
+// a (rows x K, contiguous, A's dtype) is row-quantized here (threshold > 0: A's quantization and
+// the outlier compaction in one launch, int8_quant_small_outliers), CB (N x K int8) and scb (N
 // fp32), both contiguous, bias fp32 (N) or null; out (rows x N, contiguous, A's dtype). Output
 // bytes equal those of igemmlt + mm_dequant_kernel (threshold 0) or + the outlier epilogue.
-void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor& row_stats,
-                         const at::Tensor& mask, const at::Tensor& CB, const at::Tensor& scb,
+void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CB, const at::Tensor& scb,
                          const float* bias, double threshold, at::Tensor& out);
 
 }  // namespace opsq

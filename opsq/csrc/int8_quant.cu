@@ -16,7 +16,11 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <cooperative_groups.h>
+
 #include <algorithm>
+#include <mutex>
+#include <unordered_map>
 
 #include "checks.h"
 #include "common.cuh"
@@ -257,6 +261,25 @@ __device__ __forceinline__ uint32_t byte_mask4(uint32_t b4) {
 __device__ __forceinline__ bool fast_scale(float s) {
   return !isinf(s) && __float_as_uint(s) != 0u;
 }
+// The int8 codes of one 16-byte chunk's E values x with row scale s and statistic st, E / 4
+// words (element 4k + i in byte i of word k): the fast path where fast (= fast_scale(s), hoisted
+// by the caller), quant_int8 elsewhere. rowreg_kernel and small_outliers_kernel.
+template <int E>
+__device__ __forceinline__ void chunk_codes(const float (&x)[E], float s, float st, bool fast,
+                                            uint32_t (&w)[E / 4]) {
+  if (fast) {
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k)
+      w[k] = pack_low_bytes(code_bits(x[4 * k], s), code_bits(x[4 * k + 1], s),
+                            code_bits(x[4 * k + 2], s), code_bits(x[4 * k + 3], s));
+  } else {
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k)
+      w[k] = pack_codes(quant_int8(x[4 * k], s, st), quant_int8(x[4 * k + 1], s, st),
+                        quant_int8(x[4 * k + 2], s, st), quant_int8(x[4 * k + 3], s, st));
+  }
+}
+
 // Strong (relaxed, gpu-scope) loads: they bypass L1 and take part in the fence.sc ordering of
 // the outlier protocol below.
 __device__ __forceinline__ unsigned long long ld_relaxed(const unsigned long long* p) {
@@ -435,17 +458,7 @@ rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* _
           unpack16<T>(v[k], x);
           // (Outlier elements are quantized as they are; their codes are masked to 0 below.)
           uint32_t w[E / 4];
-          if (fast) {
-#pragma unroll
-            for (int q = 0; q < E / 4; ++q)
-              w[q] = pack_low_bytes(code_bits(x[4 * q], s), code_bits(x[4 * q + 1], s),
-                                    code_bits(x[4 * q + 2], s), code_bits(x[4 * q + 3], s));
-          } else {
-#pragma unroll
-            for (int q = 0; q < E / 4; ++q)
-              w[q] = pack_codes(quant_int8(x[4 * q], s, st), quant_int8(x[4 * q + 1], s, st),
-                                quant_int8(x[4 * q + 2], s, st), quant_int8(x[4 * q + 3], s, st));
-          }
+          chunk_codes<E>(x, s, st, fast, w);
           if constexpr (THR) {
             // Code 0 for the chunk's outlier elements (as quantizing them as 0) and for the
             // columns of the snapshot.
@@ -527,6 +540,144 @@ outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
       }
     }
   }
+}
+
+// ---- vectorwise_quant of a decode-sized A with a threshold, plus its outlier columns -----------
+// int8_linear's small-M path (int8_small_m.cu) at threshold > 0 (int8_quant_small_outliers: rows
+// <= kSmallMRows, K % 16 == 0, K <= kSmallMaxK, A 16-byte aligned, sm_90: small_outliers_runs). One launch does what
+// rowreg_kernel, outlier_fixup_kernel and outlier_compact_kernel do in three (plus a memset):
+// with <= 16 rows every row's outliers are seen before any code is written, so nothing needs a
+// fix-up. A cluster of kSmallCluster CTAs (sm_90 thread-block clusters) splits K into strips of
+// whole 32-column bitset words; CTA q owns strip q for every row:
+//   pass 1: each item (row r, 16-byte chunk j of the strip) adds its max |x| over the elements
+//           below the threshold to the row's maximum (shared atomicMax on the IEEE bits, NaN
+//           above inf, as rowreg_kernel's max) and its outlier elements (|x| >= thr) to the
+//           strip's bitset of columns (shared memory);
+//   the CTAs' row maxima are combined through distributed shared memory (cluster.sync);
+//   pass 2: every chunk quantized again from A (an L1 hit: a strip of <= 16 rows) with
+//           rowreg_kernel's arithmetic, the bitset's columns written as 0;
+//   pass 3: the strip's outlier columns, ascending, as int64 idx (a block scan of per-thread
+//           counts, offset by the lower strips' totals) and their number *cnt, as
+//           outlier_compact_kernel writes them.
+// Same bytes as the three-launch route (tests/test_cuda_ops.py compares int8_linear's small-M
+// output with the two-kernel path).
+constexpr int kSmallThreads = 1024;
+constexpr int kSmallCluster = 8;  // CTAs a cluster (the portable maximum)
+
+template <typename T>
+__global__ void __launch_bounds__(kSmallThreads)
+small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
+                      int8_t* __restrict__ CA, float* __restrict__ stats,
+                      int64_t* __restrict__ idx, int64_t* __restrict__ cnt) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk (divides 32)
+  constexpr int kWordChunks = 32 / E;                   // chunks per bitset word
+  __shared__ uint32_t s_bits[kSmallMaxK / 32 / kSmallCluster + 1];  // this strip's words
+  __shared__ uint32_t s_max[kSmallMRows];  // this strip's row maxima (read by the cluster)
+  __shared__ uint32_t s_row[kSmallMRows];  // the rows' maxima
+  __shared__ int s_warp[kSmallThreads / 32];
+  __shared__ int s_total;                  // outlier columns of this strip (read by the cluster)
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int q = static_cast<int>(cluster.block_rank());
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int chunks = K / E;
+  const int words = (K + 31) >> 5;
+  // Strip q: chunks [c0, c0 + cq), bitset words [w0, w0 + wq) (whole words).
+  const int wps = (words + kSmallCluster - 1) / kSmallCluster;
+  const int w0 = min(q * wps, words), wq = min(w0 + wps, words) - w0;
+  const int c0 = w0 * kWordChunks, cq = max(0, min(chunks, (w0 + wq) * kWordChunks) - c0);
+  for (int w = tid; w < wq; w += kSmallThreads) s_bits[w] = 0u;
+  if (tid < rows) s_max[tid] = 0u;
+  __syncthreads();
+  const int items = rows * cq;
+  const auto chunk_of = [&](int r, int jj) {
+    return __ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + c0 + jj);
+  };
+  // Whole warps iterate together (the shuffles below): item base + lane, base warp-aligned.
+  for (int base = warp * 32; base < items; base += kSmallThreads) {
+    const int i = base + lane;
+    const bool valid = i < items;
+    const int r = valid ? i / cq : 0;
+    const int jj = i - r * cq;
+    uint32_t m = 0u, f = 0u;
+    if (valid) {
+      float x[E];
+      unpack16<T>(chunk_of(r, jj), x);
+#pragma unroll
+      for (int e = 0; e < E; ++e) {
+        uint32_t bt = abs_bits(x[e]);
+        if (__uint_as_float(bt) >= thr) {
+          bt = 0u;
+          f |= 1u << e;
+        }
+        m = max(m, bt);
+      }
+      if (f != 0u) atomicOr(&s_bits[(jj * E) >> 5], f << ((jj * E) & 31));
+    }
+    const int r0 = __shfl_sync(0xffffffffu, r, 0);
+    if (__all_sync(0xffffffffu, !valid || r == r0)) {
+      m = __reduce_max_sync(0xffffffffu, m);
+      if (lane == 0 && m != 0u) atomicMax(&s_max[r0], m);
+    } else if (valid && m != 0u) {
+      atomicMax(&s_max[r], m);
+    }
+  }
+  cluster.sync();  // every strip's row maxima written
+  if (tid < rows) {
+    uint32_t m = 0u;
+    for (int p = 0; p < kSmallCluster; ++p) m = max(m, cluster.map_shared_rank(s_max, p)[tid]);
+    s_row[tid] = m;
+    if (q == 0) stats[tid] = __uint_as_float(m);
+  }
+  __syncthreads();
+  for (int i = tid; i < items; i += kSmallThreads) {
+    const int r = i / cq, jj = i - r * cq;
+    const float st = __uint_as_float(s_row[r]);
+    const float sc = int8_scale(st);
+    float x[E];
+    unpack16<T>(chunk_of(r, jj), x);
+    uint32_t w[E / 4];
+    chunk_codes<E>(x, sc, st, fast_scale(sc), w);
+    const uint32_t fb = s_bits[(jj * E) >> 5] >> ((jj * E) & 31);
+#pragma unroll
+    for (int k = 0; k < E / 4; ++k) w[k] &= ~byte_mask4((fb >> (4 * k)) & 0xfu);
+    int8_t* o = CA + static_cast<int64_t>(r) * K + static_cast<int64_t>(c0 + jj) * E;
+    if constexpr (E == 8) {
+      *reinterpret_cast<uint2*>(o) = make_uint2(w[0], w[1]);
+    } else {
+      *reinterpret_cast<uint32_t*>(o) = w[0];
+    }
+  }
+  // Pass 3: thread t owns the strip's words [t * per, (t + 1) * per).
+  const int per = (wq + kSmallThreads - 1) / kSmallThreads;
+  const int v0 = min(tid * per, wq), v1 = min(v0 + per, wq);
+  int c = 0;
+  for (int w = v0; w < v1; ++w) c += __popc(s_bits[w]);
+  const int incl = warp_inclusive_sum(c, lane);  // then over the warps' totals
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) {
+    const int t = warp_inclusive_sum(s_warp[lane], lane);
+    s_warp[lane] = t;
+    if (lane == 31) s_total = t;
+  }
+  cluster.sync();  // every strip's total written (and this CTA's s_warp)
+  int below = 0;   // outlier columns of the lower strips
+  for (int p = 0; p < q; ++p) below += *cluster.map_shared_rank(&s_total, p);
+  int pos = below + (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
+  for (int w = v0; w < v1; ++w) {
+    uint32_t left = s_bits[w];
+    while (left != 0u) {
+      idx[pos++] = static_cast<int64_t>(w0 + w) * 32 + __ffs(left) - 1;
+      left &= left - 1u;
+    }
+  }
+  if (q == kSmallCluster - 1 && tid == 0) *cnt = below + s_total;
+  cluster.sync();  // no CTA leaves while another may still read its shared memory
+#else
+  __trap();  // never launched: small_outliers_runs checks the compiled version
+#endif
 }
 
 // ---- double_quant pass 1: row and column statistics (and the outlier mask), A read once. ---
@@ -812,6 +963,63 @@ void vectorwise_rowreg(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// small_outliers_kernel's launch: one cluster of kSmallCluster CTAs on `stream`. `attr` holds
+// the cluster attribute the returned configuration points to.
+inline cudaLaunchConfig_t small_outliers_config(cudaStream_t stream, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(kSmallCluster);
+  cfg.blockDim = dim3(kSmallThreads);
+  cfg.stream = stream;
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = kSmallCluster;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+// Whether small_outliers_kernel<T> runs on the current device: its code was compiled for
+// compute capability >= 9.0 (a build for older GPUs holds only the __trap body, even where the
+// driver JIT-compiles it for a newer one) and a cluster of kSmallCluster CTAs of kSmallThreads
+// fits (it may not on a MIG slice or under MPS limits). Asked once per device.
+template <typename T>
+bool small_outliers_runs() {
+  static std::mutex mu;
+  static std::unordered_map<int, bool> known;
+  const int dev = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find(dev);
+  if (it != known.end()) return it->second;
+  bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
+  if (ok) {
+    cudaFuncAttributes fa;
+    ok = cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
+         fa.ptxVersion >= 90;
+  }
+  if (ok) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = small_outliers_config(nullptr, attr);
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, small_outliers_kernel<T>, &cfg) ==
+             cudaSuccess && clusters >= 1;
+  }
+  (void)cudaGetLastError();  // a failed query is an answer, not an error for the next launch
+  known[dev] = ok;
+  return ok;
+}
+
+// vectorwise_quant of a decode-sized A with a threshold, and its outlier columns compacted, in
+// one launch (small_outliers_kernel); see int8_quant.h.
+template <typename T>
+void small_outliers(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* st,
+                    int64_t* idx, int64_t* cnt, cudaStream_t stream) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = small_outliers_config(stream, attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, small_outliers_kernel<T>, a, static_cast<int>(rows),
+                                    static_cast<int>(K), thr, ca, st, idx, cnt));
+}
+
 // double_quant on the vector path (rows >= 1, K >= 1): statistics pass, then both outputs.
 template <typename T>
 void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
@@ -982,6 +1190,39 @@ Int8Stats int8_quant(const at::Tensor& A, double threshold, bool cols) {
     default: int8_quant_impl<__nv_bfloat16>(x, rows, K, threshold, cols, r); break;
   }
   return r;
+}
+
+bool int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* idx,
+                               int64_t* cnt, Int8Stats& r) {
+  TORCH_INTERNAL_ASSERT(a.dim() == 2 && a.is_contiguous() && threshold > 0.0);
+  const int64_t rows = a.size(0), K = a.size(1);
+  if (rows < 1 || rows > kSmallMRows || K < 16 || K > kSmallMaxK || K % 16 != 0 ||
+      !aligned16(a.data_ptr())) {
+    return false;
+  }
+  const bool runs = a.scalar_type() == at::kFloat  ? small_outliers_runs<float>()
+                    : a.scalar_type() == at::kHalf ? small_outliers_runs<__half>()
+                                                   : small_outliers_runs<__nv_bfloat16>();
+  if (!runs) return false;
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  r.CA = at::empty({rows, K}, a.options().dtype(at::kChar));
+  r.row_stats = at::empty({rows}, a.options().dtype(at::kFloat));
+  int8_t* ca = r.CA.data_ptr<int8_t>();
+  float* st = r.row_stats.data_ptr<float>();
+  const float thr = static_cast<float>(threshold);
+  switch (a.scalar_type()) {
+    case at::kFloat:
+      small_outliers<float>(cptr<float>(a), rows, K, thr, ca, st, idx, cnt, stream);
+      break;
+    case at::kHalf:
+      small_outliers<__half>(cptr<__half>(a), rows, K, thr, ca, st, idx, cnt, stream);
+      break;
+    default:
+      small_outliers<__nv_bfloat16>(cptr<__nv_bfloat16>(a), rows, K, thr, ca, st, idx, cnt,
+                                    stream);
+      break;
+  }
+  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vectorwise_quant_cuda(const at::Tensor& A,

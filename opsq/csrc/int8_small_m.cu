@@ -28,6 +28,7 @@
 
 #include "common.cuh"
 #include "int8_matmul.cuh"
+#include "int8_quant.h"
 #include "launch.h"
 
 namespace opsq {
@@ -212,24 +213,32 @@ void launch_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor&
 
 }  // namespace
 
-void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor& row_stats,
-                         const at::Tensor& mask, const at::Tensor& CB, const at::Tensor& scb,
+void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CB, const at::Tensor& scb,
                          const float* bias, double threshold, at::Tensor& out) {
-  const int64_t rows = CA.size(0), K = CA.size(1), N = CB.size(0);
-  TORCH_INTERNAL_ASSERT(int8_small_m_applies(rows, N, K, CB.data_ptr()) &&
-                        reinterpret_cast<uintptr_t>(CA.data_ptr()) % 16 == 0);
+  const int64_t rows = a.size(0), K = a.size(1), N = CB.size(0);
+  TORCH_INTERNAL_ASSERT(int8_small_m_applies(rows, N, K, CB.data_ptr()));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   at::Tensor scratch;  // [cnt (16 bytes) | idx (K int64)], threshold > 0 only
   int64_t* idx = nullptr;
   int64_t* cnt = nullptr;
+  Int8Stats aq;
   if (threshold > 0.0) {
-    scratch = at::empty({16 + 8 * K}, CA.options().dtype(at::kByte));
+    scratch = at::empty({16 + 8 * K}, CB.options().dtype(at::kByte));
     auto* base = static_cast<unsigned char*>(scratch.data_ptr());
     cnt = reinterpret_cast<int64_t*>(base);
     idx = reinterpret_cast<int64_t*>(base + 16);
-    launch_outlier_compact(reinterpret_cast<const uint8_t*>(mask.data_ptr()), K, idx, cnt,
-                           stream);
+    if (!int8_quant_small_outliers(a, threshold, idx, cnt, aq)) {
+      // K > kSmallMaxK, A unaligned, or no cluster: the row quantizer, then the compaction
+      aq = int8_quant(a, threshold, false);
+      launch_outlier_compact(reinterpret_cast<const uint8_t*>(aq.mask.data_ptr()), K, idx, cnt,
+                             stream);
+    }
+  } else {
+    aq = int8_quant(a, 0.0, false);
   }
+  const at::Tensor& CA = aq.CA;
+  const at::Tensor& row_stats = aq.row_stats;
+  TORCH_INTERNAL_ASSERT(reinterpret_cast<uintptr_t>(CA.data_ptr()) % 16 == 0);
   switch (out.scalar_type()) {
     case at::kFloat:
       launch_small_m<float>(a, CA, row_stats, CB, scb, bias, idx, cnt, rows, N, K, out, stream);
