@@ -135,12 +135,12 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 
 // C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
 // TILED (benchmarks/gemv_lab.cu only; measured there, benchmarks/NOTES.md "Third session": 9-14 %
-// faster, not adopted; C == 64, BSEQ, plain absmax, N % 16 == 0, K % 256 == 0): W and am.absmax
-// in a repacked layout made for the loads (gemv_lab's tile16_repack): the codes a CTA's 16 rows have in one step form one 2 KB run (the run of CTA b,
-// step s at (b * steps + s) * 2048), in which lane l's 16 bytes for chunk c sit at (c * 32 + l) * 16
-// (its 8 bytes of row g, then of row g + 8), so that each warp load reads 512 contiguous bytes;
-// the step's 64 absmax values form one run at (b * steps + s) * 64, (row g, row g + 8) of chunk c
-// at c * 16 + 2 g.
+// faster, not adopted; C == 64, BSEQ, plain absmax, N % 16 == 0, K % 256 == 0): W and am.absmax in
+// a repacked layout made for the loads (gemv_lab's tile16_repack): the codes a CTA's 16 rows have
+// in one step form one 2 KB run (the run of CTA b, step s at (b * steps + s) * 2048), in which lane
+// l's 16 bytes for chunk c sit at (c * 32 + l) * 16 (its 8 bytes of row g, then of row g + 8), so
+// that each warp load reads 512 contiguous bytes; the step's 64 absmax values form one run at (b *
+// steps + s) * 64, (row g, row g + 8) of chunk c at c * 16 + 2 g.
 template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
           bool TILED = false>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
