@@ -16,15 +16,20 @@
 using namespace opsq;
 
 // The memory side alone: gemv4_kernel's loads (codes of 16 rows in chunks of 64, one absmax a
-// chunk and row, 4 warps splitting K in steps of 256) with the arithmetic replaced by an XOR.
+// chunk and row, 4 warps splitting K in steps of 256) with the arithmetic replaced by an XOR;
+// U steps of loads issued together (ADJ: U adjacent steps, a run of U * 128 bytes a row; else
+// steps 4 apart).
+template <int U = 1, bool ADJ = false>
 __global__ void __launch_bounds__(128, 4) drain_kernel(int64_t K, const uint8_t* __restrict__ W, int64_t N,
                                                      const float* __restrict__ absmax, float* __restrict__ out) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t ra = min(int64_t{blockIdx.x} * 16 + g, N - 1), rb = min(int64_t{blockIdx.x} * 16 + g + 8, N - 1);
   uint32_t sink = 0;
-  for (int64_t s = warp; s * 256 < K; s += 4) {
+  for (int64_t s0 = ADJ ? warp * U : warp; s0 * 256 < K; s0 += 4 * U) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int cu = 0; cu < 4 * U; ++cu) {
+      const int64_t s = s0 + (cu / 4) * (ADJ ? 1 : 4), c = cu % 4;
+      if (s * 256 >= K) break;
       const int64_t ea = ra * K + s * 256 + c * 64, eb = rb * K + s * 256 + c * 64;
       const uint2 va = __ldg(reinterpret_cast<const uint2*>(W + (ea >> 1) + q * 8));
       const uint2 vb = __ldg(reinterpret_cast<const uint2*>(W + (eb >> 1) + q * 8));
@@ -56,6 +61,216 @@ __global__ void __launch_bounds__(128, 4) drain_tiled_kernel(int64_t K, const ui
   }
   if (sink == 0x12345678u) out[0] = 1.f;  // keeps the loads
 }
+namespace opsq {
+// v5 (measured and not adopted: benchmarks/NOTES.md, "gemv_4bit v5"); lab only.
+// ---- v5: the code look-up as one PRMT and one shared-memory load per byte -----------------
+// (benchmarks/NOTES.md, "gemv_4bit v5"). A byte of packed codes is two codes, (high nibble,
+// low nibble) = (element 2p, element 2p + 1) of the flat weight, which is exactly one 32-bit
+// register of an mma A fragment (its two consecutive k). A 256-entry table maps the byte to
+// that register: (code[b >> 4], code[b & 15]) rounded to T, unscaled. It lives in shared memory
+// with one copy per lane, word b * 64 + lane, so that the 32 lanes of a look-up always hit 32
+// different banks (one wavefront); the byte address b * 256 + lane * 4 is one PRMT of the code
+// word and a register holding lane * 4. 64 KB (the upper 128 bytes of each 256-byte row are
+// unused): three CTAs an SM.
+constexpr int kLutBytes = 256 * 256;
+
+// The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
+__device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
+  auto bits = [&](int c) {
+    const uint32_t lo = (t.lo[c >> 2] >> (8 * (c & 3))) & 0xffu;
+    const uint32_t hi = (t.hi[c >> 2] >> (8 * (c & 3))) & 0xffu;
+    return lo | (hi << 8);
+  };
+  return bits(b >> 4) | (bits(b & 15) << 16);
+}
+
+// Fills the table (every thread of the CTA takes part; the caller synchronises).
+template <int THREADS>
+__device__ __forceinline__ void lut_build(uint32_t* lut, const CodePlanes& t) {
+  // one warp store writes four entries' 128 bytes (lane / 8: entry, lane % 8: 16-byte piece)
+  for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
+    const int b = i >> 3, piece = i & 7;
+    const uint32_t v = lut_entry(t, b);
+    reinterpret_cast<uint4*>(lut + b * 64)[piece] = make_uint4(v, v, v, v);
+  }
+}
+
+// The fragment register of byte `byte` (0-3) of w: one PRMT for the address, one LDS.
+template <int BYTE>
+__device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t lane4) {
+  // result byte 0: lane4's byte 0; byte 1: w's byte BYTE; bytes 2, 3: lane4's byte 1 (zero)
+  const uint32_t off = prmt(w, lane4, 0x5504u | (BYTE << 4));
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut + off));
+  return v;
+}
+
+// Same contract and tiling as gemv4_kernel (16 output features a CTA, WARPS warps splitting K
+// in steps of kGemvStepK codes, chunks of C codes inside one absmax block, DEPTH steps of loads
+// in flight), the look-up above instead of the register planes. Dynamic shared memory:
+// kLutBytes.
+template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = 2,
+          int MIN_CTAS = 3>
+__global__ void __launch_bounds__(WARPS * 32, MIN_CTAS)
+gemv_lut_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
+                int64_t N, AbsmaxArgs am, int bs_log2, CodePlanes planes,
+                const T* __restrict__ bias, T* __restrict__ out) {
+  constexpr int NC = kGemvStepK / C;  // chunks a step
+  constexpr int NW = C / 32;          // 32-bit code words a lane, row and chunk
+  extern __shared__ __align__(16) uint32_t lut_words[];
+  __shared__ AbsmaxSmem<NESTED> ams;
+  __shared__ float red[WARPS][16][8];
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, q = lane & 3;
+  const int64_t row0 = int64_t{blockIdx.x} * 16;
+  const int64_t steps = (K + kGemvStepK - 1) / kGemvStepK;
+  const int64_t ra = row0 + g < N ? row0 + g : N - 1;
+  const int64_t rb = row0 + g + 8 < N ? row0 + g + 8 : N - 1;
+  const int64_t ea = ra * K, eb = rb * K;
+  const uint8_t* wa = W + (ea >> 1) + q * (C / 8);
+  const uint8_t* wb = W + (eb >> 1) + q * (C / 8);
+  const bool has_x = g < M;
+  const T* xr = A + int64_t{has_x ? g : 0} * K + q * (C / 4);
+  const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(lut_words));
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
+
+  struct Wt {
+    uint32_t a[NC][NW], b[NC][NW];
+    float sa[NC], sb[NC];
+  };
+  constexpr int kLogC = C == 64 ? 6 : 5;
+  const int64_t ia = ea >> kLogC, ib = eb >> kLogC;
+  auto chunks = [&](int64_t s) -> int {
+    const int64_t left = K - s * kGemvStepK;
+    return s < steps ? static_cast<int>(left >= kGemvStepK ? NC : left / C) : 0;
+  };
+  auto load_chunks = [&](int64_t s, int nc, Wt& w) {
+    const int64_t kb = s * kGemvStepK;
+    const uint8_t* pa = wa + s * (kGemvStepK / 2);
+    const uint8_t* pb = wb + s * (kGemvStepK / 2);
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (c < nc) {
+        if constexpr (NW == 2) {
+          const uint2 va = __ldg(reinterpret_cast<const uint2*>(pa + c * (C / 2)));
+          const uint2 vb = __ldg(reinterpret_cast<const uint2*>(pb + c * (C / 2)));
+          w.a[c][0] = va.x; w.a[c][NW - 1] = va.y;
+          w.b[c][0] = vb.x; w.b[c][NW - 1] = vb.y;
+        } else {
+          w.a[c][0] = __ldg(reinterpret_cast<const uint32_t*>(pa + c * (C / 2)));
+          w.b[c][0] = __ldg(reinterpret_cast<const uint32_t*>(pb + c * (C / 2)));
+        }
+        if constexpr (BSEQ) {
+          w.sa[c] = ams.get(am, ia + s * NC + c);
+          w.sb[c] = ams.get(am, ib + s * NC + c);
+        } else {
+          w.sa[c] = ams.get(am, (ea + kb + c * C) >> bs_log2);
+          w.sb[c] = ams.get(am, (eb + kb + c * C) >> bs_log2);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < NW; ++i) w.a[c][i] = w.b[c][i] = 0;
+        w.sa[c] = w.sb[c] = 0.f;
+      }
+    }
+  };
+  auto load_w = [&](int64_t s, Wt& w) {
+    const int nc = chunks(s);
+    if (nc == NC) {
+      load_chunks(s, NC, w);
+    } else {
+      load_chunks(s, nc, w);
+    }
+  };
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  auto compute = [&](int64_t s, int nc, const Wt& cur) {
+    const T* xs = xr + s * kGemvStepK;
+    uint32_t xw[NC][C / 8];
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (has_x && c < nc) {
+        const uint4* xp = reinterpret_cast<const uint4*>(xs + c * C);
+#pragma unroll
+        for (int i = 0; i < C / 32; ++i) {
+          const uint4 v = __ldg(xp + i);
+          xw[c][4 * i] = v.x; xw[c][4 * i + 1] = v.y; xw[c][4 * i + 2] = v.z; xw[c][4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < C / 8; ++i) xw[c][i] = 0;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      if (c >= nc) continue;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
+        // word i holds bytes 4i .. 4i + 3 of the lane's run: mma 2i takes bytes 0, 1, mma 2i + 1
+        // bytes 2, 3 (byte 2j -> logical k 2q, 2q + 1; byte 2j + 1 -> 2q + 8, 2q + 9)
+        const uint32_t f0[4] = {lut_get<0>(lut, cur.a[c][i], lane4), lut_get<0>(lut, cur.b[c][i], lane4),
+                                lut_get<1>(lut, cur.a[c][i], lane4), lut_get<1>(lut, cur.b[c][i], lane4)};
+        mma16816<T>(d, f0, xw[c][4 * i], xw[c][4 * i + 1]);
+        const uint32_t f1[4] = {lut_get<2>(lut, cur.a[c][i], lane4), lut_get<2>(lut, cur.b[c][i], lane4),
+                                lut_get<3>(lut, cur.a[c][i], lane4), lut_get<3>(lut, cur.b[c][i], lane4)};
+        mma16816<T>(d, f1, xw[c][4 * i + 2], xw[c][4 * i + 3]);
+      }
+      acc[0] = fmaf(cur.sa[c], d[0], acc[0]);
+      acc[1] = fmaf(cur.sa[c], d[1], acc[1]);
+      acc[2] = fmaf(cur.sb[c], d[2], acc[2]);
+      acc[3] = fmaf(cur.sb[c], d[3], acc[3]);
+    }
+  };
+
+  const int64_t first = warp;
+  constexpr int64_t kStride = WARPS;
+  Wt buf[DEPTH];
+  if constexpr (!NESTED) {  // the first loads fly while the table is built
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_w(first + int64_t{d} * kStride, buf[d]);
+  }
+  lut_build<WARPS * 32>(lut_words, planes);
+  ams.load(am);
+  __syncthreads();
+  if constexpr (NESTED) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) load_w(first + int64_t{d} * kStride, buf[d]);
+  }
+  for (int64_t s = first; s < steps; s += kStride * DEPTH) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int64_t sd = s + int64_t{d} * kStride, sn = sd + int64_t{DEPTH} * kStride;
+      const Wt cur = buf[d];
+      load_w(sn, buf[d]);
+      const int nc = chunks(sd);
+      if (nc == NC) {
+        compute(sd, NC, cur);
+      } else if (nc > 0) {
+        compute(sd, nc, cur);
+      }
+    }
+  }
+
+  red[warp][g][2 * q] = acc[0];
+  red[warp][g][2 * q + 1] = acc[1];
+  red[warp][g + 8][2 * q] = acc[2];
+  red[warp][g + 8][2 * q + 1] = acc[3];
+  __syncthreads();
+  if (threadIdx.x < 128) {
+    const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+    if (n < M && row0 + r < N) {
+      float y = red[0][r][n];
+#pragma unroll
+      for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
+      if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
+      out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
+    }
+  }
+}
+
+}  // namespace opsq
 struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M;
               uint8_t* Wt; float* absmax_t; };  // Wt, absmax_t: tile16_repack's layout
 static CodePlanes g_planes;
@@ -67,6 +282,19 @@ void launch4(const Bufs& b) {
   auto kernel = opsq::gemv4_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, TILED>;
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
+}
+// gemv_lut_kernel (v5) with its 64 KB table.
+template <int C, int WARPS, int DEPTH, int MIN_CTAS, bool NESTED = false>
+void launch5(const Bufs& b) {
+  AbsmaxArgs am = NESTED ? g_nested : AbsmaxArgs{};
+  if (!NESTED) am.absmax = b.absmax;
+  auto kernel = opsq::gemv_lut_kernel<__nv_bfloat16, NESTED, C, C == 64, WARPS, DEPTH, MIN_CTAS>;
+  static const bool opted_in = [&] {  // once: a host call inside the timed region would count
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
+    return true;
+  }();
+  (void)opted_in;
+  kernel<<<(b.N + 15) / 16, WARPS * 32, kLutBytes>>>(b.A, b.M, b.K, b.W, b.N, am, 6, g_planes, nullptr, b.out);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
@@ -140,15 +368,20 @@ int main(int argc, char** argv) {
         printf("%5lldx%-6lld M=%d %-28s %8.2f us %5.1f %%  relerr %.1e\n", (long long)b.K, (long long)b.N, M, name, us, 100.0 * bytes / (us * 1e-6) / B, maxerr / maxref);
       };
     };
+    check("loads only (drain), 2 steps together")([&] { drain_kernel<2><<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
+    check("loads only (drain), 2 adjacent steps")([&] { drain_kernel<2, true><<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
+    check("loads only (drain), 4 adjacent steps")([&] { drain_kernel<4, true><<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
     check("loads only (drain)")([&] { drain_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.W, b.N, b.absmax, reinterpret_cast<float*>(b.out)); });
     check("loads only, tiled runs (repack)")([&] { drain_tiled_kernel<<<(b.N + 15) / 16, 128>>>(b.K, b.Wt, b.N, b.absmax_t, reinterpret_cast<float*>(b.out)); });
     check("v4 tiled c64 w4 d1 (repack)")([&] { launch4<64, 4, 1, false, true>(b); });
-    check("v4 tiled c64 w8 d1 (repack)")([&] { launch4<64, 8, 1, false, true>(b); });
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
-    check("v4 c64 w8 d2")([&] { launch4<64, 8, 2>(b); });
-    check("v4 c64 w4 d1 (opsq launch)")([&] { launch4<64, 4, 1>(b); });
-    check("v4 c64 w4 d2")([&] { launch4<64, 4, 2>(b); });
-    check("v4 c32 w4 d1")([&] { launch4<32, 4, 1>(b); });
+    check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
+    check("v5 lut c64 w4 d1 3cta (opsq K<2N)")([&] { launch5<64, 4, 1, 3>(b); });
+    check("v5 lut c64 w4 d2 3cta")([&] { launch5<64, 4, 2, 3>(b); });
+    check("v5 lut c64 w8 d1 2cta (opsq K>=2N)")([&] { launch5<64, 8, 1, 2>(b); });
+    check("v5 lut c64 w8 d1 3cta")([&] { launch5<64, 8, 1, 3>(b); });
+    check("v5 lut c64 w4 d1 2cta")([&] { launch5<64, 4, 1, 2>(b); });
+    check("v5 lut c32 w4 d1 3cta")([&] { launch5<32, 4, 1, 3>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;
@@ -158,8 +391,9 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(dc, code.data(), 1024, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dn, na.data(), na.size() * 4, cudaMemcpyHostToDevice));
       CK(cudaMemcpy(doff, &off, 4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dq, qa.data(), nb, cudaMemcpyHostToDevice));
       g_nested.qabsmax = dq; g_nested.nested_absmax = dn; g_nested.nested_code = dc; g_nested.offset = doff; g_nested.nested_log2 = 8;
-      check("v4 c64 w8 d1 nested (vs plain)")([&] { launch4<64, 8, 1, true>(b); });
       check("v4 c64 w4 d1 nested (vs plain)")([&] { launch4<64, 4, 1, true>(b); });
+      check("v5 lut c64 w4 d1 3cta nested")([&] { launch5<64, 4, 1, 3, true>(b); });
+      check("v5 lut c64 w8 d1 2cta nested")([&] { launch5<64, 8, 1, 2, true>(b); });
       CK(cudaFree(dc)); CK(cudaFree(dn)); CK(cudaFree(doff)); CK(cudaFree(dq));
     }
     CK(cudaFree(b.W)); CK(cudaFree(b.absmax)); CK(cudaFree(b.A)); CK(cudaFree(b.out));

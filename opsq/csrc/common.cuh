@@ -168,7 +168,8 @@ constexpr int kZeroCodeFP4 = 0;
 template <bool NF4> struct Lut {
   static constexpr int kBuckets = NF4 ? 128 : 64;
   float thr[kBuckets];
-  uint32_t codes[kBuckets];  // lo | hi << 8
+  // NF4: the code below the boundary (the one above is always that + 1); FP4: lo | hi << 8
+  uint32_t codes[kBuckets];
 };
 
 template <bool NF4> struct Enc {
@@ -194,27 +195,64 @@ template <bool NF4> struct Enc {
       uint32_t c_lo = below, c_hi = below + 1 > kN ? kN : below + 1;
       if (!NF4) { c_lo = kFP4Asc[c_lo]; c_hi = kFP4Asc[c_hi]; }
       lut.thr[j] = thr;
-      lut.codes[j] = c_lo | (c_hi << 8);
+      // NF4: a bucket with a boundary has below <= 14, so its upper code is below + 1
+      lut.codes[j] = NF4 ? c_lo : (c_lo | (c_hi << 8));
+    }
+  }
+
+  // Byte offset (bucket * 4) of key's bucket in the table's arrays: bucket = floor(key * 64
+  // (+ 64)) on key clamped below 1 (fmaxf drops a NaN). The multiply-add rounds 2 + (bucket +
+  // fraction) * 2^-22 down onto the float grid of [2, 4), whose step is 2^-22, so the float's
+  // bits are 0x40000000 + bucket; times 4 (mod 2^32) that is the offset. (Powers of two scale
+  // exactly, so the floor is the same as of key * 64 (+ 64) itself.)
+  static __device__ __forceinline__ uint32_t bucket_offset(float key) {
+    const float kc = fminf(fmaxf(key, NF4 ? -1.0f : 0.0f), 0x1.fffffep-1f);
+    const float f = __fmaf_rd(kc, 0x1p-16f, NF4 ? 2.0f + 0x1p-16f : 2.0f);
+    return __float_as_uint(f) * 4u;
+  }
+  template <typename U>
+  static __device__ __forceinline__ U at(const U* a, uint32_t off) {
+    return *reinterpret_cast<const U*>(reinterpret_cast<const char*>(a) + off);
+  }
+
+  // Code (0..15) of one normalised value that is not NaN.
+  static __device__ __forceinline__ uint32_t encode_not_nan(const Lut<NF4>& lut, float v) {
+    const uint32_t bits = __float_as_uint(v);
+    const uint32_t mag = bits & 0x7fffffffu;
+    const float key = NF4 ? v : __uint_as_float(mag);
+    const uint32_t off = bucket_offset(key);
+    const uint32_t codes = at(lut.codes, off);
+    const bool above = key > at(lut.thr, off);
+    if constexpr (NF4) {
+      return codes + (above ? 1u : 0u);
+    } else {
+      // normed < 0 (strictly: not -0.0), read from the bits so it holds for subnormals.
+      return (above ? (codes >> 8) : (codes & 0xffu)) |
+             (((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3);
+    }
+  }
+
+  // word * 16 + the code of v, for v not NaN: the quantizer's packing step. For NF4 the
+  // upper code is the lower + 1, a predicated add instead of a select.
+  static __device__ __forceinline__ uint32_t append(const Lut<NF4>& lut, uint32_t word,
+                                                    float v) {
+    if constexpr (NF4) {
+      const uint32_t off = bucket_offset(v);
+      uint32_t out = word * 16u + at(lut.codes, off);
+      // (PTX: the compiler's own `if` became an add and a predicated move, two instructions)
+      asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, 1;\n\t}"
+          : "+r"(out)
+          : "f"(v), "f"(at(lut.thr, off)));
+      return out;
+    } else {
+      return word * 16u + encode_not_nan(lut, v);
     }
   }
 
   // Code (0..15) of one normalised value.
   static __device__ __forceinline__ uint32_t encode(const Lut<NF4>& lut, float v) {
-    const uint32_t bits = __float_as_uint(v);
-    const uint32_t mag = bits & 0x7fffffffu;
-    const float key = NF4 ? v : __uint_as_float(mag);
-    // bucket = floor(key * 64 (+ 64)) on key clamped below 1 (fmaxf drops a NaN): rounding the
-    // sum down onto 1.5 * 2^23 leaves the integer in the low mantissa bits.
-    const float kc = fminf(fmaxf(key, NF4 ? -1.0f : 0.0f), 0x1.fffffep-1f);
-    const float f = __fmaf_rd(kc, 64.0f, (NF4 ? 64.0f : 0.0f) + 12582912.0f);
-    const uint32_t b = __float_as_uint(f) & (kBuckets - 1);
-    const uint32_t codes = lut.codes[b];
-    uint32_t code = key > lut.thr[b] ? (codes >> 8) : (codes & 0xffu);
-    if (!NF4) {
-      // normed < 0 (strictly: not -0.0, not NaN), read from the bits so it holds for subnormals.
-      code |= ((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3;
-    }
-    return mag > 0x7f800000u ? static_cast<uint32_t>(kNaNCode) : code;
+    const uint32_t mag = __float_as_uint(v) & 0x7fffffffu;
+    return mag > 0x7f800000u ? static_cast<uint32_t>(kNaNCode) : encode_not_nan(lut, v);
   }
 };
 

@@ -187,11 +187,22 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       auto put = [&](int i, uint32_t c) {
         word[i / 8] |= c << (8 * ((i % 8) / 2) + ((i & 1) ? 0 : 4));
       };
-      if (e0[s] + EPT <= n && !isinf(scale)) {
-        // The common case, decided once for the thread's EPT elements: all in range, and a
-        // finite reciprocal (scale_or_div's multiply), so no per-element test or branch.
+      if (e0[s] + EPT <= n && m[s] < 0x7f800000u && !isinf(scale)) {
+        // The common case, decided once for the thread's EPT elements: all in range, a finite
+        // absmax (so no element is NaN or infinite: max|x| propagates both) and a finite
+        // reciprocal (scale_or_div's multiply), so no per-element test or branch. Each word is
+        // built as word * 16 + code in the order that puts element 8k + 2j in the high nibble
+        // of byte j: elements 6, 7, 4, 5, 2, 3, 0, 1.
 #pragma unroll
-        for (int i = 0; i < EPT; ++i) put(i, Encoder::encode(lut, mul_rn(x[s][i], scale)));
+        for (int k = 0; k < EPT / 8; ++k) {
+          uint32_t w = 0;
+#pragma unroll
+          for (int t = 0; t < 8; ++t) {
+            const int i = 8 * k + 6 - 2 * (t / 2) + (t & 1);
+            w = Encoder::append(lut, w, mul_rn(x[s][i], scale));
+          }
+          word[k] = w;
+        }
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i) {
