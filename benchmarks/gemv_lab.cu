@@ -271,6 +271,106 @@ gemv_lut_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __rest
 }
 
 }  // namespace opsq
+namespace opsq {
+// v5, persistent (lab only): one set of CTAS CTAs an SM, each filling the 64 KB table once and
+// walking row tiles blockIdx.x, + gridDim.x, ...; a warp's (tile, step) items form one stream,
+// so the first step of its next tile is loaded while it computes the last step of this one.
+// bf16, chunks of 64 codes, blocksize 64, plain absmax, N % 16 == 0.
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 2)
+gemv_lut_persistent_kernel(const __nv_bfloat16* __restrict__ A, int M, int64_t K,
+                           const uint8_t* __restrict__ W, int64_t N,
+                           const float* __restrict__ absmax, CodePlanes planes,
+                           __nv_bfloat16* __restrict__ out) {
+  constexpr int NC = 4;
+  extern __shared__ __align__(16) uint32_t lut_words[];
+  __shared__ float red[WARPS][16][8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int64_t steps = K / kGemvStepK, ntiles = N / 16;
+  const bool has_x = g < M;
+  const __nv_bfloat16* xr = A + int64_t{has_x ? g : 0} * K + q * 16;
+  const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(lut_words));
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
+  struct Wt { uint32_t a[NC][2], b[NC][2]; float sa[NC], sb[NC]; };
+  auto load = [&](int64_t tile, int64_t s, Wt& w) {
+    const int64_t ea = (tile * 16 + g) * K + s * kGemvStepK, eb = ea + 8 * K;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      const uint2 va = __ldg(reinterpret_cast<const uint2*>(W + ((ea + c * 64) >> 1) + q * 8));
+      const uint2 vb = __ldg(reinterpret_cast<const uint2*>(W + ((eb + c * 64) >> 1) + q * 8));
+      w.a[c][0] = va.x; w.a[c][1] = va.y; w.b[c][0] = vb.x; w.b[c][1] = vb.y;
+      w.sa[c] = __ldg(absmax + ((ea >> 6) + c));
+      w.sb[c] = __ldg(absmax + ((eb >> 6) + c));
+    }
+  };
+  int64_t tile = blockIdx.x, s = warp;
+  Wt buf;
+  if (tile < ntiles && s < steps) load(tile, s, buf);
+  lut_build<WARPS * 32>(lut_words, planes);
+  __syncthreads();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  while (tile < ntiles) {
+    int64_t nt = tile, ns = s + WARPS;
+    const bool last = ns >= steps;  // this warp's last item of the tile
+    if (last) { nt += gridDim.x; ns = warp; }
+    const Wt cur = buf;
+    if (nt < ntiles && ns < steps) load(nt, ns, buf);
+    if (s < steps) {
+      const __nv_bfloat16* xs = xr + s * kGemvStepK;
+      uint32_t xw[NC][8];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        if (has_x) {
+          const uint4* xp = reinterpret_cast<const uint4*>(xs + c * 64);
+          const uint4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
+          xw[c][0] = v0.x; xw[c][1] = v0.y; xw[c][2] = v0.z; xw[c][3] = v0.w;
+          xw[c][4] = v1.x; xw[c][5] = v1.y; xw[c][6] = v1.z; xw[c][7] = v1.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xw[c][i] = 0;
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const uint32_t f0[4] = {lut_get<0>(lut, cur.a[c][i], lane4), lut_get<0>(lut, cur.b[c][i], lane4),
+                                  lut_get<1>(lut, cur.a[c][i], lane4), lut_get<1>(lut, cur.b[c][i], lane4)};
+          mma16816<__nv_bfloat16>(d, f0, xw[c][4 * i], xw[c][4 * i + 1]);
+          const uint32_t f1[4] = {lut_get<2>(lut, cur.a[c][i], lane4), lut_get<2>(lut, cur.b[c][i], lane4),
+                                  lut_get<3>(lut, cur.a[c][i], lane4), lut_get<3>(lut, cur.b[c][i], lane4)};
+          mma16816<__nv_bfloat16>(d, f1, xw[c][4 * i + 2], xw[c][4 * i + 3]);
+        }
+        acc[0] = fmaf(cur.sa[c], d[0], acc[0]);
+        acc[1] = fmaf(cur.sa[c], d[1], acc[1]);
+        acc[2] = fmaf(cur.sb[c], d[2], acc[2]);
+        acc[3] = fmaf(cur.sb[c], d[3], acc[3]);
+      }
+    }
+    if (last) {  // every warp reaches its last item of the tile once: reduce the tile
+      red[warp][g][2 * q] = acc[0];
+      red[warp][g][2 * q + 1] = acc[1];
+      red[warp][g + 8][2 * q] = acc[2];
+      red[warp][g + 8][2 * q + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      __syncthreads();
+      if (threadIdx.x < 128) {
+        const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+        if (n < M) {
+          float y = red[0][r][n];
+#pragma unroll
+          for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
+          out[int64_t{n} * N + tile * 16 + r] = Cvt<__nv_bfloat16>::from_float(y);
+        }
+      }
+      __syncthreads();
+    }
+    tile = nt;
+    s = ns;
+  }
+}
+}  // namespace opsq
 struct Bufs { __nv_bfloat16* A; uint8_t* W; float* absmax; __nv_bfloat16* out; int64_t N, K; int M;
               uint8_t* Wt; float* absmax_t; };  // Wt, absmax_t: tile16_repack's layout
 static CodePlanes g_planes;
@@ -295,6 +395,20 @@ void launch5(const Bufs& b) {
   }();
   (void)opted_in;
   kernel<<<(b.N + 15) / 16, WARPS * 32, kLutBytes>>>(b.A, b.M, b.K, b.W, b.N, am, 6, g_planes, nullptr, b.out);
+}
+// the persistent v5: CTAS CTAs an SM (at most the tiles)
+template <int WARPS, int CTAS>
+void launch5p(const Bufs& b) {
+  auto kernel = opsq::gemv_lut_persistent_kernel<WARPS>;
+  static int sms = 0;
+  static const bool opted_in = [&] {
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
+    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    return true;
+  }();
+  (void)opted_in;
+  const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * CTAS));
+  kernel<<<grid, WARPS * 32, kLutBytes>>>(b.A, b.M, b.K, b.W, b.N, b.absmax, g_planes, b.out);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
@@ -379,6 +493,8 @@ int main(int argc, char** argv) {
     check("v5 lut c64 w4 d1 3cta (opsq K<2N)")([&] { launch5<64, 4, 1, 3>(b); });
     check("v5 lut c64 w4 d2 3cta")([&] { launch5<64, 4, 2, 3>(b); });
     check("v5 lut c64 w8 d1 2cta (opsq K>=2N)")([&] { launch5<64, 8, 1, 2>(b); });
+    check("v5 persistent w8 2cta")([&] { launch5p<8, 2>(b); });
+    check("v5 persistent w4 3cta")([&] { launch5p<4, 3>(b); });
     check("v5 lut c64 w8 d1 3cta")([&] { launch5<64, 8, 1, 3>(b); });
     check("v5 lut c64 w4 d1 2cta")([&] { launch5<64, 4, 1, 2>(b); });
     check("v5 lut c32 w4 d1 3cta")([&] { launch5<32, 4, 1, 3>(b); });
