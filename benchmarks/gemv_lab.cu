@@ -1,7 +1,8 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
-// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), a loads-only kernel,
-// and the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), on the
-// shapes of opsq bench's gemv family, without torch. Each output is checked against a float64
+// CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), loads-only kernels,
+// the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), and v5 (a
+// shared-memory byte-pair table, per-tile and persistent CTAs; not adopted, benchmarks/NOTES.md
+// "gemv_4bit v5"), on the shapes of opsq bench's gemv family, without torch. Each output is checked against a float64
 // host reference (relerr: max error over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
