@@ -74,7 +74,7 @@ namespace opsq {
 // with one copy per lane, word b * 64 + lane, so that the 32 lanes of a look-up always hit 32
 // different banks (one wavefront); the byte address b * 256 + lane * 4 is one PRMT of the code
 // word and a register holding lane * 4. 64 KB (the upper 128 bytes of each 256-byte row are
-// unused): three CTAs an SM.
+// unused): two or three CTAs an SM.
 constexpr int kLutBytes = 256 * 256;
 
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
@@ -108,8 +108,6 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
   return v;
 }
 
-}  // namespace opsq
-namespace opsq {
 // v5, persistent (lab only): one set of CTAS CTAs an SM, each filling the 64 KB table once and
 // walking row tiles blockIdx.x, + gridDim.x, ...; a warp's (tile, step) items form one stream,
 // so the first step of its next tile is loaded while it computes the last step of this one.
