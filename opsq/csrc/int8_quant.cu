@@ -19,8 +19,8 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <mutex>
-#include <unordered_map>
+#include <array>
+#include <atomic>
 
 #include "checks.h"
 #include "common.cuh"
@@ -982,15 +982,15 @@ inline cudaLaunchConfig_t small_outliers_config(cudaStream_t stream, cudaLaunchA
 // Whether small_outliers_kernel<T> runs on the current device: its code was compiled for
 // compute capability >= 9.0 (a build for older GPUs holds only the __trap body, even where the
 // driver JIT-compiles it for a newer one) and a cluster of kSmallCluster CTAs of kSmallThreads
-// fits (it may not on a MIG slice or under MPS limits). Asked once per device.
+// fits (it may not on a MIG slice or under MPS limits). Asked once per device; the answer is
+// kept in a per-device slot (0 unknown, 1 no, 2 yes), so the decode path takes no lock. Two
+// threads asking at once both compute the same answer.
 template <typename T>
 bool small_outliers_runs() {
-  static std::mutex mu;
-  static std::unordered_map<int, bool> known;
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
   const int dev = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mu);
-  const auto it = known.find(dev);
-  if (it != known.end()) return it->second;
+  const int8_t k = known[dev].load(std::memory_order_relaxed);
+  if (k != 0) return k == 2;
   bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
   if (ok) {
     cudaFuncAttributes fa;
@@ -1005,19 +1005,26 @@ bool small_outliers_runs() {
              cudaSuccess && clusters >= 1;
   }
   (void)cudaGetLastError();  // a failed query is an answer, not an error for the next launch
-  known[dev] = ok;
+  known[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
   return ok;
 }
 
-// vectorwise_quant of a decode-sized A with a threshold, and its outlier columns compacted, in
-// one launch (small_outliers_kernel); see int8_quant.h.
+// vectorwise_quant of a decode-sized A (checked by int8_quant_small_outliers) with a threshold,
+// and its outlier columns compacted, in one launch (small_outliers_kernel); see int8_quant.h.
+// Returns false, allocating and launching nothing, where the kernel does not run on this device.
 template <typename T>
-void small_outliers(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* st,
-                    int64_t* idx, int64_t* cnt, cudaStream_t stream) {
+bool small_outliers(const at::Tensor& a, int64_t rows, int64_t K, float thr, int64_t* idx,
+                    int64_t* cnt, Int8Stats& r) {
+  if (!small_outliers_runs<T>()) return false;
+  r.CA = at::empty({rows, K}, a.options().dtype(at::kChar));
+  r.row_stats = at::empty({rows}, a.options().dtype(at::kFloat));
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = small_outliers_config(stream, attr);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, small_outliers_kernel<T>, a, static_cast<int>(rows),
-                                    static_cast<int>(K), thr, ca, st, idx, cnt));
+  const cudaLaunchConfig_t cfg = small_outliers_config(at::cuda::getCurrentCUDAStream(), attr);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, small_outliers_kernel<T>, cptr<T>(a),
+                                    static_cast<int>(rows), static_cast<int>(K), thr,
+                                    r.CA.data_ptr<int8_t>(), r.row_stats.data_ptr<float>(), idx,
+                                    cnt));
+  return true;
 }
 
 // double_quant on the vector path (rows >= 1, K >= 1): statistics pass, then both outputs.
@@ -1200,29 +1207,12 @@ bool int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* i
       !aligned16(a.data_ptr())) {
     return false;
   }
-  const bool runs = a.scalar_type() == at::kFloat  ? small_outliers_runs<float>()
-                    : a.scalar_type() == at::kHalf ? small_outliers_runs<__half>()
-                                                   : small_outliers_runs<__nv_bfloat16>();
-  if (!runs) return false;
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  r.CA = at::empty({rows, K}, a.options().dtype(at::kChar));
-  r.row_stats = at::empty({rows}, a.options().dtype(at::kFloat));
-  int8_t* ca = r.CA.data_ptr<int8_t>();
-  float* st = r.row_stats.data_ptr<float>();
   const float thr = static_cast<float>(threshold);
   switch (a.scalar_type()) {
-    case at::kFloat:
-      small_outliers<float>(cptr<float>(a), rows, K, thr, ca, st, idx, cnt, stream);
-      break;
-    case at::kHalf:
-      small_outliers<__half>(cptr<__half>(a), rows, K, thr, ca, st, idx, cnt, stream);
-      break;
-    default:
-      small_outliers<__nv_bfloat16>(cptr<__nv_bfloat16>(a), rows, K, thr, ca, st, idx, cnt,
-                                    stream);
-      break;
+    case at::kFloat: return small_outliers<float>(a, rows, K, thr, idx, cnt, r);
+    case at::kHalf: return small_outliers<__half>(a, rows, K, thr, idx, cnt, r);
+    default: return small_outliers<__nv_bfloat16>(a, rows, K, thr, idx, cnt, r);
   }
-  return true;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> vectorwise_quant_cuda(const at::Tensor& A,
