@@ -169,24 +169,23 @@ void launch_quant8(const T* A, const float* code, int64_t n, int64_t blocksize, 
   const int bs_log2 = log2_exact(blocksize);
   // 4096 and above: one quantization block per CTA, 256 threads of 16 elements (4096) or 32
   // (8192; 16384 in two segments: 64 in registers would take 127 registers and cut the
-  // resident CTAs per SM to 2).
-  if (blocksize >= 4096) {
-    const int grid = grid_for(nblocks, 1);
-    if (blocksize == 16384) {
-      if (vec) quant8_kernel<T, 32, 2, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-      else quant8_kernel<T, 32, 2, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    } else if (blocksize == 8192) {
-      if (vec) quant8_kernel<T, 32, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-      else quant8_kernel<T, 32, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    } else {
-      if (vec) quant8_kernel<T, 16, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-      else quant8_kernel<T, 16, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    }
+  // resident CTAs per SM to 2). Below 4096, 8 elements a thread. One wave (one_wave_grid):
+  // each CTA builds the encoder once and strides over its blocks.
+#define OPSQ_Q8(EPT, SEG, VEC)                                                                  \
+  quant8_kernel<T, EPT, SEG, VEC>                                                               \
+      <<<one_wave_grid<quant8_kernel<T, EPT, SEG, VEC>, kThreads>(                              \
+             nblocks, std::max<int64_t>(1, kThreads / (blocksize / (EPT * SEG)))),              \
+         kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks)
+  if (blocksize == 16384) {
+    if (vec) OPSQ_Q8(32, 2, true); else OPSQ_Q8(32, 2, false);
+  } else if (blocksize == 8192) {
+    if (vec) OPSQ_Q8(32, 1, true); else OPSQ_Q8(32, 1, false);
+  } else if (blocksize >= 4096) {
+    if (vec) OPSQ_Q8(16, 1, true); else OPSQ_Q8(16, 1, false);
   } else {
-    const int grid = grid_for(nblocks, kThreads / (blocksize / 8));
-    if (vec) quant8_kernel<T, 8, 1, true><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
-    else quant8_kernel<T, 8, 1, false><<<grid, kThreads, 0, stream>>>(A, code, n, bs_log2, q, absmax, nblocks);
+    if (vec) OPSQ_Q8(8, 1, true); else OPSQ_Q8(8, 1, false);
   }
+#undef OPSQ_Q8
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

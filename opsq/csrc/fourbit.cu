@@ -116,12 +116,14 @@ dequant4_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, int bs_log2, b
 // storage padding) take the zero code; bytes past the storage size are not written.
 // -------------------------------------------------------------------------------------------
 
+constexpr int kQuant4Groups = 2;  // independent block groups a trip (loads in flight)
+
 template <typename T, bool NF4, int EPT, bool VEC>
 __global__ void __launch_bounds__(kThreads)
 quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restrict__ packed,
               int64_t nbytes, float* __restrict__ absmax, int64_t nblocks) {
   using Encoder = Enc<NF4>;
-  constexpr int S = 2;  // independent block groups per trip (loads in flight)
+  constexpr int S = kQuant4Groups;
   __shared__ Lut<NF4> lut;
   __shared__ uint32_t red[S][kThreads / 32];
   Encoder::build(lut);
@@ -355,22 +357,26 @@ std::vector<int64_t> shape_vec(c10::SymIntArrayRef shape) {
   return v;
 }
 
-// A grid of at most the CTAs that fit on the device at once (the kernel strides over the rest),
-// so every CTA's loop overlaps its next loads with its current work.
+// A grid of at most the CTAs that fit on the device at once (one_wave_grid: the kernel strides
+// over the rest), so every CTA's loop overlaps its next loads with its current work and no
+// partial last wave runs its CTAs' whole loops at low occupancy.
 template <typename T, bool NF4>
 void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, int64_t nbytes,
                    float* absmax, int64_t nblocks, cudaStream_t stream) {
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
+  // blocks a CTA takes a trip: kQuant4Groups groups of kThreads / (blocksize / EPT) blocks
+#define OPSQ_Q4(EPT, VEC)                                                                       \
+  quant4_kernel<T, NF4, EPT, VEC>                                                               \
+      <<<one_wave_grid<quant4_kernel<T, NF4, EPT, VEC>, kThreads>(                              \
+             nblocks, kQuant4Groups * kThreads / (blocksize / EPT)),                            \
+         kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks)
   if (blocksize == 4096) {
-    const int grid = grid_for(nblocks, 2);
-    if (vec) quant4_kernel<T, NF4, 16, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
-    else quant4_kernel<T, NF4, 16, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
+    if (vec) OPSQ_Q4(16, true); else OPSQ_Q4(16, false);
   } else {
-    const int grid = grid_for(nblocks, 2 * kThreads / (blocksize / 8));
-    if (vec) quant4_kernel<T, NF4, 8, true><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
-    else quant4_kernel<T, NF4, 8, false><<<grid, kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks);
+    if (vec) OPSQ_Q4(8, true); else OPSQ_Q4(8, false);
   }
+#undef OPSQ_Q4
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

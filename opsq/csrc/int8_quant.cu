@@ -892,22 +892,6 @@ template <typename T> const T* cptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
 }
 
-// CTAs of kernel Kern resident per SM (for one-wave grids); cached per instantiation. Only
-// speed depends on it.
-template <auto Kern>
-int ctas_per_sm() {
-  static const int n = [] {
-    int b = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kern, kThreads, 0) != cudaSuccess ||
-        b < 1) {
-      (void)cudaGetLastError();
-      b = 1;
-    }
-    return b;
-  }();
-  return n;
-}
-
 // Rows per tile of rowreg_kernel for a row of K elements of T (K % 8 == 0), 0 where the row does
 // not fit the registers of a CTA (then the two-read kernels run).
 template <typename T>
@@ -922,8 +906,7 @@ template <typename T, int GW, int NC, bool THR>
 void launch_rowreg(const T* a, int64_t rows, int64_t K, float thr, int8_t* ca, float* stats,
                    bool* mask, const OutlierScratch& sc, cudaStream_t stream) {
   constexpr int RPT = 8 / GW;
-  const int64_t resident = int64_t{sm_count()} * ctas_per_sm<rowreg_kernel<T, GW, NC, THR>>();
-  const int grid = static_cast<int>(std::min(ceil_div(rows, RPT), resident));
+  const int grid = one_wave_grid<rowreg_kernel<T, GW, NC, THR>, kThreads>(rows, RPT);
   rowreg_kernel<T, GW, NC, THR><<<grid, kThreads, 0, stream>>>(
       a, rows, static_cast<int>(K), thr, ca, stats, mask, sc);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1071,8 +1054,8 @@ void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K
   const int64_t sms = sm_count();
   {
     const int64_t strips = ceil_div(K, 256);
-    const int occ = thr ? ctas_per_sm<dq_stats_kernel<T, true>>()
-                        : ctas_per_sm<dq_stats_kernel<T, false>>();
+    const int occ = thr ? ctas_per_sm<dq_stats_kernel<T, true>, kThreads>()
+                        : ctas_per_sm<dq_stats_kernel<T, false>, kThreads>();
     const int64_t gy = std::max<int64_t>(
         1, std::min<int64_t>({sms * occ / strips, ceil_div(rows, kDqBlockRows), kMaxGridY}));
     const dim3 grid(static_cast<unsigned>(strips), static_cast<unsigned>(gy));
@@ -1083,8 +1066,8 @@ void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K
   {
     constexpr int RB = dq_rows_per_block<T>();
     const int64_t gx = ceil_div(K, int64_t{kThreads} * 8);
-    const int occ = thr ? ctas_per_sm<dq_quant_kernel<T, true>>()
-                        : ctas_per_sm<dq_quant_kernel<T, false>>();
+    const int occ = thr ? ctas_per_sm<dq_quant_kernel<T, true>, kThreads>()
+                        : ctas_per_sm<dq_quant_kernel<T, false>, kThreads>();
     const int64_t gy = std::max<int64_t>(
         1, std::min<int64_t>({sms * occ / gx, ceil_div(rows, RB), kMaxGridY}));
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));

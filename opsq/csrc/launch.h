@@ -29,5 +29,33 @@ inline int grid_for(int64_t work_items, int64_t per_cta) {
   return static_cast<int>(std::min<int64_t>(want, int64_t{sm_count()} * 16));
 }
 
+// CTAs of kernel Kern, launched with Threads threads and no dynamic shared memory, resident on
+// one multiprocessor at once (for one-wave grids); asked once per instantiation (the devices
+// of one process are taken as alike: only speed depends on it), 1 where the query fails.
+template <auto Kern, int Threads>
+int ctas_per_sm() {
+  static const int n = [] {
+    int b = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&b, Kern, Threads, 0) != cudaSuccess ||
+        b < 1) {
+      (void)cudaGetLastError();
+      b = 1;
+    }
+    return b;
+  }();
+  return n;
+}
+
+// A one-wave grid for Kern: ceil(work_items / per_cta) CTAs, at most as many as are resident
+// at once (the kernel strides over the rest). Where the grid is larger than one wave and each
+// CTA loops over many items, the last partial wave runs at a fraction of the occupancy for a
+// whole CTA's time.
+template <auto Kern, int Threads>
+int one_wave_grid(int64_t work_items, int64_t per_cta) {
+  const int64_t want = ceil_div(std::max<int64_t>(work_items, 1), per_cta);
+  return static_cast<int>(
+      std::min<int64_t>(want, int64_t{sm_count()} * ctas_per_sm<Kern, Threads>()));
+}
+
 }  // namespace opsq
 #endif
