@@ -1,0 +1,38 @@
+"""One launch of each issue-14 kernel, for Nsight Compute (scripts/gpu_run.sh with OPSQ_NCU=1
+runs it under `ncu --kernel-name regex:...`): the 4-bit quantizer, the gemv at 8192->28672 and
+4096->4096 (and nested at 8192->28672), double_quant's kernels, the int8 small-M matmul
+(threshold 0 and 6; 6 also launches small_outliers_kernel), int8_linear at threshold 6 at
+2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and the
+8-bit optimizer update."""
+import torch
+import opsq  # noqa: F401
+OPS = torch.ops.opsq
+W = torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
+p, am = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+OPS.gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), p, [28672, 8192], am, 64, "nf4")
+W = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
+p, am = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+OPS.gemv_4bit(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16), p, [4096, 4096], am, 64, "nf4")
+W8 = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
+for thr in (0.0, 6.0):
+    A = torch.randn(16, 8192, device="cuda", dtype=torch.float16)
+    A[:, :4] *= 8  # outlier columns for threshold 6
+    OPS.int8_linear(A, CB, SCB, None, thr)
+# nested absmax: the gemv at 8192->28672 (the quantizer's absmax pass is quant8_kernel)
+from opsq.functional import gemv_4bit, quantize_4bit
+W = torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
+p, qs = quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), p, state=qs)
+# Linear8bitLt threshold 6 at prefill size (2048x4096->4096, bench's outlier input)
+W8 = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
+A = torch.randn(2048, 4096, device="cuda", dtype=torch.float16)
+A[:, :16] *= 20
+OPS.int8_linear(A, CB, SCB, None, 6.0)
+from opsq.optim import AdamW8bit
+w = torch.nn.Parameter(torch.randn(1 << 24, device="cuda", dtype=torch.bfloat16))
+opt = AdamW8bit([w])
+w.grad = torch.randn_like(w)
+opt.step()
+torch.cuda.synchronize()
