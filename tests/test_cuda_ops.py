@@ -740,11 +740,11 @@ def cuda_kernel_names(fn) -> set:
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_int8_linear_small_m_outlier_prologue(dtype):
     """Threshold 6: A's quantization and the outlier compaction in one launch
-    (int8_quant.cu's small_outliers_kernel, a cluster of 16 CTAs, or 8 where 16 do not fit, one
-    strip of K each), at the shapes that exercise its corners: rows that share a warp and strips
-    left empty (K = 272: 9 bitset words over the CTAs; K = 16: one word), more items a CTA than
-    threads with a row length that does not divide the thread count (K = 9200: the item index
-    stepped across rows), a compaction of 3000 columns across the strips,
+    (int8_quant.cu's small_outliers_kernel, a cluster of 8 CTAs, one strip of K each), at the
+    shapes that exercise its corners: rows that share a warp and strips left empty (K = 272: 9
+    bitset words over 8 CTAs; K = 16: one word), more items a CTA than threads with a row
+    length that does not divide the thread count (K = 9200), a compaction of 3000 columns
+    across the strips,
     every column an outlier, 16 rows at the widest K it takes (65536), a row of subnormal
     values (its statistic subnormal in fp32 and bf16: quant_int8's division path; 0 in fp16),
     and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the two-kernel

@@ -544,12 +544,12 @@ outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
 
 // ---- vectorwise_quant of a decode-sized A with a threshold, plus its outlier columns -----------
 // int8_linear's small-M path (int8_small_m.cu) at threshold > 0 (int8_quant_small_outliers: rows
-// <= kSmallMRows, K % 16 == 0, K <= kSmallMaxK, A 16-byte aligned, sm_90: small_outliers_ctas).
+// <= kSmallMRows, K % 16 == 0, K <= kSmallMaxK, A 16-byte aligned, sm_90: small_outliers_runs).
 // One launch does what rowreg_kernel, outlier_fixup_kernel and outlier_compact_kernel do in
 // three (plus a memset): with <= 16 rows every row's outliers are seen before any code is
-// written, so nothing needs a fix-up. A cluster of 16 CTAs (sm_90 thread-block clusters, the non-portable size; 8, the
-// portable one, where 16 does not fit) splits K into strips of whole 32-column bitset words;
-// CTA q owns strip q for every row:
+// written, so nothing needs a fix-up. A cluster of kSmallCluster CTAs (sm_90 thread-block
+// clusters) splits K into strips of whole 32-column bitset words; CTA q owns strip q for every
+// row:
 //   pass 1: each item (row r, 16-byte chunk j of the strip) adds its max |x| over the elements
 //           below the threshold to the row's maximum (shared atomicMax on the IEEE bits, NaN
 //           above inf, as rowreg_kernel's max) and its outlier elements (|x| >= thr) to the
@@ -563,8 +563,7 @@ outlier_fixup_kernel(int8_t* __restrict__ CA, int64_t rows, int64_t K, int rpt,
 // Same bytes as the three-launch route (tests/test_cuda_ops.py compares int8_linear's small-M
 // output with the two-kernel path).
 constexpr int kSmallThreads = 1024;
-constexpr int kSmallClusterMin = 8;  // CTAs a cluster: the portable maximum, always allowed
-constexpr int kSmallClusterMax = 16;  // the non-portable maximum (sm_90), used where it fits
+constexpr int kSmallCluster = 8;  // CTAs a cluster (the portable maximum)
 
 template <typename T>
 __global__ void __launch_bounds__(kSmallThreads)
@@ -575,20 +574,18 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
   namespace cg = cooperative_groups;
   constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk (divides 32)
   constexpr int kWordChunks = 32 / E;                   // chunks per bitset word
-  __shared__ uint32_t s_bits[kSmallMaxK / 32 / kSmallClusterMin + 1];  // this strip's words
+  __shared__ uint32_t s_bits[kSmallMaxK / 32 / kSmallCluster + 1];  // this strip's words
   __shared__ uint32_t s_max[kSmallMRows];  // this strip's row maxima (read by the cluster)
   __shared__ uint32_t s_row[kSmallMRows];  // the rows' maxima
-  __shared__ float s_scale[kSmallMRows];   // and their int8_scale
   __shared__ int s_warp[kSmallThreads / 32];
   __shared__ int s_total;                  // outlier columns of this strip (read by the cluster)
   const cg::cluster_group cluster = cg::this_cluster();
   const int q = static_cast<int>(cluster.block_rank());
-  const int nq = static_cast<int>(cluster.num_blocks());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int chunks = K / E;
   const int words = (K + 31) >> 5;
   // Strip q: chunks [c0, c0 + cq), bitset words [w0, w0 + wq) (whole words).
-  const int wps = (words + nq - 1) / nq;
+  const int wps = (words + kSmallCluster - 1) / kSmallCluster;
   const int w0 = min(q * wps, words), wq = min(w0 + wps, words) - w0;
   const int c0 = w0 * kWordChunks, cq = max(0, min(chunks, (w0 + wq) * kWordChunks) - c0);
   for (int w = tid; w < wq; w += kSmallThreads) s_bits[w] = 0u;
@@ -598,22 +595,12 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
   const auto chunk_of = [&](int r, int jj) {
     return __ldg(reinterpret_cast<const uint4*>(A + static_cast<int64_t>(r) * K) + c0 + jj);
   };
-  // Thread tid takes items tid, tid + kSmallThreads, ...: item i is (row i / cq, chunk i % cq),
-  // stepped without a division (dr rows and dj chunks a step).
-  const int r_first = cq > 0 ? tid / cq : rows, jj_first = tid - r_first * cq;
-  const int dr = cq > 0 ? kSmallThreads / cq : 0, dj = kSmallThreads - dr * cq;
-  const auto step = [&](int& r, int& jj) {
-    r += dr;
-    jj += dj;
-    if (jj >= cq) {
-      jj -= cq;
-      ++r;
-    }
-  };
-  // Whole warps iterate together (the shuffles below): warp-aligned item bases.
-  int r = r_first, jj = jj_first;
-  for (int base = warp * 32; base < items; base += kSmallThreads, step(r, jj)) {
-    const bool valid = r < rows;
+  // Whole warps iterate together (the shuffles below): item base + lane, base warp-aligned.
+  for (int base = warp * 32; base < items; base += kSmallThreads) {
+    const int i = base + lane;
+    const bool valid = i < items;
+    const int r = valid ? i / cq : 0;
+    const int jj = i - r * cq;
     uint32_t m = 0u, f = 0u;
     if (valid) {
       float x[E];
@@ -629,7 +616,7 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
       }
       if (f != 0u) atomicOr(&s_bits[(jj * E) >> 5], f << ((jj * E) & 31));
     }
-    const int r0 = __shfl_sync(0xffffffffu, r, 0);  // lane 0's item is valid
+    const int r0 = __shfl_sync(0xffffffffu, r, 0);
     if (__all_sync(0xffffffffu, !valid || r == r0)) {
       m = __reduce_max_sync(0xffffffffu, m);
       if (lane == 0 && m != 0u) atomicMax(&s_max[r0], m);
@@ -640,17 +627,15 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
   cluster.sync();  // every strip's row maxima written
   if (tid < rows) {
     uint32_t m = 0u;
-    for (int p = 0; p < nq; ++p) m = max(m, cluster.map_shared_rank(s_max, p)[tid]);
+    for (int p = 0; p < kSmallCluster; ++p) m = max(m, cluster.map_shared_rank(s_max, p)[tid]);
     s_row[tid] = m;
-    s_scale[tid] = int8_scale(__uint_as_float(m));
     if (q == 0) stats[tid] = __uint_as_float(m);
   }
   __syncthreads();
-  r = r_first;
-  jj = jj_first;
-  for (; r < rows; step(r, jj)) {
+  for (int i = tid; i < items; i += kSmallThreads) {
+    const int r = i / cq, jj = i - r * cq;
     const float st = __uint_as_float(s_row[r]);
-    const float sc = s_scale[r];
+    const float sc = int8_scale(st);
     float x[E];
     unpack16<T>(chunk_of(r, jj), x);
     uint32_t w[E / 4];
@@ -689,10 +674,10 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
       left &= left - 1u;
     }
   }
-  if (q == nq - 1 && tid == 0) *cnt = below + s_total;
+  if (q == kSmallCluster - 1 && tid == 0) *cnt = below + s_total;
   cluster.sync();  // no CTA leaves while another may still read its shared memory
 #else
-  __trap();  // never launched: small_outliers_ctas checks the compiled version
+  __trap();  // never launched: small_outliers_runs checks the compiled version
 #endif
 }
 
@@ -962,16 +947,15 @@ void vectorwise_rowreg(const at::Tensor& x, const T* a, int64_t rows, int64_t K,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// small_outliers_kernel's launch: one cluster of `ctas` CTAs on `stream`. `attr` holds the
-// cluster attribute the returned configuration points to.
-inline cudaLaunchConfig_t small_outliers_config(int ctas, cudaStream_t stream,
-                                                cudaLaunchAttribute& attr) {
+// small_outliers_kernel's launch: one cluster of kSmallCluster CTAs on `stream`. `attr` holds
+// the cluster attribute the returned configuration points to.
+inline cudaLaunchConfig_t small_outliers_config(cudaStream_t stream, cudaLaunchAttribute& attr) {
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.gridDim = dim3(kSmallCluster);
   cfg.blockDim = dim3(kSmallThreads);
   cfg.stream = stream;
   attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = static_cast<unsigned>(ctas);
+  attr.val.clusterDim.x = kSmallCluster;
   attr.val.clusterDim.y = 1;
   attr.val.clusterDim.z = 1;
   cfg.attrs = &attr;
@@ -979,42 +963,34 @@ inline cudaLaunchConfig_t small_outliers_config(int ctas, cudaStream_t stream,
   return cfg;
 }
 
-// The cluster size small_outliers_kernel<T> runs with on the current device: 0 where it cannot
-// run (its code was compiled for compute capability < 9.0, that is a build holding only the
-// __trap body, even where the driver JIT-compiles it for a newer GPU), else kSmallClusterMax
-// where such a cluster of kSmallThreads-thread CTAs fits, else kSmallClusterMin where that
-// fits (a MIG slice or MPS limits may allow neither: 0). Asked once per device; the answer is
-// kept in a per-device slot (the size + 1; 0 unknown), so the decode path takes no lock. Two threads asking
-// at once compute the same answer.
+// Whether small_outliers_kernel<T> runs on the current device: its code was compiled for
+// compute capability >= 9.0 (a build for older GPUs holds only the __trap body, even where the
+// driver JIT-compiles it for a newer one) and a cluster of kSmallCluster CTAs of kSmallThreads
+// fits (it may not on a MIG slice or under MPS limits). Asked once per device; the answer is
+// kept in a per-device slot (0 unknown, 1 no, 2 yes), so the decode path takes no lock. Two
+// threads asking at once both compute the same answer.
 template <typename T>
-int small_outliers_ctas() {
-  static std::array<std::atomic<int>, C10_COMPILE_TIME_MAX_GPUS> known{};  // ctas + 1
+bool small_outliers_runs() {
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
   const int dev = c10::cuda::current_device();
-  const int k = known[dev].load(std::memory_order_relaxed);
-  if (k > 0) return k - 1;
-  int ctas = 0;
-  cudaFuncAttributes fa;
-  if (at::cuda::getCurrentDeviceProperties()->major >= 9 &&
-      cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
-      fa.ptxVersion >= 90) {
-    const bool nonportable = cudaFuncSetAttribute(small_outliers_kernel<T>,
-                                                  cudaFuncAttributeNonPortableClusterSizeAllowed,
-                                                  1) == cudaSuccess;
-    for (const int c : {kSmallClusterMax, kSmallClusterMin}) {
-      if (c > kSmallClusterMin && !nonportable) continue;
-      cudaLaunchAttribute attr;
-      const cudaLaunchConfig_t cfg = small_outliers_config(c, nullptr, attr);
-      int clusters = 0;
-      if (cudaOccupancyMaxActiveClusters(&clusters, small_outliers_kernel<T>, &cfg) ==
-              cudaSuccess && clusters >= 1) {
-        ctas = c;
-        break;
-      }
-    }
+  const int8_t k = known[dev].load(std::memory_order_relaxed);
+  if (k != 0) return k == 2;
+  bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
+  if (ok) {
+    cudaFuncAttributes fa;
+    ok = cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
+         fa.ptxVersion >= 90;
+  }
+  if (ok) {
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = small_outliers_config(nullptr, attr);
+    int clusters = 0;
+    ok = cudaOccupancyMaxActiveClusters(&clusters, small_outliers_kernel<T>, &cfg) ==
+             cudaSuccess && clusters >= 1;
   }
   (void)cudaGetLastError();  // a failed query is an answer, not an error for the next launch
-  known[dev].store(ctas + 1, std::memory_order_relaxed);
-  return ctas;
+  known[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
+  return ok;
 }
 
 // vectorwise_quant of a decode-sized A (checked by int8_quant_small_outliers) with a threshold,
@@ -1023,13 +999,11 @@ int small_outliers_ctas() {
 template <typename T>
 bool small_outliers(const at::Tensor& a, int64_t rows, int64_t K, float thr, int64_t* idx,
                     int64_t* cnt, Int8Stats& r) {
-  const int ctas = small_outliers_ctas<T>();
-  if (ctas == 0) return false;
+  if (!small_outliers_runs<T>()) return false;
   r.CA = at::empty({rows, K}, a.options().dtype(at::kChar));
   r.row_stats = at::empty({rows}, a.options().dtype(at::kFloat));
   cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg =
-      small_outliers_config(ctas, at::cuda::getCurrentCUDAStream(), attr);
+  const cudaLaunchConfig_t cfg = small_outliers_config(at::cuda::getCurrentCUDAStream(), attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, small_outliers_kernel<T>, cptr<T>(a),
                                     static_cast<int>(rows), static_cast<int>(K), thr,
                                     r.CA.data_ptr<int8_t>(), r.row_stats.data_ptr<float>(), idx,

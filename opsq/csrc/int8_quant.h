@@ -24,8 +24,8 @@ constexpr int64_t kSmallMaxK = 65536;
 // them: idx (ascending, int64, room for K) and *cnt. One launch on the current stream, no host
 // synchronisation; bytes equal int8_quant's + the compaction. Returns false, launching nothing,
 // where it does not apply: rows outside 1..kSmallMRows (int8_linear's small-M rows), K outside
-// 16..kSmallMaxK or K % 16 != 0, a not 16-byte aligned, or a device that cannot run its
-// cluster of 16 or 8 CTAs (compute capability < 9.0, a build without sm_90 code, no room).
+// 16..kSmallMaxK or K % 16 != 0, a not 16-byte aligned, or a device that cannot run the 8-CTA
+// cluster (compute capability < 9.0, a build without sm_90 code, no room for the cluster).
 bool int8_quant_small_outliers(const at::Tensor& a, double threshold, int64_t* idx,
                                int64_t* cnt, Int8Stats& r);
 
