@@ -744,12 +744,12 @@ def test_int8_linear_small_m_outlier_prologue(dtype):
     shapes that exercise its corners: rows that share a warp and strips left empty (K = 272: 9
     bitset words over 8 CTAs; K = 16: one word), more items a CTA than threads with a row
     length that does not divide the thread count (K = 9200), a compaction of 3000 columns
-    across the strips,
-    every column an outlier, 16 rows at the widest K it takes (65536), a row of subnormal
-    values (its statistic subnormal in fp32 and bf16: quant_int8's division path; 0 in fp16),
-    and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the two-kernel
-    path (rowreg_kernel, its fix-up and outlier_compact_kernel), close to the reference; on
-    sm_90 the profiler must see the kernel (a build without sm_90 code falls back)."""
+    across the strips, every column an outlier, 16 rows at the widest K it takes (65536), a row
+    of subnormal values (its statistic subnormal in fp32 and bf16: quant_int8's division path;
+    0 in fp16), and the routes around it (K > 65536; A not 16-byte aligned). Bytes equal to the
+    two-kernel path (rowreg_kernel, its fix-up and outlier_compact_kernel), close to the
+    reference; on sm_90 the profiler must see the kernel (a build without sm_90 code falls
+    back)."""
     need("int8_linear")
     cases = [((5, 272), 24, 3), ((2, 40960), 16, 3000), ((3, 64), 16, 64), ((2, 16), 8, 1),
              ((16, 65536), 8, 40), ((4, 512), 24, 2), ((2, 65552), 8, 9), ((16, 9200), 24, 20)]
