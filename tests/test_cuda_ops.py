@@ -802,16 +802,20 @@ def test_int8_linear_small_m_fallbacks():
     assert torch.equal(got, OPS.int8_linear(A, CB, SCB, None, 0.0))
 
 
-def test_int8_linear_small_m_cuda_graph():
-    """The small-M path (threshold 6: compaction + fused kernel, outlier count read on the
-    device) captured in a CUDA graph and replayed on new activations with other outliers."""
+@pytest.mark.parametrize("K,thr", [(256, 6.0), (256, 0.0), (65552, 6.0)])
+def test_int8_linear_small_m_cuda_graph(K, thr):
+    """The small-M path captured in a CUDA graph and replayed on new activations with other
+    outliers, behind each of A's quantizers (the fused kernel is a programmatic dependent launch
+    of the kernel before it): threshold 6 (small_outliers_kernel, the outlier count read on the
+    device), threshold 0 (rowreg_kernel) and K > 65536 (the row quantizer, then
+    outlier_compact_kernel)."""
     need("int8_linear")
-    W = randn((72, 256), torch.float16, seed=21, scale=0.1)
+    W = randn((72, K), torch.float16, seed=21, scale=0.1)
     CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
     bias = randn((72,), torch.float16, seed=22)
-    static = small_m_input((4, 256), torch.float16, seed=23, n_out=2)
-    fresh = small_m_input((4, 256), torch.float16, seed=24, n_out=7)
-    graph_check(lambda a: OPS.int8_linear(a, CB, SCB, bias, 6.0), (static,), (fresh,))
+    static = small_m_input((4, K), torch.float16, seed=23, n_out=2)
+    fresh = small_m_input((4, K), torch.float16, seed=24, n_out=7)
+    graph_check(lambda a: OPS.int8_linear(a, CB, SCB, bias, thr), (static,), (fresh,))
 
 
 # =============================================================================================

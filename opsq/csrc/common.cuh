@@ -36,6 +36,30 @@ __device__ __forceinline__ float scale_or_div(float x, float scale, float absmax
   return isinf(scale) ? div_rn(x, absmax) : mul_rn(x, scale);
 }
 
+// Programmatic dependent launch (sm_90; no-ops on older targets). A kernel launched after this
+// one on the same stream with cudaLaunchAttributeProgrammaticStreamSerialization may start once
+// every CTA of this one has called pdl_launch_dependents (or exited); before it reads anything
+// this one writes it calls pdl_wait, which returns once this grid has completed and its writes
+// are visible (CUDA C++ Programming Guide, "Programmatic Dependent Launch").
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+// Fetch `bytes` (a multiple of 16) at p (16-byte aligned) into L2, asynchronously, no
+// completion to wait for (sm_90 cp.async.bulk.prefetch.L2; a no-op on older targets).
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)),
+               "r"(bytes));
+#endif
+}
+
 // Inclusive prefix sum of v over the lanes of a full warp (lane = this thread's lane).
 __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
 #pragma unroll
@@ -44,6 +68,22 @@ __device__ __forceinline__ int warp_inclusive_sum(int v, int lane) {
     if (lane >= o) v += u;
   }
   return v;
+}
+
+// Exclusive prefix sum of c over a CTA of exactly 1024 threads (32 full warps): returns the
+// sum of c over the threads below this one and sets total to the CTA's sum. s_warp is 32 ints
+// of shared memory; it holds the scanned warp totals on return (s_warp[31] == total). Call
+// with every thread. It ends with a __syncthreads(), but a caller that writes s_warp again (a
+// loop) needs a barrier between its last read of the result and the next call.
+__device__ __forceinline__ int block_exclusive_sum_1024(int c, int* s_warp, int& total) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int incl = warp_inclusive_sum(c, lane);
+  if (lane == 31) s_warp[warp] = incl;
+  __syncthreads();
+  if (warp == 0) s_warp[lane] = warp_inclusive_sum(s_warp[lane], lane);
+  __syncthreads();
+  total = s_warp[31];
+  return (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
 }
 
 // ---- element conversions -----------------------------------------------------------------

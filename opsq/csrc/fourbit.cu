@@ -136,8 +136,30 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 
-  for (int64_t b0 = int64_t{blockIdx.x} * per_cta * S; b0 < nblocks;
-       b0 += int64_t{gridDim.x} * per_cta * S) {
+  // The 16-byte words of the next trip's groups (VEC and whole in range; other groups load at
+  // use): issued before the current trip's reduction and encode, so they are in flight during
+  // that work.
+  constexpr int kWords = EPT * static_cast<int>(sizeof(T)) / 16;
+  constexpr int kPerWord = 16 / static_cast<int>(sizeof(T));
+  const int64_t step = int64_t{gridDim.x} * per_cta * S;
+  uint4 nxt[S][kWords];
+  bool nxt_ok[S];
+  const auto issue = [&](int64_t b) {
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+      const int64_t q = b + s * per_cta + gb;
+      const int64_t e = (q << bs_log2) + int64_t{gi} * EPT;
+      nxt_ok[s] = VEC && q < nblocks && e + EPT <= n;
+      if (nxt_ok[s]) {
+#pragma unroll
+        for (int i = 0; i < kWords; ++i)
+          nxt[s][i] = __ldg(reinterpret_cast<const uint4*>(A + e) + i);
+      }
+    }
+  };
+  int64_t b0 = int64_t{blockIdx.x} * per_cta * S;
+  if (b0 < nblocks) issue(b0);
+  for (; b0 < nblocks; b0 += step) {
     float x[S][EPT];
     int64_t qb[S], e0[S];
     bool active[S];
@@ -146,14 +168,16 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       qb[s] = b0 + s * per_cta + gb;
       active[s] = qb[s] < nblocks;
       e0[s] = (qb[s] << bs_log2) + int64_t{gi} * EPT;
-      if (VEC && active[s] && e0[s] + EPT <= n) {
-        load_elems<T, EPT>(A + e0[s], x[s]);
+      if (nxt_ok[s]) {
+#pragma unroll
+        for (int i = 0; i < kWords; ++i) unpack16<T>(nxt[s][i], x[s] + i * kPerWord);
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i)
           x[s][i] = (active[s] && e0[s] + i < n) ? Cvt<T>::to_float(A[e0[s] + i]) : 0.0f;
       }
     }
+    if (b0 + step < nblocks) issue(b0 + step);  // uniform over the CTA
     uint32_t m[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {

@@ -166,10 +166,8 @@ __device__ __forceinline__ uint32_t nonzero_bytes4(uint32_t w) {
 __global__ void __launch_bounds__(kCompactThreads)
 outlier_compact_kernel(const uint8_t* __restrict__ mask, int64_t K, int64_t* __restrict__ idx,
                        int64_t* __restrict__ cnt) {
-  constexpr int kWarps = kCompactThreads / 32;
-  static_assert(kWarps == 32, "warp 0 scans one warp total per lane");
-  __shared__ int s_tot[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  static_assert(kCompactThreads == 1024, "block_exclusive_sum_1024 scans 32 warps");
+  __shared__ int s_tot[32];
   const bool vec = (reinterpret_cast<uintptr_t>(mask) & 15u) == 0u;
   int64_t total = 0;  // outlier columns before this step (same in every thread)
   for (int64_t k0 = 0; k0 < K; k0 += int64_t{kCompactThreads} * kCompactPer) {
@@ -183,18 +181,13 @@ outlier_compact_kernel(const uint8_t* __restrict__ mask, int64_t K, int64_t* __r
       for (int j = 0; j < kCompactPer; ++j)
         if (k + j < K && mask[k + j] != 0) f |= 1u << j;
     }
-    const int c = __popc(f);
-    const int s = warp_inclusive_sum(c, lane);  // inclusive scan over the warp
-    if (lane == 31) s_tot[warp] = s;
-    __syncthreads();
-    if (warp == 0) s_tot[lane] = warp_inclusive_sum(s_tot[lane], lane);  // of the warp totals
-    __syncthreads();
-    int64_t pos = total + (warp > 0 ? s_tot[warp - 1] : 0) + (s - c);
+    int step = 0;  // outlier columns of this step
+    int64_t pos = total + block_exclusive_sum_1024(__popc(f), s_tot, step);
     while (f != 0u) {
       idx[pos++] = k + (__ffs(f) - 1);
       f &= f - 1u;
     }
-    total += s_tot[kWarps - 1];
+    total += step;
     __syncthreads();  // s_tot is rewritten by the next step
   }
   if (threadIdx.x == 0) *cnt = total;

@@ -19,8 +19,6 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <array>
-#include <atomic>
 
 #include "checks.h"
 #include "common.cuh"
@@ -348,6 +346,7 @@ template <typename T, int GW, int NC, bool THR>
 __global__ void __launch_bounds__(kThreads, NC <= 4 ? 4 : 2)
 rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* __restrict__ CA,
               float* __restrict__ stats, bool* __restrict__ mask_out, OutlierScratch sc) {
+  pdl_launch_dependents();  // int8_small_m_kernel's weight prefetch may start (int8_small_m.cu)
   constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk
   constexpr int GT = GW * 32;                           // threads per row
   constexpr int RPT = 8 / GW;                           // rows per tile
@@ -571,14 +570,15 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
                       int8_t* __restrict__ CA, float* __restrict__ stats,
                       int64_t* __restrict__ idx, int64_t* __restrict__ cnt) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  pdl_launch_dependents();  // int8_small_m_kernel's weight prefetch may start (int8_small_m.cu)
   namespace cg = cooperative_groups;
   constexpr int E = 16 / static_cast<int>(sizeof(T));  // elements per chunk (divides 32)
   constexpr int kWordChunks = 32 / E;                   // chunks per bitset word
   __shared__ uint32_t s_bits[kSmallMaxK / 32 / kSmallCluster + 1];  // this strip's words
   __shared__ uint32_t s_max[kSmallMRows];  // this strip's row maxima (read by the cluster)
   __shared__ uint32_t s_row[kSmallMRows];  // the rows' maxima
-  __shared__ int s_warp[kSmallThreads / 32];
-  __shared__ int s_total;                  // outlier columns of this strip (read by the cluster)
+  static_assert(kSmallThreads == 1024, "block_exclusive_sum_1024 scans 32 warps");
+  __shared__ int s_warp[32];  // pass 3's scan; s_warp[31] is read by the cluster
   const cg::cluster_group cluster = cg::this_cluster();
   const int q = static_cast<int>(cluster.block_rank());
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -655,18 +655,12 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
   const int v0 = min(tid * per, wq), v1 = min(v0 + per, wq);
   int c = 0;
   for (int w = v0; w < v1; ++w) c += __popc(s_bits[w]);
-  const int incl = warp_inclusive_sum(c, lane);  // then over the warps' totals
-  if (lane == 31) s_warp[warp] = incl;
-  __syncthreads();
-  if (warp == 0) {
-    const int t = warp_inclusive_sum(s_warp[lane], lane);
-    s_warp[lane] = t;
-    if (lane == 31) s_total = t;
-  }
-  cluster.sync();  // every strip's total written (and this CTA's s_warp)
+  int strip = 0;  // outlier columns of this strip (s_warp[31], read by the cluster)
+  const int mine = block_exclusive_sum_1024(c, s_warp, strip);
+  cluster.sync();  // every strip's total written
   int below = 0;   // outlier columns of the lower strips
-  for (int p = 0; p < q; ++p) below += *cluster.map_shared_rank(&s_total, p);
-  int pos = below + (warp > 0 ? s_warp[warp - 1] : 0) + incl - c;
+  for (int p = 0; p < q; ++p) below += *cluster.map_shared_rank(&s_warp[31], p);
+  int pos = below + mine;
   for (int w = v0; w < v1; ++w) {
     uint32_t left = s_bits[w];
     while (left != 0u) {
@@ -674,7 +668,7 @@ small_outliers_kernel(const T* __restrict__ A, int rows, int K, float thr,
       left &= left - 1u;
     }
   }
-  if (q == kSmallCluster - 1 && tid == 0) *cnt = below + s_total;
+  if (q == kSmallCluster - 1 && tid == 0) *cnt = below + strip;
   cluster.sync();  // no CTA leaves while another may still read its shared memory
 #else
   __trap();  // never launched: small_outliers_runs checks the compiled version
@@ -966,31 +960,28 @@ inline cudaLaunchConfig_t small_outliers_config(cudaStream_t stream, cudaLaunchA
 // Whether small_outliers_kernel<T> runs on the current device: its code was compiled for
 // compute capability >= 9.0 (a build for older GPUs holds only the __trap body, even where the
 // driver JIT-compiles it for a newer one) and a cluster of kSmallCluster CTAs of kSmallThreads
-// fits (it may not on a MIG slice or under MPS limits). Asked once per device; the answer is
-// kept in a per-device slot (0 unknown, 1 no, 2 yes), so the decode path takes no lock. Two
-// threads asking at once both compute the same answer.
+// fits (it may not on a MIG slice or under MPS limits). Asked once per device
+// (once_per_device); a failed query is a "no" (a MIG slice's cluster query fails for good).
 template <typename T>
 bool small_outliers_runs() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
-  const int dev = c10::cuda::current_device();
-  const int8_t k = known[dev].load(std::memory_order_relaxed);
-  if (k != 0) return k == 2;
-  bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
-  if (ok) {
-    cudaFuncAttributes fa;
-    ok = cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
-         fa.ptxVersion >= 90;
-  }
-  if (ok) {
-    cudaLaunchAttribute attr;
-    const cudaLaunchConfig_t cfg = small_outliers_config(nullptr, attr);
-    int clusters = 0;
-    ok = cudaOccupancyMaxActiveClusters(&clusters, small_outliers_kernel<T>, &cfg) ==
-             cudaSuccess && clusters >= 1;
-  }
-  (void)cudaGetLastError();  // a failed query is an answer, not an error for the next launch
-  known[dev].store(ok ? 2 : 1, std::memory_order_relaxed);
-  return ok;
+  return once_per_device(known, []() -> std::optional<bool> {
+    bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
+    if (ok) {
+      cudaFuncAttributes fa;
+      ok = cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
+           fa.ptxVersion >= 90;
+    }
+    if (ok) {
+      cudaLaunchAttribute attr;
+      const cudaLaunchConfig_t cfg = small_outliers_config(nullptr, attr);
+      int clusters = 0;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, small_outliers_kernel<T>, &cfg) ==
+               cudaSuccess && clusters >= 1;
+    }
+    (void)cudaGetLastError();  // a failed query is an answer, not an error for the next launch
+    return ok;
+  });
 }
 
 // vectorwise_quant of a decode-sized A (checked by int8_quant_small_outliers) with a threshold,

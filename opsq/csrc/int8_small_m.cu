@@ -66,13 +66,17 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
 
 // One CTA: output columns [n0, n0 + 64) of every row. CA (rows x K int8, 16-byte aligned rows),
 // CB (N x K int8, idem). OUTL: threshold > 0 (A, idx and cnt are read; else unused).
+// Launched as a programmatic dependent of A's quantizer (rowreg_kernel or
+// small_outliers_kernel, which let it start at once): before it waits for their results
+// (pdl_wait), thread c < 64 asks L2 for the first `prefetch` bytes of CB row n0 + c, so the
+// weight starts streaming while A is still being quantized.
 template <typename T, bool OUTL>
 __global__ void __launch_bounds__(kMaxWarps * 32)
 int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
                     const int8_t* __restrict__ CB, int64_t N, const float* __restrict__ row_stats,
                     const float* __restrict__ scb, const float* __restrict__ bias,
                     const T* __restrict__ A, const int64_t* __restrict__ idx,
-                    const int64_t* __restrict__ cnt_p, T* __restrict__ out) {
+                    const int64_t* __restrict__ cnt_p, T* __restrict__ out, uint32_t prefetch) {
   // Sums of the CTA, in C-fragment order: [tile][fragment register][lane] (conflict-free adds).
   __shared__ int s_sum[kTiles][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -80,7 +84,10 @@ int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
   const int g = lane >> 2, t = lane & 3;
   const int64_t n0 = int64_t{blockIdx.x} * kCtaCols;
 
+  if (prefetch != 0u && threadIdx.x < kCtaCols && n0 + threadIdx.x < N)
+    prefetch_l2(CB + (n0 + threadIdx.x) * K, prefetch);
   for (int i = threadIdx.x; i < kTiles * 4 * 32; i += blockDim.x) (&s_sum[0][0][0])[i] = 0;
+  pdl_wait();  // CA, row_stats, idx and cnt are written by the kernel before this one
 
   // ---- int32 sums: this warp's k steps of all 8 tiles -------------------------------------
   int acc[kTiles][4];
@@ -180,6 +187,25 @@ int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
   }
 }
 
+// Whether int8_small_m_kernel<T, *> may be launched as a programmatic dependent on the current
+// device: compute capability >= 9.0 and kernel code compiled for it (a build for older targets
+// JIT-compiled on a newer GPU has no griddepcontrol.wait in it, and a dependent launch would
+// read A's codes before they are visible). Asked once per device (once_per_device).
+template <typename T>
+bool small_m_pdl_runs() {
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
+  return once_per_device(known, []() -> std::optional<bool> {
+    if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+    cudaFuncAttributes a, b;
+    if (cudaFuncGetAttributes(&a, int8_small_m_kernel<T, true>) != cudaSuccess ||
+        cudaFuncGetAttributes(&b, int8_small_m_kernel<T, false>) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return std::nullopt;  // not an answer: asked again next time
+    }
+    return a.ptxVersion >= 90 && b.ptxVersion >= 90;
+  });
+}
+
 template <typename T>
 void launch_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor& row_stats,
                     const at::Tensor& CB, const at::Tensor& scb, const float* bias,
@@ -201,14 +227,29 @@ void launch_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor&
   const T* ap = reinterpret_cast<const T*>(a.data_ptr());
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const int r = static_cast<int>(rows);
+  // A programmatic dependent launch (see the kernel) where its sm_90 code runs, prefetching
+  // the first bytes of every CB row: a third of L2 in all (what streams in while A's quantizer
+  // runs), whole 256-byte units, at most the row; rows that would get less prefetch nothing.
+  const bool pdl = small_m_pdl_runs<T>();
+  const int64_t per_row = int64_t{at::cuda::getCurrentDeviceProperties()->l2CacheSize} / 3 / N;
+  const uint32_t prefetch =
+      pdl ? static_cast<uint32_t>(std::min<int64_t>(K, per_row / 256 * 256)) : 0u;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = pdl ? 1 : 0;
   if (idx != nullptr) {
-    int8_small_m_kernel<T, true><<<grid, block, 0, stream>>>(cap, r, K, cbp, N, rs, sp, bias, ap,
-                                                              idx, cnt, op);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, int8_small_m_kernel<T, true>, cap, r, K, cbp, N, rs,
+                                      sp, bias, ap, idx, cnt, op, prefetch));
   } else {
-    int8_small_m_kernel<T, false><<<grid, block, 0, stream>>>(cap, r, K, cbp, N, rs, sp, bias,
-                                                               ap, nullptr, nullptr, op);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, int8_small_m_kernel<T, false>, cap, r, K, cbp, N, rs,
+                                      sp, bias, ap, nullptr, nullptr, op, prefetch));
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -16,6 +16,11 @@ constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
 #ifdef __CUDACC__
 #include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <array>
+#include <atomic>
+#include <optional>
 
 namespace opsq {
 
@@ -55,6 +60,22 @@ int one_wave_grid(int64_t work_items, int64_t per_cta) {
   const int64_t want = ceil_div(std::max<int64_t>(work_items, 1), per_cta);
   return static_cast<int>(
       std::min<int64_t>(want, int64_t{sm_count()} * ctas_per_sm<Kern, Threads>()));
+}
+
+// A yes/no fact of the current device (a kernel's code, a cluster that fits), asked once per
+// device and kept in `slots` (one per device: 0 unknown, 1 no, 2 yes), so a hot path takes no
+// lock; two threads asking at once both compute the same answer. `ask` returns the answer, or
+// std::nullopt where the query failed without one (asked again next time).
+template <typename Ask>
+bool once_per_device(std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS>& slots,
+                     Ask ask) {
+  std::atomic<int8_t>& slot = slots[c10::cuda::current_device()];
+  const int8_t k = slot.load(std::memory_order_relaxed);
+  if (k != 0) return k == 2;
+  const std::optional<bool> a = ask();
+  if (!a.has_value()) return false;
+  slot.store(*a ? 2 : 1, std::memory_order_relaxed);
+  return *a;
 }
 
 }  // namespace opsq
