@@ -548,16 +548,21 @@ def run(quick: bool = False, with_bnb: bool = True,
             for thr in (0.0, 6.0):
                 add("int8", f"vectorwise_quant t={thr:g}", f"{M}x{K}",
                     lambda A=A, thr=thr: ops.vectorwise_quant(A, thr),
-                    _nbytes(A) + M * K + 4 * M + K, dtype=dtname(dt))
+                    _nbytes(A) + M * K + 4 * M + K, dtype=dtname(dt),
+                    bnb_fn=(lambda A=A, thr=thr: bF.int8_vectorwise_quant(A, threshold=thr))
+                    if bF is not None else None)
                 add("int8", f"double_quant t={thr:g}", f"{M}x{K}",
                     lambda A=A, thr=thr: ops.double_quant(A, thr),
-                    _nbytes(A) + 2 * M * K + 4 * (M + K) + K, dtype=dtname(dt))
+                    _nbytes(A) + 2 * M * K + 4 * (M + K) + K, dtype=dtname(dt),
+                    bnb_fn=(lambda A=A, thr=thr: bF.int8_double_quant(A, threshold=thr))
+                    if bF is not None else None)
             del A
         C = torch.randint(-2**20, 2**20, (M, K), device=dev, dtype=torch.int32)
         rs, cs = randn(M, dtype=torch.float32).abs(), randn(K, dtype=torch.float32).abs()
         add("int8", "mm_dequant", f"{M}x{K}",
             lambda: ops.mm_dequant(C, rs, cs, None, torch.float16),
-            _nbytes(C, rs, cs) + M * K * 2, dtype="i32>f16")
+            _nbytes(C, rs, cs) + M * K * 2, dtype="i32>f16",
+            bnb_fn=(lambda: bF.int8_mm_dequant(C, rs, cs)) if bF is not None else None)
 
     def bench_transform():
         I8 = torch.randint(-127, 128, (M, K), device=dev, dtype=torch.int8)
@@ -572,10 +577,16 @@ def run(quick: bool = False, with_bnb: bool = True,
                 b = torch.randint(-127, 128, (N, 8192), device=dev, dtype=torch.int8)
                 t_op = timer(lambda: ops.igemmlt(a, b))
                 t_ref = timer(lambda: torch._int_mm(a, b.t()))
-                rows.append(dict(family="igemmlt", op="igemmlt", shape=f"{Ms}x8192x{N}",
-                                 dtype="int8", ms=t_op, int_mm_ms=t_ref,
-                                 speedup_vs_int_mm=t_ref / t_op,
-                                 tops=2 * Ms * 8192 * N / (t_op * 1e-3) / 1e12))
+                row = dict(family="igemmlt", op="igemmlt", shape=f"{Ms}x8192x{N}",
+                           dtype="int8", ms=t_op, int_mm_ms=t_ref, speedup_vs_int_mm=t_ref / t_op,
+                           tops=2 * Ms * 8192 * N / (t_op * 1e-3) / 1e12)
+                if bF is not None:  # bitsandbytes' int8 GEMM: out = A @ B.T, int32
+                    try:
+                        row["bnb_ms"] = timer(lambda: bF.int8_linear_matmul(a, b))
+                        row["speedup_vs_bnb"] = row["bnb_ms"] / t_op
+                    except Exception as e:  # bitsandbytes API drift: record, keep going
+                        row["bnb_error"] = str(e)[:120]
+                rows.append(row)
                 print(f"  igemmlt {Ms}x8192x{N}: {t_op:.4f} ms vs _int_mm {t_ref:.4f} ms",
                       file=sys.stderr, flush=True)
 
@@ -867,11 +878,12 @@ def format_table(res: dict) -> str:
         elif fam == "igemmlt":
             if rows:
                 lines.append(f"{'op':28s} {'shape':18s} {'ms':>9s} {'TOPS':>7s} "
-                             f"{'_int_mm ms':>10s} {'x _int_mm':>9s}")
+                             f"{'_int_mm ms':>10s} {'x _int_mm':>9s} {'vs bnb':>7s}")
             for r in rows:
                 lines.append(f"{r['op']:28s} {r['shape']:18s} {r['ms']:9.4f} "
                              f"{r['tops']:7.0f} {_fmt(r.get('int_mm_ms'), '10.4f'):>10s} "
-                             f"{r['speedup_vs_int_mm']:9.2f}")
+                             f"{r['speedup_vs_int_mm']:9.2f} "
+                             f"{_fmt(r.get('speedup_vs_bnb'), '.2f'):>7s}")
         elif fam == "qlora":
             if rows:
                 lines.append(f"{'op':40s} {'shape':10s} {'opsq ms':>9s} {'bf16-base ms':>12s} "

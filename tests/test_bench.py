@@ -31,7 +31,8 @@ def fake_results() -> dict:
         _bw_row("int8", "vectorwise_quant t=6", "8192x8192", "fp16", 0.128, 1570.0, 0.371),
         _bw_row("transform", "transform row->col32", "8192x8192", "int8", 0.400, 335.0, 0.079),
         dict(family="igemmlt", op="igemmlt", shape="2048x8192x8192", dtype="int8", ms=0.292,
-             int_mm_ms=0.296, speedup_vs_int_mm=1.014, tops=941.0),
+             int_mm_ms=0.296, speedup_vs_int_mm=1.014, tops=941.0, bnb_ms=0.350,
+             speedup_vs_bnb=1.199),
         bench.compare_row("decode", "decode MLP nf4", "1x4096, 4x(4096->11008->4096)", "bf16",
                           0.100, "bf16 nn.Linear", 0.350, "speedup", bench.DECODE_MIN_SPEEDUP,
                           gbps=2900.0, efficiency=0.69, rel_err=0.08, cudagraph_skips=0),
@@ -103,6 +104,7 @@ def test_format_table_has_every_family_and_verdicts():
     assert gemv.split()[-2:] == ["1.63", "1.22"]  # vs bf16, vs bnb
     assert _line(text, "gemv_4bit nested").split()[-2:] == ["2.63", "-"]  # no bnb timing
     assert "1.01" in _line(text, "igemmlt") and "941" in _line(text, "igemmlt")
+    assert _line(text, "igemmlt").split()[-1] == "1.20"  # vs bitsandbytes' int8_linear_matmul
 
     nf4 = _line(text, "decode MLP nf4")
     assert "0.1000" in nf4 and "0.3500" in nf4
