@@ -33,6 +33,8 @@ def fake_results() -> dict:
         dict(family="igemmlt", op="igemmlt", shape="2048x8192x8192", dtype="int8", ms=0.292,
              int_mm_ms=0.296, speedup_vs_int_mm=1.014, tops=941.0, bnb_ms=0.350,
              speedup_vs_bnb=1.199),
+        dict(family="igemmlt", op="igemmlt", shape="16x8192x8192", dtype="int8", ms=0.0412,
+             tops=52.0, bnb_ms=0.0600, speedup_vs_bnb=1.456),  # no _int_mm at M <= 16
         bench.compare_row("decode", "decode MLP nf4", "1x4096, 4x(4096->11008->4096)", "bf16",
                           0.100, "bf16 nn.Linear", 0.350, "speedup", bench.DECODE_MIN_SPEEDUP,
                           gbps=2900.0, efficiency=0.69, rel_err=0.08, cudagraph_skips=0),
@@ -103,8 +105,11 @@ def test_format_table_has_every_family_and_verdicts():
     assert "0.0123" in gemv and "1500" in gemv and "35.7" in gemv
     assert gemv.split()[-2:] == ["1.63", "1.22"]  # vs bf16, vs bnb
     assert _line(text, "gemv_4bit nested").split()[-2:] == ["2.63", "-"]  # no bnb timing
-    assert "1.01" in _line(text, "igemmlt") and "941" in _line(text, "igemmlt")
-    assert _line(text, "igemmlt").split()[-1] == "1.20"  # vs bitsandbytes' int8_linear_matmul
+    big, small = ([ln for ln in text.splitlines() if ln.startswith("igemmlt ") and shape in ln]
+                  for shape in (" 2048x8192x8192 ", " 16x8192x8192 "))
+    assert len(big) == len(small) == 1
+    assert big[0].split()[-4:] == ["941", "0.2960", "1.01", "1.20"]  # TOPS, _int_mm, x, vs bnb
+    assert small[0].split()[-4:] == ["52", "-", "-", "1.46"]  # no _int_mm at M = 16
 
     nf4 = _line(text, "decode MLP nf4")
     assert "0.1000" in nf4 and "0.3500" in nf4
