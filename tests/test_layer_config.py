@@ -124,6 +124,11 @@ def test_nan_weight_with_nested_statistics_stays_in_its_nested_group():
     assert torch.equal(nested_offset(am), am.mean())
     am[5] = math.inf
     assert torch.isfinite(nested_offset(am))
+    # any non-finite entry: the mean of the finite ones (float64 check), 0 where none is finite
+    am[7], am[9], am[11] = math.nan, -math.inf, -2.0
+    fin = am.double()[torch.isfinite(am)]
+    assert nested_offset(am).item() == pytest.approx(fin.mean().item(), rel=1e-6)
+    assert nested_offset(torch.tensor([math.nan, math.inf, -math.inf])).item() == 0.0
 
 
 # ---- one home for the statistics: reassigning the weight ------------------------------------
