@@ -1,9 +1,10 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
 // CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), loads-only kernels,
 // the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), and v5 (a
-// shared-memory byte-pair table in persistent CTAs; not adopted, benchmarks/NOTES.md "gemv_4bit
-// v5"), on the shapes of opsq bench's gemv family, without torch. Each output is checked against
-// a float64 host reference (relerr: max error over 65 rows / max |reference|).
+// shared-memory byte-pair table in persistent CTAs, on today's layout and the repacked one; not
+// adopted, benchmarks/NOTES.md "gemv_4bit v5"), on the shapes of opsq bench's gemv family,
+// without torch. Each output is checked against a float64 host reference (relerr: max error
+// over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
 #include <algorithm>
@@ -111,8 +112,10 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
 // v5, persistent (lab only): one set of CTAS CTAs an SM, each filling the 64 KB table once and
 // walking row tiles blockIdx.x, + gridDim.x, ...; a warp's (tile, step) items form one stream,
 // so the first step of its next tile is loaded while it computes the last step of this one.
-// bf16, chunks of 64 codes, blocksize 64, plain absmax, N % 16 == 0.
-template <int WARPS>
+// bf16, chunks of 64 codes, blocksize 64, plain absmax, N % 16 == 0. TILED: the codes and
+// absmax in tile16_repack's layout (a lane's two rows of a chunk in one 16-byte load, the
+// chunk's 16 absmax pairs in one 128-byte run; K % 256 == 0).
+template <int WARPS, bool TILED = false>
 __global__ void __launch_bounds__(WARPS * 32, 2)
 gemv_lut_persistent_kernel(const __nv_bfloat16* __restrict__ A, int M, int64_t K,
                            const uint8_t* __restrict__ W, int64_t N,
@@ -129,6 +132,17 @@ gemv_lut_persistent_kernel(const __nv_bfloat16* __restrict__ A, int M, int64_t K
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
   struct Wt { uint32_t a[NC][2], b[NC][2]; float sa[NC], sb[NC]; };
   auto load = [&](int64_t tile, int64_t s, Wt& w) {
+    if constexpr (TILED) {
+      const int64_t run = tile * steps + s;
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        const uint4 v = __ldg(reinterpret_cast<const uint4*>(W + run * 2048 + (c * 32 + lane) * 16));
+        const float2 ab = __ldg(reinterpret_cast<const float2*>(absmax + run * 64 + c * 16 + 2 * g));
+        w.a[c][0] = v.x; w.a[c][1] = v.y; w.b[c][0] = v.z; w.b[c][1] = v.w;
+        w.sa[c] = ab.x; w.sb[c] = ab.y;
+      }
+      return;
+    }
     const int64_t ea = (tile * 16 + g) * K + s * kGemvStepK, eb = ea + 8 * K;
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
@@ -220,9 +234,9 @@ void launch4(const Bufs& b) {
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
 // the persistent v5: CTAS CTAs an SM (at most the tiles)
-template <int WARPS, int CTAS>
+template <int WARPS, int CTAS, bool TILED = false>
 void launch5p(const Bufs& b) {
-  auto kernel = opsq::gemv_lut_persistent_kernel<WARPS>;
+  auto kernel = opsq::gemv_lut_persistent_kernel<WARPS, TILED>;
   static int sms = 0;
   static const bool opted_in = [&] {
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
@@ -231,7 +245,8 @@ void launch5p(const Bufs& b) {
   }();
   (void)opted_in;
   const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * CTAS));
-  kernel<<<grid, WARPS * 32, kLutBytes>>>(b.A, b.M, b.K, b.W, b.N, b.absmax, g_planes, b.out);
+  kernel<<<grid, WARPS * 32, kLutBytes>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N,
+                                          TILED ? b.absmax_t : b.absmax, g_planes, b.out);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
@@ -315,6 +330,8 @@ int main(int argc, char** argv) {
     check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
     check("v5 persistent w8 2cta")([&] { launch5p<8, 2>(b); });
     check("v5 persistent w4 3cta")([&] { launch5p<4, 3>(b); });
+    check("v5 persistent tiled w8 2cta (repack)")([&] { launch5p<8, 2, true>(b); });
+    check("v5 persistent tiled w4 3cta (repack)")([&] { launch5p<4, 3, true>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;
