@@ -51,8 +51,12 @@ __device__ __forceinline__ void pdl_wait() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-// Fetch `bytes` (a multiple of 16) at p (16-byte aligned) into L2, asynchronously, no
-// completion to wait for (sm_90 cp.async.bulk.prefetch.L2; a no-op on older targets).
+// L2 prefetches, neither waited for: the line holding p (prefetch.global.L2, any target) ...
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
+}
+// ... or `bytes` (a multiple of 16) at p (16-byte aligned) (sm_90 cp.async.bulk.prefetch.L2; a
+// no-op on older targets).
 __device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)),

@@ -233,10 +233,6 @@ constexpr int kOeColThreads = 64;                         // 256 columns per CTA
 constexpr int kOeGroups = kThreads / kOeColThreads;       // row groups per CTA
 constexpr int kOeTileRows = kOeRows * kOeGroups;          // 64 rows per CTA
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" : : "l"(p));
-}
-
 template <typename T, bool VEC>
 __global__ void __launch_bounds__(kThreads, 2)
 outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, int64_t K,

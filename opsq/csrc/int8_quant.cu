@@ -966,12 +966,7 @@ template <typename T>
 bool small_outliers_runs() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
   return once_per_device(known, []() -> std::optional<bool> {
-    bool ok = at::cuda::getCurrentDeviceProperties()->major >= 9;
-    if (ok) {
-      cudaFuncAttributes fa;
-      ok = cudaFuncGetAttributes(&fa, small_outliers_kernel<T>) == cudaSuccess &&
-           fa.ptxVersion >= 90;
-    }
+    bool ok = sm90_code_runs<small_outliers_kernel<T>>().value_or(false);
     if (ok) {
       cudaLaunchAttribute attr;
       const cudaLaunchConfig_t cfg = small_outliers_config(nullptr, attr);

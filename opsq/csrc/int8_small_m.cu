@@ -195,14 +195,10 @@ template <typename T>
 bool small_m_pdl_runs() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
   return once_per_device(known, []() -> std::optional<bool> {
-    if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
-    cudaFuncAttributes a, b;
-    if (cudaFuncGetAttributes(&a, int8_small_m_kernel<T, true>) != cudaSuccess ||
-        cudaFuncGetAttributes(&b, int8_small_m_kernel<T, false>) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return std::nullopt;  // not an answer: asked again next time
-    }
-    return a.ptxVersion >= 90 && b.ptxVersion >= 90;
+    const std::optional<bool> a = sm90_code_runs<int8_small_m_kernel<T, true>>();
+    const std::optional<bool> b = sm90_code_runs<int8_small_m_kernel<T, false>>();
+    if (!a.has_value() || !b.has_value()) return std::nullopt;  // asked again next time
+    return *a && *b;
   });
 }
 

@@ -62,6 +62,20 @@ int one_wave_grid(int64_t work_items, int64_t per_cta) {
       std::min<int64_t>(want, int64_t{sm_count()} * ctas_per_sm<Kern, Threads>()));
 }
 
+// Whether kernel Kern runs code compiled for compute capability >= 9.0 on the current device (a
+// build for older targets holds none, even where the driver JIT-compiles it for a newer GPU);
+// std::nullopt where the attribute query fails (its error cleared).
+template <auto Kern>
+std::optional<bool> sm90_code_runs() {
+  if (at::cuda::getCurrentDeviceProperties()->major < 9) return false;
+  cudaFuncAttributes fa;
+  if (cudaFuncGetAttributes(&fa, Kern) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return std::nullopt;
+  }
+  return fa.ptxVersion >= 90;
+}
+
 // A yes/no fact of the current device (a kernel's code, a cluster that fits), asked once per
 // device and kept in `slots` (one per device: 0 unknown, 1 no, 2 yes), so a hot path takes no
 // lock; two threads asking at once both compute the same answer. `ask` returns the answer, or
