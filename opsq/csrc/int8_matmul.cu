@@ -81,7 +81,8 @@ mm_dequant_kernel(const int32_t* __restrict__ A, int64_t rows, int64_t N,
 }
 
 // ---- int8 x int8 -> int32 for shapes torch._int_mm does not take (M <= 16, K or N not a
-// multiple of 8): one warp per output column n and 8 rows, dp4a over 16-byte chunks.
+// multiple of 8) and int8_small_m.cu's kernel does not either (K % 16 != 0, unaligned rows):
+// one warp per output column n and 8 rows, dp4a over 16-byte chunks.
 template <bool VEC>
 __global__ void __launch_bounds__(kThreads)
 igemm_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, int64_t M, int64_t N,
@@ -463,6 +464,10 @@ at::Tensor igemmlt_cuda(const at::Tensor& A, const at::Tensor& B) {
   }
   auto out = at::empty({M, N}, A.options().dtype(at::kInt));
   const bool vec = K % 16 == 0 && aligned16(a.data_ptr()) && aligned16(b.data_ptr());
+  if (vec && int8_small_m_applies(M, N, K, b.data_ptr())) {  // M <= 16: tensor cores
+    igemm_small_m(a, b, out);
+    return out.reshape(out_shape);
+  }
   const dim3 grid(static_cast<unsigned>(ceil_div(N, kThreads / 32)),
                   static_cast<unsigned>(std::min<int64_t>(ceil_div(M, 8), kMaxGridY)));
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();

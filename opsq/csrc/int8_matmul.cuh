@@ -64,4 +64,9 @@ inline bool int8_small_m_applies(int64_t rows, int64_t N, int64_t K, const void*
 void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CB, const at::Tensor& scb,
                          const float* bias, double threshold, at::Tensor& out);
 
+// igemmlt for int8_small_m_applies shapes (a: rows x K int8, contiguous, 16-byte aligned; b: N x
+// K int8): out (rows x N int32, contiguous) = a @ b.T on tensor cores, in int8_linear's small-M
+// kernel without its epilogue (int8_small_m.cu); exact, so equal to any other int8 GEMM.
+void igemm_small_m(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
+
 }  // namespace opsq

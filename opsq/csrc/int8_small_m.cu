@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "common.cuh"
 #include "int8_matmul.cuh"
@@ -70,7 +71,9 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
 // small_outliers_kernel, which let it start at once): before it waits for their results
 // (pdl_wait), thread c < 64 asks L2 for the first `prefetch` bytes of CB row n0 + c, so the
 // weight starts streaming while A is still being quantized.
-template <typename T, bool OUTL>
+// RAW (igemmlt at M <= 16): T = int32_t, no epilogue: out[r][n] is the int32 sum itself
+// (row_stats, scb, bias, A, idx and cnt unused).
+template <typename T, bool OUTL, bool RAW = false>
 __global__ void __launch_bounds__(kMaxWarps * 32)
 int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
                     const int8_t* __restrict__ CB, int64_t N, const float* __restrict__ row_stats,
@@ -175,14 +178,18 @@ int8_small_m_kernel(const int8_t* __restrict__ CA, int rows, int64_t K,
     if (e < nout && n < N) {
       const int cc = c & 7;  // column in its tile: fragment register (cc & 1) (+ 2 for row >= 8)
       const int32_t v = s_sum[c >> 3][2 * (r >> 3) + (cc & 1)][4 * (r & 7) + (cc >> 1)];
-      const float cs = __ldg(scb + n);
-      float yv = mm_dequant_value(v, __ldg(row_stats + r), cs);
-      if constexpr (OUTL) {
-        // A non-finite SCB makes the reference's whole outlier column NaN (int8_matmul.cu).
-        yv = add_rn(yv, finite_bits(cs) ? osum[m] : __int_as_float(0x7fffffff));
+      if constexpr (RAW) {
+        out[r * N + n] = v;
+      } else {
+        const float cs = __ldg(scb + n);
+        float yv = mm_dequant_value(v, __ldg(row_stats + r), cs);
+        if constexpr (OUTL) {
+          // A non-finite SCB makes the reference's whole outlier column NaN (int8_matmul.cu).
+          yv = add_rn(yv, finite_bits(cs) ? osum[m] : __int_as_float(0x7fffffff));
+        }
+        if (bias != nullptr) yv = add_rn(yv, __ldg(bias + n));
+        out[r * N + n] = Cvt<T>::from_float(yv);
       }
-      if (bias != nullptr) yv = add_rn(yv, __ldg(bias + n));
-      out[r * N + n] = Cvt<T>::from_float(yv);
     }
   }
 }
@@ -202,20 +209,23 @@ bool small_m_pdl_runs() {
   });
 }
 
+// The one-wave grid of int8_small_m_kernel: 64 columns a CTA, and as many warps a CTA as keep
+// every CTA resident at up to 128 registers a thread (16 warps for N <= 64 x SMs, 8 up to
+// twice that, else 4), but no more warps than 64-byte k steps.
+inline std::pair<dim3, dim3> small_m_grid(int64_t N, int64_t K) {
+  const int64_t ctas = ceil_div(N, kCtaCols);
+  const int64_t sms = sm_count();
+  int64_t warps = ctas <= sms ? 16 : (ctas <= 2 * sms ? 8 : kMinWarps);
+  warps = std::max<int64_t>(kMinWarps, std::min<int64_t>(warps, ceil_div(K, kStepK)));
+  return {dim3(static_cast<unsigned>(ctas)), dim3(static_cast<unsigned>(warps * 32))};
+}
+
 template <typename T>
 void launch_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor& row_stats,
                     const at::Tensor& CB, const at::Tensor& scb, const float* bias,
                     const int64_t* idx, const int64_t* cnt, int64_t rows, int64_t N, int64_t K,
                     at::Tensor& out, cudaStream_t stream) {
-  // One wave: 64 columns per CTA, and as many warps per CTA as keep every CTA resident at up
-  // to 128 registers a thread (16 warps for N <= 64 x SMs, 8 up to twice that, else 4), but no
-  // more warps than k steps.
-  const int64_t ctas = ceil_div(N, kCtaCols);
-  const int64_t sms = sm_count();
-  int64_t warps = ctas <= sms ? 16 : (ctas <= 2 * sms ? 8 : kMinWarps);
-  warps = std::max<int64_t>(kMinWarps, std::min<int64_t>(warps, ceil_div(K, kStepK)));
-  const dim3 grid(static_cast<unsigned>(ctas));
-  const dim3 block(static_cast<unsigned>(warps * 32));
+  const auto [grid, block] = small_m_grid(N, K);
   const auto* cap = reinterpret_cast<const int8_t*>(CA.data_ptr());
   const auto* cbp = reinterpret_cast<const int8_t*>(CB.data_ptr());
   const float* rs = row_stats.data_ptr<float>();
@@ -249,6 +259,18 @@ void launch_small_m(const at::Tensor& a, const at::Tensor& CA, const at::Tensor&
 }
 
 }  // namespace
+
+void igemm_small_m(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
+  const int64_t rows = a.size(0), K = a.size(1), N = b.size(0);
+  TORCH_INTERNAL_ASSERT(int8_small_m_applies(rows, N, K, b.data_ptr()) &&
+                        reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0);
+  const auto [grid, block] = small_m_grid(N, K);
+  int8_small_m_kernel<int32_t, false, true>
+      <<<grid, block, 0, at::cuda::getCurrentCUDAStream()>>>(
+          a.data_ptr<int8_t>(), static_cast<int>(rows), K, b.data_ptr<int8_t>(), N, nullptr,
+          nullptr, nullptr, nullptr, nullptr, nullptr, out.data_ptr<int32_t>(), 0u);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void int8_linear_small_m(const at::Tensor& a, const at::Tensor& CB, const at::Tensor& scb,
                          const float* bias, double threshold, at::Tensor& out) {
