@@ -596,27 +596,32 @@ def test_int8_linear_threshold0_bit_exact(dtype):
                 assert torch.equal(got, want), (rows, K, N, bias is None, scb is None)
 
 
-@pytest.mark.parametrize("n_out", [0, 1, 5, 64, 65, 130])
+@pytest.mark.parametrize("n_out", [0, 1, 5, 64, 65, 130, 1000])
 def test_int8_linear_outlier_column_counts(n_out):
     """Threshold 6 with exactly n_out outlier columns: the fused outlier term (first 64 columns
-    gathered, the rest read in further chunks) matches the reference; one column is exact."""
+    gathered, the rest from the transposed tail, outlier_tail_kernel) matches the reference; one
+    column is exact. Every row of an outlier column is an outlier, so the first 16 rows alone
+    have the same mask: their bytes equal the small-M kernel's, an independent implementation
+    of the same arithmetic. N = 300 takes the 4-byte tail loads, N = 75 the byte loads."""
     need("int8_linear")
-    rows, K, N = 70, 1024, 300
+    rows, K = 70, 1024
     A = randn((rows, K), torch.float16, seed=n_out) * 0.5
     cols = torch.randperm(K, generator=torch.Generator().manual_seed(n_out))[:n_out].to(DEV)
     A[:, cols] = (A[:, cols].float() + 9.0).half()
-    W = randn((N, K), torch.float16, seed=3, scale=0.1)
-    CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
-    bias = randn((N,), torch.float16, seed=4)
     _, _, mask = OPS.vectorwise_quant(A, 6.0)
     assert int(mask.sum()) == n_out
-    out = torch.full((rows, N), float("nan"), dtype=torch.float16, device=DEV)
-    out.copy_(OPS.int8_linear(A, CB, SCB, bias, 6.0))
-    want = ref.int8_linear(A, CB, SCB, bias, 6.0)
-    if n_out <= 1:
-        assert torch.equal(out, want)
-    assert_matmul_close(out, want, torch.float16)
-    assert torch.equal(out, OPS.int8_linear(A, CB, SCB, bias, 6.0))  # deterministic
+    for N in (300, 75):
+        W = randn((N, K), torch.float16, seed=3 + N, scale=0.1)
+        CB, SCB, _ = OPS.vectorwise_quant(W, 0.0)
+        bias = randn((N,), torch.float16, seed=4)
+        out = torch.full((rows, N), float("nan"), dtype=torch.float16, device=DEV)
+        out.copy_(OPS.int8_linear(A, CB, SCB, bias, 6.0))
+        want = ref.int8_linear(A, CB, SCB, bias, 6.0)
+        if n_out <= 1:
+            assert torch.equal(out, want)
+        assert_matmul_close(out, want, torch.float16)
+        assert torch.equal(out, OPS.int8_linear(A, CB, SCB, bias, 6.0))  # deterministic
+        assert same_bytes(out[:16], OPS.int8_linear(A[:16], CB, SCB, bias, 6.0)), (N, n_out)
 
 
 # ---- int8_linear's small-M kernel (int8_small_m.cu): <= 16 rows, int8 weight, K % 16 == 0 ----

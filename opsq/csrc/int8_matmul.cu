@@ -139,9 +139,12 @@ igemm_kernel(const int8_t* __restrict__ A, const int8_t* __restrict__ B, int64_t
 //                             Aout[r][i] = A[r, idx[i]]                  (rows x kOutCap)
 //                             Wout[i][n] = CB[n, idx[i]] * (SCB[n] / 127) (kOutCap x N)
 //                           and zeros for i in [nc, round_up(nc, 4)) (groups of 4 below);
+//   outlier_tail_kernel     the rest, cnt > kOutCap: CBt[i][n] = CB[n, idx[kOutCap + i]]
+//                           (int8, transposed: one weight row a column of the tail);
 //   outlier_dequant_kernel  y = mm_dequant(C) + sum_i Aout[r][i] * Wout[i][n], + bias, rounded
-//                           once to T. Columns idx[kOutCap .. cnt) (rare) are read straight
-//                           from A and CB after the others (slow, same arithmetic).
+//                           once to T. Columns idx[kOutCap .. cnt) follow the others in
+//                           chunks of kOutCap, A gathered per tile, weights from CBt with the
+//                           same arithmetic (outlier_weight where they are used).
 // Per output element the outlier sum is an fp32 FMA chain in ascending column order, fixed
 // for a given input (deterministic); it differs from the reference's matmul only in summation
 // order (with one outlier column the two agree bit for bit). Non-outlier columns contribute
@@ -219,6 +222,41 @@ outlier_gather_kernel(const T* __restrict__ A, int64_t rows, int64_t K,
   }
 }
 
+// ---- tail weights (cnt > kOutCap; a random model's down_proj at 2048 tokens has ~14000 of its
+// 14336 columns over threshold 6): CBt[i][n] = CB[n, idx[kOutCap + i]] for i < cnt - kOutCap,
+// the weight's own int8 bytes transposed through shared memory in tiles of 64 x 64: reads run
+// along idx (contiguous where the outlier columns are), writes along n, so the epilogue reads a
+// chunk's weights for 4 columns with one 4-byte load instead of 16 byte loads K apart. The grid
+// is sized for cnt = K on the host; CTAs past the device's count return at once.
+constexpr int kTailTile = 64;
+
+__global__ void __launch_bounds__(kThreads)
+outlier_tail_kernel(const int8_t* __restrict__ CB, int64_t N, int64_t K,
+                    const int64_t* __restrict__ idx, const int64_t* __restrict__ cnt,
+                    int8_t* __restrict__ CBt) {
+  __shared__ int8_t s_t[kTailTile][kTailTile + 4];  // [i][n]; odd word stride: no conflicts
+  __shared__ int64_t s_idx[kTailTile];
+  const int64_t nt = *cnt - kOutCap;  // tail columns
+  const int64_t tiles_n = (N + kTailTile - 1) / kTailTile;
+  const int64_t tiles = (nt + kTailTile - 1) / kTailTile * tiles_n;  // <= 0: nothing to do
+  for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const int64_t i0 = t / tiles_n * kTailTile, n0 = t % tiles_n * kTailTile;
+    if (threadIdx.x < kTailTile)
+      s_idx[threadIdx.x] = i0 + threadIdx.x < nt ? idx[kOutCap + i0 + threadIdx.x] : 0;
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTailTile * kTailTile; e += kThreads) {
+      const int nn = e / kTailTile, ii = e % kTailTile;
+      s_t[ii][nn] = (n0 + nn < N && i0 + ii < nt) ? CB[(n0 + nn) * K + s_idx[ii]] : int8_t{0};
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < kTailTile * kTailTile; e += kThreads) {
+      const int ii = e / kTailTile, nn = e % kTailTile;
+      if (i0 + ii < nt && n0 + nn < N) CBt[(i0 + ii) * N + n0 + nn] = s_t[ii][nn];
+    }
+    __syncthreads();  // s_t and s_idx are rewritten by the next tile
+  }
+}
+
 // ---- epilogue with outliers. A CTA owns a tile of kOeTileRows rows x 256 columns; thread
 // (tx, ty) owns columns c0 .. c0 + 3 of the rows ty * 16 .. ty * 16 + 15 of the tile and keeps
 // their 64 outlier sums in registers: per group of 4 outlier columns it loads the 4 x 4 weights
@@ -241,7 +279,7 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
                        const float* __restrict__ bias, const float* __restrict__ Aout,
                        const float* __restrict__ Wout, const int64_t* __restrict__ idx,
                        const int64_t* __restrict__ cnt_p, const T* __restrict__ A,
-                       const int8_t* __restrict__ CB, T* __restrict__ out) {
+                       const int8_t* __restrict__ CBt, T* __restrict__ out) {
   __shared__ float4 s_a[kOeTileRows][kOutCap / 4];
   const int tx = threadIdx.x % kOeColThreads, ty = threadIdx.x / kOeColThreads;
   const int64_t c0 = (int64_t{blockIdx.x} * kOeColThreads + tx) * kOeCols;
@@ -269,7 +307,7 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
 #pragma unroll
       for (int j = 0; j < kOeCols; ++j) acc[r][j] = 0.f;
     // Outlier columns in chunks of kOutCap, ascending: the first from Aout / Wout, any further
-    // ones (cnt > kOutCap, rare) gathered here from A and CB with the same arithmetic.
+    // ones (cnt > kOutCap) with A gathered here and the weights from CBt, same arithmetic.
     for (int64_t base = 0; base < cnt; base += kOutCap) {
       const bool first = base == 0;
       const int nci = static_cast<int>(min(cnt - base, int64_t{kOutCap}));
@@ -308,13 +346,24 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
             }
           }
         } else {
+          const int8_t* tp = CBt + (base - kOutCap + 4 * g) * N + c0;  // row 4 g of the chunk
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const int i = 4 * g + q;
-            const int64_t k = i < nci ? idx[base + i] : 0;
+            int8_t b[kOeCols] = {0, 0, 0, 0};
+            if constexpr (VEC) {  // N % 4 == 0 and CBt 16-byte aligned: 4-byte aligned rows
+              if (i < nci && cv[0]) {
+                const char4 v = __ldg(reinterpret_cast<const char4*>(tp + q * N));
+                b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < kOeCols; ++j)
+                if (i < nci && cv[j]) b[j] = __ldg(tp + q * N + j);
+            }
 #pragma unroll
             for (int j = 0; j < kOeCols; ++j)
-              w[q][j] = (i < nci && cv[j]) ? outlier_weight(CB[(c0 + j) * K + k], cs[j]) : 0.f;
+              w[q][j] = (i < nci && cv[j]) ? outlier_weight(b[j], cs[j]) : 0.f;
           }
         }
 #pragma unroll
@@ -390,17 +439,21 @@ void int8_linear_outliers(const at::Tensor& C, const at::Tensor& a, const at::Te
                           const float* bias, int64_t rows, int64_t N, int64_t K, at::Tensor& out) {
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // Scratch: [cnt (16 bytes) | idx (K int64, padded to 16 bytes) | Aout (rows x kOutCap fp32) |
-  // Wout (kOutCap x N fp32)]; every part 16-byte aligned, nothing needs zeros.
+  // Wout (kOutCap x N fp32) | CBt ((K - kOutCap) x N int8, where K > kOutCap: room for every
+  // column an outlier, since cnt is only known on the device)]; every part 16-byte aligned,
+  // nothing needs zeros.
   const int64_t idx_bytes = ceil_div(8 * K, 16) * 16;
   const int64_t aout_bytes = rows * kOutCap * 4;
   const int64_t wout_bytes = int64_t{kOutCap} * N * 4;
-  at::Tensor scratch =
-      at::empty({16 + idx_bytes + aout_bytes + wout_bytes}, a.options().dtype(at::kByte));
+  const int64_t tail_cols = std::max<int64_t>(K - kOutCap, 0);
+  at::Tensor scratch = at::empty({16 + idx_bytes + aout_bytes + wout_bytes + tail_cols * N},
+                                 a.options().dtype(at::kByte));
   auto* base = static_cast<unsigned char*>(scratch.data_ptr());
   auto* cnt = reinterpret_cast<int64_t*>(base);
   auto* idx = reinterpret_cast<int64_t*>(base + 16);
   auto* aout = reinterpret_cast<float*>(base + 16 + idx_bytes);
   auto* wout = reinterpret_cast<float*>(base + 16 + idx_bytes + aout_bytes);
+  auto* cbt = reinterpret_cast<int8_t*>(base + 16 + idx_bytes + aout_bytes + wout_bytes);
   const T* ap = cptr<T>(a);
   const auto* cbp = cptr<int8_t>(CB);
   const float* sp = scb.data_ptr<float>();
@@ -415,6 +468,13 @@ void int8_linear_outliers(const at::Tensor& C, const at::Tensor& a, const at::Te
         ap, rows, K, cbp, sp, N, idx, cnt, aout, wout);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  if (tail_cols > 0) {
+    const int64_t tiles = ceil_div(tail_cols, int64_t{kTailTile}) * ceil_div(N, int64_t{kTailTile});
+    const int64_t grid = std::min<int64_t>(tiles, int64_t{sm_count()} * 8);
+    outlier_tail_kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(cbp, N, K, idx, cnt,
+                                                                              cbt);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const auto* cp = C.data_ptr<int32_t>();
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const bool vec = N % 4 == 0 && aligned16(cp) && aligned16(op);
@@ -423,10 +483,10 @@ void int8_linear_outliers(const at::Tensor& C, const at::Tensor& a, const at::Te
   const float* rs = row_stats.data_ptr<float>();
   if (vec) {
     outlier_dequant_kernel<T, true><<<grid, kThreads, 0, stream>>>(
-        cp, rows, N, K, rs, sp, bias, aout, wout, idx, cnt, ap, cbp, op);
+        cp, rows, N, K, rs, sp, bias, aout, wout, idx, cnt, ap, cbt, op);
   } else {
     outlier_dequant_kernel<T, false><<<grid, kThreads, 0, stream>>>(
-        cp, rows, N, K, rs, sp, bias, aout, wout, idx, cnt, ap, cbp, op);
+        cp, rows, N, K, rs, sp, bias, aout, wout, idx, cnt, ap, cbt, op);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
