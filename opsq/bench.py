@@ -725,22 +725,19 @@ def run(quick: bool = False, with_bnb: bool = True,
             baseline_rel_err=p["int8_t0_outlier_rel_err"], outlier_cols=p["outlier_cols"],
             outlier_row_frac=p["outlier_row_frac"]))
         _print_compare(rows[-1])
-        M, K, N = PREFILL_SMALL_SHAPE
-        p = prefill_times(timer, dev, M, K, N, nf4=False)
-        rows.append(compare_row(
-            "prefill", "Linear8bitLt t=6 outliers", f"{M}x{K}->{N}", "fp16", p["int8_t6_ms"],
-            "fp16 F.linear", p["fp16_outlier_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
-            tflops=2 * M * K * N / (p["int8_t6_ms"] * 1e-3) / 1e12, rel_err=p["int8_t6_rel_err"],
-            outlier_cols=p["outlier_cols"], outlier_row_frac=p["outlier_row_frac"]))
-        _print_compare(rows[-1])
-        M, K, N = PREFILL_DENSE_OUTLIER_SHAPE
-        p = prefill_times(timer, dev, M, K, N, outlier_cols=K, nf4=False)
-        rows.append(compare_row(
-            "prefill", "Linear8bitLt t=6 all outliers", f"{M}x{K}->{N}", "fp16", p["int8_t6_ms"],
-            "fp16 F.linear", p["fp16_outlier_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
-            tflops=2 * M * K * N / (p["int8_t6_ms"] * 1e-3) / 1e12, rel_err=p["int8_t6_rel_err"],
-            outlier_cols=p["outlier_cols"], outlier_row_frac=p["outlier_row_frac"]))
-        _print_compare(rows[-1])
+        # threshold 6 against fp16 F.linear: 16 outlier columns, then every column one
+        for op, (M, K, N), n_out in (
+                ("Linear8bitLt t=6 outliers", PREFILL_SMALL_SHAPE, 16),
+                ("Linear8bitLt t=6 all outliers", PREFILL_DENSE_OUTLIER_SHAPE,
+                 PREFILL_DENSE_OUTLIER_SHAPE[1])):
+            p = prefill_times(timer, dev, M, K, N, outlier_cols=n_out, nf4=False)
+            rows.append(compare_row(
+                "prefill", op, f"{M}x{K}->{N}", "fp16", p["int8_t6_ms"], "fp16 F.linear",
+                p["fp16_outlier_ms"], "ratio", PREFILL_OUTLIER_VS_FP16_MAX_RATIO,
+                tflops=2 * M * K * N / (p["int8_t6_ms"] * 1e-3) / 1e12,
+                rel_err=p["int8_t6_rel_err"], outlier_cols=p["outlier_cols"],
+                outlier_row_frac=p["outlier_row_frac"]))
+            _print_compare(rows[-1])
 
     def bench_qlora():
         q = qlora_step_times(timer, dev)
