@@ -624,6 +624,32 @@ def test_int8_linear_outlier_column_counts(n_out):
         assert same_bytes(out[:16], OPS.int8_linear(A[:16], CB, SCB, bias, 6.0)), (N, n_out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_outlier_tail_signed_zero(dtype):
+    """65 outlier columns (a tail of one, padded to a group of 4) and a negative SCB: in a row
+    whose only outlier-column value is tiny, the outlier sum underflows to -0 and the int32 sum
+    is 0, so the output's sign of zero depends on the padding terms being exactly +0. Bytes equal
+    the small-M kernel's (it pads with fma(0, 0, s)) on the first 16 rows."""
+    need("int8_linear")
+    rows, K, N = 17, 128, 40
+    A = randn((rows, K), torch.float32, seed=31) * 0.5
+    A[0, :65] = 10.0  # the outlier columns 0..64 (row 0 only)
+    A[1] = 0.0
+    A[1, 64] = 1e-30  # row 1: one tiny value in an outlier column, nothing else
+    A = A.to(dtype)
+    CB = torch.randint(1, 128, (N, K), dtype=torch.int8,
+                       generator=torch.Generator().manual_seed(32)).to(DEV)
+    SCB = -torch.rand(N, generator=torch.Generator().manual_seed(33)).to(DEV) * 1e-20
+    _, _, mask = OPS.vectorwise_quant(A, 6.0)
+    assert int(mask.sum()) == 65
+    out = torch.full((rows, N), float("nan"), dtype=dtype, device=DEV)
+    out.copy_(OPS.int8_linear(A, CB, SCB, None, 6.0))
+    assert same_bytes(out[:16], OPS.int8_linear(A[:16], CB, SCB, None, 6.0))
+    want = ref.int8_linear(A, CB, SCB, None, 6.0)
+    assert_matmul_close(out, want, dtype if dtype != torch.float32 else torch.float16)
+    assert not torch.signbit(out[1]).any() and not torch.signbit(want[1]).any()  # +0, as the reference
+
+
 # ---- int8_linear's small-M kernel (int8_small_m.cu): <= 16 rows, int8 weight, K % 16 == 0 ----
 def same_bytes(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Equal dtype, shape and bytes (NaN payloads included)."""
