@@ -2,8 +2,9 @@
 runs it under `ncu --kernel-name regex:...`): the 4-bit quantizer, the gemv at 8192->28672 and
 4096->4096 (and nested at 8192->28672), double_quant's kernels, the int8 small-M matmul
 (threshold 0 and 6; 6 also launches small_outliers_kernel), int8_linear at threshold 6 at
-2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and the
-8-bit optimizer update."""
+2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and at
+2048x14336->4096 with every column an outlier (also the tail transpose), and the 8-bit
+optimizer update."""
 import torch
 import opsq  # noqa: F401
 OPS = torch.ops.opsq
@@ -29,6 +30,12 @@ W8 = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
 CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
 A = torch.randn(2048, 4096, device="cuda", dtype=torch.float16)
 A[:, :16] *= 20
+OPS.int8_linear(A, CB, SCB, None, 6.0)
+# ... and with every column an outlier (a random Llama's down_proj at 2048 tokens): the tail
+# transpose (outlier_tail_kernel) and the epilogue's SIMT outlier term, 2048x14336->4096
+W8 = torch.randn(4096, 14336, device="cuda", dtype=torch.float16)
+CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
+A = torch.randn(2048, 14336, device="cuda", dtype=torch.float16) * 20
 OPS.int8_linear(A, CB, SCB, None, 6.0)
 from opsq.optim import AdamW8bit
 w = torch.nn.Parameter(torch.randn(1 << 24, device="cuda", dtype=torch.bfloat16))
