@@ -1016,8 +1016,8 @@ void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K
     const int64_t strips = ceil_div(K, 256);
     const int occ = thr ? ctas_per_sm<dq_stats_kernel<T, true>, kThreads>()
                         : ctas_per_sm<dq_stats_kernel<T, false>, kThreads>();
-    const int64_t gy = std::max<int64_t>(
-        1, std::min<int64_t>({sms * occ / strips, ceil_div(rows, kDqBlockRows), kMaxGridY}));
+    const int64_t gy = std::min<int64_t>(
+        balanced_ctas(ceil_div(rows, kDqBlockRows), sms * occ / strips), kMaxGridY);
     const dim3 grid(static_cast<unsigned>(strips), static_cast<unsigned>(gy));
     if (thr) dq_stats_kernel<T, true><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb);
     else dq_stats_kernel<T, false><<<grid, kThreads, 0, stream>>>(a, rows, K, thr_f, rb, cb, mb);
@@ -1028,8 +1028,8 @@ void double_quant_2pass(const at::Tensor& x, const T* a, int64_t rows, int64_t K
     const int64_t gx = ceil_div(K, int64_t{kThreads} * 8);
     const int occ = thr ? ctas_per_sm<dq_quant_kernel<T, true>, kThreads>()
                         : ctas_per_sm<dq_quant_kernel<T, false>, kThreads>();
-    const int64_t gy = std::max<int64_t>(
-        1, std::min<int64_t>({sms * occ / gx, ceil_div(rows, RB), kMaxGridY}));
+    const int64_t gy =
+        std::min<int64_t>(balanced_ctas(ceil_div(rows, RB), sms * occ / gx), kMaxGridY);
     const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
     int8_t* orow = r.CA.data_ptr<int8_t>();
     int8_t* ocol = r.CA_col.data_ptr<int8_t>();

@@ -10,6 +10,20 @@ namespace opsq {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// CTAs for `want` units of work when at most `cap` run at once and each strides over the rest
+// (want or cap < 1 counts as 1): min(want, cap), except that where the work takes t =
+// ceil(want / cap) > 1 trips, ceil(want / t) CTAs make every CTA's trip count equal within one,
+// so the last trip is not left to a few CTAs (16384 units over cap 528: 512 CTAs x 32 trips, not
+// 528 x 31 and a 32nd by 16). That grid is taken only while it keeps >= 7/8 of cap (always for
+// t >= 8): with fewer CTAs than that, each trip has fewer bytes in flight, which can cost more
+// than the partial trip saves (529 units over 528 would become 265 CTAs x 2 trips).
+inline int64_t balanced_ctas(int64_t want, int64_t cap) {
+  want = std::max<int64_t>(want, 1);
+  cap = std::max<int64_t>(cap, 1);
+  const int64_t even = ceil_div(want, ceil_div(want, cap));
+  return 8 * even >= 7 * cap ? even : std::min(want, cap);
+}
+
 constexpr int kMaxGridY = 65535;  // CUDA's limit on gridDim.y
 
 }  // namespace opsq
@@ -53,15 +67,13 @@ int ctas_per_sm() {
 
 // A one-wave grid for Kern: at most as many CTAs as are resident at once (the kernel strides
 // over the rest), so that no partial last wave runs its CTAs' whole loops at a fraction of the
-// occupancy; and, where the work takes t > 1 trips of a full wave, ceil(want / t) CTAs, so that
-// every CTA makes the same number of trips within one: with a full wave the last trip would be
-// left to a few CTAs (quantize_4bit of 8192^2 at blocksize 64 on 132 SMs: 16384 CTA trips over
-// 528 CTAs, the 32nd trip run by 16 of them; 512 CTAs make 32 each).
+// occupancy, and balanced_ctas of that (quantize_4bit of 8192^2 at blocksize 64 on 132 SMs x 4
+// CTAs: 512 CTAs x 32 trips).
 template <auto Kern, int Threads>
 int one_wave_grid(int64_t work_items, int64_t per_cta) {
   const int64_t want = ceil_div(std::max<int64_t>(work_items, 1), per_cta);
-  const int64_t wave = int64_t{sm_count()} * ctas_per_sm<Kern, Threads>();
-  return static_cast<int>(ceil_div(want, ceil_div(want, wave)));
+  return static_cast<int>(
+      balanced_ctas(want, int64_t{sm_count()} * ctas_per_sm<Kern, Threads>()));
 }
 
 // Whether kernel Kern runs code compiled for compute capability >= 9.0 on the current device (a
