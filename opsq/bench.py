@@ -86,7 +86,7 @@ DECODE_MIN_SPEEDUP = 3.0          # NF4 decode MLP vs bf16 (speed-up, higher is 
 PREFILL_4BIT_MAX_RATIO = 1.10     # Linear4bit / bf16 F.linear time (lower is better)
 PREFILL_INT8_MIN_SPEEDUP = 1.3    # fp16 F.linear / Linear8bitLt (t=0) time
 PREFILL_OUTLIER_MAX_RATIO = 1.15  # Linear8bitLt t=6 / t=0 time, same outlier input
-PREFILL_OUTLIER_VS_FP16_MAX_RATIO = 1.0  # Linear8bitLt t=6 / fp16 F.linear, 2048x4096->4096
+PREFILL_OUTLIER_VS_FP16_MAX_RATIO = 1.0  # Linear8bitLt t=6 / fp16 F.linear (both rows below)
 PREFILL_SMALL_SHAPE = (2048, 4096, 4096)  # (M, K, N) of that row
 # Linear8bitLt t=6 with every input column an outlier (a random Llama's down_proj at 2048 tokens
 # has ~14000 of 14336): (M, K, N), held to the same fp16-time target.

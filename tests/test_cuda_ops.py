@@ -544,10 +544,11 @@ def test_mm_dequant_matches_reference(out_dtype, bias_dtype):
 
 @pytest.mark.parametrize("shape", [(1, 64, 32), (16, 72, 40), (17, 64, 48), (33, 72, 8),
                                    (5, 13, 7), (64, 4096, 1024), (2, 3, 96, 24), (1, 8192, 333),
-                                   (16, 1024, 1000), (3, 4096, 130)])
+                                   (16, 1024, 1000), (3, 4096, 130), (17, 64, 44)])
 def test_igemmlt_matches_reference(shape):
-    """Every route: torch._int_mm (M > 16), the small-M tensor-core kernel (M <= 16, K % 16
-    == 0: several CTAs, N tails), the dp4a kernel (the rest)."""
+    """Every route: torch._int_mm (M > 16, K and N multiples of 8), the small-M tensor-core
+    kernel (M <= 16, K % 16 == 0: several CTAs, N tails), the dp4a kernel with 16-byte loads
+    (17 x 64 -> 44) and without (K % 16 != 0)."""
     need("igemmlt")
     *lead, K, N = shape
     A = torch.randint(-127, 128, (*lead, K), generator=gen(K), device=DEV,
