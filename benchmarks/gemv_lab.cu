@@ -136,10 +136,9 @@ gemv_lut_persistent_kernel(const __nv_bfloat16* __restrict__ A, int M, int64_t K
       const int64_t run = tile * steps + s;
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(W + run * 2048 + (c * 32 + lane) * 16));
-        const float2 ab = __ldg(reinterpret_cast<const float2*>(absmax + run * 64 + c * 16 + 2 * g));
-        w.a[c][0] = v.x; w.a[c][1] = v.y; w.b[c][0] = v.z; w.b[c][1] = v.w;
-        w.sa[c] = ab.x; w.sb[c] = ab.y;
+        const opsq::Tiled16Lane t = opsq::load_tiled16(W, absmax, run, c, lane);
+        w.a[c][0] = t.codes.x; w.a[c][1] = t.codes.y; w.b[c][0] = t.codes.z; w.b[c][1] = t.codes.w;
+        w.sa[c] = t.absmax.x; w.sb[c] = t.absmax.y;
       }
       return;
     }

@@ -141,6 +141,16 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 // l's 16 bytes for chunk c sit at (c * 32 + l) * 16 (its 8 bytes of row g, then of row g + 8), so
 // that each warp load reads 512 contiguous bytes; the step's 64 absmax values form one run at (b *
 // steps + s) * 64, (row g, row g + 8) of chunk c at c * 16 + 2 g.
+// One lane's share of chunk c of run `run` in that layout: its 16 code bytes (.x, .y: row g;
+// .z, .w: row g + 8) and the chunk's absmax of (row g, row g + 8). Shared with gemv_lab's v5.
+struct Tiled16Lane { uint4 codes; float2 absmax; };
+__device__ __forceinline__ Tiled16Lane load_tiled16(const uint8_t* __restrict__ W,
+                                                    const float* __restrict__ absmax,
+                                                    int64_t run, int c, int lane) {
+  return {__ldg(reinterpret_cast<const uint4*>(W + run * 2048) + c * 32 + lane),
+          __ldg(reinterpret_cast<const float2*>(absmax + run * 64) + c * 8 + (lane >> 2))};
+}
+
 template <typename T, bool NESTED, int C, bool BSEQ, int WARPS = kGemvWarps, int DEPTH = kGemvDepth,
           bool TILED = false>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)  // 16 warps an SM: <= 128 registers
@@ -193,15 +203,13 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 #pragma unroll
     for (int c = 0; c < NC; ++c) {
       if (TILED && c < nc) {
-        const int64_t run = int64_t{blockIdx.x} * steps + s;
-        const uint4 v = __ldg(reinterpret_cast<const uint4*>(W + run * 2048) + c * 32 + lane);
-        w.a[c][0] = v.x;
-        w.a[c][NW - 1] = v.y;
-        w.b[c][0] = v.z;
-        w.b[c][NW - 1] = v.w;
-        const float2 sc = __ldg(reinterpret_cast<const float2*>(am.absmax + run * 64) + c * 8 + g);
-        w.sa[c] = sc.x;
-        w.sb[c] = sc.y;
+        const Tiled16Lane t = load_tiled16(W, am.absmax, int64_t{blockIdx.x} * steps + s, c, lane);
+        w.a[c][0] = t.codes.x;
+        w.a[c][NW - 1] = t.codes.y;
+        w.b[c][0] = t.codes.z;
+        w.b[c][NW - 1] = t.codes.w;
+        w.sa[c] = t.absmax.x;
+        w.sb[c] = t.absmax.y;
       } else if (c < nc) {
         load_code(pa + c * (C / 2), w.a[c]);
         load_code(pb + c * (C / 2), w.b[c]);
