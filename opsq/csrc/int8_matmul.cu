@@ -285,11 +285,12 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
   const int64_t c0 = (int64_t{blockIdx.x} * kOeColThreads + tx) * kOeCols;
   const int64_t cnt = *cnt_p;
   bool cv[kOeCols];
-  float cs[kOeCols], bs[kOeCols];
+  float cs[kOeCols], sc[kOeCols], bs[kOeCols];
 #pragma unroll
   for (int j = 0; j < kOeCols; ++j) {
     cv[j] = c0 + j < N;
     cs[j] = cv[j] ? scb[c0 + j] : 0.f;
+    sc[j] = outlier_scale(cs[j]);
     bs[j] = (bias != nullptr && cv[j]) ? bias[c0 + j] : 0.f;
   }
   const int64_t tiles = (rows + kOeTileRows - 1) / kOeTileRows;
@@ -346,24 +347,25 @@ outlier_dequant_kernel(const int32_t* __restrict__ C, int64_t rows, int64_t N, i
             }
           }
         } else {
+          // Columns past N get 0 * scale, +0 (cs = 0 there) and never stored. Weights past nci
+          // stay an explicit +0: 0 * scale is -0 for a negative SCB, and fma(+0, -0, -0) keeps
+          // a -0 sum (a product that underflows) where fma(+0, +0, -0) gives +0.
           const int8_t* tp = CBt + (base - kOutCap + 4 * g) * N + c0;  // row 4 g of the chunk
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const int i = 4 * g + q;
-            int8_t b[kOeCols] = {0, 0, 0, 0};
+            uint32_t b4 = 0u;  // columns c0 .. c0 + 3, byte j for column c0 + j
             if constexpr (VEC) {  // N % 4 == 0 and CBt 16-byte aligned: 4-byte aligned rows
-              if (i < nci && cv[0]) {
-                const char4 v = __ldg(reinterpret_cast<const char4*>(tp + q * N));
-                b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
-              }
+              if (i < nci && cv[0]) b4 = __ldg(reinterpret_cast<const unsigned int*>(tp + q * N));
             } else {
 #pragma unroll
               for (int j = 0; j < kOeCols; ++j)
-                if (i < nci && cv[j]) b[j] = __ldg(tp + q * N + j);
+                if (i < nci && cv[j])
+                  b4 |= uint32_t{static_cast<uint8_t>(__ldg(tp + q * N + j))} << (8 * j);
             }
 #pragma unroll
             for (int j = 0; j < kOeCols; ++j)
-              w[q][j] = (i < nci && cv[j]) ? outlier_weight(b[j], cs[j]) : 0.f;
+              w[q][j] = i < nci ? mul_rn(s8_byte_as_float(b4, j), sc[j]) : 0.f;
           }
         }
 #pragma unroll

@@ -26,9 +26,19 @@ constexpr float kInv127 = 0x1.020408p-7f;
 
 // IEEE fused multiply-add, one rounding.
 __device__ __forceinline__ float fma_rn(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-// Weight value of the reference's outlier matmul: CB * (SCB / 127), each product rounded.
+// Weight value of the reference's outlier matmul: CB * (SCB / 127), each product rounded;
+// outlier_scale(SCB) is its second factor, for kernels that hold it per column.
+__device__ __forceinline__ float outlier_scale(float scb) { return mul_rn(scb, kInv127); }
 __device__ __forceinline__ float outlier_weight(int8_t cb, float scb) {
-  return mul_rn(static_cast<float>(cb), mul_rn(scb, kInv127));
+  return mul_rn(static_cast<float>(cb), outlier_scale(scb));
+}
+// Byte j (0..3) of `word` as a signed int8, converted to float exactly without a conversion
+// instruction (those issue at a quarter of the FP32 rate on sm_90): the byte with its sign bit
+// flipped is u = b + 128 in [0, 255]; placed under the exponent bits of 2^23 it is the float
+// 2^23 + u, and subtracting 2^23 + 128 leaves b (integers below 2^24: exact).
+__device__ __forceinline__ float s8_byte_as_float(uint32_t word, int j) {
+  const uint32_t bits = __byte_perm(word ^ 0x80808080u, 0x4B000000u, 0x7440u + j);
+  return __fsub_rn(__uint_as_float(bits), 8388736.0f);
 }
 __device__ __forceinline__ bool finite_bits(float x) {
   return (__float_as_uint(x) & 0x7fffffffu) < 0x7f800000u;
