@@ -156,6 +156,32 @@ def test_quantize_4bit_exact_boundaries_and_specials(quant_type):
     assert bool(torch.isfinite(absmax[: nb - 3]).all())
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_quantize_4bit_values_at_absmax(quant_type, dtype):
+    """Blocks whose elements are mostly +-absmax (x * rn(1 / absmax) lands one ulp either side
+    of +-1 for most absmax values), at blocksize 64 (the 16-bit kernels' fast path, whose look-up
+    has no clamp) and 128, with absmax near the top of bf16's range (a subnormal reciprocal):
+    codes and absmax equal the reference's exactly (no tie is possible at +-1)."""
+    need("quantize_4bit")
+    g = torch.Generator().manual_seed(77)
+    nb = 257
+    top = 3.0e38 if dtype != torch.float16 else 6.0e4
+    mags = torch.cat([torch.rand(nb - 8, generator=g) * 20 + 1e-3,
+                      torch.linspace(0.5, 1.0, 8) * top]).to(dtype).float()
+    for bs in (64, 128):
+        signs = torch.randint(0, 2, (nb, bs), generator=g).float() * 2 - 1
+        A = mags[:, None] * signs
+        # a fifth of each block random below absmax
+        mask = torch.rand(nb, bs, generator=g) < 0.2
+        A = torch.where(mask, A * torch.rand(nb, bs, generator=g), A).to(dtype)
+        packed, absmax = OPS.quantize_4bit(A.reshape(-1).to(DEV), bs, quant_type, torch.uint8)
+        rp, ra = ref.quantize_4bit(A.reshape(-1), bs, quant_type, torch.uint8)
+        assert torch.equal(absmax.cpu(), ra)
+        got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
+        assert torch.equal(got, want), f"bs {bs}: {int((got != want).sum())} codes differ"
+
+
 def test_quantize_4bit_2d_and_empty():
     need("quantize_4bit")
     A = randn((37, 129), torch.bfloat16, seed=5)

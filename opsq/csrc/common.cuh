@@ -134,6 +134,30 @@ template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
+// max|x| of 16-bit data, two elements a word: |a| and |b| bitwise per half (max.u16x2); for non-negative 16-bit floats the
+// unsigned order of the bits is the value order, NaN above inf, as abs_bits for fp32.
+__device__ __forceinline__ uint32_t absmax16x2(uint32_t m, uint32_t w) {
+  return __vmaxu2(m, w & 0x7fff7fffu);
+}
+// The larger half of a u16x2 max as fp32 abs bits.
+template <typename T>
+__device__ __forceinline__ uint32_t absmax16_to_bits(uint32_t m2) {
+  return abs_bits(half_lo<T>(max(m2 & 0xffffu, m2 >> 16)));
+}
+// max|x| of the 16-bit elements of W 16-byte words, as fp32 abs bits.
+template <typename T, int W>
+__device__ __forceinline__ uint32_t absmax16_bits(const uint4 (&w)[W]) {
+  uint32_t m2 = 0;
+#pragma unroll
+  for (int i = 0; i < W; ++i) {
+    m2 = absmax16x2(m2, w[i].x);
+    m2 = absmax16x2(m2, w[i].y);
+    m2 = absmax16x2(m2, w[i].z);
+    m2 = absmax16x2(m2, w[i].w);
+  }
+  return absmax16_to_bits<T>(m2);
+}
+
 // The 16 / sizeof(T) elements of one 16-byte word as floats.
 template <typename T>
 __device__ __forceinline__ void unpack16(const uint4& v, float* x) {
@@ -200,24 +224,41 @@ __device__ __constant__ unsigned char kFP4Asc[8] = {0, 1, 6, 7, 4, 5, 2, 3};
 constexpr int kZeroCodeNF4 = 7;
 constexpr int kZeroCodeFP4 = 0;
 
-// ---- 4-bit encoder: bucket look-up table ---------------------------------------------------
+// ---- 4-bit encoder: bucket look-up tables -------------------------------------------------
 // The normalised value v is cut into buckets of width 1/64 (NF4: v in [-1, 1], 128 buckets;
 // FP4: |v| in [0, 1], 64 buckets). Decision boundaries are >= 0.08 apart, so the bucket widened
-// by half a bucket on each side holds at most one boundary: the entry stores it (or +inf) and
-// the codes below / above it. code = v > thr ? hi : lo gives exactly the number of boundaries
-// below v (torch.bucketize(v, boundaries, right=False)) for every float v, whatever rounding put
-// v into a neighbouring bucket. Verified exhaustively against bucketize around every boundary.
-// Two shared arrays (not one array of 8-byte entries): 4-byte accesses keep the look-ups of a
-// warp free of bank conflicts for the buckets that data concentrates in.
-template <bool NF4> struct Lut {
-  static constexpr int kBuckets = NF4 ? 128 : 64;
-  float thr[kBuckets];
-  // NF4: the code below the boundary (the one above is always that + 1); FP4: lo | hi << 8
-  uint32_t codes[kBuckets];
+// by half a bucket on each side holds at most one boundary. With lo = the number of boundaries
+// below the widened bucket, the code is lo or the next one up, decided by one comparison with
+// that boundary (torch.bucketize(v, boundaries, right=False) for every float v, whatever
+// rounding put v into a neighbouring bucket; verified exhaustively around every boundary).
+// Each table holds one pad entry below bucket 0 and one above the last bucket (kPad), so that
+// the quantizer's fast path needs no clamp: there v = x * rn(1 / absmax) with |x| <= absmax, so
+// |v| <= 1 + 2^-20 (1 + 2^-23 unless the reciprocal is subnormal), whose bucket is -1 (NF4) or
+// kBuckets at most; both pads lie beyond every boundary (NF4: codes 0 and 15, no threshold).
+//
+// NF4: lo as one byte per bucket and the boundary above code c as mid[c] (mid[15] = +inf), so
+// code = lo + (v > mid[lo]). The 130 bytes span all 32 banks once, so a warp's byte loads hit
+// distinct banks or the same word, and the 16 boundaries sit in 16 banks: neither look-up has a
+// bank conflict (an earlier table of 4-byte entries per bucket had up to 4-way conflicts where
+// data concentrates in the middle buckets, and bound the quantizer's throughput on the H200).
+// FP4: per bucket the boundary (+inf where none) and lo | hi << 8 (codes in FP4's order).
+template <bool NF4> struct Lut;
+template <> struct Lut<true> {
+  static constexpr int kBuckets = 128;
+  static constexpr int kPad = 1;  // entry kPad + b holds bucket b, b in [-1, kBuckets]
+  uint8_t lo[kBuckets + 2 * kPad + 2];  // (+2: a whole number of words)
+  float mid[16];
+};
+template <> struct Lut<false> {
+  static constexpr int kBuckets = 64;
+  static constexpr int kPad = 1;
+  float thr[kBuckets + 2 * kPad];
+  uint32_t codes[kBuckets + 2 * kPad];
 };
 
 template <bool NF4> struct Enc {
   static constexpr int kBuckets = Lut<NF4>::kBuckets;
+  static constexpr int kPad = Lut<NF4>::kPad;
   static constexpr int kZero = NF4 ? kZeroCodeNF4 : kZeroCodeFP4;
   static constexpr int kNaNCode = NF4 ? 15 : 3;  // bucketize sorts NaN above every boundary
 
@@ -225,7 +266,8 @@ template <bool NF4> struct Enc {
   static __device__ void build(Lut<NF4>& lut) {
     constexpr int kN = NF4 ? 15 : 7;
     const float* bounds = NF4 ? kNF4Mid : kFP4Thr;
-    for (int j = threadIdx.x; j < kBuckets; j += blockDim.x) {
+    for (int e = threadIdx.x; e < kBuckets + 2 * kPad; e += blockDim.x) {
+      const int j = e - kPad;  // the bucket
       const float lo = (NF4 ? -1.0f : 0.0f) + static_cast<float>(j) * (1.0f / 64.0f);
       const float lo_m = lo - (1.0f / 128.0f);
       const float hi_m = lo + (1.0f / 64.0f) + (1.0f / 128.0f);
@@ -236,67 +278,77 @@ template <bool NF4> struct Enc {
         if (b < lo_m) ++below;
         else if (b <= hi_m) thr = b;
       }
-      uint32_t c_lo = below, c_hi = below + 1 > kN ? kN : below + 1;
-      if (!NF4) { c_lo = kFP4Asc[c_lo]; c_hi = kFP4Asc[c_hi]; }
-      lut.thr[j] = thr;
-      // NF4: a bucket with a boundary has below <= 14, so its upper code is below + 1
-      lut.codes[j] = NF4 ? c_lo : (c_lo | (c_hi << 8));
+      if constexpr (NF4) {
+        lut.lo[e] = static_cast<uint8_t>(below);
+      } else {
+        const uint32_t c_lo = kFP4Asc[below], c_hi = kFP4Asc[below + 1 > kN ? kN : below + 1];
+        lut.thr[e] = thr;
+        lut.codes[e] = c_lo | (c_hi << 8);
+      }
+    }
+    if constexpr (NF4) {
+      if (threadIdx.x < 16)
+        lut.mid[threadIdx.x] = threadIdx.x < 15 ? kNF4Mid[threadIdx.x] : __int_as_float(0x7f800000);
     }
   }
 
-  // Byte offset (bucket * 4) of key's bucket in the table's arrays: bucket = floor(key * 64
-  // (+ 64)) on key clamped below 1 (fmaxf drops a NaN). The multiply-add rounds 2 + (bucket +
-  // fraction) * 2^-22 down onto the float grid of [2, 4), whose step is 2^-22, so the float's
-  // bits are 0x40000000 + bucket; times 4 (mod 2^32) that is the offset. (Powers of two scale
-  // exactly, so the floor is the same as of key * 64 (+ 64) itself.)
-  static __device__ __forceinline__ uint32_t bucket_offset(float key) {
-    const float kc = fminf(fmaxf(key, NF4 ? -1.0f : 0.0f), 0x1.fffffep-1f);
-    const float f = __fmaf_rd(kc, 0x1p-16f, NF4 ? 2.0f + 0x1p-16f : 2.0f);
-    return __float_as_uint(f) * 4u;
+  // NF4: the table index (bucket + kPad) of v, floor(64 (v + 1)) + kPad: the multiply-add
+  // (rounding down) lands on the grid of subnormal floats, whose step 2^-149 is the unit of
+  // the bits, so the bits are the index (operands 64 * 2^-149 and (64 + kPad) * 2^-149 given
+  // as bits: subnormal constants). v must lie in [-1 - 1/64, 1 + 1/64) (CLAMP: clamped to
+  // [-1, 1) first; fmaxf drops a NaN).
+  template <bool CLAMP>
+  static __device__ __forceinline__ uint32_t nf4_index(float v) {
+    const float kc = CLAMP ? fminf(fmaxf(v, -1.0f), 0x1.fffffep-1f) : v;
+    return __float_as_uint(__fmaf_rd(kc, __uint_as_float(64u), __uint_as_float(64u + kPad)));
+  }
+  // FP4: byte offset (bucket * 4, signed) of key = |v|'s bucket from the table's bucket 0:
+  // the multiply-add rounds 2 + (bucket + fraction) * 2^-22 down onto the float grid of [2, 4),
+  // whose step is 2^-22, so the float's bits are 0x40000000 + bucket; times 4 (mod 2^32) that
+  // is the offset. (Powers of two scale exactly, so the floor is the same as of key * 64.)
+  // key must lie in [0, 1 + 1/64) (CLAMP: clamped to [0, 1) first).
+  template <bool CLAMP>
+  static __device__ __forceinline__ int32_t fp4_offset(float key) {
+    const float kc = CLAMP ? fminf(fmaxf(key, 0.0f), 0x1.fffffep-1f) : key;
+    const float f = __fmaf_rd(kc, 0x1p-16f, 2.0f);
+    return static_cast<int32_t>(__float_as_uint(f) * 4u);
   }
   template <typename U>
-  static __device__ __forceinline__ U at(const U* a, uint32_t off) {
-    return *reinterpret_cast<const U*>(reinterpret_cast<const char*>(a) + off);
+  static __device__ __forceinline__ U at(const U* a, int32_t off) {
+    return *reinterpret_cast<const U*>(reinterpret_cast<const char*>(a + kPad) + off);
   }
 
-  // Code (0..15) of one normalised value that is not NaN.
-  static __device__ __forceinline__ uint32_t encode_not_nan(const Lut<NF4>& lut, float v) {
-    const uint32_t bits = __float_as_uint(v);
-    const uint32_t mag = bits & 0x7fffffffu;
-    const float key = NF4 ? v : __uint_as_float(mag);
-    const uint32_t off = bucket_offset(key);
-    const uint32_t codes = at(lut.codes, off);
-    const bool above = key > at(lut.thr, off);
-    if constexpr (NF4) {
-      return codes + (above ? 1u : 0u);
-    } else {
-      // normed < 0 (strictly: not -0.0), read from the bits so it holds for subnormals.
-      return (above ? (codes >> 8) : (codes & 0xffu)) |
-             (((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3);
-    }
-  }
-
-  // word * 16 + the code of v, for v not NaN: the quantizer's packing step. For NF4 the
-  // upper code is the lower + 1, a predicated add instead of a select.
+  // word * 16 + the code of v, for v not NaN (CLAMP: v anywhere; else v in [-1 - 1/64,
+  // 1 + 1/64], as in the quantizer's fast path). For NF4 the upper code is the lower + 1, a
+  // predicated add instead of a select.
+  template <bool CLAMP>
   static __device__ __forceinline__ uint32_t append(const Lut<NF4>& lut, uint32_t word,
                                                     float v) {
     if constexpr (NF4) {
-      const uint32_t off = bucket_offset(v);
-      uint32_t out = word * 16u + at(lut.codes, off);
+      const uint32_t lo = lut.lo[nf4_index<CLAMP>(v)];
+      uint32_t out = word * 16u + lo;
       // (PTX: the compiler's own `if` became an add and a predicated move, two instructions)
       asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\t@p add.u32 %0, %0, 1;\n\t}"
           : "+r"(out)
-          : "f"(v), "f"(at(lut.thr, off)));
+          : "f"(v), "f"(lut.mid[lo]));
       return out;
     } else {
-      return word * 16u + encode_not_nan(lut, v);
+      const uint32_t bits = __float_as_uint(v);
+      const uint32_t mag = bits & 0x7fffffffu;
+      const float key = __uint_as_float(mag);
+      const int32_t off = fp4_offset<CLAMP>(key);
+      const uint32_t codes = at(lut.codes, off);
+      const bool above = key > at(lut.thr, off);
+      // normed < 0 (strictly: not -0.0), read from the bits so it holds for subnormals.
+      return word * 16u + ((above ? (codes >> 8) : (codes & 0xffu)) |
+                           (((bits >> 31) & (mag != 0u ? 1u : 0u)) << 3));
     }
   }
 
   // Code (0..15) of one normalised value.
   static __device__ __forceinline__ uint32_t encode(const Lut<NF4>& lut, float v) {
     const uint32_t mag = __float_as_uint(v) & 0x7fffffffu;
-    return mag > 0x7f800000u ? static_cast<uint32_t>(kNaNCode) : encode_not_nan(lut, v);
+    return mag > 0x7f800000u ? static_cast<uint32_t>(kNaNCode) : append<true>(lut, 0u, v);
   }
 };
 

@@ -118,17 +118,21 @@ dequant4_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, int bs_log2, b
 
 constexpr int kQuant4Groups = 2;  // independent block groups a trip (loads in flight)
 
-template <typename T, bool NF4, int EPT, bool VEC>
+// BSL2: log2 of the blocksize where the launch fixes it (the group's size and the reduction
+// then fold into constants), or 0 (bs_log2 at run time).
+template <typename T, bool NF4, int EPT, bool VEC, int BSL2>
 __global__ void __launch_bounds__(kThreads)
-quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restrict__ packed,
+quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2_arg, uint8_t* __restrict__ packed,
               int64_t nbytes, float* __restrict__ absmax, int64_t nblocks) {
   using Encoder = Enc<NF4>;
   constexpr int S = kQuant4Groups;
+  constexpr bool kHalf = sizeof(T) == 2;
   __shared__ Lut<NF4> lut;
   __shared__ uint32_t red[S][kThreads / 32];
   Encoder::build(lut);
   __syncthreads();
 
+  const int bs_log2 = BSL2 > 0 ? BSL2 : bs_log2_arg;
   const int G = (1 << bs_log2) / EPT;  // threads per block, power of two, <= kThreads
   const int per_cta = kThreads / G;
   const int gi = threadIdx.x & (G - 1);
@@ -160,7 +164,10 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
   int64_t b0 = int64_t{blockIdx.x} * per_cta * S;
   if (b0 < nblocks) issue(b0);
   for (; b0 < nblocks; b0 += step) {
-    float x[S][EPT];
+    // 16-bit types keep the raw words (elements past n as +0), unpacked at their use; fp32
+    // unpacks them here
+    float x[S][kHalf ? 1 : EPT];
+    uint4 cur[S][kWords];
     int64_t qb[S], e0[S];
     bool active[S];
 #pragma unroll
@@ -170,7 +177,19 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       e0[s] = (qb[s] << bs_log2) + int64_t{gi} * EPT;
       if (nxt_ok[s]) {
 #pragma unroll
-        for (int i = 0; i < kWords; ++i) unpack16<T>(nxt[s][i], x[s] + i * kPerWord);
+        for (int i = 0; i < kWords; ++i) {
+          if constexpr (kHalf) cur[s][i] = nxt[s][i];
+          else unpack16<T>(nxt[s][i], x[s] + i * kPerWord);
+        }
+      } else if constexpr (kHalf) {
+        const uint16_t* a16 = reinterpret_cast<const uint16_t*>(A);
+        uint32_t h[EPT];
+#pragma unroll
+        for (int i = 0; i < EPT; ++i) h[i] = (active[s] && e0[s] + i < n) ? a16[e0[s] + i] : 0u;
+#pragma unroll
+        for (int i = 0; i < kWords; ++i)
+          cur[s][i] = make_uint4(h[8 * i] | h[8 * i + 1] << 16, h[8 * i + 2] | h[8 * i + 3] << 16,
+                                 h[8 * i + 4] | h[8 * i + 5] << 16, h[8 * i + 6] | h[8 * i + 7] << 16);
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i)
@@ -181,10 +200,15 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
     uint32_t m[S];
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-      m[s] = 0;
+      if constexpr (kHalf) {
+        m[s] = absmax16_bits<T>(cur[s]);
+      } else {
+        m[s] = 0;
 #pragma unroll
-      for (int i = 0; i < EPT; ++i) m[s] = max(m[s], abs_bits(x[s][i]));
+        for (int i = 0; i < EPT; ++i) m[s] = max(m[s], abs_bits(x[s][i]));
+      }
     }
+#pragma unroll
     for (int o = (G < 32 ? G : 32) >> 1; o > 0; o >>= 1) {
 #pragma unroll
       for (int s = 0; s < S; ++s) m[s] = max(m[s], __shfl_xor_sync(0xffffffffu, m[s], o));
@@ -206,6 +230,16 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       if (!active[s]) continue;
       if (gi == 0) absmax[qb[s]] = __uint_as_float(m[s]);
       const float scale = safe_rcp_from_bits(m[s]);
+      const auto elem = [&](int i) {  // element i of the group as fp32 (i known at compile time)
+        if constexpr (kHalf) {
+          const uint4& u = cur[s][i / kPerWord];
+          const int r = i % kPerWord;
+          const uint32_t part = r < 2 ? u.x : r < 4 ? u.y : r < 6 ? u.z : u.w;
+          return (r & 1) ? half_hi<T>(part) : half_lo<T>(part);
+        } else {
+          return x[s][i];
+        }
+      };
       uint32_t word[EPT / 8];
 #pragma unroll
       for (int k = 0; k < EPT / 8; ++k) word[k] = 0;
@@ -216,23 +250,24 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2, uint8_t* __restri
       if (e0[s] + EPT <= n && m[s] < 0x7f800000u && !isinf(scale)) {
         // The common case, decided once for the thread's EPT elements: all in range, a finite
         // absmax (so no element is NaN or infinite: max|x| propagates both) and a finite
-        // reciprocal (scale_or_div's multiply), so no per-element test or branch. Each word is
-        // built as word * 16 + code in the order that puts element 8k + 2j in the high nibble
-        // of byte j: elements 6, 7, 4, 5, 2, 3, 0, 1.
+        // reciprocal (scale_or_div's multiply), so no per-element test or branch, and |v| <= 1
+        // + 2^-20 (Enc::append needs no clamp). Each word is built as word * 16 + code in the
+        // order that puts element 8k + 2j in the high nibble of byte j: elements 6, 7, 4, 5, 2,
+        // 3, 0, 1.
 #pragma unroll
         for (int k = 0; k < EPT / 8; ++k) {
           uint32_t w = 0;
 #pragma unroll
           for (int t = 0; t < 8; ++t) {
             const int i = 8 * k + 6 - 2 * (t / 2) + (t & 1);
-            w = Encoder::append(lut, w, mul_rn(x[s][i], scale));
+            w = Encoder::template append<false>(lut, w, mul_rn(elem(i), scale));
           }
           word[k] = w;
         }
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i) {
-          put(i, (e0[s] + i < n) ? Encoder::encode(lut, scale_or_div(x[s][i], scale,
+          put(i, (e0[s] + i < n) ? Encoder::encode(lut, scale_or_div(elem(i), scale,
                                                                      __uint_as_float(m[s])))
                                  : static_cast<uint32_t>(Encoder::kZero));
         }
@@ -390,15 +425,24 @@ void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, in
   const bool vec = reinterpret_cast<uintptr_t>(A) % 16 == 0;
   const int bs_log2 = log2_exact(blocksize);
   // blocks a CTA takes a trip: kQuant4Groups groups of kThreads / (blocksize / EPT) blocks
-#define OPSQ_Q4(EPT, VEC)                                                                       \
-  quant4_kernel<T, NF4, EPT, VEC>                                                               \
-      <<<one_wave_grid<quant4_kernel<T, NF4, EPT, VEC>, kThreads>(                              \
+#define OPSQ_Q4(EPT, VEC, BSL2)                                                                 \
+  quant4_kernel<T, NF4, EPT, VEC, BSL2>                                                         \
+      <<<one_wave_grid<quant4_kernel<T, NF4, EPT, VEC, BSL2>, kThreads>(                        \
              nblocks, kQuant4Groups * kThreads / (blocksize / EPT)),                            \
          kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks)
-  if (blocksize == 4096) {
-    if (vec) OPSQ_Q4(16, true); else OPSQ_Q4(16, false);
+  bool done = false;
+  if constexpr (sizeof(T) == 2) {
+    // the common case (blocksize 64 in 16 bits): 4 threads a block, the reduction in constants
+    if (blocksize == 64) {
+      if (vec) OPSQ_Q4(16, true, 6); else OPSQ_Q4(16, false, 6);
+      done = true;
+    }
+  }
+  if (done) {
+  } else if (blocksize == 4096) {
+    if (vec) OPSQ_Q4(16, true, 0); else OPSQ_Q4(16, false, 0);
   } else {
-    if (vec) OPSQ_Q4(8, true); else OPSQ_Q4(8, false);
+    if (vec) OPSQ_Q4(8, true, 0); else OPSQ_Q4(8, false, 0);
   }
 #undef OPSQ_Q4
   C10_CUDA_KERNEL_LAUNCH_CHECK();

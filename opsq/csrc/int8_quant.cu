@@ -302,16 +302,6 @@ __device__ __forceinline__ void zero_outliers(float* x, float thr) {
   for (int i = 0; i < N; ++i)
     if (__uint_as_float(abs_bits(x[i])) >= thr) x[i] = 0.f;
 }
-// 16-bit data: |a| and |b| bitwise per half (max.u16x2); for non-negative 16-bit floats the
-// unsigned order of the bits is the value order, NaN above inf, as abs_bits for fp32.
-__device__ __forceinline__ uint32_t absmax16x2(uint32_t m, uint32_t w) {
-  return __vmaxu2(m, w & 0x7fff7fffu);
-}
-// The larger half of a u16x2 max as fp32 abs bits.
-template <typename T>
-__device__ __forceinline__ uint32_t absmax16_to_bits(uint32_t m2) {
-  return abs_bits(half_lo<T>(max(m2 & 0xffffu, m2 >> 16)));
-}
 
 // ---- vectorwise_quant, single pass: each row is read once from DRAM into registers ----------
 // A CTA of 8 warps works on tiles of RPT = 8 / GW rows; a group of GW warps (GT threads) owns
@@ -406,15 +396,7 @@ rowreg_kernel(const T* __restrict__ A, int64_t rows, int K, float thr, int8_t* _
 #pragma unroll
     for (int i = 0; i < kOmWords; ++i) om[i] = 0u;
     if constexpr (!THR && sizeof(T) == 2) {
-      uint32_t m2 = 0;
-#pragma unroll
-      for (int k = 0; k < NC; ++k) {
-        m2 = absmax16x2(m2, v[k].x);
-        m2 = absmax16x2(m2, v[k].y);
-        m2 = absmax16x2(m2, v[k].z);
-        m2 = absmax16x2(m2, v[k].w);
-      }
-      m = absmax16_to_bits<T>(m2);
+      m = absmax16_bits<T>(v);
     } else {
 #pragma unroll
       for (int k = 0; k < NC; ++k) {
