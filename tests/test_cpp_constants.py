@@ -52,6 +52,34 @@ def test_decision_boundaries_match():
     assert f"kZeroCodeNF4 = {C.ZERO_CODE['nf4']};" in text
 
 
+
+def test_nf4_lookup_design_equals_bucketize():
+    """The NF4 encoder's look-up (common.cuh, Enc<true>): per bucket of width 1/64 the number lo
+    of boundaries below the bucket widened by half a bucket, and code = lo + (v > mid[lo]) with
+    mid[15] = +inf, from the table index floor(64 (v + 1)) + 1 (pads for buckets -1 and 128).
+    Emulated here over every float32 within 2000 ulps of each boundary and bucket edge, random
+    values and the fast path's extremes +-(1 + 2^-20): equal to torch.bucketize(right=False)."""
+    mids = torch.tensor(_hex_floats("kNF4Mid"), dtype=torch.float32)
+    f32 = torch.float32
+    lo = []
+    for e in range(130):  # table entry e holds bucket e - 1, computed as Enc::build does in fp32
+        low = torch.tensor(-1.0, dtype=f32) + torch.tensor(e - 1, dtype=f32) / 64
+        lo_m, hi_m = low - 1 / 128, low + 1 / 64 + 1 / 128
+        assert int(((mids >= lo_m) & (mids <= hi_m)).sum()) <= 1  # one boundary a window
+        lo.append(int((mids < lo_m).sum()))
+    lo = torch.tensor(lo)
+    mid16 = torch.cat([mids, torch.tensor([float("inf")])])
+    edges = torch.cat([mids, torch.arange(-64, 65, dtype=f32) / 64])
+    near = (edges.view(torch.int32)[:, None] + torch.arange(-2000, 2001)[None, :]).view(f32)
+    v = torch.cat([near.reshape(-1), torch.rand(1_000_000) * 2 - 1,
+                   torch.tensor([1 + 2**-23, 1 + 2**-20, -1 - 2**-23, -1 - 2**-20, 0.0, -0.0])])
+    v = v[v.isfinite() & (v.abs() <= 1 + 2**-20)]
+    idx = torch.floor(64 * (v.double() + 1)).long() + 1  # the subnormal multiply-add's bits
+    code = lo[idx] + (v > mid16[lo[idx]]).long()
+    want = torch.bucketize(v, mids, right=False)
+    assert torch.equal(code, want), f"{int((code != want).sum())} codes differ"
+
+
 _PROGRAM = r'''
 #include "checks.h"
 #include <cmath>
