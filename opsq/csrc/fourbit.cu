@@ -111,8 +111,9 @@ dequant4_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, int bs_log2, b
 // -------------------------------------------------------------------------------------------
 // quantize_4bit
 // G = blocksize / EPT threads share one block (G <= 256); each thread loads EPT consecutive
-// elements, the group reduces max|x| (integer max over the IEEE bits: NaN propagates), then
-// each thread encodes its elements and writes EPT/2 packed bytes. Elements past n (odd tail,
+// elements, the group reduces max|x| (integer max over the IEEE bits: NaN propagates; 16-bit
+// types as a packed u16x2 max of the raw words), then each thread encodes its elements and
+// writes EPT/2 packed bytes. Elements past n (odd tail,
 // storage padding) take the zero code; bytes past the storage size are not written.
 // -------------------------------------------------------------------------------------------
 
@@ -430,16 +431,15 @@ void launch_quant4(const T* A, int64_t n, int64_t blocksize, uint8_t* packed, in
       <<<one_wave_grid<quant4_kernel<T, NF4, EPT, VEC, BSL2>, kThreads>(                        \
              nblocks, kQuant4Groups * kThreads / (blocksize / EPT)),                            \
          kThreads, 0, stream>>>(A, n, bs_log2, packed, nbytes, absmax, nblocks)
-  bool done = false;
   if constexpr (sizeof(T) == 2) {
     // the common case (blocksize 64 in 16 bits): 4 threads a block, the reduction in constants
     if (blocksize == 64) {
       if (vec) OPSQ_Q4(16, true, 6); else OPSQ_Q4(16, false, 6);
-      done = true;
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
     }
   }
-  if (done) {
-  } else if (blocksize == 4096) {
+  if (blocksize == 4096) {
     if (vec) OPSQ_Q4(16, true, 0); else OPSQ_Q4(16, false, 0);
   } else {
     if (vec) OPSQ_Q4(8, true, 0); else OPSQ_Q4(8, false, 0);
