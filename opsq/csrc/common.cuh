@@ -134,8 +134,9 @@ template <> __device__ __forceinline__ float half_hi<__half>(uint32_t w) {
   return __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
 }
 
-// max|x| of 16-bit data, two elements a word: |a| and |b| bitwise per half (max.u16x2); for non-negative 16-bit floats the
-// unsigned order of the bits is the value order, NaN above inf, as abs_bits for fp32.
+// max|x| of 16-bit data, two elements a word: |a| and |b| bitwise per half (max.u16x2); for
+// non-negative 16-bit floats the unsigned order of the bits is the value order, NaN above inf,
+// as abs_bits for fp32.
 __device__ __forceinline__ uint32_t absmax16x2(uint32_t m, uint32_t w) {
   return __vmaxu2(m, w & 0x7fff7fffu);
 }
