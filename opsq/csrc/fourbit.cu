@@ -189,8 +189,10 @@ quant4_kernel(const T* __restrict__ A, int64_t n, int bs_log2_arg, uint8_t* __re
         for (int i = 0; i < EPT; ++i) h[i] = (active[s] && e0[s] + i < n) ? a16[e0[s] + i] : 0u;
 #pragma unroll
         for (int i = 0; i < kWords; ++i)
-          cur[s][i] = make_uint4(h[8 * i] | h[8 * i + 1] << 16, h[8 * i + 2] | h[8 * i + 3] << 16,
-                                 h[8 * i + 4] | h[8 * i + 5] << 16, h[8 * i + 6] | h[8 * i + 7] << 16);
+          cur[s][i] = make_uint4(h[8 * i] | h[8 * i + 1] << 16,
+                                 h[8 * i + 2] | h[8 * i + 3] << 16,
+                                 h[8 * i + 4] | h[8 * i + 5] << 16,
+                                 h[8 * i + 6] | h[8 * i + 7] << 16);
       } else {
 #pragma unroll
         for (int i = 0; i < EPT; ++i)
