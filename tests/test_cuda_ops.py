@@ -182,6 +182,33 @@ def test_quantize_4bit_values_at_absmax(quant_type, dtype):
         assert torch.equal(got, want), f"bs {bs}: {int((got != want).sum())} codes differ"
 
 
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_4bit_specials_blocksize64_16bit(quant_type, dtype):
+    """The 16-bit, blocksize-64 kernel (raw words, packed u16x2 max): blocks with NaN, +-inf,
+    all zeros, -0.0, subnormals of the dtype, and a ragged tail, aligned and at an odd element
+    offset (the scalar-load path): codes and absmax equal the reference's exactly."""
+    need("quantize_4bit")
+    g = torch.Generator().manual_seed(31)
+    tiny = torch.finfo(dtype).tiny  # smallest normal; subnormals below it
+    blocks = [torch.randn(64, generator=g) for _ in range(6)]
+    blocks[0][5] = float("nan")
+    blocks[1][7], blocks[1][9] = float("inf"), float("-inf")
+    blocks[2] = torch.zeros(64)
+    blocks[3] = torch.full((64,), -0.0)
+    blocks[4] = torch.rand(64, generator=g) * tiny * 0.5        # subnormal block
+    blocks[5][::3] = tiny * 0.25                                 # subnormals among normals
+    body = torch.cat(blocks + [torch.randn(64 * 40 + 37, generator=g) * 3]).to(dtype)
+    padded = torch.cat([torch.zeros(1, dtype=dtype), body]).to(DEV)
+    for A in (body.to(DEV), padded[1:]):  # the second starts 2 bytes off 16-byte alignment
+        packed, absmax = OPS.quantize_4bit(A, 64, quant_type, torch.uint8)
+        rp, ra = ref.quantize_4bit(A.cpu(), 64, quant_type, torch.uint8)
+        assert torch.equal(absmax.cpu().isnan(), ra.isnan())
+        assert torch.equal(absmax.cpu().nan_to_num(), ra.nan_to_num())
+        got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
+        assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+
+
 def test_quantize_4bit_2d_and_empty():
     need("quantize_4bit")
     A = randn((37, 129), torch.bfloat16, seed=5)
