@@ -119,6 +119,18 @@ def test_quantize_4bit_storage_padding(quant_type, storage):
         assert bool((raw[n:] == z).all()), "padding must hold the zero code"
 
 
+def assert_quantize_4bit_exact(A: torch.Tensor, blocksize: int, quant_type: str):
+    """quantize_4bit of A on the device: absmax (NaN where the reference's is) and every code
+    equal to the reference's."""
+    packed, absmax = OPS.quantize_4bit(A, blocksize, quant_type, torch.uint8)
+    rp, ra = ref.quantize_4bit(A.cpu(), blocksize, quant_type, torch.uint8)
+    assert torch.equal(absmax.cpu().isnan(), ra.isnan())
+    assert torch.equal(absmax.cpu().nan_to_num(), ra.nan_to_num())
+    got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
+    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+    return absmax
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_quantize_4bit_exact_boundaries_and_specials(quant_type):
     """Values exactly at the decision boundaries (and one ulp either side), zero blocks,
@@ -144,13 +156,7 @@ def test_quantize_4bit_exact_boundaries_and_specials(quant_type):
         for k, v in specials.items():
             blk[k] = v
         blocks.append(blk)
-    A = torch.cat(blocks).to(DEV)
-    packed, absmax = OPS.quantize_4bit(A, 32, quant_type, torch.uint8)
-    rp, ra = ref.quantize_4bit(A.cpu(), 32, quant_type, torch.uint8)
-    assert torch.equal(absmax.cpu().isnan(), ra.isnan())
-    assert torch.equal(absmax.cpu().nan_to_num(), ra.nan_to_num())
-    got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
-    assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+    absmax = assert_quantize_4bit_exact(torch.cat(blocks).to(DEV), 32, quant_type)
     # NaN/Inf never corrupt neighbouring blocks
     nb = len(blocks)
     assert bool(torch.isfinite(absmax[: nb - 3]).all())
@@ -175,11 +181,7 @@ def test_quantize_4bit_values_at_absmax(quant_type, dtype):
         # a fifth of each block random below absmax
         mask = torch.rand(nb, bs, generator=g) < 0.2
         A = torch.where(mask, A * torch.rand(nb, bs, generator=g), A).to(dtype)
-        packed, absmax = OPS.quantize_4bit(A.reshape(-1).to(DEV), bs, quant_type, torch.uint8)
-        rp, ra = ref.quantize_4bit(A.reshape(-1), bs, quant_type, torch.uint8)
-        assert torch.equal(absmax.cpu(), ra)
-        got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
-        assert torch.equal(got, want), f"bs {bs}: {int((got != want).sum())} codes differ"
+        assert_quantize_4bit_exact(A.reshape(-1).to(DEV), bs, quant_type)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -201,12 +203,7 @@ def test_quantize_4bit_specials_blocksize64_16bit(quant_type, dtype):
     body = torch.cat(blocks + [torch.randn(64 * 40 + 37, generator=g) * 3]).to(dtype)
     padded = torch.cat([torch.zeros(1, dtype=dtype), body]).to(DEV)
     for A in (body.to(DEV), padded[1:]):  # the second starts 2 bytes off 16-byte alignment
-        packed, absmax = OPS.quantize_4bit(A, 64, quant_type, torch.uint8)
-        rp, ra = ref.quantize_4bit(A.cpu(), 64, quant_type, torch.uint8)
-        assert torch.equal(absmax.cpu().isnan(), ra.isnan())
-        assert torch.equal(absmax.cpu().nan_to_num(), ra.nan_to_num())
-        got, want = unpack(packed, A.numel()), unpack(rp, A.numel())
-        assert torch.equal(got, want), f"{int((got != want).sum())} codes differ"
+        assert_quantize_4bit_exact(A, 64, quant_type)
 
 
 def test_quantize_4bit_2d_and_empty():
