@@ -52,7 +52,6 @@ def test_decision_boundaries_match():
     assert f"kZeroCodeNF4 = {C.ZERO_CODE['nf4']};" in text
 
 
-
 def test_nf4_lookup_design_equals_bucketize():
     """The NF4 encoder's look-up (common.cuh, Enc<true>): per bucket of width 1/64 the number lo
     of boundaries below the bucket widened by half a bucket, and code = lo + (v > mid[lo]) with
@@ -70,7 +69,9 @@ def test_nf4_lookup_design_equals_bucketize():
     lo = torch.tensor(lo)
     mid16 = torch.cat([mids, torch.tensor([float("inf")])])
     edges = torch.cat([mids, torch.arange(-64, 65, dtype=f32) / 64])
-    near = (edges.view(torch.int32)[:, None] + torch.arange(-2000, 2001)[None, :]).view(f32)
+    ulps = torch.arange(-2000, 2001, dtype=torch.int32)
+    near = (edges.view(torch.int32)[:, None] + ulps[None, :]).view(f32)
+    assert near.shape == (edges.numel(), ulps.numel())
     v = torch.cat([near.reshape(-1), torch.rand(1_000_000) * 2 - 1,
                    torch.tensor([1 + 2**-23, 1 + 2**-20, -1 - 2**-23, -1 - 2**-20, 0.0, -0.0])])
     v = v[v.isfinite() & (v.abs() <= 1 + 2**-20)]
