@@ -442,6 +442,16 @@ def run(quick: bool = False, with_bnb: bool = True,
                      efficiency=1.0))
     backends = opsq.backends()
 
+    def time_bnb(row, bnb_fn, ms):
+        """Time bitsandbytes' ``bnb_fn`` into ``row`` (bnb_ms, speedup_vs_bnb against ``ms``),
+        or record its error (bitsandbytes API drift: keep going)."""
+        try:
+            tq = timer(bnb_fn)
+            row["bnb_ms"] = tq
+            row["speedup_vs_bnb"] = tq / ms
+        except Exception as e:
+            row["bnb_error"] = str(e)[:120]
+
     def add(family, op, shape, fn, nbytes, bf16_fn=None, bnb_fn=None, dtype="bf16"):
         """Time ``fn`` (moves ``nbytes`` at minimum) and append a bandwidth row."""
         t = timer(fn)
@@ -454,12 +464,7 @@ def run(quick: bool = False, with_bnb: bool = True,
             row["bf16_ms"] = tb
             row["speedup_vs_bf16"] = tb / t
         if bnb_fn is not None:
-            try:
-                tq = timer(bnb_fn)
-                row["bnb_ms"] = tq
-                row["speedup_vs_bnb"] = tq / t
-            except Exception as e:  # bitsandbytes API drift: record, keep going
-                row["bnb_error"] = str(e)[:120]
+            time_bnb(row, bnb_fn, t)
         rows.append(row)
         print(f"  {family:10s} {op:28s} {shape:18s} {dtype:5s} {t:9.4f} ms "
               f"{row['gbps']:8.1f} GB/s {100 * row['efficiency']:5.1f}%",
@@ -586,11 +591,7 @@ def run(quick: bool = False, with_bnb: bool = True,
                     row["int_mm_ms"] = timer(lambda: torch._int_mm(a, b.t()))
                     row["speedup_vs_int_mm"] = row["int_mm_ms"] / t_op
                 if bF is not None:  # bitsandbytes' int8 GEMM: out = A @ B.T, int32
-                    try:
-                        row["bnb_ms"] = timer(lambda: bF.int8_linear_matmul(a, b))
-                        row["speedup_vs_bnb"] = row["bnb_ms"] / t_op
-                    except Exception as e:  # bitsandbytes API drift: record, keep going
-                        row["bnb_error"] = str(e)[:120]
+                    time_bnb(row, lambda: bF.int8_linear_matmul(a, b), t_op)
                 rows.append(row)
                 print(f"  igemmlt {Ms}x8192x{N}: {t_op:.4f} ms vs _int_mm "
                       f"{_fmt(row.get('int_mm_ms'), '.4f')} ms", file=sys.stderr, flush=True)
@@ -628,12 +629,7 @@ def run(quick: bool = False, with_bnb: bool = True,
                             gbps=nb / (ms * 1e-3) / 1e9, efficiency=nb / (ms * 1e-3) / copy_bw,
                             rel_err=_rel_err(layer(x), want))
                         if thr in theirs:
-                            try:
-                                tq = timer(lambda x=x, b=theirs[thr]: b(x))
-                                row["bnb_ms"] = tq
-                                row["speedup_vs_bnb"] = tq / ms
-                            except Exception as e:  # bitsandbytes API drift: record it
-                                row["bnb_error"] = str(e)[:120]
+                            time_bnb(row, lambda x=x, b=theirs[thr]: b(x), ms)
                         rows.append(row)
                         _print_compare(row)
             del layers, theirs
