@@ -469,3 +469,87 @@ def fsdp2_optim_worker(rank, world, port, backend, results_dir):
             f.write("ok")
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+def fsdp2_tiled16_worker(rank, world, port, backend, results_dir):
+    """Linear4bit layers in the tiled16 layout (opsq/_tiled16.py) sharded by fully_shard: full
+    and sharded state dicts hold bitsandbytes' bytes (equal to never-tiled layers'), loading
+    them back keeps the forward. On gloo the CPU is made eligible (the real rule: CUDA with
+    sm_90 code)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         set_model_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    from opsq import _tiled16
+
+    device = setup(rank, world, port, backend)
+    real = _tiled16.device_supports_tiled16
+    allow = {"on": True}
+    _tiled16.device_supports_tiled16 = lambda d: (allow["on"] and torch.device(d).type == "cpu") \
+        or real(d)
+    try:
+        def build():
+            torch.manual_seed(7)
+            # each layer in its own container, sharded as fsdp2_worker shards its blocks
+            return nn.Sequential(
+                nn.Sequential(Linear4bit(512, 96, quant_type="nf4", compress_statistics=True)),
+                nn.Sequential(Linear4bit(512, 48, bias=False, quant_type="fp4")))
+
+        def run(model, x):
+            return model[1](x) + model[0](x).sum(-1, keepdim=True)
+
+        allow["on"] = False
+        plain = build().to(device)
+        allow["on"] = True
+        model = build().to(device)
+        if backend == "gloo" or real(device):
+            assert all(m[0].layout == "tiled16" for m in model), [m[0].layout for m in model]
+        want = plain.state_dict()
+        x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2)).to(device)
+        ref = run(model, x)
+        for m in model:
+            fully_shard(m)
+        fully_shard(model)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        assert sorted(full) == sorted(want), set(full) ^ set(want)
+        for k in want:
+            assert full[k].dtype == want[k].dtype and torch.equal(full[k], want[k]), k
+        sharded = get_model_state_dict(model)
+        # each rank's shards equal those of never-tiled layers sharded alike (the 96-row layer's
+        # shards hold whole tiles and un-pack locally; the 48-row one's are gathered)
+        for m in plain:
+            fully_shard(m)
+        fully_shard(plain)
+        plain_sharded = get_model_state_dict(plain)
+        assert sorted(sharded) == sorted(plain_sharded)
+        for k, v in plain_sharded.items():
+            got = sharded[k]
+            local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)
+            assert type(got) is type(v), k
+            assert torch.equal(local(got), local(v)), k
+        # which path on_full took: no gather for whole-tile shards, a gather for the others
+        from torch.distributed.tensor import DTensor
+        gathered = []
+        real_full = DTensor.full_tensor
+        DTensor.full_tensor = lambda self, *a, **k: gathered.append(1) or real_full(self, *a, **k)
+        try:
+            _tiled16.on_full(_tiled16.unpack_codes, model[0][0].weight, [96, 512])
+            assert not gathered, "96 rows on 2 ranks: whole tiles, un-packed locally"
+            _tiled16.on_full(_tiled16.unpack_codes, model[1][0].weight, [48, 512])
+            assert gathered, "48 rows on 2 ranks: not whole tiles, gathered"
+        finally:
+            DTensor.full_tensor = real_full
+        set_model_state_dict(model, sharded)
+        torch.testing.assert_close(run(model, x), ref, rtol=0, atol=0)
+        # (a full_state_dict=True load is not exercised here: for a model of frozen
+        # Linear4bit layers only it fails the same way in the packed layout, a separate issue)
+        again = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        for k in want:
+            assert torch.equal(again[k], want[k]), k
+        report(rank, "tiled16 layers: sharded/full state dicts in bitsandbytes bytes, reload OK")
+        with open(os.path.join(results_dir, f"fsdp2tiled_rank{rank}.ok"), "w") as f:
+            f.write("ok")
+    finally:
+        _tiled16.device_supports_tiled16 = real
+        dist.destroy_process_group()

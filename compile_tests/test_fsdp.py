@@ -71,3 +71,10 @@ def test_fsdp2_opsq_optimizers_match_single_process(backend, tmp_path):
         pytest.skip("gloo backend unavailable")
     assert _spawn(fsdp_workers.fsdp2_optim_worker, backend, tmp_path) == [
         "fsdp2optim_rank0.ok", "fsdp2optim_rank1.ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_tiled16_state_dicts_are_bitsandbytes_bytes(backend, tmp_path):
+    """Layers in the tiled16 decode layout, sharded: state dicts equal never-tiled layers'."""
+    assert _spawn(fsdp_workers.fsdp2_tiled16_worker, backend, tmp_path) == [
+        "fsdp2tiled_rank0.ok", "fsdp2tiled_rank1.ok"]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import opsq  # noqa: F401
+from opsq import _tiled16
 from opsq._constants import create_dynamic_map
 from opsq._schemas import OPTIMIZER_SCHEMAS, SCHEMAS
 from opsq.optim import unsigned_dynamic_map
@@ -22,10 +23,17 @@ def _samples(device):
     W = rn(24, 128)
     packed, absmax = ops.quantize_4bit(W, 64, "nf4", torch.uint8)
     packed_bf, absmax_bf = ops.quantize_4bit(W, 32, "fp4", torch.bfloat16)
+    # a tiled16 weight (opsq._tiled16: blocksize 64, N % 16 == 0, K % 256 == 0), plain and
+    # nested statistics
+    W16 = rn(32, 256)
+    packed16, absmax16 = ops.quantize_4bit(W16, 64, "fp4", torch.uint8)
+    tiled16, tabsmax16 = _tiled16.repack(packed16, absmax16, [32, 256])
     code = create_dynamic_map().to(device)
     offset = absmax.mean()
     q2, a2 = ops.quantize_blockwise(absmax - offset, code, 256)
     nested = (a2, code, offset.reshape(1), 256)
+    offset16 = absmax16.mean()
+    q16, n16 = ops.quantize_blockwise(absmax16 - offset16, code, 256)
     q8k, a8k = ops.quantize_blockwise(rn(9000), code, 8192)  # a blockwise-only blocksize
     CB, SCB, _ = ops.vectorwise_quant(W, 0.0)
     CA = torch.randint(-127, 128, (5, 128), generator=g, dtype=torch.int8).to(device)
@@ -43,12 +51,23 @@ def _samples(device):
             ((packed_bf, absmax_bf, 32, "fp4", [24, 128], torch.float32), {}),
             ((packed, q2, 64, "nf4", [24, 128], torch.float16, a2.clone().requires_grad_(True),
               code, offset.reshape(1).clone().requires_grad_(True), 256), {}),
+            # a tiled16 weight read in place: plain (absmax grad in tiled order), nested
+            # (positional layout), and the default spelled out
+            ((tiled16, tabsmax16.clone().requires_grad_(True), 64, "fp4", [32, 256],
+              torch.bfloat16), {"layout": "tiled16"}),
+            ((tiled16, _tiled16.repack_absmax(q16, [32, 256]), 64, "fp4", [32, 256],
+              torch.float32, n16.clone().requires_grad_(True), code,
+              offset16.reshape(1).clone().requires_grad_(True), 256, "tiled16"), {}),
+            ((packed16, absmax16, 64, "fp4", [32, 256], torch.float16), {"layout": "packed"}),
         ],
         "gemv_4bit": [
             ((rn(1, 128, dtype=torch.bfloat16, grad=True), packed, [24, 128], absmax, 64, "nf4",
               rn(24, dtype=torch.bfloat16, grad=True)), {}),
             ((rn(1, 1, 128, dtype=torch.float16), packed, [24, 128], q2, 64, "nf4", None,
               *nested), {}),
+            ((rn(1, 256, dtype=torch.bfloat16, grad=True), tiled16, [32, 256],
+              tabsmax16.clone().requires_grad_(True), 64, "fp4",
+              rn(32, dtype=torch.bfloat16, grad=True)), {"layout": "tiled16"}),
         ],
         "linear_4bit": [
             ((rn(3, 5, 128, grad=True), packed, [24, 128], absmax, 64, "nf4",
@@ -57,6 +76,14 @@ def _samples(device):
               None, *nested), {}),
             ((rn(2, 128, dtype=torch.float16, grad=True), packed_bf, [24, 128], absmax_bf, 32,
               "fp4"), {}),
+            ((rn(3, 256, dtype=torch.float16, grad=True), tiled16, [32, 256],
+              tabsmax16.clone().requires_grad_(True), 64, "fp4", rn(32, dtype=torch.float16),
+              None, None, None, 256, "tiled16"), {}),
+            ((rn(12, 256, dtype=torch.bfloat16, grad=True), tiled16, [32, 256],
+              _tiled16.repack_absmax(q16, [32, 256]), 64, "fp4", None,
+              n16.clone().requires_grad_(True), code, offset16.reshape(1), 256, "tiled16"), {}),
+            ((rn(2, 256, grad=True), tiled16, [32, 256], tabsmax16, 64, "fp4"),
+             {"layout": "tiled16"}),
         ],
         "quantize_blockwise": [((rn(300, grad=True), code, 64), {}),
                                ((rn(9000, dtype=torch.bfloat16), code, 8192), {})],

@@ -14,9 +14,14 @@ gradient, flattened to rows):
   a float32 ``absmax`` -> per-block sums of ``(G.T @ A) * code_values``; with nested statistics,
   ``nested_absmax``, ``nested_code`` and ``offset`` by the chain rule through
   ``absmax = nested_code[q] * nested_absmax + offset``. The packed codes ``B`` get None even
-  when their storage dtype is floating point (bf16 storage holds bytes, not numbers).
+  when their storage dtype is floating point (bf16 storage holds bytes, not numbers). A
+  ``layout="tiled16"`` weight is read in place (``W`` and the code values come from
+  ``dequantize_4bit(..., layout="tiled16")``; the codes are not un-packed); only the statistics'
+  formulas un-pack ``absmax`` (1/32 of the codes' bytes, and only when one of them needs a
+  gradient), and the ``absmax`` gradient is permuted back to tiled16 order.
 * ``dequantize_4bit``: as above with ``G`` itself as the gradient of ``W``: ``absmax`` (fp32),
-  ``nested_absmax``, ``nested_code``, ``offset``; the packed codes get None.
+  ``nested_absmax``, ``nested_code``, ``offset``; the packed codes get None. ``layout`` as for
+  ``linear_4bit``.
 * ``dequantize_blockwise``: ``absmax`` and ``code``; the uint8 codes ``A`` cannot require grad.
 * ``int8_linear``: ``A`` -> ``G @ dequant(CB)`` (the derivative of the forward with the input
   quantization treated as identity; ``CB`` is the int8 weight, or the per-call quantization of a
@@ -42,6 +47,7 @@ import functools
 
 import torch
 
+from . import _tiled16
 from ._schemas import OPTIMIZER_SCHEMAS, SCHEMAS
 
 ops = torch.ops.opsq
@@ -121,20 +127,28 @@ _STATS_4BIT = ("absmax", "nested_absmax", "nested_code", "offset")
 
 
 def _stat_grads_4bit(need: dict, grad_W: torch.Tensor, B, absmax, blocksize, quant_type, shape,
-                     nested_absmax, nested_code, offset, nested_blocksize) -> dict:
+                     nested_absmax, nested_code, offset, nested_blocksize,
+                     layout: str = "packed") -> dict:
     """Gradients of the 4-bit statistics given ``grad_W``, the gradient of the dequantized
-    weight (any float dtype, the logical shape). Only the entries ``need`` asks for."""
+    weight (any float dtype, the logical shape). Only the entries ``need`` asks for. ``B`` and
+    ``absmax`` are in ``layout``; a tiled16 ``absmax`` is un-packed here (the nested formulas
+    index it in block order) and its gradient returned in tiled16 order."""
     out: dict = {}
     if not any(need[k] for k in _STATS_4BIT):
         return out
+    tiled = layout == "tiled16"
+    if tiled:
+        absmax = _tiled16.unpack_absmax(absmax, shape)
     blocks = absmax.numel()
-    # The code values (absmax = 1) times the gradient, summed per block.
+    # The code values (absmax = 1, the same in either order) times the gradient, summed per
+    # block (bitsandbytes' block order).
     ones = torch.ones(blocks, dtype=torch.float32, device=grad_W.device)
-    unit = ops.dequantize_4bit(B, ones, blocksize, quant_type, shape, torch.float32)
+    unit = ops.dequantize_4bit(B, ones, blocksize, quant_type, shape, torch.float32,
+                               layout=layout)
     grad_absmax = _block_sums(grad_W.float() * unit, blocksize, blocks)
     if absmax.dtype == torch.float32:
         if need["absmax"]:
-            out["absmax"] = grad_absmax
+            out["absmax"] = _tiled16.repack_absmax(grad_absmax, shape) if tiled else grad_absmax
         return out
     # Nested: absmax = nested_code[q] * nested_absmax[i // nested_blocksize] + offset.
     if need["nested_absmax"]:
@@ -157,7 +171,8 @@ def _make_linear_4bit_autograd(name: str):
         a = _Args(name, inputs)
         need = _need(ctx, name, "A", "bias", *_STATS_4BIT)
         ctx.need = need
-        ctx.meta = (list(a.shapeB), a.blocksize, a.quant_type, a.nested_blocksize)
+        ctx.meta = (list(a.shapeB), a.blocksize, a.quant_type, a.nested_blocksize,
+                    getattr(a, "layout", "packed"))
         ctx.bias_dtype = None if a.bias is None else a.bias.dtype
         stats = any(need[k] for k in _STATS_4BIT)
         keep = need["A"] or stats
@@ -168,19 +183,19 @@ def _make_linear_4bit_autograd(name: str):
 
     def backward(ctx, grad):
         A, B, absmax, nabs, ncode, offset = ctx.saved_tensors
-        shapeB, blocksize, quant_type, nbs = ctx.meta
+        shapeB, blocksize, quant_type, nbs, layout = ctx.meta
         need = ctx.need
         grads = {}
-        if need["A"]:
+        if need["A"]:  # a tiled16 weight is dequantized in place (one op, no un-pack)
             W = ops.dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, grad.dtype, nabs,
-                                    ncode, offset, nbs)
+                                    ncode, offset, nbs, layout)
             grads["A"] = grad.matmul(W)
         if need["bias"] and ctx.bias_dtype is not None:
             grads["bias"] = _bias_grad(grad, ctx.bias_dtype)
         if any(need[k] for k in _STATS_4BIT):
             grad_W = _rows(grad).t().float().matmul(_rows(A).float())
             grads.update(_stat_grads_4bit(need, grad_W, B, absmax, blocksize, quant_type,
-                                          shapeB, nabs, ncode, offset, nbs))
+                                          shapeB, nabs, ncode, offset, nbs, layout))
         return _grads(name, **grads)
 
     _register(name, backward, setup_context)
@@ -193,7 +208,8 @@ _make_linear_4bit_autograd("linear_4bit")
 def _dq4_setup(ctx, inputs, output):
     a = _Args("dequantize_4bit", inputs)
     ctx.need = _need(ctx, "dequantize_4bit", *_STATS_4BIT)
-    ctx.meta = (a.blocksize, a.quant_type, list(a.shape), a.nested_blocksize)
+    ctx.meta = (a.blocksize, a.quant_type, list(a.shape), a.nested_blocksize,
+                getattr(a, "layout", "packed"))
     if any(ctx.need.values()):
         ctx.save_for_backward(a.A, a.absmax, a.nested_absmax, a.nested_code, a.offset)
 
@@ -202,10 +218,10 @@ def _dq4_backward(ctx, grad):
     if not any(ctx.need.values()):
         return _grads("dequantize_4bit")
     A, absmax, nabs, ncode, offset = ctx.saved_tensors
-    blocksize, quant_type, shape, nbs = ctx.meta
+    blocksize, quant_type, shape, nbs, layout = ctx.meta
     return _grads("dequantize_4bit",
                   **_stat_grads_4bit(ctx.need, grad, A, absmax, blocksize, quant_type, shape,
-                                     nabs, ncode, offset, nbs))
+                                     nabs, ncode, offset, nbs, layout))
 
 
 _register("dequantize_4bit", _dq4_backward, _dq4_setup)

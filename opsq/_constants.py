@@ -39,6 +39,17 @@ INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING: dict[int, str] = {
     v: k for k, v in LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING.items()}
 #: Blocksize of the second-level (nested) absmax quantization.
 NESTED_BLOCKSIZE = 256
+#: Byte layouts of a 4-bit weight that ``linear_4bit`` / ``gemv_4bit`` read (argument
+#: ``layout``): "packed" is bitsandbytes' (row-major flat codes, absmax per block); "tiled16"
+#: is a permutation of the same bytes made for the decode kernel's loads (``opsq._tiled16``),
+#: applied only while a weight sits on a CUDA device and never written to a checkpoint.
+LAYOUTS_4BIT: tuple[str, ...] = ("packed", "tiled16")
+#: The tiled16 geometry: tiles of 16 rows (output features) by 256 columns (one kernel step),
+#: blocks of 64 codes (one mma chunk): the layout needs N % 16 == 0, K % 256 == 0 and
+#: blocksize 64.
+TILED16_ROWS = 16
+TILED16_STEP = 256
+TILED16_BLOCKSIZE = 64
 
 NF4_CODE: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -13,6 +13,9 @@ Vocabulary (the same name means the same thing in every layer):
   floating-point weight that is quantized per call.
 * ``absmax``: fp32 per-block scale (or uint8 codes when nested, with ``nested_absmax``,
   ``nested_code``, ``offset`` and ``nested_blocksize`` describing the 8-bit second level).
+* ``layout``: the byte order of a 4-bit weight's ``B`` and ``absmax``: ``"packed"``
+  (bitsandbytes', the default) or ``"tiled16"`` (the decode kernel's permutation of the same
+  bytes, :mod:`opsq._tiled16`; blocksize 64, ``N % 16 == 0``, ``K % 256 == 0``).
 * ``code``: a 256-entry fp32 map for 8-bit blockwise quantization.
 * ``threshold``: LLM.int8 outlier threshold; 0.0 disables outlier handling.
 * Outliers are returned as a static boolean column mask ``outlier_cols`` of shape ``(K,)``,
@@ -26,22 +29,27 @@ NAMESPACE = "opsq"
 
 _NESTED = ("Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
            "int nested_blocksize=256")
+# The byte layout of a 4-bit weight's codes and absmax (opsq._constants.LAYOUTS_4BIT): "packed"
+# (bitsandbytes') or "tiled16" (opsq._tiled16: the decode kernel's order, CUDA weights only).
+_LAYOUT = 'str layout="packed"'
 
 SCHEMAS: dict[str, str] = {
     # ---- 4-bit (NF4 / FP4) -------------------------------------------------------------
     "quantize_4bit":
         "(Tensor A, int blocksize, str quant_type, ScalarType quant_storage) -> (Tensor, Tensor)",
+    # layout "tiled16" reads a tiled16 weight (shape [N, K]) in place; the default reads the packed
+    # bytes, as bitsandbytes' dequantize_4bit does
     "dequantize_4bit":
         "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
-        f"ScalarType dtype, {_NESTED}) -> Tensor",
+        f"ScalarType dtype, {_NESTED}, {_LAYOUT}) -> Tensor",
     # bitsandbytes' name for the batch-1 call of the same op: an alias of linear_4bit (see
     # ALIASES), one kernel and one autograd formula for both
     "gemv_4bit":
         "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
-        f"Tensor? bias=None, {_NESTED}) -> Tensor",
+        f"Tensor? bias=None, {_NESTED}, {_LAYOUT}) -> Tensor",
     "linear_4bit":
         "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
-        f"Tensor? bias=None, {_NESTED}) -> Tensor",
+        f"Tensor? bias=None, {_NESTED}, {_LAYOUT}) -> Tensor",
     # ---- 8-bit blockwise (dynamic map), used for nested absmax ---------------------------
     "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
     "dequantize_blockwise":
@@ -88,10 +96,10 @@ OUT_OVERLOADS: dict[str, str] = {
     "igemmlt": "(Tensor A, Tensor B, *, Tensor(a!) out) -> Tensor(a!)",
     "dequantize_4bit":
         "(Tensor A, Tensor absmax, int blocksize, str quant_type, SymInt[] shape, "
-        f"ScalarType dtype, {_NESTED}, *, Tensor(a!) out) -> Tensor(a!)",
+        f"ScalarType dtype, {_NESTED}, {_LAYOUT}, *, Tensor(a!) out) -> Tensor(a!)",
     "gemv_4bit":
         "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
-        f"Tensor? bias=None, {_NESTED}, *, Tensor(a!) out) -> Tensor(a!)",
+        f"Tensor? bias=None, {_NESTED}, {_LAYOUT}, *, Tensor(a!) out) -> Tensor(a!)",
     "quantize_blockwise":
         "(Tensor A, Tensor code, int blocksize, *, Tensor(a!) out, Tensor(b!) absmax_out) "
         "-> (Tensor(a!), Tensor(b!))",

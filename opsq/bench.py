@@ -8,7 +8,9 @@ installed, else CUDA events around each call with a 256 MiB L2-flush write befor
 
 Families (``--only``, comma-separated; default all):
 
-* ``gemv``: ``gemv_4bit`` (NF4, blocksize 64, plain and nested absmax, bf16 and fp16).
+* ``gemv``: ``gemv_4bit`` (NF4, blocksize 64, plain and nested absmax, bf16 and fp16), on the
+  packed weight and, where the device takes it, the same weight in the tiled16 layout
+  (rows "gemv_4bit tiled16", what a ``Linear4bit`` on that device runs).
 * ``4bit``: ``dequantize_4bit`` / ``quantize_4bit`` on whole matrices.
 * ``int8``: ``vectorwise_quant``, ``double_quant`` (t=0 and t=6), ``mm_dequant``.
 * ``int8_linear``: ``Linear8bitLt`` at M in {1, 4, 16} rows, 4096 -> 14336 and 8192 -> 8192,
@@ -412,7 +414,7 @@ def run(quick: bool = False, with_bnb: bool = True,
         on_progress: called with the partial results dict after each family (``--json``
             writes it, so a run killed by a timeout still leaves the finished families).
         llm_layers, llm_variants, llm_new_tokens: the ``llm`` family's decoder layers (32:
-            Llama-3-8B), variants (default all of ``opsq.bench_llm.LLM_VARIANTS``) and new
+            Llama-3-8B), variants (default ``opsq.bench_llm.LLM_DEFAULT_VARIANTS``) and new
             tokens per timed ``generate``.
     Returns:
         ``_result`` dict; a family that raised leaves a row with ``error`` and the run goes on.
@@ -423,6 +425,7 @@ def run(quick: bool = False, with_bnb: bool = True,
     if not torch.cuda.is_available():
         raise RuntimeError("opsq bench needs a CUDA device")
     import opsq
+    from opsq import _tiled16
     from opsq import functional as F
     ops = torch.ops.opsq
     dev = torch.device("cuda")
@@ -501,6 +504,15 @@ def run(quick: bool = False, with_bnb: bool = True,
                         lambda a=args: ops.gemv_4bit(*a), nb,
                         bf16_fn=lambda x=x, W=W: torch.nn.functional.linear(x, W),
                         bnb_fn=bnb_fn, dtype=dtname(dt))
+                    if _tiled16.tiled16_eligible([N, K], 64, dev):
+                        # the same weight in the layout a Linear4bit takes on this device
+                        tB, tA = _tiled16.repack(packed, st.absmax, [N, K])
+                        targs = (x, tB, [N, K], tA, 64, "nf4", None, *st.nested_args(),
+                                 "tiled16")
+                        add("gemv", "gemv_4bit" + (" nested" if nested else "") + " tiled16",
+                            f"1x{K}->{N}", lambda a=targs: ops.gemv_4bit(*a), nb,
+                            bf16_fn=lambda x=x, W=W: torch.nn.functional.linear(x, W),
+                            bnb_fn=bnb_fn, dtype=dtname(dt))
                     del W
 
     # ---- dequantize / quantize 4-bit --------------------------------------------------------
@@ -517,6 +529,14 @@ def run(quick: bool = False, with_bnb: bool = True,
                 lambda p=packed, a=absmax: ops.dequantize_4bit(p, a, 64, "nf4", [N, K],
                                                                torch.bfloat16),
                 _nbytes(packed, absmax) + out_b, bnb_fn=bnb_dq)
+            if _tiled16.tiled16_eligible([N, K], 64, dev):
+                # read in place from the layout a Linear4bit takes here (its prefill path)
+                tB, tA = _tiled16.repack(packed, absmax, [N, K])
+                add("4bit", "dequantize_4bit tiled16", f"{N}x{K}",
+                    lambda p=tB, a=tA: ops.dequantize_4bit(p, a, 64, "nf4", [N, K],
+                                                           torch.bfloat16, layout="tiled16"),
+                    _nbytes(tB, tA) + out_b, bnb_fn=bnb_dq)
+                del tB, tA
             add("4bit", "quantize_4bit", f"{N}x{K}",
                 lambda A=A: ops.quantize_4bit(A, 64, "nf4", torch.uint8),
                 _nbytes(A, packed, absmax),
@@ -749,7 +769,7 @@ def run(quick: bool = False, with_bnb: bool = True,
 
     def bench_llm():
         from . import bench_llm as L
-        variants = [v for v in (llm_variants or L.LLM_VARIANTS)
+        variants = [v for v in (llm_variants or L.LLM_DEFAULT_VARIANTS)
                     if bF is not None or not v.startswith("bnb_")]
         n0 = len(rows)
 

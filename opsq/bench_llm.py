@@ -33,7 +33,10 @@ from torch import nn
 #: Every variant, in run order. ``bnb_*`` need bitsandbytes (0.50.2 for the GPU machine is in
 #: ``../shared/peers``).
 LLM_VARIANTS = ("bf16", "nf4", "nf4_nested", "fp4", "int8_t6", "int8_t0", "bnb_nf4",
-                "bnb_int8")
+                "bnb_int8", "nf4_packed")
+#: The variants run when none are named: all but ``nf4_packed`` (NF4 held in bitsandbytes'
+#: byte order on a device where opsq would tile it: the tiled16 layout's A/B, on request).
+LLM_DEFAULT_VARIANTS = LLM_VARIANTS[:-1]
 #: opsq variant -> the bitsandbytes variant of the same format (for ``vs_bnb`` and cosines).
 BNB_PEER = {"nf4": "bnb_nf4", "nf4_nested": "bnb_nf4", "int8_t6": "bnb_int8",
             "int8_t0": "bnb_int8"}
@@ -95,6 +98,13 @@ def quantized_layer(variant: str, lin: nn.Linear) -> nn.Module:
         ValueError: unknown variant. ImportError: a ``bnb_*`` variant without bitsandbytes.
     """
     from opsq.nn import Linear4bit, Linear8bitLt
+    if variant == "nf4_packed":  # the layer opsq builds for "nf4", kept in the packed layout
+        from unittest import mock
+        from opsq import _tiled16
+        with mock.patch.object(_tiled16, "tiled16_eligible", lambda *a, **k: False):
+            layer = quantized_layer("nf4", lin)
+        assert getattr(layer, "layout", "packed") == "packed"
+        return layer
     if variant in ("nf4", "nf4_nested", "fp4"):
         return Linear4bit.from_float(lin, quant_type=variant[:3], blocksize=64,
                                      compress_statistics=variant == "nf4_nested",
@@ -424,7 +434,7 @@ def run_llm(timer, dev, layers: int = 32, variants=None, new_tokens: int = 128,
     """Build and measure each variant in turn (freeing the previous one). bitsandbytes
     variants are skipped (with a note) when bitsandbytes is not importable. ``on_variant`` is
     called with the results so far after each variant."""
-    variants = list(variants or LLM_VARIANTS)
+    variants = list(variants or LLM_DEFAULT_VARIANTS)
     bad = [v for v in variants if v not in LLM_VARIANTS]
     if bad:
         raise ValueError(f"unknown llm variant(s) {bad}; choose from {LLM_VARIANTS}")
@@ -453,5 +463,5 @@ def run_llm(timer, dev, layers: int = 32, variants=None, new_tokens: int = 128,
     return results
 
 
-__all__ = ["LLM_VARIANTS", "LLM_MEASURES", "llama_config", "build_llm", "quantized_layer",
+__all__ = ["LLM_VARIANTS", "LLM_DEFAULT_VARIANTS", "LLM_MEASURES", "llama_config", "build_llm", "quantized_layer",
            "measure_variant", "llm_rows", "format_llm", "run_llm", "weight_bytes", "cosine"]

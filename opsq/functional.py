@@ -25,6 +25,7 @@ from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_
                          QUANT_TYPES, code_table)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
+from . import _tiled16
 from ._constants import dynamic_map_on
 
 __all__ = [
@@ -322,6 +323,12 @@ class QuantState:
         state2: the second-level :class:`QuantState` (nested only): uint8 codes of
             ``absmax - offset`` quantized blockwise with the dynamic map (blocksize 256 for a
             4-bit state, the outer blocksize for a nested 8-bit state).
+        layout: byte order of ``absmax`` and of the codes it goes with: ``"packed"``
+            (bitsandbytes', the default) or ``"tiled16"`` (:mod:`opsq._tiled16`, the decode
+            kernel's order, which a 4-bit weight takes on an eligible CUDA device). A plain
+            string; :meth:`as_dict` and :func:`dequantize_4bit` always give bitsandbytes'
+            order, :meth:`to` only moves (the codes live outside the state, so whoever moves
+            them changes the layout of both: ``opsq.nn.Params4bit.to``).
     """
 
     valid_quant_types = QUANT_TYPES
@@ -331,8 +338,9 @@ class QuantState:
                      "nested_dtype", "nested_offset"]
 
     def __init__(self, absmax, shape=None, code=None, blocksize=None, quant_type=None,
-                 dtype=None, offset=None, state2=None):
+                 dtype=None, offset=None, state2=None, layout: str = "packed"):
         self.absmax = absmax
+        self.layout = layout
         self.shape = torch.Size(shape) if shape is not None else None
         self.code = code
         self.dtype = dtype
@@ -431,8 +439,12 @@ class QuantState:
         With ``packed=True`` a 4-bit state gives only tensors, the plain fields JSON-packed
         into ``quant_state.bitsandbytes__<quant_type>`` (uint8). An 8-bit blockwise state
         (``quant_type`` None) has no such key, so ``packed=True`` returns the unpacked dict,
-        as bitsandbytes does; :meth:`from_dict` reads both forms back."""
-        qs = {"quant_type": self.quant_type, "absmax": self.absmax, "blocksize": self.blocksize,
+        as bitsandbytes does; :meth:`from_dict` reads both forms back. A ``"tiled16"`` state
+        gives its absmax in bitsandbytes' order (a copy; sharded DTensors stay sharded)."""
+        absmax = self.absmax
+        if getattr(self, "layout", "packed") == "tiled16":
+            absmax = _tiled16.on_full(_tiled16.unpack_absmax, absmax, self.shape)
+        qs = {"quant_type": self.quant_type, "absmax": absmax, "blocksize": self.blocksize,
               "quant_map": self.code, "dtype": _dtype_name(self.dtype),
               "shape": None if self.shape is None else tuple(self.shape)}
         if self.nested:
@@ -465,9 +477,11 @@ class QuantState:
                 self.state2.blocksize)
 
     def __eq__(self, other):
+        """Equal statistics of the same format (absmax compared in bitsandbytes' order, so a
+        ``"tiled16"`` state equals the packed state of the same weight)."""
         if not isinstance(other, QuantState):
             return False
-        same = (torch.allclose(self.absmax, other.absmax, atol=1e-6)
+        same = (torch.allclose(self._packed_absmax(), other._packed_absmax(), atol=1e-6)
                 and self.shape == other.shape and torch.allclose(self.code, other.code)
                 and self.dtype == other.dtype and self.blocksize == other.blocksize
                 and self.quant_type == other.quant_type and self.nested == other.nested)
@@ -475,6 +489,12 @@ class QuantState:
             same = (torch.allclose(self.offset, other.offset, atol=1e-6)
                     and self.state2 == other.state2)
         return same
+
+    def _packed_absmax(self) -> torch.Tensor:
+        """``absmax`` in bitsandbytes' order (a copy for a ``"tiled16"`` state)."""
+        if getattr(self, "layout", "packed") == "tiled16":
+            return _tiled16.on_full(_tiled16.unpack_absmax, self.absmax, self.shape)
+        return self.absmax
 
 
 def fix_4bit_weight_quant_state_from_module(module: nn.Module) -> None:
@@ -653,6 +673,9 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     """Dequantize packed 4-bit codes: ``code[q] * absmax[block]`` in ``quant_state.dtype``.
 
     Without ``quant_state``, ``absmax`` and ``out`` (which gives shape and dtype) are required.
+    A ``quant_state.layout == "tiled16"`` weight (codes ``A`` and ``absmax``) is read in place
+    (the op's ``layout="tiled16"``; nothing is un-packed) and gives the same values as a
+    never-moved weight, so PEFT merges and transformers' dequantize see no difference.
 
     Raises:
         ValueError: neither a ``quant_state`` nor ``absmax`` and ``out``.
@@ -666,7 +689,8 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     dtype = out.dtype if out is not None else quant_state.dtype
     res = torch.ops.opsq.dequantize_4bit(A, quant_state.absmax, quant_state.blocksize,
                                          quant_state.quant_type, list(quant_state.shape), dtype,
-                                         *quant_state.nested_args())
+                                         *quant_state.nested_args(),
+                                         getattr(quant_state, "layout", "packed"))
     if out is not None:
         return out.copy_(res)
     return res
@@ -713,7 +737,8 @@ def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = No
     if transposed_A or transposed_B:
         raise ValueError("gemv_4bit: transposed_A / transposed_B are not supported")
     res = torch.ops.opsq.gemv_4bit(A, B, list(state.shape), state.absmax, state.blocksize,
-                                   state.quant_type, bias, *state.nested_args())
+                                   state.quant_type, bias, *state.nested_args(),
+                                   getattr(state, "layout", "packed"))
     if out is not None:
         return out.copy_(res)
     return res

@@ -4,7 +4,8 @@ runs it under `ncu --kernel-name regex:...`): the 4-bit quantizer, the gemv at 8
 (threshold 0 and 6; 6 also launches small_outliers_kernel), int8_linear at threshold 6 at
 2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and at
 2048x14336->4096 with every column an outlier (also the tail transpose), and the 8-bit
-optimizer update."""
+optimizer update; with the tiled16 layout (opsq/_tiled16.py): gemv4_tiled16_kernel at
+4096->4096 and 8192->28672, and dequant4_tiled16_kernel at 28672x8192 (the prefill path)."""
 import torch
 import opsq  # noqa: F401
 OPS = torch.ops.opsq
@@ -14,6 +15,15 @@ OPS.gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), p, [286
 W = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02
 p, am = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
 OPS.gemv_4bit(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16), p, [4096, 4096], am, 64, "nf4")
+# the tiled16 layout: the decode kernel at a small and a large shape, the prefill dequantize
+from opsq import _tiled16
+for N, K in ((4096, 4096), (28672, 8192)):
+    W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    p, am = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+    pt, amt = _tiled16.repack(p, am, [N, K])
+    OPS.gemv_4bit(torch.randn(1, K, device="cuda", dtype=torch.bfloat16), pt, [N, K], amt, 64,
+                  "nf4", layout="tiled16")
+OPS.dequantize_4bit(pt, amt, 64, "nf4", [28672, 8192], torch.bfloat16, layout="tiled16")
 W8 = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
 CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
 for thr in (0.0, 6.0):

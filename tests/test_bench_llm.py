@@ -35,6 +35,22 @@ def test_build_llm_swaps_every_linear_but_lm_head(variant, cls):
     assert L.weight_bytes(q) < L.weight_bytes(ref)
 
 
+def test_nf4_packed_variant_keeps_the_packed_layout():
+    """``nf4_packed`` is ``nf4`` held in bitsandbytes' order where opsq would tile it (the
+    layout's A/B in one run): same outputs, layout "packed"; ``nf4`` tiles (CPU made eligible);
+    not run unless named."""
+    from unittest import mock
+    from opsq import _tiled16
+    lin = nn.Linear(512, 64, dtype=torch.bfloat16)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with mock.patch.object(_tiled16, "tiled16_eligible", lambda *a, **k: True):
+        tiled, packed = L.quantized_layer("nf4", lin), L.quantized_layer("nf4_packed", lin)
+    assert (tiled.layout, packed.layout) == ("tiled16", "packed")
+    assert not torch.equal(tiled.weight.data, packed.weight.data)  # the permutation happened
+    assert torch.equal(tiled(x), packed(x))
+    assert "nf4_packed" in L.LLM_VARIANTS and "nf4_packed" not in L.LLM_DEFAULT_VARIANTS
+
+
 def test_quantized_layer_rejects_unknown_variant():
     with pytest.raises(ValueError, match="variant"):
         L.quantized_layer("nf5", nn.Linear(8, 8))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import opsq  # noqa: F401  (registers the ops and loads opsq._C)
-from opsq import _extension
+import opsq.nn
+from opsq import _extension, _tiled16
 from opsq import reference as ref
 from opsq._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FP4_CODES_ASCENDING,
                              NESTED_BLOCKSIZE, ZERO_CODE, create_dynamic_map)
@@ -407,6 +408,247 @@ def test_linear_4bit_unaligned_and_empty():
     assert_matmul_close(out, want, torch.bfloat16)
     E = OPS.linear_4bit(A[:0], packed, [N, K], absmax, 64, "nf4")
     assert E.shape == (0, N)
+
+
+# ---- the tiled16 layout (opsq/_tiled16.py; gemv4_tiled16_kernel) ------------------------------
+def need_tiled16_device() -> None:
+    """Skip unless weights on this CUDA device take the tiled16 layout (sm_90 code)."""
+    need("linear_4bit")
+    if not _tiled16.device_supports_tiled16(DEV):
+        pytest.skip("the tiled16 kernel has no sm_90 code running on this device (weights stay "
+                    "packed there)")
+
+
+# (N, K): one tile and one step; steps fewer than the kernel's 8 warps; more tiles than the
+# persistent grid (2 CTAs an SM) with an odd step count; the decode shapes' two orientations
+TILED16_SHAPES = [(16, 256), (48, 768), (6144, 1280), (1024, 4096), (4096, 1024)]
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_linear_4bit_tiled16_matches_reference(quant_type, dtype, nested):
+    """The op on a tiled16 weight: the kernel for fp16/bf16 up to 16 rows (8 a launch), the
+    tiled16 dequantize + cuBLAS otherwise (fp32, more rows); against the reference on the packed
+    bytes, within the gemv tolerance. Runs on any CUDA device the extension serves."""
+    need("linear_4bit")
+    for i, (N, K) in enumerate(TILED16_SHAPES):
+        W = randn((N, K), torch.float32, seed=500 + i, scale=0.05)
+        packed, absmax = OPS.quantize_4bit(W, 64, quant_type, torch.uint8)
+        extra = ()
+        if nested:
+            offset = absmax.mean().reshape(1)
+            absmax, nabs = ref.quantize_blockwise(absmax - offset, create_dynamic_map().to(DEV),
+                                                  NESTED_BLOCKSIZE)
+            extra = (nabs, create_dynamic_map().to(DEV), offset, NESTED_BLOCKSIZE)
+        tB, tA = _tiled16.repack(packed, absmax, [N, K])
+        rows = list(range(1, 9)) + [12, 17, 40] if N * K <= 1 << 22 else [1, 3, 8, 16, 40]
+        for M in rows:
+            A = randn((M, K), dtype, seed=600 + 7 * i + M)
+            for bias in (None, randn((N,), dtype, seed=700 + i)):
+                out = OPS.linear_4bit(A, tB, [N, K], tA, 64, quant_type, bias, *extra,
+                                      layout="tiled16")
+                want = ref.linear_4bit(A, packed, [N, K], absmax, 64, quant_type, bias, *extra)
+                assert out.shape == want.shape and out.dtype == dtype
+                assert_matmul_close(out, want, dtype)
+                no_new_nan(out)
+        # the gemv alias, a 3-D input and a float32 bias
+        A = randn((1, 1, K), dtype, seed=800 + i)
+        bias = randn((N,), torch.float32, seed=801 + i)
+        out = OPS.gemv_4bit(A, tB, [N, K], tA, 64, quant_type, bias, *extra, layout="tiled16")
+        want = ref.linear_4bit(A, packed, [N, K], absmax, 64, quant_type, bias, *extra)
+        assert out.shape == (1, 1, N)
+        assert_matmul_close(out, want, dtype)
+
+
+def _tiled16_layer(N, K, dtype, nested, seed):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(K, N, dtype=dtype)
+    layer = opsq.nn.Linear4bit(K, N, quant_type="nf4", compress_statistics=nested).to(dtype)
+    layer.weight = opsq.nn.Params4bit(lin.weight.detach().clone(), quant_type="nf4",
+                                      compress_statistics=nested)
+    layer.bias = torch.nn.Parameter(lin.bias.detach().clone())
+    return layer.to(DEV), lin.weight.detach().to(DEV)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_gemv_tiled16_reads_what_the_kernel_before_wrote(nested):
+    """The tiled16 gemv is a programmatic dependent launch: its prologue overlaps the kernel
+    before it. Each round rewrites the weight codes, the statistics and the activation with
+    kernels issued right before the gemv (no synchronisation between), then checks the gemv
+    against the same call made after a synchronisation: a read ahead of griddepcontrol.wait
+    would see the previous round's values."""
+    need("linear_4bit")
+    N, K = 4096, 1024
+    codes, stats, xs = [], [], []
+    for r in range(4):
+        W = randn((N, K), torch.float32, seed=900 + r, scale=0.05)
+        packed, absmax = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+        extra = ()
+        if nested:
+            offset = torch.zeros(1, device=DEV)
+            absmax, nabs = ref.quantize_blockwise(absmax, create_dynamic_map().to(DEV),
+                                                  NESTED_BLOCKSIZE)
+            extra = (nabs, create_dynamic_map().to(DEV), offset, NESTED_BLOCKSIZE)
+        tB, tA = _tiled16.repack(packed, absmax, [N, K])
+        codes.append(tB)
+        stats.append((tA, extra))
+        xs.append(randn((1, K), torch.bfloat16, seed=950 + r))
+    B = torch.empty_like(codes[0])
+    S = torch.empty_like(stats[0][0])
+    X = torch.empty_like(xs[0])
+    for round_ in range(40):
+        r = round_ % 4
+        tA, extra = stats[r]
+        B.copy_(codes[r])
+        S.copy_(tA)
+        X.copy_(xs[r] * 1.0)  # written by a kernel, not a host copy
+        got = OPS.gemv_4bit(X, B, [N, K], S, 64, "nf4", None, *extra, layout="tiled16")
+        torch.cuda.synchronize()
+        want = OPS.gemv_4bit(xs[r], codes[r], [N, K], tA, 64, "nf4", None, *extra,
+                             layout="tiled16")
+        assert torch.equal(got, want), f"round {round_}: a read saw the previous values"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_linear4bit_tiled16_layer_state_and_decode(dtype, nested):
+    """A layer moved to an eligible GPU takes tiled16; its bytes out (state_dict, as_dict,
+    dequantize_4bit, .cpu()) equal a never-tiled quantization's; eager, CUDA-graph and
+    compiled (reduce-overhead, fullgraph) decode steps agree."""
+    need_tiled16_device()
+    N, K = 2048, 1024
+    layer, W = _tiled16_layer(N, K, dtype, nested, seed=11)
+    assert layer.layout == "tiled16" and layer.quant_state.layout == "tiled16"
+    packed, state = opsq.functional.quantize_4bit(W, blocksize=64, compress_statistics=nested,
+                                                  quant_type="nf4")
+    sd = layer.state_dict()
+    assert torch.equal(sd["weight"], packed)
+    for k, v in state.as_dict(packed=True).items():
+        assert torch.equal(sd["weight." + k], v), k
+    assert torch.equal(opsq.functional.dequantize_4bit(layer.weight, layer.quant_state),
+                       opsq.functional.dequantize_4bit(packed, state))
+    x = randn((1, K), dtype, seed=12)
+    y = layer(x)
+    want = ref.linear_4bit(x, packed, [N, K], state.absmax, 64, "nf4", layer.bias,
+                           *state.nested_args())
+    assert_matmul_close(y, want, dtype)
+    # CUDA graph of a decode step
+    static_x = x.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        layer(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = layer(static_x)
+    x2 = randn((1, K), dtype, seed=13)
+    static_x.copy_(x2)
+    graph.replay()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        assert torch.equal(static_y, layer(x2))
+    # compiled, fullgraph, reduce-overhead: zero graph breaks, same bytes as eager
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    step = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for s in (14, 15, 16):
+            xs = randn((1, K), dtype, seed=s)
+            assert torch.equal(step(xs), layer(xs))
+    assert sum(counters["graph_break"].values()) == 0
+    # leaving the GPU gives bitsandbytes' bytes
+    cpu = layer.cpu()
+    assert cpu.layout == "packed" and torch.equal(cpu.weight.data, packed.cpu())
+
+
+# dequantize_4bit(layout="tiled16"): dequant4_tiled16_kernel reads the tiled bytes in place.
+# (N, K): one run; 3 runs (odd, one CTA's 2 runs and a partial trip); the shapes above (more runs
+# than the grid's 16 CTAs an SM: the grid-stride loop)
+TILED16_DQ_SHAPES = [(16, 256), (16, 768)] + TILED16_SHAPES
+
+
+def _tiled16_weight(N, K, nested, seed, nested_blocksize=NESTED_BLOCKSIZE,
+                    storage=torch.uint8):
+    """Random codes (every byte value) and statistics of a [N, K] weight, packed and tiled16:
+    (packed, tiled, absmax, tiled absmax, nested args)."""
+    packed = random_packed(N * K, seed=seed, storage=storage)
+    blocks = N * K // 64
+    if nested:
+        q = torch.randint(0, 256, (blocks,), generator=gen(seed + 1), device=DEV,
+                          dtype=torch.int32).to(torch.uint8)
+        nabs = torch.rand(-(-blocks // nested_blocksize), generator=gen(seed + 2),
+                          device=DEV) + 0.5
+        offset = torch.rand(1, generator=gen(seed + 3), device=DEV) + 1.0
+        absmax, extra = q, (nabs, create_dynamic_map().to(DEV), offset, nested_blocksize)
+    else:
+        absmax, extra = random_absmax(blocks, seed=seed + 1), ()
+    tB, tA = _tiled16.repack(packed, absmax, [N, K])
+    return packed, tB, absmax, tA, extra
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_dequantize_4bit_tiled16_equals_packed(quant_type, dtype, nested):
+    """dequantize_4bit(layout="tiled16") of the tiled bytes equals dequantize_4bit of the packed
+    bytes bit for bit (same code table, products and rounding): every shape, uint8 and bf16
+    storage, nested blocksizes 256 and 32 (nested_absmax in block order), codes at storage
+    offsets 1 and 4 (the kernel's byte-load path), the .out overload."""
+    need("dequantize_4bit")
+    for i, (N, K) in enumerate(TILED16_DQ_SHAPES):
+        for storage in (torch.uint8, torch.bfloat16):
+            for nbs in ((NESTED_BLOCKSIZE, 32) if nested else (NESTED_BLOCKSIZE,)):
+                packed, tB, absmax, tA, extra = _tiled16_weight(N, K, nested, 900 + 13 * i,
+                                                                nbs, storage)
+                if nested:
+                    extra = extra[:3] + (nbs,)
+                want = OPS.dequantize_4bit(packed, absmax, 64, quant_type, [N, K], dtype, *extra)
+                got = OPS.dequantize_4bit(tB, tA, 64, quant_type, [N, K], dtype, *extra,
+                                          layout="tiled16")
+                assert got.shape == (N, K) and got.dtype == dtype
+                assert torch.equal(got, want), (N, K, storage, nbs)
+        # unaligned codes: the same bytes at storage offsets 1 and 4 (not 8-byte aligned)
+        packed, tB, absmax, tA, extra = _tiled16_weight(N, K, nested, 950 + i)
+        want = OPS.dequantize_4bit(packed, absmax, 64, quant_type, [N, K], dtype, *extra)
+        for shift in (1, 4):
+            big = torch.empty(N * K // 2 + 8, dtype=torch.uint8, device=DEV)
+            view = big[shift:shift + N * K // 2]
+            view.copy_(tB.reshape(-1))
+            got = OPS.dequantize_4bit(view.reshape(-1, 1), tA, 64, quant_type, [N, K], dtype,
+                                      *extra, layout="tiled16")
+            assert torch.equal(got, want), (N, K, shift)
+        out = torch.empty(N, K, dtype=dtype, device=DEV)
+        OPS.dequantize_4bit.out(tB, tA, 64, quant_type, [N, K], dtype, *extra, layout="tiled16",
+                                out=out)
+        assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("nested", [False, True])
+def test_linear_4bit_tiled16_prefill_equals_packed(dtype, nested):
+    """linear_4bit on a tiled16 weight beyond the decode kernel (M 17, 64, 300; fp32; unaligned
+    activations) dequantizes straight from the tiled layout and multiplies as the packed path
+    does: the same bytes as the packed-layout call, with and without bias."""
+    need("linear_4bit")
+    for i, (N, K) in enumerate([(48, 768), (1024, 4096), (4096, 1024)]):
+        packed, tB, absmax, tA, extra = _tiled16_weight(N, K, nested, 1000 + 17 * i)
+        absmax = absmax * 0.02 if not nested else absmax  # keep the products finite
+        tA = tA * 0.02 if not nested else tA
+        cases = [(M, False) for M in (17, 64, 300)] + [(3, True)]
+        if dtype == torch.float32:
+            cases.append((2, False))  # fp32 never takes the decode kernels
+        for M, shifted in cases:
+            A = randn((M * K + (8 if shifted else 0),), dtype, seed=1100 + M + i, scale=0.5)
+            A = (A[1:1 + M * K] if shifted else A).reshape(M, K)  # shifted: not 16-byte aligned
+            for bias in (None, randn((N,), dtype, seed=1200 + i)):
+                want = OPS.linear_4bit(A, packed, [N, K], absmax, 64, "nf4", bias, *extra)
+                got = OPS.linear_4bit(A, tB, [N, K], tA, 64, "nf4", bias, *extra,
+                                      layout="tiled16")
+                assert got.shape == (M, N) and got.dtype == dtype
+                assert torch.equal(got, want), (N, K, M, shifted, bias is None)
 
 
 # =============================================================================================

@@ -82,7 +82,7 @@ at::Tensor linear_4bit_autograd(c10::DispatchKeySet ks, const at::Tensor& A, con
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& offset,
-                                int64_t nested_blocksize) {
+                                int64_t nested_blocksize, c10::string_view layout) {
   const bool grad = c10::GradMode::is_enabled() &&
                     (wants(A) || wants(absmax) || wants(bias) || wants(nested_absmax) ||
                      wants(nested_code) || wants(offset));
@@ -92,13 +92,14 @@ at::Tensor linear_4bit_autograd(c10::DispatchKeySet ks, const at::Tensor& A, con
                                .typed<decltype(linear_4bit_cuda)>();
     at::AutoDispatchBelowADInplaceOrView below;
     return op.redispatch(ks & c10::after_autograd_keyset, A, B, shapeB, absmax, blocksize,
-                         quant_type, bias, nested_absmax, nested_code, offset, nested_blocksize);
+                         quant_type, bias, nested_absmax, nested_code, offset, nested_blocksize,
+                         layout);
   }
   // The dispatcher runs without the GIL: take it before building any Python object.
   py::gil_scoped_acquire gil;
   return call_python(kName + 6 /* after "opsq::" */, A, B, sym_list(shapeB), absmax, blocksize,
                      std::string(quant_type), opt(bias), opt(nested_absmax), opt(nested_code),
-                     opt(offset), nested_blocksize);
+                     opt(offset), nested_blocksize, std::string(layout));
 }
 
 constexpr char kLinear4bit[] = "opsq::linear_4bit";

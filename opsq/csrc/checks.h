@@ -155,6 +155,26 @@ inline bool check_quant_type(c10::string_view quant_type) {
   return nf4;
 }
 
+// A 4-bit weight layout (check_layout of opsq/meta/_common.py); true for "tiled16".
+inline bool check_layout(c10::string_view layout) {
+  const bool tiled = layout == "tiled16";
+  TORCH_CHECK_VALUE(tiled || layout == "packed",
+                    "layout must be one of ('packed', 'tiled16'), got '" + std::string(layout) +
+                        "'");
+  return tiled;
+}
+
+// What the tiled16 layout needs of a weight [N, K] (check_tiled16 of opsq/_tiled16.py);
+// `name` is the shape argument's name in the messages ("shapeB", or dequantize_4bit's "shape").
+inline void check_tiled16(int64_t blocksize, int64_t N, int64_t K, const char* name = "shapeB") {
+  TORCH_CHECK_VALUE(blocksize == 64,
+                    "layout 'tiled16' needs blocksize 64, got " + std::to_string(blocksize));
+  TORCH_CHECK_VALUE(N % 16 == 0, "layout 'tiled16' needs " + std::string(name) +
+                                     "[0] = N % 16 == 0, got " + std::to_string(N));
+  TORCH_CHECK_VALUE(K % 256 == 0, "layout 'tiled16' needs " + std::string(name) +
+                                      "[1] = K % 256 == 0, got " + std::to_string(K));
+}
+
 inline void check_same_device(const char* main_name, const at::Tensor& main, const char* name,
                               const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device() == main.device(),

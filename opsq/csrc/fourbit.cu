@@ -1,11 +1,16 @@
 // CUDA kernels of the 4-bit family (NF4 / FP4): quantize_4bit, dequantize_4bit, and the
-// gemv_4bit / linear_4bit product. Semantics are those of opsq/reference/fourbit.py.
+// gemv_4bit / linear_4bit product, over a weight in the packed (bitsandbytes') layout or the
+// tiled16 one (opsq/_tiled16.py). Semantics are those of opsq/reference/fourbit.py.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
+#include <atomic>
 #include <cstdlib>
+#include <limits>
+#include <optional>
 
 #include "checks.h"
 #include "absmax.cuh"
@@ -105,6 +110,97 @@ dequant4_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, int bs_log2, b
     const uint32_t byte = codes[e >> 1];
     const uint32_t c = (e & 1) ? (byte & 0xfu) : (byte >> 4);
     out[e] = Cvt<T>::from_float(mul_rn(tab[c], ams.get(am, e >> bs_log2)));
+  }
+}
+
+// -------------------------------------------------------------------------------------------
+// dequantize_4bit of a tiled16 weight (opsq/_tiled16.py): reads the tiled bytes and absmax in
+// place and writes the row-major (N, K) output, so nothing is un-packed first. The values are
+// those of dequant4_kernel on the packed bytes: the same code table, the same products
+// mul_rn(code, absmax) (nested: AbsmaxSmem's decoding) and the same stores (store_unit).
+//
+// One thread per 8 code bytes of the tiled buffer, 256 threads (2048 bytes) a run (tile b of 16
+// rows, step s of 256 columns: run = b S + s, S = K / 256), so a warp reads 256 contiguous bytes
+// and thread t takes the same piece of every run: within a run the piece at byte 8 t is chunk
+// c = t / 64, lane l = (t / 2) % 32 (g = l / 4, q = l % 4), half h = t % 2, i.e. the 16 codes
+// of row 16 b + g + 8 h, columns 256 s + 64 c + 16 q .. + 15 (one block of 64), whose absmax
+// sits at run * 64 + 16 c + 2 g + h (block (16 b + g + 8 h) K / 64 + 4 s + c in packed order,
+// which nested_absmax keeps). Each thread writes its 16 outputs (32 bytes in fp16/bf16, 64 in
+// fp32); the 4 threads of a (g, h) write 64 consecutive columns of one row. kDqTiledRuns runs a
+// CTA trip, their loads issued before any store. VEC: the codes are 8-byte aligned (one 8-byte
+// load a thread), else 8 byte loads.
+// -------------------------------------------------------------------------------------------
+// 2: 32 registers at 8 CTAs an SM (full occupancy, no spills; 4 needs 48 or spills), 16 code
+// bytes in flight a thread as dequant4_kernel's 4 words of fp16/bf16 units
+constexpr int kDqTiledRuns = 2;
+
+template <typename T, bool NESTED, bool VEC>
+__global__ void __launch_bounds__(kThreads, 2048 / kThreads)
+dequant4_tiled16_kernel(const uint8_t* __restrict__ codes, AbsmaxArgs am, bool nf4,
+                        T* __restrict__ out, int64_t K, int runs, int steps) {
+  static_assert(kThreads == 256, "one thread per 8 bytes of a 2048-byte run");
+  constexpr int E = Unit<T>::kElems;
+  constexpr int R = kDqTiledRuns;
+  __shared__ float tab[16];
+  __shared__ AbsmaxSmem<NESTED> ams;
+  if (threadIdx.x < 16) tab[threadIdx.x] = nf4 ? kNF4Code[threadIdx.x] : kFP4Code[threadIdx.x];
+  ams.load(am);
+  __syncthreads();
+
+  const int t = threadIdx.x;
+  const int c = t >> 6, l = (t >> 1) & 31, h = t & 1;
+  const int g = l >> 2, q = l & 3;
+  const int tile_row = g + 8 * h;         // row within the tile
+  const int step_col = 64 * c + 16 * q;   // first column within the step
+  const int am_in_run = 16 * c + 2 * g + h;
+  const int64_t row_blocks = K >> 6;
+  for (int r0 = blockIdx.x * R; r0 < runs; r0 += gridDim.x * R) {
+    uint32_t lo[R], hi[R];
+    float sc[R];
+    int64_t o[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int run = r0 + j;
+      if (run < runs) {
+        const int b = run / steps, s = run - b * steps;
+        const int64_t row = int64_t{16} * b + tile_row;
+        o[j] = row * K + int64_t{256} * s + step_col;
+        const uint8_t* p = codes + int64_t{run} * 2048 + 8 * t;
+        if constexpr (VEC) {
+          const uint2 w = __ldg(reinterpret_cast<const uint2*>(p));
+          lo[j] = w.x;
+          hi[j] = w.y;
+        } else {
+          lo[j] = 0;
+          hi[j] = 0;
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            lo[j] |= static_cast<uint32_t>(p[k]) << (8 * k);
+            hi[j] |= static_cast<uint32_t>(p[4 + k]) << (8 * k);
+          }
+        }
+        sc[j] = ams.get_at(am, int64_t{run} * 64 + am_in_run, row * row_blocks + 4 * s + c);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      if (r0 + j < runs) {
+        // byte k of the 8 holds elements 2 k (high nibble) and 2 k + 1
+#pragma unroll
+        for (int u = 0; u < 16 / E; ++u) {
+          float v[E];
+#pragma unroll
+          for (int k = 0; k < E / 2; ++k) {
+            const int byte_index = u * (E / 2) + k;
+            const uint32_t word = byte_index < 4 ? lo[j] : hi[j];
+            const uint32_t byte = (word >> (8 * (byte_index & 3))) & 0xffu;
+            v[2 * k] = mul_rn(tab[byte >> 4], sc[j]);
+            v[2 * k + 1] = mul_rn(tab[byte & 0xfu], sc[j]);
+          }
+          store_unit<T>(out + o[j] + u * E, v);
+        }
+      }
+    }
   }
 }
 
@@ -381,12 +477,39 @@ void launch_dequant4(const uint8_t* codes, const Absmax& am, int bs_log2, bool n
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// dequant4_tiled16_kernel over a tiled16 weight [N, K] (N % 16 == 0, K % 256 == 0, N K > 0).
+template <typename T>
+void launch_dequant4_tiled16(const uint8_t* codes, const Absmax& am, bool nf4, T* out, int64_t N,
+                             int64_t K, cudaStream_t stream) {
+  const int64_t runs = (N / 16) * (K / 256);
+  // run indices (and the grid stride past the last) in int32
+  TORCH_CHECK(runs <= std::numeric_limits<int>::max() / 2,
+              "dequantize_4bit: a tiled16 weight of " + fmt(N) + " x " + fmt(K) +
+                  " is too large (N K / 4096 must be < 2^30)");
+  const bool vec = reinterpret_cast<uintptr_t>(codes) % 8 == 0;
+  const int grid = grid_for(runs, kDqTiledRuns);
+  const int r = static_cast<int>(runs), steps = static_cast<int>(K / 256);
+#define OPSQ_DQ4T(NESTED, VEC)                                                     \
+  dequant4_tiled16_kernel<T, NESTED, VEC><<<grid, kThreads, 0, stream>>>(codes, am.args, nf4, \
+                                                                        out, K, r, steps)
+  if (am.nested) {
+    if (vec) OPSQ_DQ4T(true, true); else OPSQ_DQ4T(true, false);
+  } else {
+    if (vec) OPSQ_DQ4T(false, true); else OPSQ_DQ4T(false, false);
+  }
+#undef OPSQ_DQ4T
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Dequantize n codes into a new tensor of `dtype` with `out_shape`; arguments already checked.
+// tiled: A and absmax are in the tiled16 layout of the weight out_shape = [N, K] (checked by
+// check_tiled16), read in place by dequant4_tiled16_kernel; the values are the same.
 at::Tensor dequant4_impl(const at::Tensor& A, const at::Tensor& absmax, int64_t blocksize,
                          bool nf4, at::IntArrayRef out_shape, at::ScalarType dtype,
                          const std::optional<at::Tensor>& nested_absmax,
                          const std::optional<at::Tensor>& nested_code,
-                         const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+                         const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                         bool tiled = false) {
   auto out = at::empty(out_shape, A.options().dtype(dtype));
   const int64_t n = out.numel();
   if (n == 0) return out;
@@ -395,19 +518,26 @@ at::Tensor dequant4_impl(const at::Tensor& A, const at::Tensor& absmax, int64_t 
   const uint8_t* cp = static_cast<const uint8_t*>(codes.data_ptr());
   const int bs_log2 = log2_exact(blocksize);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t N = tiled ? out_shape[0] : 0, K = tiled ? out_shape[1] : 0;
   switch (dtype) {
-    case at::kFloat:
-      launch_dequant4<float>(cp, am, bs_log2, nf4, out.data_ptr<float>(), n, stream);
+    case at::kFloat: {
+      float* op = out.data_ptr<float>();
+      if (tiled) launch_dequant4_tiled16<float>(cp, am, nf4, op, N, K, stream);
+      else launch_dequant4<float>(cp, am, bs_log2, nf4, op, n, stream);
       break;
-    case at::kHalf:
-      launch_dequant4<__half>(cp, am, bs_log2, nf4,
-                              reinterpret_cast<__half*>(out.data_ptr<at::Half>()), n, stream);
+    }
+    case at::kHalf: {
+      __half* op = reinterpret_cast<__half*>(out.data_ptr<at::Half>());
+      if (tiled) launch_dequant4_tiled16<__half>(cp, am, nf4, op, N, K, stream);
+      else launch_dequant4<__half>(cp, am, bs_log2, nf4, op, n, stream);
       break;
-    default:
-      launch_dequant4<__nv_bfloat16>(
-          cp, am, bs_log2, nf4, reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>()),
-          n, stream);
+    }
+    default: {
+      __nv_bfloat16* op = reinterpret_cast<__nv_bfloat16*>(out.data_ptr<at::BFloat16>());
+      if (tiled) launch_dequant4_tiled16<__nv_bfloat16>(cp, am, nf4, op, N, K, stream);
+      else launch_dequant4<__nv_bfloat16>(cp, am, bs_log2, nf4, op, n, stream);
       break;
+    }
   }
   return out;
 }
@@ -475,13 +605,19 @@ void launch_gemv4_nested(const T* A, int M, int64_t K, const uint8_t* W, int64_t
 #undef OPSQ_GEMV4
 }
 
+// The code table of quant_type as T's bit planes, built once per dtype, not per launch (a
+// decode step launches the gemv kernels hundreds of times).
+template <typename T>
+const CodePlanes& code_planes(bool nf4) {
+  static const CodePlanes kPlanes[2] = {make_code_planes<T>(kFP4Host),
+                                        make_code_planes<T>(kNF4Host)};
+  return kPlanes[nf4 ? 1 : 0];
+}
+
 template <typename T>
 void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, const Absmax& am,
                   int64_t blocksize, bool nf4, const T* bias, T* out, cudaStream_t stream) {
-  // built once per dtype, not per launch (a decode step launches this hundreds of times)
-  static const CodePlanes kPlanes[2] = {make_code_planes<T>(kFP4Host),
-                                        make_code_planes<T>(kNF4Host)};
-  const CodePlanes& planes = kPlanes[nf4 ? 1 : 0];
+  const CodePlanes& planes = code_planes<T>(nf4);
   if (am.nested)
     launch_gemv4_nested<T, true>(A, M, K, W, N, am, blocksize, planes, bias, out, stream);
   else
@@ -489,7 +625,81 @@ void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// ---- tiled16 --------------------------------------------------------------------------------
+// gemv4_tiled16_kernel<T, NESTED> given its 64 KB of dynamic shared memory on the current device
+// (cudaFuncSetAttribute, once per device and instantiation); false where the device cannot
+// (the op then dequantizes from the tiled16 layout and multiplies with cuBLAS).
+template <typename T, bool NESTED>
+bool tiled16_opted_in() {
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
+  return once_per_device(known, []() -> std::optional<bool> {
+    if (cudaFuncSetAttribute(gemv4_tiled16_kernel<T, NESTED>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             kLutBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return true;
+  });
+}
+
+template <typename T>
+bool tiled16_kernel_ready(bool nested) {
+  return nested ? tiled16_opted_in<T, true>() : tiled16_opted_in<T, false>();
+}
+
+// Whether gemv4_tiled16_kernel<T, NESTED> may be launched as a programmatic dependent on the
+// current device: its sm_90 code runs (a build for older targets, JIT-compiled on a newer GPU,
+// has no griddepcontrol.wait). Asked once per device.
+template <typename T, bool NESTED>
+bool tiled16_pdl_runs() {
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
+  return once_per_device(known, [] { return sm90_code_runs<gemv4_tiled16_kernel<T, NESTED>>(); });
+}
+
+// <= 8 rows of A through gemv4_tiled16_kernel: one set of persistent CTAs (kTiled16CtasPerSm an
+// SM, at most one a 16-row tile), as measured in benchmarks/gemv_lab.cu.
+template <typename T>
+void launch_gemv4_tiled16(const T* A, int M, int64_t K, const uint8_t* W, int64_t N,
+                          const Absmax& am, bool nf4, const T* bias, T* out,
+                          cudaStream_t stream) {
+  const CodePlanes& planes = code_planes<T>(nf4);
+  const int grid = static_cast<int>(
+      std::min<int64_t>(N / 16, int64_t{sm_count()} * kTiled16CtasPerSm));
+  // A programmatic dependent launch where the kernel's sm_90 code runs (its griddepcontrol.wait
+  // then orders every read of memory an earlier kernel writes): its launch, table fill and
+  // first L2 prefetches overlap the previous kernel's end.
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.blockDim = dim3(kTiled16Warps * 32);
+  cfg.dynamicSmemBytes = kLutBytes;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  if (am.nested) {
+    cfg.numAttrs = tiled16_pdl_runs<T, true>() ? 1 : 0;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv4_tiled16_kernel<T, true>, A, M, K, W, N,
+                                      am.args, planes, bias, out));
+  } else {
+    cfg.numAttrs = tiled16_pdl_runs<T, false>() ? 1 : 0;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv4_tiled16_kernel<T, false>, A, M, K, W, N,
+                                      am.args, planes, bias, out));
+  }
+}
+
 }  // namespace
+
+bool gemv_tiled16_supported(int64_t device) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
+  return once_per_device(known, []() -> std::optional<bool> {
+    const std::optional<bool> code = sm90_code_runs<gemv4_tiled16_kernel<__nv_bfloat16, false>>();
+    if (!code.has_value()) return std::nullopt;  // asked again next time
+    return *code && tiled16_opted_in<__nv_bfloat16, false>();
+  });
+}
 
 // ============================================================================================
 // ops
@@ -535,7 +745,8 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& offset,
-                                int64_t nested_blocksize) {
+                                int64_t nested_blocksize, c10::string_view layout) {
+  // check_dequantize_4bit of opsq/meta/fourbit.py
   check_blocksize(blocksize);
   const bool nf4 = check_quant_type(quant_type);
   check_float_dtype_arg("dtype", dtype);
@@ -546,12 +757,18 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
     TORCH_CHECK(s >= 0, "shape must have non-negative sizes, got " + fmt_list(out_shape));
     n *= s;
   }
+  const bool tiled = check_layout(layout);
+  if (tiled) {
+    TORCH_CHECK_VALUE(out_shape.size() == 2, "layout 'tiled16' needs shape = [N, K], got " +
+                                                 fmt_list(out_shape));
+    check_tiled16(blocksize, out_shape[0], out_shape[1], "shape");
+  }
   check_packed("A", A, n);
   check_absmax(A, absmax, n, blocksize, nested_absmax, nested_code, offset, nested_blocksize);
   check_cuda("A", A);
   const c10::cuda::CUDAGuard guard(A.device());
   return dequant4_impl(A, absmax, blocksize, nf4, out_shape, dtype, nested_absmax, nested_code,
-                       offset, nested_blocksize);
+                       offset, nested_blocksize, tiled);
 }
 
 at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
@@ -559,7 +776,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
                             c10::string_view quant_type, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_code,
-                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
+                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                            c10::string_view layout) {
   // check_linear_4bit of opsq/meta/fourbit.py
   check_float_dtype("A", A.scalar_type());
   check_min_dim("A", A, 1);
@@ -570,6 +788,8 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
                     "shapeB must be [N, K] (out_features, in_features), got " + fmt_list(sb));
   TORCH_CHECK(sb[0] >= 0 && sb[1] >= 0, "shapeB must have non-negative sizes, got " + fmt_list(sb));
   const int64_t N = sb[0], K = sb[1];
+  const bool tiled = check_layout(layout);
+  if (tiled) check_tiled16(blocksize, N, K);
   TORCH_CHECK(A.size(-1) == K, "A's last dimension (" + fmt(A.size(-1)) +
                                    ") must equal shapeB[1] = K (" + fmt(K) + ")");
   check_same_device("A", A, "B", B);
@@ -595,8 +815,46 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
 
   const at::Tensor codes = B.contiguous();
   const at::Tensor x = A.reshape({M, K}).contiguous();
-  const auto cp = reinterpret_cast<uintptr_t>(codes.data_ptr());
   const auto xp = reinterpret_cast<uintptr_t>(x.data_ptr());
+  if (tiled) {
+    // Few rows: the tiled16 kernel, 8 rows a launch. Otherwise (fp32, many rows, unaligned
+    // pointers, a device that cannot give a CTA 64 KB) the weight is dequantized straight from
+    // the tiled16 layout (dequant4_tiled16_kernel: the same values as from the packed bytes)
+    // and multiplied by cuBLAS, as the packed path below does.
+    const bool nested = absmax.scalar_type() == at::kByte;
+    const at::Tensor am_c = absmax.contiguous();
+    const auto ap = reinterpret_cast<uintptr_t>(am_c.data_ptr());
+    const bool kernel = M <= kGemvMaxRows && xp % 16 == 0 &&
+                        reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0 &&
+                        ap % (nested ? 2 : 8) == 0 &&
+                        ((dt == at::kHalf && tiled16_kernel_ready<__half>(nested)) ||
+                         (dt == at::kBFloat16 && tiled16_kernel_ready<__nv_bfloat16>(nested)));
+    if (!kernel) {
+      const at::Tensor W = dequant4_impl(codes, am_c, blocksize, nf4, {N, K}, dt, nested_absmax,
+                                         nested_code, offset, nested_blocksize, /*tiled=*/true);
+      return at::linear(x, W, b).reshape(out_shape);
+    }
+    auto out = at::empty({M, N}, A.options());
+    const Absmax am = prepare_absmax(am_c, nested_absmax, nested_code, offset, nested_blocksize);
+    cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
+      if (dt == at::kHalf) {
+        launch_gemv4_tiled16<__half>(
+            reinterpret_cast<const __half*>(x.data_ptr()) + m0 * K, rows, K, w, N, am, nf4,
+            b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
+            reinterpret_cast<__half*>(out.data_ptr()) + m0 * N, stream);
+      } else {
+        launch_gemv4_tiled16<__nv_bfloat16>(
+            reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + m0 * K, rows, K, w, N, am,
+            nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
+            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) + m0 * N, stream);
+      }
+    }
+    return out.reshape(out_shape);
+  }
+  const auto cp = reinterpret_cast<uintptr_t>(codes.data_ptr());
   // Few rows: the fused kernel, 8 rows a launch (each launch streams the packed weight once).
   const bool gemv = (dt == at::kHalf || dt == at::kBFloat16) && M <= kGemvMaxRows && K > 0 &&
                     K % 32 == 0 && cp % 16 == 0 && xp % 16 == 0;

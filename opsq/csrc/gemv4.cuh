@@ -135,7 +135,7 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 
 // C: codes per chunk (64 or 32); BSEQ: blocksize == C (the chunk index is the absmax index).
 // TILED (benchmarks/gemv_lab.cu only; measured there, benchmarks/NOTES.md "Third session": 9-14 %
-// faster, not adopted; C == 64, BSEQ, plain absmax, N % 16 == 0, K % 256 == 0): W and am.absmax in
+// faster, not adopted; the extension's tiled16 path is gemv4_tiled16_kernel below; C == 64, BSEQ, plain absmax, N % 16 == 0, K % 256 == 0): W and am.absmax in
 // a repacked layout made for the loads (gemv_lab's tile16_repack): the codes a CTA's 16 rows have
 // in one step form one 2 KB run (the run of CTA b, step s at (b * steps + s) * 2048), in which lane
 // l's 16 bytes for chunk c sit at (c * 32 + l) * 16 (its 8 bytes of row g, then of row g + 8), so
@@ -144,10 +144,14 @@ __device__ __forceinline__ void word_frags(uint32_t w, const CodePlanes& t, cons
 // One lane's share of chunk c of run `run` in that layout: its 16 code bytes (.x, .y: row g;
 // .z, .w: row g + 8) and the chunk's absmax of (row g, row g + 8). Shared with gemv_lab's v5.
 struct Tiled16Lane { uint4 codes; float2 absmax; };
+__device__ __forceinline__ uint4 load_tiled16_codes(const uint8_t* __restrict__ W, int64_t run,
+                                                    int c, int lane) {
+  return __ldg(reinterpret_cast<const uint4*>(W + run * 2048) + c * 32 + lane);
+}
 __device__ __forceinline__ Tiled16Lane load_tiled16(const uint8_t* __restrict__ W,
                                                     const float* __restrict__ absmax,
                                                     int64_t run, int c, int lane) {
-  return {__ldg(reinterpret_cast<const uint4*>(W + run * 2048) + c * 32 + lane),
+  return {load_tiled16_codes(W, run, c, lane),
           __ldg(reinterpret_cast<const float2*>(absmax + run * 64) + c * 8 + (lane >> 2))};
 }
 
@@ -315,6 +319,204 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
       if (bias != nullptr) y += Cvt<T>::to_float(bias[row0 + r]);
       out[int64_t{n} * N + row0 + r] = Cvt<T>::from_float(y);
     }
+  }
+}
+
+// ---- the tiled16 decode kernel (production form of gemv_lab's persistent v5) -----------------
+// benchmarks/NOTES.md, "gemv_4bit v5" and "The gemv repack": 73-74 % of copy bandwidth at
+// 8192->28672 and 28672->8192 (H100, bf16, M = 1) against 57-58 % for gemv4_kernel on the packed
+// layout. Two changes from gemv4_kernel:
+//  * The look-up: a byte of packed codes is two consecutive codes, exactly one 32-bit register
+//    of an mma A fragment. A 256-entry table maps the byte to that register, (code[b >> 4],
+//    code[b & 15]) rounded to T, unscaled (absmax is applied after the mma as in gemv4_kernel).
+//    It lives in 64 KB of dynamic shared memory with one copy per lane (word b * 64 + lane), so
+//    the 32 lanes of a look-up hit 32 banks whatever the codes; the byte address
+//    b * 256 + lane * 4 is one PRMT of the code word with a register holding lane * 4. One PRMT
+//    and one LDS a byte (gemv4_kernel: ~2.6 integer instructions a code).
+//  * Persistent CTAs (kTiled16CtasPerSm an SM): each fills the table once and walks row tiles
+//    blockIdx.x, + gridDim.x, ...; a warp's (tile, step) items form one stream, so the next
+//    tile's first loads are in flight while the current tile's last step computes.
+// The weight is in the tiled16 layout (opsq/_tiled16.py; Tiled16Lane above): blocksize 64,
+// N % 16 == 0, K % 256 == 0; each warp load reads 512 contiguous bytes. NESTED: absmax holds the
+// uint8 codes in the same tiled order, decoded as AbsmaxSmem<true>::get does (mul_rn of the
+// nested code and nested_absmax, add_rn of the offset); a step's 4 blocks of a row lie in one
+// nested block (the 4 start at a multiple of 4 and nested blocks hold >= 32), so one
+// nested_absmax a row and step. M <= 8 rows of A a launch; fp16 or bf16.
+constexpr int kLutBytes = 256 * 256;
+constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
+constexpr int kTiled16CtasPerSm = 2;
+
+// The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
+__device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
+  auto bits = [&](int c) {
+    const uint32_t lo = (t.lo[c >> 2] >> (8 * (c & 3))) & 0xffu;
+    const uint32_t hi = (t.hi[c >> 2] >> (8 * (c & 3))) & 0xffu;
+    return lo | (hi << 8);
+  };
+  return bits(b >> 4) | (bits(b & 15) << 16);
+}
+
+// Fills the table (every thread of the CTA takes part; the caller synchronises).
+template <int THREADS>
+__device__ __forceinline__ void lut_build(uint32_t* lut, const CodePlanes& t) {
+  // one warp store writes four entries' 128 bytes (lane / 8: entry, lane % 8: 16-byte piece)
+  for (int i = threadIdx.x; i < 256 * 8; i += THREADS) {
+    const int b = i >> 3, piece = i & 7;
+    const uint32_t v = lut_entry(t, b);
+    reinterpret_cast<uint4*>(lut + b * 64)[piece] = make_uint4(v, v, v, v);
+  }
+}
+
+// The fragment register of byte `byte` (0-3) of w: one PRMT for the address, one LDS.
+template <int BYTE>
+__device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t lane4) {
+  // result byte 0: lane4's byte 0; byte 1: w's byte BYTE; bytes 2, 3: lane4's byte 1 (zero)
+  const uint32_t off = prmt(w, lane4, 0x5504u | (BYTE << 4));
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut + off));
+  return v;
+}
+
+// A lane's scales of one step: plain, the 4 chunks' absmax of rows g and g + 8; nested, the 4
+// chunks' two uint8 codes (row g in bits 0-7, row g + 8 in bits 8-15) and the rows' nested_absmax.
+template <bool NESTED> struct Tiled16Scales { float sa[4], sb[4]; };
+template <> struct Tiled16Scales<true> { uint32_t q[4]; float na, nb; };
+
+template <typename T, bool NESTED, int WARPS = kTiled16Warps>
+__global__ void __launch_bounds__(WARPS * 32, kTiled16CtasPerSm)
+gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
+                     int64_t N, AbsmaxArgs am, CodePlanes planes, const T* __restrict__ bias,
+                     T* __restrict__ out) {
+  constexpr int NC = kGemvStepK / 64;  // chunks a step
+  extern __shared__ __align__(16) uint32_t lut_words[];
+  __shared__ AbsmaxSmem<NESTED> ams;
+  __shared__ float red[WARPS][16][8];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int64_t steps = K / kGemvStepK, ntiles = N / 16;
+  const bool has_x = g < M;
+  const T* xr = A + int64_t{has_x ? g : 0} * K + q * 16;
+  const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(lut_words));
+  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
+  struct Wt {
+    uint32_t a[NC][2], b[NC][2];
+    Tiled16Scales<NESTED> sc;
+  };
+  auto load = [&](int64_t tile, int64_t s, Wt& w) {
+    const int64_t run = tile * steps + s;
+#pragma unroll
+    for (int c = 0; c < NC; ++c) {
+      uint4 v;
+      if constexpr (NESTED) {
+        v = load_tiled16_codes(W, run, c, lane);
+        w.sc.q[c] = __ldg(reinterpret_cast<const uint16_t*>(am.qabsmax + run * 64 + c * 16) + g);
+      } else {
+        const Tiled16Lane t = load_tiled16(W, am.absmax, run, c, lane);
+        v = t.codes;
+        w.sc.sa[c] = t.absmax.x;
+        w.sc.sb[c] = t.absmax.y;
+      }
+      w.a[c][0] = v.x; w.a[c][1] = v.y; w.b[c][0] = v.z; w.b[c][1] = v.w;
+    }
+    if constexpr (NESTED) {  // the block index of row tile * 16 + g's first chunk of step s
+      const int64_t blk = (tile * 16 + g) * (K / 64) + s * NC;
+      w.sc.na = __ldg(am.nested_absmax + (blk >> am.nested_log2));
+      w.sc.nb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
+    }
+  };
+  int64_t tile = blockIdx.x, s = warp;
+  Wt buf;
+  // Launched as a programmatic dependent (fourbit.cu): until pdl_wait the kernel before this one
+  // on the stream may still be running, so this prologue touches nothing it could write: the
+  // table (from the kernel arguments) and L2 prefetches of each warp's first run (L2 is where
+  // writes land, so a prefetch cannot make a read stale). Loads into registers come after.
+  if (tile < ntiles && s < steps) {
+    const int64_t run = tile * steps + s;
+    if (lane < 16) prefetch_l2(W + run * 2048 + lane * 128);  // the run's 2 KB of codes
+    else if (lane < 18) prefetch_l2(NESTED ? static_cast<const void*>(am.qabsmax + run * 64)
+                                           : static_cast<const void*>(am.absmax + run * 64 +
+                                                                      (lane - 16) * 32));
+  }
+  lut_build<WARPS * 32>(lut_words, planes);
+  pdl_wait();  // W, absmax and A are visible from here
+  if (tile < ntiles && s < steps) load(tile, s, buf);
+  ams.load(am);
+  __syncthreads();
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+  while (tile < ntiles) {
+    int64_t nt = tile, ns = s + WARPS;
+    const bool last = ns >= steps;  // this warp's last item of the tile
+    if (last) {
+      nt += gridDim.x;
+      ns = warp;
+    }
+    const Wt cur = buf;
+    if (nt < ntiles && ns < steps) load(nt, ns, buf);  // in flight while this item computes
+    if (s < steps) {
+      const T* xs = xr + s * kGemvStepK;
+      uint32_t xw[NC][8];
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        if (has_x) {
+          const uint4* xp = reinterpret_cast<const uint4*>(xs + c * 64);
+          const uint4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
+          xw[c][0] = v0.x; xw[c][1] = v0.y; xw[c][2] = v0.z; xw[c][3] = v0.w;
+          xw[c][4] = v1.x; xw[c][5] = v1.y; xw[c][6] = v1.z; xw[c][7] = v1.w;
+        } else {
+#pragma unroll
+          for (int i = 0; i < 8; ++i) xw[c][i] = 0;
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const uint32_t f0[4] = {lut_get<0>(lut, cur.a[c][i], lane4),
+                                  lut_get<0>(lut, cur.b[c][i], lane4),
+                                  lut_get<1>(lut, cur.a[c][i], lane4),
+                                  lut_get<1>(lut, cur.b[c][i], lane4)};
+          mma16816<T>(d, f0, xw[c][4 * i], xw[c][4 * i + 1]);
+          const uint32_t f1[4] = {lut_get<2>(lut, cur.a[c][i], lane4),
+                                  lut_get<2>(lut, cur.b[c][i], lane4),
+                                  lut_get<3>(lut, cur.a[c][i], lane4),
+                                  lut_get<3>(lut, cur.b[c][i], lane4)};
+          mma16816<T>(d, f1, xw[c][4 * i + 2], xw[c][4 * i + 3]);
+        }
+        float sa, sb;
+        if constexpr (NESTED) {
+          sa = add_rn(mul_rn(ams.ncode[cur.sc.q[c] & 0xffu], cur.sc.na), ams.offset);
+          sb = add_rn(mul_rn(ams.ncode[(cur.sc.q[c] >> 8) & 0xffu], cur.sc.nb), ams.offset);
+        } else {
+          sa = cur.sc.sa[c];
+          sb = cur.sc.sb[c];
+        }
+        acc[0] = fmaf(sa, d[0], acc[0]);
+        acc[1] = fmaf(sa, d[1], acc[1]);
+        acc[2] = fmaf(sb, d[2], acc[2]);
+        acc[3] = fmaf(sb, d[3], acc[3]);
+      }
+    }
+    if (last) {  // every warp reaches its last item of the tile once: reduce the tile
+      red[warp][g][2 * q] = acc[0];
+      red[warp][g][2 * q + 1] = acc[1];
+      red[warp][g + 8][2 * q] = acc[2];
+      red[warp][g + 8][2 * q + 1] = acc[3];
+      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
+      __syncthreads();
+      if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
+        const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+        if (n < M) {
+          float y = red[0][r][n];
+#pragma unroll
+          for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
+          if (bias != nullptr) y += Cvt<T>::to_float(bias[tile * 16 + r]);
+          out[int64_t{n} * N + tile * 16 + r] = Cvt<T>::from_float(y);
+        }
+      }
+      __syncthreads();
+    }
+    tile = nt;
+    s = ns;
   }
 }
 

@@ -14,6 +14,7 @@
 namespace opsq {
 
 // ---- 4-bit -------------------------------------------------------------------------------
+// dequantize_4bit reads a weight in either layout ("packed", or "tiled16" for a 2-D shape).
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cuda(const at::Tensor& A, int64_t blocksize,
                                                       c10::string_view quant_type,
                                                       at::ScalarType quant_storage);
@@ -23,14 +24,19 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                                 const std::optional<at::Tensor>& nested_absmax,
                                 const std::optional<at::Tensor>& nested_code,
                                 const std::optional<at::Tensor>& offset,
-                                int64_t nested_blocksize);
-// linear_4bit (gemv_4bit is its alias; the kernel is chosen by the number of rows).
+                                int64_t nested_blocksize, c10::string_view layout);
+// linear_4bit (gemv_4bit is its alias; the kernel is chosen by the number of rows and the
+// weight's layout, "packed" or "tiled16").
 at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                             const at::Tensor& absmax, int64_t blocksize,
                             c10::string_view quant_type, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& nested_absmax,
                             const std::optional<at::Tensor>& nested_code,
-                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize);
+                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                            c10::string_view layout);
+// Whether the tiled16 decode kernel has sm_90 code that runs on CUDA device `device` (what makes
+// a weight there eligible for the tiled16 layout; opsq/_tiled16.py, opsq/nn/linear4bit.py).
+bool gemv_tiled16_supported(int64_t device);
 
 // ---- 8-bit blockwise ---------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise_cuda(const at::Tensor& A,

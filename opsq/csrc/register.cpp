@@ -47,4 +47,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("prefetch", &opsq::prefetch,
         "Migrate a unified-memory tensor to GPU `device` (host for device < 0), asynchronously");
   m.def("is_managed", &opsq::is_managed, "Whether the tensor's memory is CUDA unified memory");
+  m.def("gemv_tiled16_supported", &opsq::gemv_tiled16_supported,
+        "Whether the tiled16 decode kernel has sm_90 code that runs on CUDA device `device` "
+        "(a weight there may take the tiled16 layout)");
 }

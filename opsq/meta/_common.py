@@ -15,8 +15,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from .._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, QUANT_STORAGE_DTYPES,
-                          QUANT_TYPES)
+from .._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, LAYOUTS_4BIT,
+                          QUANT_STORAGE_DTYPES, QUANT_TYPES)
 
 
 def _passing_fast(torch_check: Callable, name: str) -> Callable:
@@ -115,6 +115,12 @@ def check_blockwise_blocksize(blocksize: int, name: str = "blocksize") -> None:
 def check_quant_type(quant_type: str) -> None:
     check_value(quant_type in QUANT_TYPES,
                 lambda: f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+
+
+def check_layout(layout: str) -> None:
+    """A 4-bit weight layout: one of ``LAYOUTS_4BIT``."""
+    check_value(layout in LAYOUTS_4BIT,
+                lambda: f"layout must be one of {LAYOUTS_4BIT}, got {layout!r}")
 
 
 def check_quant_storage(quant_storage: torch.dtype) -> None:

@@ -11,9 +11,11 @@ from typing import Sequence
 import torch
 
 from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
+from .._tiled16 import check_tiled16
 from ._common import (ceil_div, check, check_blocksize, check_dim, check_dtype, check_float_dtype,
-                      check_min_dim, check_numel, check_quant_storage, check_quant_type,
-                      check_same_device, check_shape_arg, check_value, numel_of, register_fake)
+                      check_layout, check_min_dim, check_numel, check_quant_storage,
+                      check_quant_type, check_same_device, check_shape_arg, check_value, numel_of,
+                      register_fake)
 
 
 def packed_numel(n, itemsize: int):
@@ -69,11 +71,20 @@ def check_packed(name: str, B: torch.Tensor, n) -> None:
 
 def check_dequantize_4bit(A, absmax, blocksize, quant_type, shape: Sequence, dtype,
                           nested_absmax=None, nested_code=None, offset=None,
-                          nested_blocksize=NESTED_BLOCKSIZE):
+                          nested_blocksize=NESTED_BLOCKSIZE, layout="packed"):
+    """Validate a ``dequantize_4bit`` call; returns the output shape ``tuple(shape)``.
+    ``layout`` "tiled16" (codes ``A`` and ``absmax`` in :mod:`opsq._tiled16`'s order) also needs
+    ``shape = [N, K]`` with blocksize 64, ``N % 16 == 0`` and ``K % 256 == 0`` (ValueError
+    naming the value); a layout other than "packed" / "tiled16" is a ValueError too."""
     check_blocksize(blocksize)
     check_quant_type(quant_type)
     check_float_dtype("dtype", dtype)
     check_shape_arg("shape", shape)
+    check_layout(layout)
+    if layout == "tiled16":
+        check_value(len(shape) == 2,
+                    lambda: f"layout 'tiled16' needs shape = [N, K], got {list(shape)}")
+        check_tiled16(shape, blocksize, name="shape")
     n = numel_of(shape)
     check_packed("A", A, n)
     check_absmax(A, absmax, n, blocksize, nested_absmax, nested_code, offset, nested_blocksize)
@@ -82,7 +93,10 @@ def check_dequantize_4bit(A, absmax, blocksize, quant_type, shape: Sequence, dty
 
 def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bias=None,
                       nested_absmax=None, nested_code=None, offset=None,
-                      nested_blocksize=NESTED_BLOCKSIZE):
+                      nested_blocksize=NESTED_BLOCKSIZE, layout="packed"):
+    """Validate a ``linear_4bit`` / ``gemv_4bit`` call; returns the output shape
+    ``A.shape[:-1] + (N,)``. ``layout`` "tiled16" also needs blocksize 64, ``N % 16 == 0`` and
+    ``K % 256 == 0`` (ValueError naming the value)."""
     check_dtype("A", A, FLOAT_DTYPES)
     check_min_dim("A", A, 1)
     check_blocksize(blocksize)
@@ -92,6 +106,9 @@ def check_linear_4bit(A, B, shapeB: Sequence, absmax, blocksize, quant_type, bia
                         f"{list(shapeB)}")
     check_shape_arg("shapeB", shapeB)
     N, K = shapeB
+    check_layout(layout)
+    if layout == "tiled16":
+        check_tiled16(shapeB, blocksize)
     check(A.shape[-1] == K,
           lambda: f"A's last dimension ({A.shape[-1]}) must equal shapeB[1] = K ({K})")
     check_same_device("A", A, B=B, bias=bias)
@@ -114,17 +131,19 @@ def _quantize_4bit_fake(A, blocksize, quant_type, quant_storage):
 
 @register_fake("opsq::dequantize_4bit")
 def _dequantize_4bit_fake(A, absmax, blocksize, quant_type, shape, dtype, nested_absmax=None,
-                          nested_code=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE):
+                          nested_code=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE,
+                          layout="packed"):
     out_shape = check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                                      nested_absmax, nested_code, offset, nested_blocksize)
+                                      nested_absmax, nested_code, offset, nested_blocksize,
+                                      layout)
     return A.new_empty(out_shape, dtype=dtype)
 
 
 def _linear_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None,
                       nested_absmax=None, nested_code=None, offset=None,
-                      nested_blocksize=NESTED_BLOCKSIZE):
+                      nested_blocksize=NESTED_BLOCKSIZE, layout="packed"):
     out_shape = check_linear_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias,
-                                  nested_absmax, nested_code, offset, nested_blocksize)
+                                  nested_absmax, nested_code, offset, nested_blocksize, layout)
     return A.new_empty(out_shape)
 
 

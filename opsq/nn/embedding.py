@@ -23,7 +23,7 @@ from .._constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
 from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
-from .linear4bit import Linear4bit, Params4bit
+from .linear4bit import Linear4bit, Params4bit, _as_packed
 from .linear8bit import Int8Params, Linear8bitLt
 from .switchback import dequantize_int8_rows
 
@@ -282,6 +282,7 @@ class Embedding4bit(_QuantizedTable):
         if tuple(state.shape) != shape:
             raise ValueError(f"quantized table has shape {tuple(state.shape)}, layer expects "
                              f"{shape} (num_embeddings, embedding_dim)")
+        packed, state = _as_packed(packed, state)  # tables stay in bitsandbytes' layout
         n = shape[0] * shape[1]
         blocks = -(-n // state.blocksize)
         if state.absmax.numel() != blocks:

@@ -10,12 +10,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .. import _tiled16
 from .. import functional as Fq
 from .._autograd import apply_op
 from .._constants import NESTED_BLOCKSIZE
 from ..meta._common import (check_blocksize, check_float_dtype, check_quant_storage,
                             check_quant_type)
 from ..meta.fourbit import check_dequantize_4bit
+from ..fsdp import is_dtensor as _is_dtensor
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
                          _drop_internal_keys, _held_apply, _load_without_weight,
                          _parse_to_device, _pickle_state, _save_without_quantized, _set_tensor,
@@ -33,6 +35,12 @@ class Params4bit(nn.Parameter):
     Before quantization it holds the float weight ``(N, K)``; ``.to(device)`` / ``.cuda()`` /
     ``.cpu()`` to a real device returns a new ``Params4bit`` holding the packed codes
     ``(ceil(N*K/2/itemsize), 1)`` in ``quant_storage`` and its :class:`~opsq.functional.QuantState`.
+
+    Layout: a free-standing parameter (``module`` None) that lands on a CUDA device eligible for
+    the decode kernel's layout (:func:`opsq._tiled16.tiled16_eligible`: sm_90 code, blocksize
+    64, ``N % 16 == 0``, ``K % 256 == 0``) holds its codes and ``quant_state.absmax`` in the
+    "tiled16" order (``quant_state.layout``); anywhere else, and in everything it pickles, the
+    bitsandbytes order. A parameter owned by a :class:`Linear4bit` leaves the layout to the layer.
 
     Args:
         data: the float weight, or packed codes with ``bnb_quantized=True``.
@@ -75,10 +83,29 @@ class Params4bit(nn.Parameter):
     def __reduce_ex__(self, proto):
         # the statistics are pickled as copies: in a layer they view the storage of its int32
         # bit-pattern parameters, and torch.save refuses one storage under two dtypes when a
-        # state dict holds both (torch.export.save of a program, for one)
-        return (_rebuild_params4bit, (self.data, self.requires_grad,
-                                      copy.deepcopy(self.quant_state), self.bnb_quantized,
+        # state dict holds both (torch.export.save of a program, for one). Pickled bytes are
+        # always bitsandbytes' (a tiled16 weight is un-packed; _rebuild_params4bit tiles it
+        # again where it lands on an eligible device).
+        data, state = _packed_copy(self.data, self.quant_state)
+        return (_rebuild_params4bit, (data, self.requires_grad, state, self.bnb_quantized,
                                       self._attrs()))
+
+    def _settle_layout(self) -> None:
+        """Free-standing only: put the codes and ``quant_state.absmax`` in the layout the
+        current device wants (tiled16 where eligible, else packed); new tensors, not in
+        place (``.to`` to the same device may share storage with the source)."""
+        state = self.quant_state
+        if (self.module is not None or not self.bnb_quantized or state is None
+                or state.shape is None or self.device.type == "meta" or _is_dtensor(self.data)):
+            return
+        want = ("tiled16" if _tiled16.tiled16_eligible(state.shape, state.blocksize, self.device)
+                else "packed")
+        if want == getattr(state, "layout", "packed"):
+            return
+        permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
+        with torch.no_grad():
+            self.data, state.absmax = permute(self.data, state.absmax, state.shape)
+        state.layout = want
 
     def _quantize(self, device) -> "Params4bit":
         w = self.data.contiguous().to(device)
@@ -86,8 +113,10 @@ class Params4bit(nn.Parameter):
                                          compress_statistics=self.compress_statistics,
                                          quant_type=self.quant_type,
                                          quant_storage=self.quant_storage)
-        return type(self)(packed, False, state, module=self.module, bnb_quantized=True,
-                          **self._attrs())
+        out = type(self)(packed, False, state, module=self.module, bnb_quantized=True,
+                         **self._attrs())
+        out._settle_layout()
+        return out
 
     @classmethod
     def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict[str, Any],
@@ -100,9 +129,11 @@ class Params4bit(nn.Parameter):
             ValueError: malformed ``quantized_stats``.
         """
         state = Fq.QuantState.from_dict(quantized_stats, device=device)
-        return cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
-                   compress_statistics=state.nested, quant_type=state.quant_type,
-                   quant_storage=data.dtype, module=module, bnb_quantized=True)
+        out = cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
+                  compress_statistics=state.nested, quant_type=state.quant_type,
+                  quant_storage=data.dtype, module=module, bnb_quantized=True)
+        out._settle_layout()  # free-standing: tiled16 on an eligible CUDA device
+        return out
 
     def to(self, *args, **kwargs):
         device = _parse_to_device(*args, **kwargs)
@@ -116,8 +147,10 @@ class Params4bit(nn.Parameter):
             if state is not None:
                 state.to(device)
             data = self.data.to(device)
-            return type(self)(data, False, state, module=self.module, bnb_quantized=True,
-                              **self._attrs())
+            out = type(self)(data, False, state, module=self.module, bnb_quantized=True,
+                             **self._attrs())
+            out._settle_layout()
+            return out
         return super().to(*args, **kwargs)
 
     def cuda(self, device=None, non_blocking=False):
@@ -155,6 +188,18 @@ for _name, _get, _nested in (
     setattr(Params4bit, _name, _state_field(_name, _get, _nested))
 del _name, _get, _nested
 
+def _as_packed(packed: torch.Tensor, state: Fq.QuantState):
+    """``(packed, state)`` in bitsandbytes' layout: a tiled16 pair un-packed (a new state; the
+    caller's is not modified), a packed one returned as it is."""
+    if getattr(state, "layout", "packed") != "tiled16":
+        return packed, state
+    state = copy.copy(state)
+    packed = _tiled16.on_full(_tiled16.unpack_codes, packed, state.shape)
+    state.absmax = _tiled16.on_full(_tiled16.unpack_absmax, state.absmax, state.shape)
+    state.layout = "packed"
+    return packed, state
+
+
 _SPLITS = (torch.chunk, torch.split, torch.Tensor.chunk, torch.Tensor.split)
 
 
@@ -177,7 +222,19 @@ Params4bit.__torch_function__ = classmethod(_params4bit_torch_function)
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
-    return Params4bit(data, requires_grad, quant_state, bnb_quantized=bnb_quantized, **attrs)
+    out = Params4bit(data, requires_grad, quant_state, bnb_quantized=bnb_quantized, **attrs)
+    out._settle_layout()
+    return out
+
+
+def _packed_copy(data: torch.Tensor, state: Optional[Fq.QuantState]):
+    """``(codes, state copy)`` in bitsandbytes' layout: a tiled16 weight un-packed (new
+    tensors), a packed one as it is (the state deep-copied either way; None stays None)."""
+    state = copy.deepcopy(state)
+    if state is not None and getattr(state, "layout", "packed") == "tiled16":
+        data, state.absmax = _tiled16.unpack(data, state.absmax, state.shape)
+        state.layout = "packed"
+    return data, state
 
 
 _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
@@ -215,6 +272,17 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         blocksize: 32..4096 (default 64).
     Shapes:
         input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
+    Layout:
+        ``layout`` (a plain string, also ``quant_state.layout``) is ``"tiled16"`` while the
+        quantized tensors sit, unsharded, on a CUDA device eligible for the decode kernel's
+        byte order (:func:`opsq._tiled16.tiled16_eligible`: sm_90 code, blocksize 64,
+        ``N % 16 == 0``, ``K % 256 == 0``; NF4/FP4, plain or nested absmax, fp16 or bf16
+        inputs, since the kernel takes both), else ``"packed"``. It changes only where the
+        tensors arrive: a move (``.to`` / ``.cuda`` / ``.cpu``), quantization, a load, an
+        assigned weight, unpickling; never in ``forward``. Everything that leaves the layer
+        is bitsandbytes' bytes: ``state_dict()`` (FSDP2-sharded tensors are gathered, un-packed
+        and re-sharded), ``quant_state.as_dict``, ``Fq.dequantize_4bit(weight, quant_state)``,
+        ``torch.save`` / pickling, ``.to("cpu")``.
     Raises:
         TypeError: ``compute_dtype`` not None/fp16/bf16/fp32 (a string too), ``quant_storage``
             not a supported dtype. ValueError: bad ``quant_type`` or ``blocksize``.
@@ -231,6 +299,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         check_blocksize(blocksize)
         check_quant_storage(quant_storage)
         super().__init__(input_features, output_features, bias, device)
+        self.layout = "packed"  # of the quantized tensors; see "Layout" above
         self.weight = Params4bit(self.weight.data, requires_grad=False,
                                  compress_statistics=compress_statistics, quant_type=quant_type,
                                  quant_storage=quant_storage, blocksize=blocksize, module=self)
@@ -296,13 +365,15 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         return Fq.QuantState(absmax=_value(self.weight_absmax), shape=self.weight_shape,
                              code=self.weight_quant_map, blocksize=self.blocksize,
                              quant_type=self.quant_type, dtype=self.weight_dtype,
-                             offset=offset, state2=state2)
+                             offset=offset, state2=state2,
+                             layout=getattr(self, "layout", "packed"))
 
     def _set_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
         """Adopt packed codes and their state (shape must be this layer's ``(N, K)``)."""
         if tuple(state.shape) != self.weight_shape:
             raise ValueError(f"quantized weight has shape {tuple(state.shape)}, layer expects "
                              f"{self.weight_shape} (out_features, in_features)")
+        packed, state = _as_packed(packed, state)
         # Reject a corrupted/truncated checkpoint now (absmax, codes, nested stats), not at the
         # first forward: the ops' own shared validation.
         check_dequantize_4bit(packed, state.absmax, state.blocksize, state.quant_type,
@@ -332,17 +403,60 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
             packed, False, None, blocksize=self.blocksize, compress_statistics=state.nested,
             quant_type=self.quant_type, quant_storage=packed.dtype, module=self,
             bnb_quantized=True))
+        self.layout = "packed"
+        self._settle_layout()
         self._sync_weight_state()
+
+    def _settle_layout(self) -> None:
+        """Permute the packed weight and ``weight_absmax`` into the layout this device wants:
+        tiled16 where :func:`opsq._tiled16.tiled16_eligible`, else packed. The tensor objects
+        are kept and given new storage (``.data =``; not a copy into the old storage, which a
+        loaded state dict may share). Sharded (DTensor) and meta tensors are left as they are."""
+        w = self._parameters.get("weight")
+        absmax = self._parameters.get("weight_absmax")
+        if absmax is None:
+            absmax = self._buffers.get("weight_absmax")
+        if (not self.is_quantized or w is None or absmax is None or w.device.type == "meta"
+                or _is_dtensor(w) or _is_dtensor(absmax)):
+            return
+        want = ("tiled16" if _tiled16.tiled16_eligible(self.weight_shape, self.blocksize,
+                                                        w.device) else "packed")
+        current = getattr(self, "layout", "packed")
+        if want == current:
+            return
+        permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
+        with torch.no_grad():
+            w.data, absmax.data = permute(w.data, absmax.data, self.weight_shape)
+        self.layout = want
 
     def __getstate__(self) -> dict:
         w = self._parameters.get("weight")
+        tiled = getattr(self, "layout", "packed") == "tiled16" and self.is_quantized
         bare = None
         if isinstance(w, Params4bit) and w.bnb_quantized:
-            bare = Params4bit(w.data, False, None, bnb_quantized=True, **w._attrs())
-        return _pickle_state(self, bare)
+            data = _tiled16.unpack_codes(w.data, self.weight_shape) if tiled else w.data
+            bare = Params4bit(data, False, None, bnb_quantized=True, **w._attrs())
+        elif tiled and w is not None:  # a plain parameter over the tiled bytes (FSDP1 views,
+            # opsq.hf's loading hand-over): its bytes leave un-packed too, as "layout" says
+            bare = nn.Parameter(_tiled16.unpack_codes(w.data, self.weight_shape),
+                                requires_grad=False)
+        state = _pickle_state(self, bare)
+        if tiled:  # pickled bytes are bitsandbytes'; __setstate__ tiles them again if eligible
+            state["layout"] = "packed"
+            for store in ("_parameters", "_buffers"):
+                held = dict(state[store])
+                t = held.get("weight_absmax")
+                if t is not None:
+                    stats = _tiled16.unpack_absmax(t.data, self.weight_shape)
+                    held["weight_absmax"] = (nn.Parameter(stats, requires_grad=False)
+                                             if isinstance(t, nn.Parameter) else stats)
+                state[store] = held
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("layout", "packed")  # pickles from before the layout existed
         super().__setstate__(state)
+        self._settle_layout()
         self._sync_weight_state()
 
     def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
@@ -355,9 +469,15 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                      or state.state2.absmax.shape == self.weight_nested_absmax.shape))
 
     def _copy_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
-        """Load into the existing tensors in place (keeps FSDP2's sharded parameters)."""
+        """Load into the existing tensors in place (keeps FSDP2's sharded parameters), in the
+        layer's current layout."""
+        packed, state = _as_packed(packed, state)
+        absmax = state.absmax
+        if getattr(self, "layout", "packed") == "tiled16":
+            packed = _tiled16.on_full(_tiled16.repack_codes, packed, self.weight_shape)
+            absmax = _tiled16.on_full(_tiled16.repack_absmax, absmax, self.weight_shape)
         _copy_into(self.weight, packed)
-        _copy_into(self.weight_absmax, state.absmax)
+        _copy_into(self.weight_absmax, absmax)
         _copy_into(self.weight_quant_map, state.code)
         if state.nested:
             _copy_into(self.weight_nested_absmax, state.state2.absmax)
@@ -402,6 +522,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 w.data, False, None, blocksize=self.blocksize,
                 compress_statistics=self.compress_statistics, quant_type=self.quant_type,
                 quant_storage=self.quant_storage, module=self, bnb_quantized=True)
+        if device is not None:  # arrived somewhere: the layout that device wants
+            self._settle_layout()
         self._sync_weight_state()
         return self
 
@@ -436,6 +558,13 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         _save_without_quantized(self, nn.Linear, destination, prefix, keep_vars)
         if self.is_quantized:
+            key = prefix + "weight"
+            if getattr(self, "layout", "packed") == "tiled16" and key in destination:
+                # bitsandbytes' bytes (a new tensor, also with keep_vars; FSDP2 shards are
+                # gathered, un-packed and re-sharded: every rank saves, as FSDP2 requires)
+                destination[key] = _tiled16.on_full(_tiled16.unpack_codes,
+                                                    destination[key].detach(),
+                                                    self.weight_shape)
             for k, v in self.quant_state.as_dict(packed=True).items():
                 destination[prefix + "weight." + k] = v if keep_vars else v.detach()
 
@@ -517,7 +646,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         out = apply_op(
             "linear_4bit", xc, weight, self.weight_shape, _value(absmax), self.blocksize,
             self.quant_type, self.bias, _value(self.weight_nested_absmax),
-            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize)
+            self.weight_nested_quant_map, self.weight_offset, self.nested_blocksize,
+            self.layout)
         return out if xc is x else out.to(x.dtype)
 
     def set_compute_type(self, x: torch.Tensor) -> None:
@@ -540,7 +670,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, quant_type={self.quant_type}, "
                 f"blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
-                f"quant_storage={self.quant_storage}, quantized={self.is_quantized}")
+                f"quant_storage={self.quant_storage}, quantized={self.is_quantized}, "
+                f"layout={getattr(self, 'layout', 'packed')}")
 
 
 class LinearFP4(Linear4bit):

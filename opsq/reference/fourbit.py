@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .._constants import (FP4_CODES_ASCENDING, FP4_THRESHOLDS, NF4_CODE, ZERO_CODE,
                           code_table)
+from .. import _tiled16
 from ..meta._common import ceil_div, numel_of
 from ..meta.fourbit import check_dequantize_4bit, check_linear_4bit, check_quantize_4bit
 from .blockwise import dequantize_blockwise
@@ -77,9 +78,17 @@ def unpack_codes(A: torch.Tensor, n) -> torch.Tensor:
 
 def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                     shape, dtype: torch.dtype, nested_absmax=None, nested_code=None,
-                    offset=None, nested_blocksize: int = 256) -> torch.Tensor:
+                    offset=None, nested_blocksize: int = 256,
+                    layout: str = "packed") -> torch.Tensor:
+    """``code[q] * absmax[block]`` of the first ``prod(shape)`` codes of ``A``, in ``dtype``
+    with ``shape``. A "tiled16" weight (codes and absmax, :mod:`opsq._tiled16`; ``shape`` [N, K])
+    is un-packed to bitsandbytes' layout first (the CUDA kernel reads it in place; same
+    values)."""
     out_shape = check_dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype,
-                                      nested_absmax, nested_code, offset, nested_blocksize)
+                                      nested_absmax, nested_code, offset, nested_blocksize,
+                                      layout)
+    if layout == "tiled16":
+        A, absmax = _tiled16.unpack(A, absmax, out_shape)
     n = numel_of(out_shape)
     scales = resolve_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     values = code_table(quant_type, A.device)[unpack_codes(A, n).long()]
@@ -89,11 +98,14 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
 
 def linear_4bit(A: torch.Tensor, B: torch.Tensor, shapeB, absmax: torch.Tensor, blocksize: int,
                 quant_type: str, bias=None, nested_absmax=None, nested_code=None, offset=None,
-                nested_blocksize: int = 256) -> torch.Tensor:
+                nested_blocksize: int = 256, layout: str = "packed") -> torch.Tensor:
     """y = A @ dequant(B).T + bias, with the weight dequantized to A.dtype (as bitsandbytes
-    does) and the product accumulated in fp32; output in A.dtype."""
+    does) and the product accumulated in fp32; output in A.dtype. A "tiled16" weight (codes
+    and absmax, :mod:`opsq._tiled16`) is un-packed to bitsandbytes' layout first."""
     check_linear_4bit(A, B, shapeB, absmax, blocksize, quant_type, bias, nested_absmax,
-                      nested_code, offset, nested_blocksize)
+                      nested_code, offset, nested_blocksize, layout)
+    if layout == "tiled16":
+        B, absmax = _tiled16.unpack(B, absmax, shapeB)
     W = dequantize_4bit(B, absmax, blocksize, quant_type, shapeB, A.dtype, nested_absmax,
                         nested_code, offset, nested_blocksize)
     b = None if bias is None else bias.to(A.dtype).float()
