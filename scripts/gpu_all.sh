@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer, timings, qlora_prof, llm_prof and int8_prof): build the extension, the CUDA op tests
+# sanitizer, timings, qlora_prof, llm_prof, decode_prof and int8_prof): build the extension, the CUDA op tests
 # (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
 # training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
 # per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
 # (kernel families; the llm family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
+# decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
 # int8_prof (scripts/profile_int8_small_m.py: Linear8bitLt's kernels at M <= 16),
 # compute-sanitizer memcheck/racecheck over the op tests, and `lab` (benchmarks/gemv_lab.cu and
 # optim_lab.cu: kernel variants timed without torch; LAB_ONLY=gemv,optim). Logs and results
@@ -138,6 +139,13 @@ if has llm_prof; then
     --tokens 32 --variants ${LLM_PROF_VARIANTS:-bf16,nf4} >"$OUT/llm_profile.log" 2>&1
   note "LLM host profile rc=$? ($(( $(date +%s) - t0 ))s)"
   grep -vE "Warning|warn|^\s*$" "$OUT/llm_profile.log" | cut -c1-120 | head -${LLM_PROF_LINES:-140} >>"$SUMMARY"
+fi
+if has decode_prof; then  # scripts/profile_decode.py: gemv chains per Llama shape, decode-step kernels
+  t0=$(date +%s)
+  timeout ${DECODE_PROF_TIMEOUT:-300} $PY scripts/profile_decode.py --layers ${DECODE_PROF_LAYERS:-8} \
+    >"$OUT/decode_profile.log" 2>&1
+  note "decode profile rc=$? ($(( $(date +%s) - t0 ))s)"
+  grep -vE "Warning|warn|^\s*$" "$OUT/decode_profile.log" | cut -c1-120 | head -80 >>"$SUMMARY"
 fi
 if has int8_prof; then  # Linear8bitLt at M <= 16: kernel durations and the span of a call
   timeout 200 $PY scripts/profile_int8_small_m.py >"$OUT/int8_profile.log" 2>&1
