@@ -78,11 +78,9 @@ void launch4(const Bufs& b) {
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
-// the extension's tiled16 kernel (bf16, plain absmax, no bias), launched as fourbit.cu does;
-// PF: its L2 prefetch distance in items (the extension's: kTiled16Prefetch)
-template <int PF = kTiled16Prefetch>
+// the extension's tiled16 kernel (bf16, plain absmax, no bias), launched as fourbit.cu does
 void launch_tiled16(const Bufs& b) {
-  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false, kTiled16Warps, PF>;
+  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false>;
   static int sms = 0;
   static const bool opted_in = [&] {
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
@@ -175,9 +173,6 @@ int main(int argc, char** argv) {
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
     check("gemv4_tiled16_kernel (extension)")([&] { launch_tiled16(b); });
-    check("tiled16, L2 prefetch 0 items ahead")([&] { launch_tiled16<0>(b); });
-    check("tiled16, L2 prefetch 1 item ahead")([&] { launch_tiled16<1>(b); });
-    check("tiled16, L2 prefetch 4 items ahead")([&] { launch_tiled16<4>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;

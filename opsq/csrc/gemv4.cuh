@@ -345,9 +345,6 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
-// Items (a warp's (tile, step) runs) a warp prefetches into L2 beyond the one it loads into
-// registers, so that DEPTH bytes in flight do not cost registers (the kernel is at its 128).
-constexpr int kTiled16Prefetch = 2;
 
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
 __device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
@@ -385,7 +382,7 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
 template <bool NESTED> struct Tiled16Scales { float sa[4], sb[4]; };
 template <> struct Tiled16Scales<true> { uint32_t q[4]; float na, nb; };
 
-template <typename T, bool NESTED, int WARPS = kTiled16Warps, int PF = kTiled16Prefetch>
+template <typename T, bool NESTED, int WARPS = kTiled16Warps>
 __global__ void __launch_bounds__(WARPS * 32, kTiled16CtasPerSm)
 gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
                      int64_t N, AbsmaxArgs am, CodePlanes planes, const T* __restrict__ bias,
@@ -427,34 +424,17 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
     }
   };
   int64_t tile = blockIdx.x, s = warp;
-  // a warp's items in order: steps warp, warp + WARPS, ... of a tile, then the next tile
-  auto advance = [&](int64_t& t_, int64_t& s_) {
-    s_ += WARPS;
-    if (s_ >= steps) {
-      s_ = warp;
-      t_ += gridDim.x;
-    }
-  };
-  auto prefetch_item = [&](int64_t t_, int64_t s_) {
-    if (t_ < ntiles && s_ < steps) {
-      const int64_t run = t_ * steps + s_;
-      if (lane < 16) prefetch_l2(W + run * 2048 + lane * 128);  // the run's 2 KB of codes
-      else if (lane < 18) prefetch_l2(NESTED ? static_cast<const void*>(am.qabsmax + run * 64)
-                                             : static_cast<const void*>(am.absmax + run * 64 +
-                                                                        (lane - 16) * 32));
-    }
-  };
   Wt buf;
   // Launched as a programmatic dependent (fourbit.cu): until pdl_wait the kernel before this one
   // on the stream may still be running, so this prologue touches nothing it could write: the
-  // table (from the kernel arguments) and L2 prefetches of each warp's first PF + 1 runs (L2 is
-  // where writes land, so a prefetch cannot make a read stale). Loads into registers come after.
-  int64_t pt = tile, ps = s;  // the prefetch cursor: PF items ahead of the next register load
-  prefetch_item(pt, ps);
-#pragma unroll
-  for (int i = 0; i < PF; ++i) {
-    advance(pt, ps);
-    prefetch_item(pt, ps);
+  // table (from the kernel arguments) and L2 prefetches of each warp's first run (L2 is where
+  // writes land, so a prefetch cannot make a read stale). Loads into registers come after.
+  if (tile < ntiles && s < steps) {
+    const int64_t run = tile * steps + s;
+    if (lane < 16) prefetch_l2(W + run * 2048 + lane * 128);  // the run's 2 KB of codes
+    else if (lane < 18) prefetch_l2(NESTED ? static_cast<const void*>(am.qabsmax + run * 64)
+                                           : static_cast<const void*>(am.absmax + run * 64 +
+                                                                      (lane - 16) * 32));
   }
   lut_build<WARPS * 32>(lut_words, planes);
   pdl_wait();  // W, absmax and A are visible from here
@@ -471,10 +451,6 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
     }
     const Wt cur = buf;
     if (nt < ntiles && ns < steps) load(nt, ns, buf);  // in flight while this item computes
-    if constexpr (PF > 0) {
-      advance(pt, ps);
-      prefetch_item(pt, ps);
-    }
     if (s < steps) {
       const T* xs = xr + s * kGemvStepK;
       uint32_t xw[NC][8];
