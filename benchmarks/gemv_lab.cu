@@ -78,11 +78,9 @@ void launch4(const Bufs& b) {
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
-// the extension's tiled16 kernel (bf16, plain absmax, no bias), launched as fourbit.cu does;
-// SPLIT > 1: clusters of SPLIT CTAs share each tile (gemv4_tiled16_kernel's split of K)
-template <int SPLIT = 1>
+// the extension's tiled16 kernel (bf16, plain absmax, no bias), launched as fourbit.cu does
 void launch_tiled16(const Bufs& b) {
-  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false, kTiled16Warps, SPLIT>;
+  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false>;
   static int sms = 0;
   static const bool opted_in = [&] {
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
@@ -90,29 +88,9 @@ void launch_tiled16(const Bufs& b) {
     return true;
   }();
   (void)opted_in;
-  const int64_t clusters = std::min<int64_t>(b.N / 16, int64_t{sms} * kTiled16CtasPerSm / SPLIT);
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = SPLIT;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(clusters * SPLIT));
-  cfg.blockDim = dim3(kTiled16Warps * 32);
-  cfg.dynamicSmemBytes = kLutBytes;
-  cfg.attrs = &attr;
-  cfg.numAttrs = SPLIT > 1 ? 1 : 0;
-  static const bool told = [&] {  // how many clusters fit at once
-    if (SPLIT > 1) {
-      int n = 0;
-      CK(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg));
-      printf("  (tiled16 split %d: %d clusters can be resident)\n", SPLIT, n);
-    }
-    return true;
-  }();
-  (void)told;
-  CK(cudaLaunchKernelEx(&cfg, kernel, b.A, b.M, b.K, b.Wt, b.N, AbsmaxArgs{b.absmax_t}, g_planes,
-                        static_cast<const __nv_bfloat16*>(nullptr), b.out));
+  const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * kTiled16CtasPerSm));
+  kernel<<<grid, kTiled16Warps * 32, kLutBytes>>>(b.A, b.M, b.K, b.Wt, b.N, AbsmaxArgs{b.absmax_t},
+                                                  g_planes, nullptr, b.out);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
@@ -196,8 +174,6 @@ int main(int argc, char** argv) {
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
     check("gemv4_tiled16_kernel (extension)")([&] { launch_tiled16(b); });
-    check("tiled16, K split over 2 (cluster)")([&] { launch_tiled16<2>(b); });
-    check("tiled16, K split over 4 (cluster)")([&] { launch_tiled16<4>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;

@@ -346,21 +346,6 @@ constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
 
-// Every thread of the cluster arrives (release) and waits (acquire): shared-memory writes
-// before it are visible to every CTA of the cluster after it.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
-// The float at `p` (this CTA's shared memory) in the shared memory of the cluster's CTA `rank`.
-__device__ __forceinline__ float cluster_load(const float* p, int rank) {
-  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-}
-
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
 __device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
   auto bits = [&](int c) {
@@ -397,12 +382,7 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
 template <bool NESTED> struct Tiled16Scales { float sa[4], sb[4]; };
 template <> struct Tiled16Scales<true> { uint32_t q[4]; float na, nb; };
 
-// SPLIT > 1 (launched with clusters of SPLIT CTAs along x): the SPLIT CTAs of a cluster share
-// each of its tiles, warp w of CTA rank r taking steps w * SPLIT + r, + WARPS * SPLIT, ...; their
-// partial 16 x 8 tiles meet in the rank-0 CTA's registers through distributed shared memory,
-// summed in rank order (no workspace, no atomics: the same bits every run). For the shapes whose
-// tiles leave warps idle (N / 16 tiles of K / 256 steps on fewer than 2 WARPS CTAs an SM).
-template <typename T, bool NESTED, int WARPS = kTiled16Warps, int SPLIT = 1>
+template <typename T, bool NESTED, int WARPS = kTiled16Warps>
 __global__ void __launch_bounds__(WARPS * 32, kTiled16CtasPerSm)
 gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
                      int64_t N, AbsmaxArgs am, CodePlanes planes, const T* __restrict__ bias,
@@ -411,11 +391,7 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
   extern __shared__ __align__(16) uint32_t lut_words[];
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[WARPS][16][8];
-  __shared__ float part[SPLIT > 1 ? 16 * 8 : 1];  // this CTA's share of the tile (SPLIT > 1)
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int rank = SPLIT > 1 ? static_cast<int>(blockIdx.x % SPLIT) : 0;
-  // the warp's place among the cluster's WARPS * SPLIT warps (the CTA's warp without clusters)
-  const int warp_id = threadIdx.x >> 5, warp = warp_id * SPLIT + rank;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int64_t steps = K / kGemvStepK, ntiles = N / 16;
   const bool has_x = g < M;
   const T* xr = A + int64_t{has_x ? g : 0} * K + q * 16;
@@ -447,8 +423,7 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
       w.sc.nb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
     }
   };
-  const int64_t tiles_stride = gridDim.x / SPLIT;  // clusters (CTAs without clusters)
-  int64_t tile = blockIdx.x / SPLIT, s = warp;
+  int64_t tile = blockIdx.x, s = warp;
   Wt buf;
   // Launched as a programmatic dependent (fourbit.cu): until pdl_wait the kernel before this one
   // on the stream may still be running, so this prologue touches nothing it could write: the
@@ -468,10 +443,10 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
   __syncthreads();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
   while (tile < ntiles) {
-    int64_t nt = tile, ns = s + WARPS * SPLIT;
+    int64_t nt = tile, ns = s + WARPS;
     const bool last = ns >= steps;  // this warp's last item of the tile
     if (last) {
-      nt += tiles_stride;
+      nt += gridDim.x;
       ns = warp;
     }
     const Wt cur = buf;
@@ -522,31 +497,21 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
       }
     }
     if (last) {  // every warp reaches its last item of the tile once: reduce the tile
-      red[warp_id][g][2 * q] = acc[0];
-      red[warp_id][g][2 * q + 1] = acc[1];
-      red[warp_id][g + 8][2 * q] = acc[2];
-      red[warp_id][g + 8][2 * q + 1] = acc[3];
+      red[warp][g][2 * q] = acc[0];
+      red[warp][g][2 * q + 1] = acc[1];
+      red[warp][g + 8][2 * q] = acc[2];
+      red[warp][g + 8][2 * q + 1] = acc[3];
       acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
       __syncthreads();
-      const int r = threadIdx.x >> 3, n = threadIdx.x & 7;  // (feature, row) of the 16 x 8 tile
-      float y = 0.f;
-      if (threadIdx.x < 128) {
-        y = red[0][r][n];
+      if (threadIdx.x < 128) {  // one thread per (feature, row) of the 16 x 8 tile
+        const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
+        if (n < M) {
+          float y = red[0][r][n];
 #pragma unroll
-        for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
-      }
-      if constexpr (SPLIT > 1) {
-        if (threadIdx.x < 128) part[threadIdx.x] = y;
-        cluster_sync();  // every rank's share is in its shared memory
-        if (rank == 0 && threadIdx.x < 128) {
-#pragma unroll
-          for (int k = 1; k < SPLIT; ++k) y += cluster_load(&part[threadIdx.x], k);
+          for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
+          if (bias != nullptr) y += Cvt<T>::to_float(bias[tile * 16 + r]);
+          out[int64_t{n} * N + tile * 16 + r] = Cvt<T>::from_float(y);
         }
-        cluster_sync();  // read before any rank overwrites its share (or exits)
-      }
-      if (rank == 0 && threadIdx.x < 128 && n < M) {
-        if (bias != nullptr) y += Cvt<T>::to_float(bias[tile * 16 + r]);
-        out[int64_t{n} * N + tile * 16 + r] = Cvt<T>::from_float(y);
       }
       __syncthreads();
     }
