@@ -528,6 +528,16 @@ def fsdp2_tiled16_worker(rank, world, port, backend, results_dir):
             local = (lambda t: t.to_local() if hasattr(t, "to_local") else t)
             assert type(got) is type(v), k
             assert torch.equal(local(got), local(v)), k
+        # pickling a sharded layer (__getstate__) gives each rank the never-tiled layer's shards
+        for m, p in zip(model, plain):
+            got, want_state = m[0].__getstate__(), p[0].__getstate__()
+            for store in ("_parameters", "_buffers"):
+                for k, v in want_state[store].items():
+                    if v is None:
+                        continue
+                    g = got[store][k]
+                    assert type(g) is type(v) and torch.equal(local(g.data), local(v.data)), k
+            assert got["layout"] == "packed"
         # which path on_full took: no gather for whole-tile shards, a gather for the others
         from torch.distributed.tensor import DTensor
         gathered = []

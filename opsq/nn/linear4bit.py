@@ -433,13 +433,16 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         w = self._parameters.get("weight")
         tiled = getattr(self, "layout", "packed") == "tiled16" and self.is_quantized
         bare = None
+        # (on_full: FSDP2-sharded tensors are permuted shard by shard where shards hold whole
+        # tiles, else gathered and re-sharded, as in state_dict())
         if isinstance(w, Params4bit) and w.bnb_quantized:
-            data = _tiled16.unpack_codes(w.data, self.weight_shape) if tiled else w.data
+            data = (_tiled16.on_full(_tiled16.unpack_codes, w.data, self.weight_shape) if tiled
+                    else w.data)
             bare = Params4bit(data, False, None, bnb_quantized=True, **w._attrs())
         elif tiled and w is not None:  # a plain parameter over the tiled bytes (FSDP1 views,
-            # opsq.hf's loading hand-over): its bytes leave un-packed too, as "layout" says
-            bare = nn.Parameter(_tiled16.unpack_codes(w.data, self.weight_shape),
-                                requires_grad=False)
+            # opsq.hf's loading hand-over, FSDP2's DTensor): its bytes leave un-packed too
+            bare = nn.Parameter(_tiled16.on_full(_tiled16.unpack_codes, w.data,
+                                                 self.weight_shape), requires_grad=False)
         state = _pickle_state(self, bare)
         if tiled:  # pickled bytes are bitsandbytes'; __setstate__ tiles them again if eligible
             state["layout"] = "packed"
@@ -447,7 +450,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 held = dict(state[store])
                 t = held.get("weight_absmax")
                 if t is not None:
-                    stats = _tiled16.unpack_absmax(t.data, self.weight_shape)
+                    stats = _tiled16.on_full(_tiled16.unpack_absmax, t.data, self.weight_shape)
                     held["weight_absmax"] = (nn.Parameter(stats, requires_grad=False)
                                              if isinstance(t, nn.Parameter) else stats)
                 state[store] = held
