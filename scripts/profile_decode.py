@@ -49,16 +49,18 @@ def graph_ms(fn, reps: int = 50) -> float:
         fn()
     g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
+    times = sorted(event_ms(g.replay) for _ in range(reps))
     return times[len(times) // 2]
+
+
+def event_ms(fn) -> float:
+    """Milliseconds of one ``fn()`` between two CUDA events (synchronised on the second)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    fn()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b)
 
 
 def chain(copy_bw: float) -> None:
@@ -139,12 +141,7 @@ def step_profile(layers: int, steps: int) -> None:
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
             for _ in range(steps):
                 dec.seek(32)
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                dec.decode_step()
-                b.record()
-                b.synchronize()
-                walls.append(a.elapsed_time(b))
+                walls.append(event_ms(dec.decode_step))
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(steps):
                     dec.seek(32)
