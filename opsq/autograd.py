@@ -178,7 +178,7 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
     res = apply_op("linear_4bit", A, B, list(quant_state.shape), quant_state.absmax,
                    quant_state.blocksize, quant_state.quant_type, bias,
                    *quant_state.nested_args(),
-                   getattr(quant_state, "layout", "packed"))  # the kernel picks the GEMV for few rows
+                   quant_state.layout)  # the kernel picks the GEMV for few rows
     return _finish(res, out)
 
 
@@ -207,7 +207,7 @@ def _matmul_4bit_kn(A, B, quant_state, out, bias) -> torch.Tensor:
             "in a future version.", DeprecationWarning, stacklevel=3)
     W = apply_op("dequantize_4bit", B.reshape(-1, 1), quant_state.absmax,
                  quant_state.blocksize, quant_state.quant_type, [K, N], A.dtype,
-                 *quant_state.nested_args(), getattr(quant_state, "layout", "packed"))
+                 *quant_state.nested_args(), quant_state.layout)
     return _finish(torch.nn.functional.linear(A, W.t(), bias), out)
 
 
@@ -223,7 +223,7 @@ class MatMul4Bit:
             raise ValueError("MatMul4Bit needs the weight's quant_state")
         res = apply_op("linear_4bit", A, B, list(quant_state.shape), quant_state.absmax,
                        quant_state.blocksize, quant_state.quant_type, bias,
-                       *quant_state.nested_args(), getattr(quant_state, "layout", "packed"))
+                       *quant_state.nested_args(), quant_state.layout)
         return _finish(res, out)
 
 

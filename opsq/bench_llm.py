@@ -103,7 +103,7 @@ def quantized_layer(variant: str, lin: nn.Linear) -> nn.Module:
         from opsq import _tiled16
         with mock.patch.object(_tiled16, "tiled16_eligible", lambda *a, **k: False):
             layer = quantized_layer("nf4", lin)
-        assert getattr(layer, "layout", "packed") == "packed"
+        assert layer.layout == "packed"
         return layer
     if variant in ("nf4", "nf4_nested", "fp4"):
         return Linear4bit.from_float(lin, quant_type=variant[:3], blocksize=64,

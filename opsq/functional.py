@@ -331,6 +331,8 @@ class QuantState:
             them changes the layout of both: ``opsq.nn.Params4bit.to``).
     """
 
+    #: the default byte order (and that of states pickled before the layout existed)
+    layout: str = "packed"
     valid_quant_types = QUANT_TYPES
     valid_qs_type_keys = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
     valid_qs_keys = ["absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state",
@@ -441,10 +443,7 @@ class QuantState:
         (``quant_type`` None) has no such key, so ``packed=True`` returns the unpacked dict,
         as bitsandbytes does; :meth:`from_dict` reads both forms back. A ``"tiled16"`` state
         gives its absmax in bitsandbytes' order (a copy; sharded DTensors stay sharded)."""
-        absmax = self.absmax
-        if getattr(self, "layout", "packed") == "tiled16":
-            absmax = _tiled16.on_full(_tiled16.unpack_absmax, absmax, self.shape)
-        qs = {"quant_type": self.quant_type, "absmax": absmax, "blocksize": self.blocksize,
+        qs = {"quant_type": self.quant_type, "absmax": self._packed_absmax(), "blocksize": self.blocksize,
               "quant_map": self.code, "dtype": _dtype_name(self.dtype),
               "shape": None if self.shape is None else tuple(self.shape)}
         if self.nested:
@@ -492,7 +491,7 @@ class QuantState:
 
     def _packed_absmax(self) -> torch.Tensor:
         """``absmax`` in bitsandbytes' order (a copy for a ``"tiled16"`` state)."""
-        if getattr(self, "layout", "packed") == "tiled16":
+        if self.layout == "tiled16":
             return _tiled16.on_full(_tiled16.unpack_absmax, self.absmax, self.shape)
         return self.absmax
 
@@ -690,7 +689,7 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     res = torch.ops.opsq.dequantize_4bit(A, quant_state.absmax, quant_state.blocksize,
                                          quant_state.quant_type, list(quant_state.shape), dtype,
                                          *quant_state.nested_args(),
-                                         getattr(quant_state, "layout", "packed"))
+                                         quant_state.layout)
     if out is not None:
         return out.copy_(res)
     return res
@@ -738,7 +737,7 @@ def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = No
         raise ValueError("gemv_4bit: transposed_A / transposed_B are not supported")
     res = torch.ops.opsq.gemv_4bit(A, B, list(state.shape), state.absmax, state.blocksize,
                                    state.quant_type, bias, *state.nested_args(),
-                                   getattr(state, "layout", "packed"))
+                                   state.layout)
     if out is not None:
         return out.copy_(res)
     return res

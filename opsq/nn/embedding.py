@@ -268,6 +268,7 @@ class Embedding4bit(_QuantizedTable):
     #: The table's :class:`~opsq.functional.QuantState` (None before quantization), rebuilt
     #: from the module's tensors as for ``Linear4bit``.
     quant_state = Linear4bit.quant_state
+    layout = Linear4bit.layout  # its tables stay in bitsandbytes' layout (the property reads it)
 
     def _quantize(self, table: torch.Tensor) -> None:
         packed, state = Fq.quantize_4bit(table, blocksize=self.blocksize,

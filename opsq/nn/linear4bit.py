@@ -100,7 +100,7 @@ class Params4bit(nn.Parameter):
             return
         want = ("tiled16" if _tiled16.tiled16_eligible(state.shape, state.blocksize, self.device)
                 else "packed")
-        if want == getattr(state, "layout", "packed"):
+        if want == state.layout:
             return
         permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
         with torch.no_grad():
@@ -191,11 +191,11 @@ del _name, _get, _nested
 def _as_packed(packed: torch.Tensor, state: Fq.QuantState):
     """``(packed, state)`` in bitsandbytes' layout: a tiled16 pair un-packed (a new state; the
     caller's is not modified), a packed one returned as it is."""
-    if getattr(state, "layout", "packed") != "tiled16":
+    if state.layout != "tiled16":
         return packed, state
     state = copy.copy(state)
     packed = _tiled16.on_full(_tiled16.unpack_codes, packed, state.shape)
-    state.absmax = _tiled16.on_full(_tiled16.unpack_absmax, state.absmax, state.shape)
+    state.absmax = state._packed_absmax()
     state.layout = "packed"
     return packed, state
 
@@ -228,13 +228,10 @@ def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
 
 
 def _packed_copy(data: torch.Tensor, state: Optional[Fq.QuantState]):
-    """``(codes, state copy)`` in bitsandbytes' layout: a tiled16 weight un-packed (new
-    tensors), a packed one as it is (the state deep-copied either way; None stays None)."""
+    """``(codes, state copy)`` in bitsandbytes' layout: :func:`_as_packed` of a deep copy of
+    the state (None stays None, with the codes as they are)."""
     state = copy.deepcopy(state)
-    if state is not None and getattr(state, "layout", "packed") == "tiled16":
-        data, state.absmax = _tiled16.unpack(data, state.absmax, state.shape)
-        state.layout = "packed"
-    return data, state
+    return (data, state) if state is None else _as_packed(data, state)
 
 
 _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
@@ -289,6 +286,10 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         RuntimeError: ``forward`` before the weight is quantized.
     """
 
+    #: the quantized tensors' byte order (see "Layout" above); the class default covers new
+    #: layers and layers pickled before the layout existed
+    layout: str = "packed"
+
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
                  compute_dtype: Optional[torch.dtype] = None, compress_statistics: bool = True,
                  quant_type: str = "fp4", quant_storage: torch.dtype = torch.uint8,
@@ -299,7 +300,6 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         check_blocksize(blocksize)
         check_quant_storage(quant_storage)
         super().__init__(input_features, output_features, bias, device)
-        self.layout = "packed"  # of the quantized tensors; see "Layout" above
         self.weight = Params4bit(self.weight.data, requires_grad=False,
                                  compress_statistics=compress_statistics, quant_type=quant_type,
                                  quant_storage=quant_storage, blocksize=blocksize, module=self)
@@ -366,7 +366,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                              code=self.weight_quant_map, blocksize=self.blocksize,
                              quant_type=self.quant_type, dtype=self.weight_dtype,
                              offset=offset, state2=state2,
-                             layout=getattr(self, "layout", "packed"))
+                             layout=self.layout)
 
     def _set_quantized(self, packed: torch.Tensor, state: Fq.QuantState) -> None:
         """Adopt packed codes and their state (shape must be this layer's ``(N, K)``)."""
@@ -421,7 +421,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
             return
         want = ("tiled16" if _tiled16.tiled16_eligible(self.weight_shape, self.blocksize,
                                                         w.device) else "packed")
-        current = getattr(self, "layout", "packed")
+        current = self.layout
         if want == current:
             return
         permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
@@ -431,7 +431,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
 
     def __getstate__(self) -> dict:
         w = self._parameters.get("weight")
-        tiled = getattr(self, "layout", "packed") == "tiled16" and self.is_quantized
+        tiled = self.layout == "tiled16" and self.is_quantized
         bare = None
         # (on_full: FSDP2-sharded tensors are permuted shard by shard where shards hold whole
         # tiles, else gathered and re-sharded, as in state_dict())
@@ -457,7 +457,6 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        state.setdefault("layout", "packed")  # pickles from before the layout existed
         super().__setstate__(state)
         self._settle_layout()
         self._sync_weight_state()
@@ -476,7 +475,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         layer's current layout."""
         packed, state = _as_packed(packed, state)
         absmax = state.absmax
-        if getattr(self, "layout", "packed") == "tiled16":
+        if self.layout == "tiled16":
             packed = _tiled16.on_full(_tiled16.repack_codes, packed, self.weight_shape)
             absmax = _tiled16.on_full(_tiled16.repack_absmax, absmax, self.weight_shape)
         _copy_into(self.weight, packed)
@@ -562,7 +561,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         _save_without_quantized(self, nn.Linear, destination, prefix, keep_vars)
         if self.is_quantized:
             key = prefix + "weight"
-            if getattr(self, "layout", "packed") == "tiled16" and key in destination:
+            if self.layout == "tiled16" and key in destination:
                 # bitsandbytes' bytes (a new tensor, also with keep_vars; FSDP2 shards are
                 # gathered, un-packed and re-sharded: every rank saves, as FSDP2 requires)
                 destination[key] = _tiled16.on_full(_tiled16.unpack_codes,
@@ -674,7 +673,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 f"bias={self.bias is not None}, quant_type={self.quant_type}, "
                 f"blocksize={self.blocksize}, compress_statistics={self.compress_statistics}, "
                 f"quant_storage={self.quant_storage}, quantized={self.is_quantized}, "
-                f"layout={getattr(self, 'layout', 'packed')}")
+                f"layout={self.layout}")
 
 
 class LinearFP4(Linear4bit):
