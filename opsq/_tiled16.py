@@ -41,8 +41,8 @@ from ._constants import TILED16_BLOCKSIZE, TILED16_ROWS, TILED16_STEP
 from .meta._common import check_value
 
 __all__ = ["tiled16_fits", "check_tiled16", "device_supports_tiled16", "tiled16_eligible",
-           "repack_codes", "unpack_codes", "repack_absmax", "unpack_absmax", "repack", "unpack",
-           "on_full"]
+           "layout_for", "to_layout", "repack_codes", "unpack_codes", "repack_absmax",
+           "unpack_absmax", "repack", "unpack", "on_full"]
 
 # (b, h, g, s, c, q, byte) -> (b, s, c, g, q, h, byte) and back
 _CODES_TO_TILED = (0, 3, 4, 2, 5, 1, 6)
@@ -96,6 +96,19 @@ def tiled16_eligible(shape: Sequence[int], blocksize: int, device) -> bool:
     ``device`` takes the tiled16 layout: :func:`tiled16_fits` and
     :func:`device_supports_tiled16`."""
     return tiled16_fits(shape, blocksize) and device_supports_tiled16(device)
+
+
+def layout_for(shape: Sequence[int], blocksize: int, device) -> str:
+    """The layout a 4-bit weight of ``shape`` / ``blocksize`` takes on ``device``: "tiled16"
+    where :func:`tiled16_eligible`, else "packed"."""
+    return "tiled16" if tiled16_eligible(shape, blocksize, device) else "packed"
+
+
+def to_layout(B: torch.Tensor, absmax: torch.Tensor, shape: Sequence[int],
+              layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, absmax)`` of the other layout permuted into ``layout`` (:func:`repack` for
+    "tiled16", :func:`unpack` for "packed"); new tensors."""
+    return (repack if layout == "tiled16" else unpack)(B, absmax, shape)
 
 
 def on_full(fn, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

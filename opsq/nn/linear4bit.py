@@ -98,13 +98,12 @@ class Params4bit(nn.Parameter):
         if (self.module is not None or not self.bnb_quantized or state is None
                 or state.shape is None or self.device.type == "meta" or _is_dtensor(self.data)):
             return
-        want = ("tiled16" if _tiled16.tiled16_eligible(state.shape, state.blocksize, self.device)
-                else "packed")
+        want = _tiled16.layout_for(state.shape, state.blocksize, self.device)
         if want == state.layout:
             return
-        permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
         with torch.no_grad():
-            self.data, state.absmax = permute(self.data, state.absmax, state.shape)
+            self.data, state.absmax = _tiled16.to_layout(self.data, state.absmax, state.shape,
+                                                         want)
         state.layout = want
 
     def _quantize(self, device) -> "Params4bit":
@@ -419,14 +418,12 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         if (not self.is_quantized or w is None or absmax is None or w.device.type == "meta"
                 or _is_dtensor(w) or _is_dtensor(absmax)):
             return
-        want = ("tiled16" if _tiled16.tiled16_eligible(self.weight_shape, self.blocksize,
-                                                        w.device) else "packed")
-        current = self.layout
-        if want == current:
+        want = _tiled16.layout_for(self.weight_shape, self.blocksize, w.device)
+        if want == self.layout:
             return
-        permute = _tiled16.repack if want == "tiled16" else _tiled16.unpack
         with torch.no_grad():
-            w.data, absmax.data = permute(w.data, absmax.data, self.weight_shape)
+            w.data, absmax.data = _tiled16.to_layout(w.data, absmax.data, self.weight_shape,
+                                                     want)
         self.layout = want
 
     def __getstate__(self) -> dict:
