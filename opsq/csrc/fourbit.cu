@@ -689,6 +689,28 @@ void launch_gemv4_tiled16(const T* A, int M, int64_t K, const uint8_t* W, int64_
   }
 }
 
+// x (M x K, contiguous, fp16 or bf16) through a few-row gemv kernel, 8 rows a launch:
+// launch(A, rows, bias, out) with A, bias (null without) and out typed as x's dtype and offset to
+// the launch's rows. Returns the (M x N) output.
+template <typename T> struct DtypeTag { using type = T; };
+template <typename Launch>
+at::Tensor gemv_rows(const at::Tensor& x, int64_t N, const std::optional<at::Tensor>& bias,
+                     Launch&& launch) {
+  const int64_t M = x.size(0), K = x.size(1);
+  auto out = at::empty({M, N}, x.options());
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      launch(reinterpret_cast<const T*>(x.data_ptr()) + m0 * K,
+             static_cast<int>(std::min<int64_t>(8, M - m0)),
+             bias ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+             reinterpret_cast<T*>(out.data_ptr()) + m0 * N);
+    }
+  };
+  if (x.scalar_type() == at::kHalf) run(DtypeTag<__half>{}); else run(DtypeTag<__nv_bfloat16>{});
+  return out;
+}
+
 }  // namespace
 
 bool gemv_tiled16_supported(int64_t device) {
@@ -834,50 +856,24 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
                                          nested_code, offset, nested_blocksize, /*tiled=*/true);
       return at::linear(x, W, b).reshape(out_shape);
     }
-    auto out = at::empty({M, N}, A.options());
     const Absmax am = prepare_absmax(am_c, nested_absmax, nested_code, offset, nested_blocksize);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
-      if (dt == at::kHalf) {
-        launch_gemv4_tiled16<__half>(
-            reinterpret_cast<const __half*>(x.data_ptr()) + m0 * K, rows, K, w, N, am, nf4,
-            b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
-            reinterpret_cast<__half*>(out.data_ptr()) + m0 * N, stream);
-      } else {
-        launch_gemv4_tiled16<__nv_bfloat16>(
-            reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + m0 * K, rows, K, w, N, am,
-            nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
-            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) + m0 * N, stream);
-      }
-    }
-    return out.reshape(out_shape);
+    return gemv_rows(x, N, b, [&](const auto* a, int rows, const auto* bp, auto* o) {
+             launch_gemv4_tiled16(a, rows, K, w, N, am, nf4, bp, o, stream);
+           }).reshape(out_shape);
   }
   const auto cp = reinterpret_cast<uintptr_t>(codes.data_ptr());
   // Few rows: the fused kernel, 8 rows a launch (each launch streams the packed weight once).
   const bool gemv = (dt == at::kHalf || dt == at::kBFloat16) && M <= kGemvMaxRows && K > 0 &&
                     K % 32 == 0 && cp % 16 == 0 && xp % 16 == 0;
   if (gemv) {
-    auto out = at::empty({M, N}, A.options());
     const Absmax am = prepare_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
-    for (int64_t m0 = 0; m0 < M; m0 += 8) {
-      const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
-      if (dt == at::kHalf) {
-        launch_gemv4<__half>(reinterpret_cast<const __half*>(x.data_ptr()) + m0 * K, rows, K, w,
-                             N, am, blocksize, nf4,
-                             b ? reinterpret_cast<const __half*>(b->data_ptr()) : nullptr,
-                             reinterpret_cast<__half*>(out.data_ptr()) + m0 * N, stream);
-      } else {
-        launch_gemv4<__nv_bfloat16>(
-            reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()) + m0 * K, rows, K, w, N, am,
-            blocksize, nf4, b ? reinterpret_cast<const __nv_bfloat16*>(b->data_ptr()) : nullptr,
-            reinterpret_cast<__nv_bfloat16*>(out.data_ptr()) + m0 * N, stream);
-      }
-    }
-    return out.reshape(out_shape);
+    return gemv_rows(x, N, b, [&](const auto* a, int rows, const auto* bp, auto* o) {
+             launch_gemv4(a, rows, K, w, N, am, blocksize, nf4, bp, o, stream);
+           }).reshape(out_shape);
   }
   // Many rows (or fp32 / unaligned): dequantize the weight to A.dtype, then a cuBLAS product.
   const at::Tensor W = dequant4_impl(codes, absmax, blocksize, nf4, {N, K}, dt, nested_absmax,
