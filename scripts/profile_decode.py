@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from collections import defaultdict
 
 import torch
@@ -113,10 +112,10 @@ def chain_shape(label: str, N: int, K: int, copy_bw: float) -> None:
 
 
 def short_name(name: str) -> str:
-    """'void opsq::(anonymous namespace)::gemv4_tiled16_kernel<...>(...)' -> its base name;
-    other kernels keep their first 60 characters."""
-    base = re.sub(r"^void |\(anonymous namespace\)::", "", name)
-    base = base.split("<")[0].split("(")[0].split("::")[-1]
+    """A kernel's base name (profile_int8_small_m.kernel_name), or its first 60 characters
+    where the base is 3 characters or fewer."""
+    from profile_int8_small_m import kernel_name  # (scripts/ is sys.path[0] when run)
+    base = kernel_name(name)
     return base if len(base) > 3 else name[:60]
 
 

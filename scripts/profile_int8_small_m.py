@@ -20,6 +20,13 @@ from opsq.bench import INT8_DECODE_M, INT8_DECODE_SHAPES
 from opsq.nn import Linear8bitLt
 
 
+def kernel_name(name: str) -> str:
+    """A profiler kernel name's base: "void opsq::(anonymous namespace)::rowreg_kernel<...>(...)"
+    -> "rowreg_kernel" (scripts/profile_decode.py uses it too)."""
+    name = re.sub(r"^void |\(anonymous namespace\)::", "", name)
+    return name.split("<")[0].split("(")[0].split("::")[-1]
+
+
 def profile(layer, x, calls: int) -> tuple[dict, float]:
     """Mean duration (us) per kernel name, and the mean span (us) of one call."""
     from torch.profiler import ProfilerActivity, profile as tprofile
@@ -38,10 +45,8 @@ def profile(layer, x, calls: int) -> tuple[dict, float]:
                       and e.device_time_total > 0 and "spin" not in e.name
                       and "sleep" not in e.name), key=lambda e: e.time_range.start)
     per_name: dict = defaultdict(list)
-    for e in kernels:  # "void opsq::(anonymous namespace)::rowreg_kernel<...>(...)" -> rowreg_kernel
-        name = re.sub(r"^void |\(anonymous namespace\)::", "", e.name)
-        name = name.split("<")[0].split("(")[0].split("::")[-1]
-        per_name[name].append(e.time_range.end - e.time_range.start)
+    for e in kernels:
+        per_name[kernel_name(e.name)].append(e.time_range.end - e.time_range.start)
     per_call = max(1, len(kernels) // calls)
     spans = [kernels[i + per_call - 1].time_range.end - kernels[i].time_range.start
              for i in range(0, len(kernels) - per_call + 1, per_call)]
