@@ -89,8 +89,14 @@ void launch_tiled16(const Bufs& b) {
   }();
   (void)opted_in;
   const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * kTiled16CtasPerSm));
-  kernel<<<grid, kTiled16Warps * 32, kLutBytes>>>(b.A, b.M, b.K, b.Wt, b.N, AbsmaxArgs{b.absmax_t},
-                                                  g_planes, nullptr, b.out);
+  Tiled16Segments<__nv_bfloat16> segs{};
+  segs.W[0] = b.Wt;
+  segs.am[0] = AbsmaxArgs{b.absmax_t};
+  segs.out[0] = b.out;
+  segs.N[0] = b.N;
+  segs.cta_begin[1] = grid;
+  segs.count = 1;
+  kernel<<<grid, kTiled16Warps * 32, kLutBytes>>>(b.A, b.M, b.K, segs, g_planes);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).

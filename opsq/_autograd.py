@@ -19,6 +19,10 @@ gradient, flattened to rows):
   ``dequantize_4bit(..., layout="tiled16")``; the codes are not un-packed); only the statistics'
   formulas un-pack ``absmax`` (1/32 of the codes' bytes, and only when one of them needs a
   gradient), and the ``absmax`` gradient is permuted back to tiled16 order.
+* ``linear_4bit_merged``: ``A`` -> the sum over its weights of ``G[g] @ W[g]``. Its lists
+  (weights, biases, statistics) take no gradient: a call in which one of their tensors requires
+  grad while grad mode is on raises NotImplementedError (call ``linear_4bit`` per weight), so
+  that no gradient is silently dropped.
 * ``dequantize_4bit``: as above with ``G`` itself as the gradient of ``W``: ``absmax`` (fp32),
   ``nested_absmax``, ``nested_code``, ``offset``; the packed codes get None. ``layout`` as for
   ``linear_4bit``.
@@ -202,6 +206,46 @@ def _make_linear_4bit_autograd(name: str):
 
 
 _make_linear_4bit_autograd("linear_4bit")
+
+
+# ---- linear_4bit_merged ------------------------------------------------------------------------
+def _merged_setup(ctx, inputs, output):
+    a = _Args("linear_4bit_merged", inputs)
+    # (setup_context runs only where a graph is recorded: grad mode on, an input requiring grad)
+    for name in ("B", "absmax", "bias", "nested_absmax", "nested_code", "offset"):
+        if any(t is not None and t.requires_grad for t in getattr(a, name)):
+            raise NotImplementedError(
+                f"linear_4bit_merged: {name} requires grad, and the merged op gives its lists "
+                "no gradient; call linear_4bit for each weight instead")
+    ctx.need_A = bool(ctx.needs_input_grad[0])
+    ctx.meta = ([int(n) for n in a.N], a.A.shape[-1], a.blocksize, a.quant_type,
+                a.nested_blocksize, a.layout)
+    if ctx.need_A:  # lists cannot be saved with save_for_backward: held on ctx (no grad)
+        ctx.weights = (list(a.B), list(a.absmax), list(a.nested_absmax), list(a.nested_code),
+                       list(a.offset))
+
+
+def _merged_backward(ctx, grads):
+    # the return mirrors the inputs as torch.library structures them, which needs_input_grad
+    # has in backward: a list of Nones for each list of tensors, None for anything else
+    out = [[None] * len(x) if isinstance(x, (list, tuple)) else None
+           for x in ctx.needs_input_grad]
+    if not ctx.need_A:
+        return tuple(out)
+    N, K, blocksize, quant_type, nbs, layout = ctx.meta
+    gA = None
+    for g, (B, absmax, nabs, ncode, offset) in enumerate(zip(*ctx.weights)):
+        if grads[g] is None:
+            continue
+        W = ops.dequantize_4bit(B, absmax, blocksize, quant_type, [N[g], K], grads[g].dtype,
+                                nabs, ncode, offset, nbs, layout)
+        term = grads[g].matmul(W)
+        gA = term if gA is None else gA + term
+    out[0] = gA
+    return tuple(out)
+
+
+_register("linear_4bit_merged", _merged_backward, _merged_setup)
 
 
 # ---- dequantize_4bit ---------------------------------------------------------------------------

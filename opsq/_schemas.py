@@ -50,6 +50,15 @@ SCHEMAS: dict[str, str] = {
     "linear_4bit":
         "(Tensor A, Tensor B, SymInt[] shapeB, Tensor absmax, int blocksize, str quant_type, "
         f"Tensor? bias=None, {_NESTED}, {_LAYOUT}) -> Tensor",
+    # several 4-bit linears of one input A in one call (vLLM's "merged" linear: q/k/v, gate/up),
+    # out[g] = linear_4bit(A, B[g], [N[g], K], absmax[g], ..., bias[g], nested...[g]); one launch
+    # on CUDA where the decode kernel serves every weight. Lists of one entry a weight (None
+    # where a weight has no bias / plain absmax). Written into compiled decode graphs by
+    # opsq.fusion's pass; differentiable in A only.
+    "linear_4bit_merged":
+        "(Tensor A, Tensor[] B, SymInt[] N, Tensor[] absmax, int blocksize, str quant_type, "
+        "Tensor?[] bias, Tensor?[] nested_absmax, Tensor?[] nested_code, Tensor?[] offset, "
+        f"int nested_blocksize=256, {_LAYOUT}) -> Tensor[]",
     # ---- 8-bit blockwise (dynamic map), used for nested absmax ---------------------------
     "quantize_blockwise": "(Tensor A, Tensor code, int blocksize) -> (Tensor, Tensor)",
     "dequantize_blockwise":

@@ -47,6 +47,9 @@ SAME_FORMAT = {"nf4": "bnb_nf4", "int8_t6": "bnb_int8"}
 #: ``speedup`` = bf16 ms / variant ms (>= target); ``ratio`` = variant ms / bf16 ms (<= target).
 LLM_MEASURES = {
     "decode step (CUDA graph)": ("ms", "speedup", {"nf4": 2.5, "int8_t6": 1.5}),
+    # the same step with opsq.fusion's merge of sibling 4-bit linears off (4-bit models only):
+    # the merge's A/B in one run
+    "decode step, unmerged": ("ms", "speedup", {}),
     "generate compiled": ("ms/token", "speedup", {"nf4": 2.0}),
     "generate opsq decoder": ("ms/token", "speedup", {"nf4": 2.0}),
     "generate eager": ("ms/token", "speedup", {"nf4": 1.0, "int8_t6": 0.8, "int8_t0": 0.8}),
@@ -288,19 +291,23 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
 
     dec = None
 
-    def step():
-        nonlocal dec
-        dec = StaticGreedyDecoder(model, prompt_len + new_tokens + 8)
-        dec.prefill(prompt)
+    def decode_step(merge_linears: bool):
+        d = StaticGreedyDecoder(model, prompt_len + new_tokens + 8, merge_linears=merge_linears)
+        d.prefill(prompt)
         for _ in range(3):  # compile, record, replay
-            dec.seek(prompt_len)
-            dec.decode_step()
+            d.seek(prompt_len)
+            d.decode_step()
 
         def one():
-            dec.seek(prompt_len)
-            dec.decode_step()
+            d.seek(prompt_len)
+            d.decode_step()
         with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-            return {"ms": timer(one)}
+            return d, {"ms": timer(one)}
+
+    def step():
+        nonlocal dec
+        dec, res = decode_step(True)
+        return res
     attempt("decode step (CUDA graph)", step)
 
     def fast():
@@ -310,6 +317,10 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
         attempt("generate opsq decoder", fast)
     del dec
     torch._dynamo.reset()
+    from opsq.nn import Linear4bit
+    if any(isinstance(m, Linear4bit) for m in model.modules()):
+        attempt("decode step, unmerged", lambda: decode_step(False)[1])
+        torch._dynamo.reset()
     torch.cuda.empty_cache()
     return out
 

@@ -214,6 +214,23 @@ OP_ROWS: list[Row] = [
         check=_eq(lambda: ops.linear_4bit(_A, _Q, [4, 64], _AM, 64, "nf4")[:1])),
     Row("lin4_zero_batch_ok", "linear_4bit", _p(torch.zeros(0, 64), _Q, [4, 64], _AM, 64, "nf4"),
         check=_eq(torch.zeros(0, 4))),
+    # ---- linear_4bit_merged ----------------------------------------------------------------
+    Row("lin4m_no_weight", "linear_4bit_merged", _p(_A, [], [], [], 64, "nf4", [], [], [], []),
+        ValueError, r"\bB must hold at least one weight"),
+    Row("lin4m_list_lengths", "linear_4bit_merged",
+        _p(_A, [_Q], [4], [_AM, _AM], 64, "nf4", [None], [None], [None], [None]), ValueError,
+        r"\babsmax must hold one entry a weight \(1\), got 2"),
+    Row("lin4m_second_weight_numel", "linear_4bit_merged",
+        _p(_A, [_Q, _Q[:10]], [4, 4], [_AM, _AM], 64, "nf4", [None] * 2, [None] * 2, [None] * 2,
+           [None] * 2), RuntimeError, r"\bweight 1: B must have 128 elements"),
+    Row("lin4m_second_bias_numel", "linear_4bit_merged",
+        _p(_A, [_Q, _Q], [4, 4], [_AM, _AM], 64, "nf4", [None, torch.ones(5)], [None] * 2,
+           [None] * 2, [None] * 2), RuntimeError, r"\bweight 1: bias must have 4 elements"),
+    Row("lin4m_two_weights_ok", "linear_4bit_merged",
+        _p(_A, [_Q, _Q], [4, 4], [_AM, _AM], 64, "nf4", [None, torch.ones(4)], [None] * 2,
+           [None] * 2, [None] * 2),
+        check=_eq(lambda: [ops.linear_4bit(_A, _Q, [4, 64], _AM, 64, "nf4"),
+                           ops.linear_4bit(_A, _Q, [4, 64], _AM, 64, "nf4", torch.ones(4))])),
     # ---- quantize_blockwise / dequantize_blockwise ------------------------------------------
     Row("qb_code_numel", "quantize_blockwise", _p(_A, _CODE[:255], 64), RuntimeError,
         r"code must have 256"),
@@ -526,6 +543,8 @@ def _to_device(t: Any, device: str) -> Any:
     """A CPU tensor moved to ``device`` with the same sizes, strides and storage offset (the
     whole storage is copied, so non-contiguous and offset views stay such); anything else (a
     tensor on meta, "another device"; non-tensors) unchanged."""
+    if isinstance(t, list):  # the Tensor[] / Tensor?[] arguments of linear_4bit_merged
+        return [_to_device(x, device) for x in t]
     if device == "cpu" or not isinstance(t, torch.Tensor) or t.device.type != "cpu":
         return t
     n = t.untyped_storage().nbytes() // t.element_size()

@@ -461,6 +461,80 @@ def test_linear_4bit_tiled16_matches_reference(quant_type, dtype, nested):
         assert_matmul_close(out, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nested", [False, True])
+def test_linear_4bit_merged_equals_single_calls(dtype, nested):
+    """linear_4bit_merged over tiled16 weights (one launch, each weight on its share of the
+    CTAs) gives every weight's linear_4bit bytes: q/k/v-like and gate/up-like groups, one
+    weight smaller than a CTA share, five weights (two launches), 1-16 rows, with and without
+    bias; packed weights (one call each) too. Outputs are compared byte for byte."""
+    need_tiled16_device()
+    K = 1024
+    code = create_dynamic_map().to(DEV)
+    for group, rows_list in (((512, 128, 128), (1, 3, 8, 9, 16)), ((2048, 2048), (1, 5)),
+                             ((16, 4096), (1, 2)), ((64, 16, 32, 16, 48), (1, 8))):
+        weights = []
+        for i, N in enumerate(group):
+            W = randn((N, K), torch.float32, seed=900 + 13 * i + N, scale=0.05)
+            packed, absmax = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+            extra = (None, None, None)
+            if nested:
+                offset = absmax.mean().reshape(1)
+                absmax, nabs = ref.quantize_blockwise(absmax - offset, code, NESTED_BLOCKSIZE)
+                extra = (nabs, code, offset)
+            bias = randn((N,), dtype, seed=950 + i) if i % 2 else None
+            weights.append((packed, absmax, bias, extra))
+        for layout in ("tiled16", "packed"):
+            Bs, As = [], []
+            for packed, absmax, _, _ in weights:
+                if layout == "tiled16":
+                    packed, absmax = _tiled16.repack(packed, absmax, [packed.numel() * 2 // K, K])
+                Bs.append(packed)
+                As.append(absmax)
+            for M in rows_list:
+                A = randn((M, K), dtype, seed=990 + M)
+                outs = OPS.linear_4bit_merged(
+                    A, Bs, list(group), As, 64, "nf4", [w[2] for w in weights],
+                    [w[3][0] for w in weights], [w[3][1] for w in weights],
+                    [w[3][2] for w in weights], NESTED_BLOCKSIZE, layout)
+                assert len(outs) == len(group)
+                for g, N in enumerate(group):
+                    want = OPS.linear_4bit(A, Bs[g], [N, K], As[g], 64, "nf4", weights[g][2],
+                                           *weights[g][3], NESTED_BLOCKSIZE, layout)
+                    assert outs[g].shape == (M, N) and outs[g].dtype == dtype
+                    assert torch.equal(outs[g], want), (group, layout, M, g)
+
+
+def test_linear_4bit_merged_first_call_of_a_process():
+    """Five weights (two launches, the second of one weight) as the first tiled16 call of a
+    fresh process: every kernel instance the op launches is made ready by the op itself."""
+    need_tiled16_device()
+    import subprocess
+    import sys
+    code = """
+import torch, opsq
+from opsq import _tiled16
+ops = torch.ops.opsq
+torch.manual_seed(0)
+K, Ns = 512, [64, 16, 32, 16, 48]
+A = torch.randn(2, K, device="cuda", dtype=torch.bfloat16)
+Bs, As = [], []
+for N in Ns:
+    q, am = ops.quantize_4bit(torch.randn(N, K, device="cuda") * 0.05, 64, "nf4", torch.uint8)
+    q, am = _tiled16.repack(q, am, [N, K])
+    Bs.append(q); As.append(am)
+outs = ops.linear_4bit_merged(A, Bs, Ns, As, 64, "nf4", [None] * 5, [None] * 5, [None] * 5,
+                              [None] * 5, 256, "tiled16")
+for g, N in enumerate(Ns):
+    assert torch.equal(outs[g], ops.linear_4bit(A, Bs[g], [N, K], As[g], 64, "nf4",
+                                                layout="tiled16")), g
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
 def _tiled16_layer(N, K, dtype, nested, seed):
     torch.manual_seed(seed)
     lin = torch.nn.Linear(K, N, dtype=dtype)

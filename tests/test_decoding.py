@@ -58,3 +58,28 @@ def test_decoder_checks_arguments():
     dec.prefill(torch.zeros(1, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="position"):
         dec.seek(16)
+
+
+def test_decoder_merges_sibling_4bit_linears_under_inductor(monkeypatch):
+    """The Inductor decoder (CPU here) with merged q/k/v and gate/up calls gives generate's
+    tokens; the pass merged two groups a layer."""
+    import torch._inductor.config as inductor_config
+
+    from opsq import fusion
+    merged = []
+    real = fusion.merge_linear_4bit
+    monkeypatch.setattr(fusion, "merge_linear_4bit",
+                        lambda graph, max_merged=fusion.MAX_MERGED:
+                        merged.append(real(graph, max_merged)) or merged[-1])
+    model = _model("nf4")
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(1))
+    want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                          cache_implementation="static", pad_token_id=0, eos_token_id=None)
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False):
+        dec = StaticGreedyDecoder(model, 32, mode=None)
+        got = dec.generate(ids, 6)
+    torch._dynamo.reset()
+    assert torch.equal(got, want[:, 7:])
+    layers = model.config.num_hidden_layers
+    assert merged and merged[0] == 2 * layers, merged

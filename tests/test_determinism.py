@@ -29,6 +29,9 @@ def _cases(device):
                                                        torch.bfloat16, **nested),
         "gemv_4bit": lambda: ops.gemv_4bit(A[:1].half(), qw, [5, 200], amw, 64, "fp4", bias),
         "linear_4bit": lambda: ops.linear_4bit(A, qw, [5, 200], amw, 64, "fp4", bias),
+        "linear_4bit_merged": lambda: ops.linear_4bit_merged(
+            A[:, :192], [q[:288], q[:96]], [3, 1], [am[:9], am[:3]], 64, "nf4", [None, bias[:1]],
+            [None, None], [None, None], [None, None]),
         "quantize_blockwise": lambda: ops.quantize_blockwise(A, code, 128),
         "dequantize_blockwise": lambda: ops.dequantize_blockwise(nq, nam, code, 256,
                                                                  torch.float16),

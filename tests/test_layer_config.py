@@ -293,7 +293,8 @@ def _placeholder_args(op):
             args.append(torch.float32)
         else:
             args.append({"Tensor": torch.ones(4), "int": 64, "str": "nf4", "float": 0.0,
-                         "List[int]": [2, 2]}[t])
+                         "List[int]": [2, 2], "List[Tensor]": [torch.ones(4)],
+                         "List[Optional[Tensor]]": [None]}[t])
     return schema, args
 
 

@@ -642,11 +642,11 @@ void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, con
 // gemv4_tiled16_kernel<T, NESTED> given its 64 KB of dynamic shared memory on the current device
 // (cudaFuncSetAttribute, once per device and instantiation); false where the device cannot
 // (the op then dequantizes from the tiled16 layout and multiplies with cuBLAS).
-template <typename T, bool NESTED>
+template <typename T, bool NESTED, bool MERGED = false>
 bool tiled16_opted_in() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
   return once_per_device(known, []() -> std::optional<bool> {
-    if (cudaFuncSetAttribute(gemv4_tiled16_kernel<T, NESTED>,
+    if (cudaFuncSetAttribute(gemv4_tiled16_kernel<T, NESTED, MERGED>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize,
                              kLutBytes) != cudaSuccess) {
       (void)cudaGetLastError();
@@ -656,29 +656,70 @@ bool tiled16_opted_in() {
   });
 }
 
-template <typename T>
+template <typename T, bool MERGED = false>
 bool tiled16_kernel_ready(bool nested) {
-  return nested ? tiled16_opted_in<T, true>() : tiled16_opted_in<T, false>();
+  return nested ? tiled16_opted_in<T, true, MERGED>() : tiled16_opted_in<T, false, MERGED>();
 }
 
 // Whether gemv4_tiled16_kernel<T, NESTED> may be launched as a programmatic dependent on the
 // current device: its sm_90 code runs (a build for older targets, JIT-compiled on a newer GPU,
 // has no griddepcontrol.wait). Asked once per device.
-template <typename T, bool NESTED>
+template <typename T, bool NESTED, bool MERGED = false>
 bool tiled16_pdl_runs() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
-  return once_per_device(known, [] { return sm90_code_runs<gemv4_tiled16_kernel<T, NESTED>>(); });
+  return once_per_device(known, [] {
+    return sm90_code_runs<gemv4_tiled16_kernel<T, NESTED, MERGED>>();
+  });
 }
 
 // <= 8 rows of A through gemv4_tiled16_kernel: one set of persistent CTAs (kTiled16CtasPerSm an
-// SM, at most one a 16-row tile), as measured in benchmarks/gemv_lab.cu.
-template <typename T>
-void launch_gemv4_tiled16(const T* A, int M, int64_t K, const uint8_t* W, int64_t N,
-                          const Absmax& am, bool nf4, const T* bias, T* out,
-                          cudaStream_t stream) {
+// SM, at most one a 16-row tile), as measured in benchmarks/gemv_lab.cu. segs.count weights
+// (all plain or all nested statistics) stream in one launch, each over a share of the CTAs
+// proportional to its tiles (at least one); segs' CTA ranges are filled here. MERGED: the
+// kernel instance of linear_4bit_merged (any segs.count, 1 included: the instance its caller
+// made ready), else the single-weight one (segs.count 1).
+template <typename T, bool MERGED>
+void launch_gemv4_tiled16(const T* A, int M, int64_t K, Tiled16Segments<T> segs, bool nested,
+                          bool nf4, cudaStream_t stream) {
   const CodePlanes& planes = code_planes<T>(nf4);
-  const int grid = static_cast<int>(
-      std::min<int64_t>(N / 16, int64_t{sm_count()} * kTiled16CtasPerSm));
+  const int G = segs.count;
+  int64_t tiles = 0;
+  for (int g = 0; g < G; ++g) tiles += segs.N[g] / 16;
+  if (tiles == 0) return;  // (the ops return before: N > 0 for every weight here)
+  const int grid = static_cast<int>(std::min<int64_t>(
+      std::max<int64_t>(tiles, G), int64_t{sm_count()} * kTiled16CtasPerSm));
+  // CTA shares: floor of the proportional share, at least 1 and at most the weight's tiles;
+  // a launch past the resident grid (the floors of 1) gives back from the weights with the
+  // fewest tiles a CTA, what is left goes to those with the most
+  int given = 0;
+  int64_t ctas[kTiled16MaxSegments];
+  for (int g = 0; g < G; ++g) {
+    const int64_t t = segs.N[g] / 16;
+    ctas[g] = std::min<int64_t>(t, std::max<int64_t>(1, grid * t / tiles));
+    given += static_cast<int>(ctas[g]);
+  }
+  while (given > grid) {
+    int best = -1;
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = segs.N[g] / 16;
+      if (ctas[g] > 1 && (best < 0 || t * ctas[best] < (segs.N[best] / 16) * ctas[g])) best = g;
+    }
+    if (best < 0) break;
+    --ctas[best];
+    --given;
+  }
+  while (given < grid) {
+    int best = -1;
+    for (int g = 0; g < G; ++g) {
+      const int64_t t = segs.N[g] / 16;
+      if (ctas[g] < t && (best < 0 || t * ctas[best] > (segs.N[best] / 16) * ctas[g])) best = g;
+    }
+    if (best < 0) break;
+    ++ctas[best];
+    ++given;
+  }
+  segs.cta_begin[0] = 0;
+  for (int g = 0; g < G; ++g) segs.cta_begin[g + 1] = segs.cta_begin[g] + static_cast<int>(ctas[g]);
   // A programmatic dependent launch where the kernel's sm_90 code runs (its griddepcontrol.wait
   // then orders every read of memory an earlier kernel writes): its launch, table fill and
   // first L2 prefetches overlap the previous kernel's end.
@@ -686,20 +727,48 @@ void launch_gemv4_tiled16(const T* A, int M, int64_t K, const uint8_t* W, int64_
   attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr.val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(grid));
+  cfg.gridDim = dim3(static_cast<unsigned>(given));
   cfg.blockDim = dim3(kTiled16Warps * 32);
   cfg.dynamicSmemBytes = kLutBytes;
   cfg.stream = stream;
   cfg.attrs = &attr;
-  if (am.nested) {
-    cfg.numAttrs = tiled16_pdl_runs<T, true>() ? 1 : 0;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv4_tiled16_kernel<T, true>, A, M, K, W, N,
-                                      am.args, planes, bias, out));
-  } else {
-    cfg.numAttrs = tiled16_pdl_runs<T, false>() ? 1 : 0;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv4_tiled16_kernel<T, false>, A, M, K, W, N,
-                                      am.args, planes, bias, out));
+#define OPSQ_TILED16(NESTED, MERGED)                                                         \
+  do {                                                                                       \
+    cfg.numAttrs = tiled16_pdl_runs<T, NESTED, MERGED>() ? 1 : 0;                            \
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv4_tiled16_kernel<T, NESTED, MERGED>, A, M, K, \
+                                      segs, planes));                                       \
+  } while (0)
+  if (nested) OPSQ_TILED16(true, MERGED); else OPSQ_TILED16(false, MERGED);
+#undef OPSQ_TILED16
+}
+
+// One weight of a tiled16 launch, as the ops hold it: codes, statistics, N, bias (contiguous,
+// in A's dtype; null without), the (M x N) output.
+struct Tiled16Weight {
+  const uint8_t* W;
+  const Absmax* am;
+  int64_t N;
+  const at::Tensor* bias;
+  at::Tensor* out;
+};
+
+// Rows m0 .. m0 + rows - 1 (<= 8) of x (M x K, contiguous, T) through G weights in one launch
+// of linear_4bit_merged's kernel instance (see launch_gemv4_tiled16).
+template <typename T>
+void launch_tiled16_rows(const at::Tensor& x, int64_t m0, int rows, int64_t K,
+                         const Tiled16Weight* w, int G, bool nested, bool nf4,
+                         cudaStream_t stream) {
+  Tiled16Segments<T> segs{};
+  segs.count = G;
+  for (int g = 0; g < G; ++g) {
+    segs.W[g] = w[g].W;
+    segs.am[g] = w[g].am->args;
+    segs.N[g] = w[g].N;
+    segs.bias[g] = w[g].bias ? reinterpret_cast<const T*>(w[g].bias->data_ptr()) : nullptr;
+    segs.out[g] = reinterpret_cast<T*>(w[g].out->data_ptr()) + m0 * w[g].N;
   }
+  launch_gemv4_tiled16<T, true>(reinterpret_cast<const T*>(x.data_ptr()) + m0 * K, rows, K,
+                                segs, nested, nf4, stream);
 }
 
 // x (M x K, contiguous, fp16 or bf16) through a few-row gemv kernel, 8 rows a launch:
@@ -806,25 +875,25 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& A, const at::Tensor& absmax, i
                        offset, nested_blocksize, tiled);
 }
 
-at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
-                            const at::Tensor& absmax, int64_t blocksize,
-                            c10::string_view quant_type, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& nested_absmax,
-                            const std::optional<at::Tensor>& nested_code,
-                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
-                            c10::string_view layout) {
-  // check_linear_4bit of opsq/meta/fourbit.py
+namespace {
+// check_linear_4bit of opsq/meta/fourbit.py: the same checks and messages. Returns N.
+int64_t check_linear_4bit_args(const at::Tensor& A, const at::Tensor& B,
+                               const std::vector<int64_t>& sb, const at::Tensor& absmax,
+                               int64_t blocksize, c10::string_view quant_type,
+                               const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code,
+                               const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                               c10::string_view layout) {
   check_float_dtype("A", A.scalar_type());
   check_min_dim("A", A, 1);
   check_blocksize(blocksize);
-  const bool nf4 = check_quant_type(quant_type);
-  const std::vector<int64_t> sb = shape_vec(shapeB);
+  check_quant_type(quant_type);
   TORCH_CHECK_VALUE(sb.size() == 2,
                     "shapeB must be [N, K] (out_features, in_features), got " + fmt_list(sb));
   TORCH_CHECK(sb[0] >= 0 && sb[1] >= 0, "shapeB must have non-negative sizes, got " + fmt_list(sb));
   const int64_t N = sb[0], K = sb[1];
-  const bool tiled = check_layout(layout);
-  if (tiled) check_tiled16(blocksize, N, K);
+  if (check_layout(layout)) check_tiled16(blocksize, N, K);
   TORCH_CHECK(A.size(-1) == K, "A's last dimension (" + fmt(A.size(-1)) +
                                    ") must equal shapeB[1] = K (" + fmt(K) + ")");
   check_same_device("A", A, "B", B);
@@ -836,6 +905,23 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
     check_dim("bias", *bias, 1);
     check_numel("bias", *bias, N, " (shapeB[0] = N)");
   }
+  return N;
+}
+}  // namespace
+
+at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
+                            const at::Tensor& absmax, int64_t blocksize,
+                            c10::string_view quant_type, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& nested_absmax,
+                            const std::optional<at::Tensor>& nested_code,
+                            const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                            c10::string_view layout) {
+  const std::vector<int64_t> sb = shape_vec(shapeB);
+  const int64_t N = check_linear_4bit_args(A, B, sb, absmax, blocksize, quant_type, bias,
+                                           nested_absmax, nested_code, offset, nested_blocksize,
+                                           layout);
+  const int64_t K = sb[1];
+  const bool nf4 = quant_type == "nf4", tiled = layout == "tiled16";
   check_cuda("A", A);
   const c10::cuda::CUDAGuard guard(A.device());
 
@@ -873,7 +959,15 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     const auto* w = static_cast<const uint8_t*>(codes.data_ptr());
     return gemv_rows(x, N, b, [&](const auto* a, int rows, const auto* bp, auto* o) {
-             launch_gemv4_tiled16(a, rows, K, w, N, am, nf4, bp, o, stream);
+             using T = std::remove_pointer_t<decltype(o)>;
+             Tiled16Segments<T> segs{};  // one weight: the single-weight kernel instance
+             segs.W[0] = w;
+             segs.am[0] = am.args;
+             segs.bias[0] = bp;
+             segs.out[0] = o;
+             segs.N[0] = N;
+             segs.count = 1;
+             launch_gemv4_tiled16<T, false>(a, rows, K, segs, am.nested, nf4, stream);
            }).reshape(out_shape);
   }
   const auto cp = reinterpret_cast<uintptr_t>(codes.data_ptr());
@@ -892,6 +986,126 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   const at::Tensor W = dequant4_impl(codes, absmax, blocksize, nf4, {N, K}, dt, nested_absmax,
                                      nested_code, offset, nested_blocksize);
   return at::linear(x, W, b).reshape(out_shape);
+}
+
+
+namespace {
+// The checks of one weight of linear_4bit_merged, their errors (of the same type) prefixed
+// "weight g: " as check_linear_4bit_merged of opsq/meta/fourbit.py does.
+template <typename F>
+void for_weight(size_t g, F&& f) {
+  const std::string prefix = "weight " + std::to_string(g) + ": ";
+  try {
+    f();
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, prefix + e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    TORCH_CHECK_TYPE(false, prefix + e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    TORCH_CHECK(false, prefix + e.what_without_backtrace());
+  }
+}
+}  // namespace
+
+std::vector<at::Tensor> linear_4bit_merged_cuda(
+    const at::Tensor& A, at::TensorList B, c10::SymIntArrayRef N, at::TensorList absmax,
+    int64_t blocksize, c10::string_view quant_type,
+    const c10::List<std::optional<at::Tensor>>& bias,
+    const c10::List<std::optional<at::Tensor>>& nested_absmax,
+    const c10::List<std::optional<at::Tensor>>& nested_code,
+    const c10::List<std::optional<at::Tensor>>& offset, int64_t nested_blocksize,
+    c10::string_view layout) {
+  // check_linear_4bit_merged of opsq/meta/fourbit.py
+  const size_t G = B.size();
+  TORCH_CHECK_VALUE(G >= 1, "B must hold at least one weight, got an empty list");
+  const std::vector<int64_t> Ns = shape_vec(N);
+  auto same_length = [&](const char* name, size_t n) {
+    TORCH_CHECK_VALUE(n == G, std::string(name) + " must hold one entry a weight (" +
+                                  std::to_string(G) + "), got " + std::to_string(n));
+  };
+  same_length("N", Ns.size());
+  same_length("absmax", absmax.size());
+  same_length("bias", bias.size());
+  same_length("nested_absmax", nested_absmax.size());
+  same_length("nested_code", nested_code.size());
+  same_length("offset", offset.size());
+  check_min_dim("A", A, 1);
+  const int64_t K = A.size(-1);
+  for (size_t g = 0; g < G; ++g) {
+    for_weight(g, [&] {
+      check_linear_4bit_args(A, B[g], {Ns[g], K}, absmax[g], blocksize, quant_type,
+                                    bias.get(g), nested_absmax.get(g), nested_code.get(g),
+                                    offset.get(g), nested_blocksize, layout);
+    });
+  }
+  auto single = [&](size_t g) {
+    return linear_4bit_cuda(A, B[g], c10::fromIntArrayRefSlow({Ns[g], K}), absmax[g], blocksize,
+                            quant_type, bias.get(g), nested_absmax.get(g), nested_code.get(g),
+                            offset.get(g), nested_blocksize, layout);
+  };
+  check_cuda("A", A);
+  const c10::cuda::CUDAGuard guard(A.device());
+  std::vector<int64_t> lead(A.sizes().begin(), A.sizes().end() - 1);
+  int64_t M = 1;
+  for (int64_t v : lead) M *= v;
+  const auto dt = A.scalar_type();
+  const bool nested = nested_absmax.get(0).has_value();
+  // One launch for all the weights where the tiled16 kernel serves each of them (the same
+  // conditions as linear_4bit's tiled16 kernel path, and one kind of statistics); otherwise
+  // each weight as linear_4bit computes it.
+  bool merged = layout == "tiled16" && G > 1 && M >= 1 && M <= kGemvMaxRows &&
+                (dt == at::kHalf || dt == at::kBFloat16);
+  const at::Tensor x = A.reshape({M, K}).contiguous();
+  merged = merged && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
+  std::vector<at::Tensor> codes, stats, biases;
+  std::vector<Absmax> ams;
+  for (size_t g = 0; merged && g < G; ++g) {
+    merged = nested_absmax.get(g).has_value() == nested && Ns[g] > 0;
+    if (!merged) break;
+    codes.push_back(B[g].contiguous());
+    stats.push_back(absmax[g].contiguous());
+    merged = reinterpret_cast<uintptr_t>(codes.back().data_ptr()) % 16 == 0 &&
+             reinterpret_cast<uintptr_t>(stats.back().data_ptr()) % (nested ? 2 : 8) == 0;
+  }
+  merged = merged && ((dt == at::kHalf && tiled16_kernel_ready<__half, true>(nested)) ||
+                      (dt == at::kBFloat16 && tiled16_kernel_ready<__nv_bfloat16, true>(nested)));
+  std::vector<at::Tensor> outs;
+  if (!merged) {
+    for (size_t g = 0; g < G; ++g) outs.push_back(single(g));
+    return outs;
+  }
+  const bool nf4 = quant_type == "nf4";
+  for (size_t g = 0; g < G; ++g) {
+    ams.push_back(prepare_absmax(stats[g], nested_absmax.get(g), nested_code.get(g),
+                                 offset.get(g), nested_blocksize));
+    const std::optional<at::Tensor> b = bias.get(g);
+    biases.push_back(b.has_value() ? b->to(dt).contiguous() : at::Tensor());
+    outs.push_back(at::empty({M, Ns[g]}, A.options()));
+  }
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  for (size_t g0 = 0; g0 < G; g0 += kTiled16MaxSegments) {
+    const int n = static_cast<int>(std::min<size_t>(kTiled16MaxSegments, G - g0));
+    Tiled16Weight w[kTiled16MaxSegments];
+    for (int i = 0; i < n; ++i) {
+      const size_t g = g0 + i;
+      w[i] = {static_cast<const uint8_t*>(codes[g].data_ptr()), &ams[g], Ns[g],
+              biases[g].defined() ? &biases[g] : nullptr, &outs[g]};
+    }
+    for (int64_t m0 = 0; m0 < M; m0 += 8) {
+      const int rows = static_cast<int>(std::min<int64_t>(8, M - m0));
+      if (dt == at::kHalf) {
+        launch_tiled16_rows<__half>(x, m0, rows, K, w, n, nested, nf4, stream);
+      } else {
+        launch_tiled16_rows<__nv_bfloat16>(x, m0, rows, K, w, n, nested, nf4, stream);
+      }
+    }
+  }
+  for (size_t g = 0; g < G; ++g) {
+    std::vector<int64_t> shape = lead;
+    shape.push_back(Ns[g]);
+    outs[g] = outs[g].reshape(shape);
+  }
+  return outs;
 }
 
 }  // namespace opsq

@@ -382,11 +382,53 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
 template <bool NESTED> struct Tiled16Scales { float sa[4], sb[4]; };
 template <> struct Tiled16Scales<true> { uint32_t q[4]; float na, nb; };
 
-template <typename T, bool NESTED, int WARPS = kTiled16Warps>
+// The weights one launch streams (all of K columns, read by the same rows of A): weight g's
+// codes W[g], statistics am[g], bias[g] (or null), output out[g] (M x N[g]), streamed by the
+// CTAs cta_begin[g] .. cta_begin[g + 1] - 1. One weight for linear_4bit; up to
+// kTiled16MaxSegments for linear_4bit_merged (q/k/v, gate/up: one launch instead of several).
+constexpr int kTiled16MaxSegments = 4;
+template <typename T> struct Tiled16Segments {
+  const uint8_t* W[kTiled16MaxSegments];
+  AbsmaxArgs am[kTiled16MaxSegments];
+  const T* bias[kTiled16MaxSegments];
+  T* out[kTiled16MaxSegments];
+  int64_t N[kTiled16MaxSegments];
+  int cta_begin[kTiled16MaxSegments + 1];
+  int count;
+};
+
+// MERGED: several weights (each CTA finds its own once, then runs as for one weight over its
+// share of CTAs); otherwise segment 0 is read straight from the kernel parameters.
+template <typename T, bool NESTED, bool MERGED = false, int WARPS = kTiled16Warps>
 __global__ void __launch_bounds__(WARPS * 32, kTiled16CtasPerSm)
-gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
-                     int64_t N, AbsmaxArgs am, CodePlanes planes, const T* __restrict__ bias,
-                     T* __restrict__ out) {
+gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<T> segs,
+                     CodePlanes planes) {
+  const uint8_t* __restrict__ W = segs.W[0];
+  AbsmaxArgs am = segs.am[0];
+  const T* __restrict__ bias = segs.bias[0];
+  T* __restrict__ out = segs.out[0];
+  int64_t N = segs.N[0];
+  int cta0 = 0, ctas = static_cast<int>(gridDim.x);
+  if constexpr (MERGED) {  // predicated parameter reads: no local copy of the arrays
+    const int b = static_cast<int>(blockIdx.x);
+#pragma unroll
+    for (int i = 1; i < kTiled16MaxSegments; ++i) {
+      if (i < segs.count && b >= segs.cta_begin[i]) {
+        W = segs.W[i];
+        am = segs.am[i];
+        bias = segs.bias[i];
+        out = segs.out[i];
+        N = segs.N[i];
+        cta0 = segs.cta_begin[i];
+      }
+    }
+    int end = static_cast<int>(gridDim.x);
+#pragma unroll
+    for (int i = kTiled16MaxSegments - 1; i >= 1; --i) {
+      if (i < segs.count && b < segs.cta_begin[i]) end = segs.cta_begin[i];
+    }
+    ctas = end - cta0;
+  }
   constexpr int NC = kGemvStepK / 64;  // chunks a step
   extern __shared__ __align__(16) uint32_t lut_words[];
   __shared__ AbsmaxSmem<NESTED> ams;
@@ -423,7 +465,7 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
       w.sc.nb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
     }
   };
-  int64_t tile = blockIdx.x, s = warp;
+  int64_t tile = static_cast<int64_t>(blockIdx.x) - cta0, s = warp;
   Wt buf;
   // Launched as a programmatic dependent (fourbit.cu): until pdl_wait the kernel before this one
   // on the stream may still be running, so this prologue touches nothing it could write: the
@@ -446,7 +488,7 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* _
     int64_t nt = tile, ns = s + WARPS;
     const bool last = ns >= steps;  // this warp's last item of the tile
     if (last) {
-      nt += gridDim.x;
+      nt += ctas;
       ns = warp;
     }
     const Wt cur = buf;

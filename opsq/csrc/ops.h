@@ -34,6 +34,16 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
                             const std::optional<at::Tensor>& nested_code,
                             const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                             c10::string_view layout);
+// linear_4bit_merged: several weights of one A, one tiled16 launch where the kernel serves them
+// all (else each as linear_4bit).
+std::vector<at::Tensor> linear_4bit_merged_cuda(
+    const at::Tensor& A, at::TensorList B, c10::SymIntArrayRef N, at::TensorList absmax,
+    int64_t blocksize, c10::string_view quant_type,
+    const c10::List<std::optional<at::Tensor>>& bias,
+    const c10::List<std::optional<at::Tensor>>& nested_absmax,
+    const c10::List<std::optional<at::Tensor>>& nested_code,
+    const c10::List<std::optional<at::Tensor>>& offset, int64_t nested_blocksize,
+    c10::string_view layout);
 // Whether the tiled16 decode kernel has sm_90 code that runs on CUDA device `device` (what makes
 // a weight there eligible for the tiled16 layout; opsq/_tiled16.py, opsq/nn/linear4bit.py).
 bool gemv_tiled16_supported(int64_t device);

@@ -12,6 +12,7 @@ TORCH_LIBRARY_IMPL(opsq, CUDA, m) {
   m.impl("quantize_4bit", &opsq::quantize_4bit_cuda);
   m.impl("dequantize_4bit", &opsq::dequantize_4bit_cuda);
   m.impl("linear_4bit", &opsq::linear_4bit_cuda);
+  m.impl("linear_4bit_merged", &opsq::linear_4bit_merged_cuda);
   m.impl("quantize_blockwise", &opsq::quantize_blockwise_cuda);
   m.impl("dequantize_blockwise", &opsq::dequantize_blockwise_cuda);
   m.impl("vectorwise_quant", &opsq::vectorwise_quant_cuda);

@@ -1,5 +1,6 @@
 """Fake kernels and shared validation for the 4-bit family: ``quantize_4bit``,
-``dequantize_4bit`` and ``linear_4bit`` (``gemv_4bit`` is its alias, ``opsq._schemas.ALIASES``).
+``dequantize_4bit``, ``linear_4bit`` (``gemv_4bit`` is its alias, ``opsq._schemas.ALIASES``)
+and ``linear_4bit_merged``.
 
 The ``check_*`` helpers are the single source of validation for this family: the fake kernels
 below and the reference kernels (``opsq.reference.fourbit``) both call them.
@@ -14,8 +15,8 @@ from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_STORAGE_DTYPES
 from .._tiled16 import check_tiled16
 from ._common import (ceil_div, check, check_blocksize, check_dim, check_dtype, check_float_dtype,
                       check_layout, check_min_dim, check_numel, check_quant_storage,
-                      check_quant_type, check_same_device, check_shape_arg, check_value, numel_of,
-                      register_fake)
+                      check_quant_type, check_same_device, check_shape_arg, check_type,
+                      check_value, numel_of, register_fake)
 
 
 def packed_numel(n, itemsize: int):
@@ -148,3 +149,48 @@ def _linear_4bit_fake(A, B, shapeB, absmax, blocksize, quant_type, bias=None,
 
 
 register_fake("opsq::linear_4bit")(_linear_4bit_fake)
+
+
+def check_linear_4bit_merged(A, B, N, absmax, blocksize, quant_type, bias, nested_absmax,
+                             nested_code, offset, nested_blocksize=NESTED_BLOCKSIZE,
+                             layout="packed"):
+    """Validate a ``linear_4bit_merged`` call: at least one weight, every list one entry a
+    weight (ValueError naming the list), and each weight ``g`` a valid ``linear_4bit`` call with
+    ``shapeB = [N[g], A.shape[-1]]`` (its error, of the same type, prefixed "weight g: ").
+    Returns the output shapes ``A.shape[:-1] + (N[g],)``."""
+    check_type(isinstance(B, (list, tuple)), lambda: f"B must be a list of Tensors, got "
+                                                     f"{type(B).__name__}")
+    G = len(B)
+    check_value(G >= 1, lambda: "B must hold at least one weight, got an empty list")
+    for name, lst in (("N", N), ("absmax", absmax), ("bias", bias),
+                      ("nested_absmax", nested_absmax), ("nested_code", nested_code),
+                      ("offset", offset)):
+        check_value(len(lst) == G, lambda: f"{name} must hold one entry a weight ({G}), got "
+                                           f"{len(lst)}")
+    check_min_dim("A", A, 1)
+    shapes = []
+    for g in range(G):
+        for name, t, optional in (("B", B[g], False), ("absmax", absmax[g], False),
+                                  ("bias", bias[g], True),
+                                  ("nested_absmax", nested_absmax[g], True),
+                                  ("nested_code", nested_code[g], True),
+                                  ("offset", offset[g], True)):
+            check_type(isinstance(t, torch.Tensor) or (optional and t is None),
+                       lambda: f"{name}[{g}] must be a Tensor, got {type(t).__name__}")
+        try:
+            shapes.append(check_linear_4bit(
+                A, B[g], [N[g], A.shape[-1]], absmax[g], blocksize, quant_type, bias[g],
+                nested_absmax[g], nested_code[g], offset[g], nested_blocksize, layout))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise type(e)(f"weight {g}: {e}") from None
+    return shapes
+
+
+@register_fake("opsq::linear_4bit_merged")
+def _linear_4bit_merged_fake(A, B, N, absmax, blocksize, quant_type, bias, nested_absmax,
+                             nested_code, offset, nested_blocksize=NESTED_BLOCKSIZE,
+                             layout="packed"):
+    shapes = check_linear_4bit_merged(A, B, N, absmax, blocksize, quant_type, bias,
+                                      nested_absmax, nested_code, offset, nested_blocksize,
+                                      layout)
+    return [A.new_empty(shape) for shape in shapes]

@@ -9,7 +9,7 @@ import torch
 
 from ..meta._common import with_tensor_args_checked
 from .blockwise import dequantize_blockwise, quantize_blockwise
-from .fourbit import dequantize_4bit, linear_4bit, quantize_4bit
+from .fourbit import dequantize_4bit, linear_4bit, linear_4bit_merged, quantize_4bit
 from .int8 import double_quant, igemmlt, int8_linear, mm_dequant, vectorwise_quant
 from .layout import transform
 from .optim import optimizer_update_32bit, optimizer_update_8bit_blockwise
@@ -18,6 +18,7 @@ KERNELS = {
     "quantize_4bit": quantize_4bit,
     "dequantize_4bit": dequantize_4bit,
     "linear_4bit": linear_4bit,
+    "linear_4bit_merged": linear_4bit_merged,
     "quantize_blockwise": quantize_blockwise,
     "dequantize_blockwise": dequantize_blockwise,
     "vectorwise_quant": vectorwise_quant,

@@ -16,7 +16,8 @@ from .._constants import (FP4_CODES_ASCENDING, FP4_THRESHOLDS, NF4_CODE, ZERO_CO
                           code_table)
 from .. import _tiled16
 from ..meta._common import ceil_div, numel_of
-from ..meta.fourbit import check_dequantize_4bit, check_linear_4bit, check_quantize_4bit
+from ..meta.fourbit import (check_dequantize_4bit, check_linear_4bit, check_linear_4bit_merged,
+                            check_quantize_4bit)
 from .blockwise import dequantize_blockwise
 
 
@@ -111,3 +112,14 @@ def linear_4bit(A: torch.Tensor, B: torch.Tensor, shapeB, absmax: torch.Tensor, 
     b = None if bias is None else bias.to(A.dtype).float()
     return F.linear(A.float(), W.float(), b).to(A.dtype)
 
+
+def linear_4bit_merged(A: torch.Tensor, B, N, absmax, blocksize: int, quant_type: str, bias,
+                       nested_absmax, nested_code, offset, nested_blocksize: int = 256,
+                       layout: str = "packed") -> list:
+    """``[linear_4bit(A, B[g], [N[g], K], absmax[g], ..., bias[g], ...) for g]``: each weight's
+    product exactly as :func:`linear_4bit` computes it alone."""
+    check_linear_4bit_merged(A, B, N, absmax, blocksize, quant_type, bias, nested_absmax,
+                             nested_code, offset, nested_blocksize, layout)
+    return [linear_4bit(A, B[g], [N[g], A.shape[-1]], absmax[g], blocksize, quant_type, bias[g],
+                        nested_absmax[g], nested_code[g], offset[g], nested_blocksize, layout)
+            for g in range(len(B))]
