@@ -175,7 +175,7 @@ if has sanitizer; then
     # 64 for the 4-bit/blockwise grids), graph capture, transform, gemv modes, int8_linear paths
     SANITIZER_SCOPE=subset
     SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py"
-    SAN_K="(matches_reference and -64-) or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or outlier_column_counts or outlier_prologue or threshold0_bit_exact"
+    SAN_K="(matches_reference and -64-) or tiled16 or merged or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or outlier_column_counts or outlier_prologue or threshold0_bit_exact"
     if [[ " ${SANITIZER_FULL:-} " == *" $tool "* ]]; then
       SANITIZER_SCOPE=full
       SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py tests/test_cuda_reliability.py"
