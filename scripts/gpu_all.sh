@@ -175,11 +175,13 @@ if has sanitizer; then
     # 64 for the 4-bit/blockwise grids), graph capture, transform, gemv modes, int8_linear paths
     SANITIZER_SCOPE=subset
     SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py"
-    SAN_K="(matches_reference and -64-) or tiled16 or merged or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or outlier_column_counts or outlier_prologue or threshold0_bit_exact"
+    # (layer_state_and_decode compiles with mode="reduce-overhead": under compute-sanitizer
+    # cudagraph trees' pool check fails for a plain nn.Linear too; session 11, call 5)
+    SAN_K="((matches_reference and -64-) or tiled16 or merged or test_cuda_graph or (matches_reference and not 4bit and not blockwise) or transform_matches or outlier_column_counts or outlier_prologue or threshold0_bit_exact) and not layer_state_and_decode"
     if [[ " ${SANITIZER_FULL:-} " == *" $tool "* ]]; then
       SANITIZER_SCOPE=full
       SAN_TESTS="tests/test_cuda_ops.py tests/test_cuda_fixtures.py tests/test_cuda_reliability.py"
-      SAN_K="not beyond_int32 and not slow"
+      SAN_K="not beyond_int32 and not slow and not layer_state_and_decode"
     fi
     t0=$(date +%s)
     timeout $([ $SANITIZER_SCOPE = full ] && echo ${SANITIZER_FULL_TIMEOUT:-300} || echo ${SANITIZER_TIMEOUT:-170}) compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
