@@ -103,3 +103,44 @@ def test_embedding4bit_blocksize_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Embedding4bit(10, 128, blocksize=64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("quantized_first", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_assigned_float_params4bit_quantizes_with_its_own_settings(device, quantized_first,
+                                                                    kind):
+    """A float Params4bit assigned to a 4-bit layer is quantized with its own blocksize,
+    quant_type, compress_statistics and quant_storage (as bitsandbytes' Params4bit is), before
+    or after the layer was quantized; the layer's settings follow. The layer's were different
+    (fp4, 64, plain, uint8), so a layer that kept its own would give other bytes."""
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(32, 256, generator=g)
+    if kind == "linear":
+        layer = Linear4bit(256, 32, bias=False, quant_type="fp4", compress_statistics=False)
+    else:
+        layer = Embedding4bit(32, 256, quant_type="fp4", compress_statistics=False)
+    if quantized_first:
+        layer = layer.to(device)
+    layer.weight = Params4bit(W, requires_grad=False, blocksize=128, quant_type="nf4",
+                              compress_statistics=True, quant_storage=torch.bfloat16)
+    layer = layer.to(device)
+    packed, state = Fq.quantize_4bit(W.to(device), blocksize=128, compress_statistics=True,
+                                     quant_type="nf4", quant_storage=torch.bfloat16)
+    assert (layer.blocksize, layer.quant_type, layer.compress_statistics,
+            layer.quant_storage) == (128, "nf4", True, torch.bfloat16)
+    sd = layer.state_dict()
+    # bf16 storage: compare the bytes (code bytes can read as NaN)
+    assert torch.equal(sd["weight"].view(torch.uint8), packed.view(torch.uint8))
+    for k, v in state.as_dict(packed=True).items():
+        assert torch.equal(sd["weight." + k], v), k
+
+
+@pytest.mark.parametrize("bad, exc", [(dict(blocksize=100), ValueError),
+                                      (dict(quant_type="int4"), ValueError),
+                                      (dict(quant_storage=torch.bool), TypeError)])
+def test_assigned_float_params4bit_with_bad_settings_is_rejected(bad, exc):
+    layer = Linear4bit(256, 32, quant_type="nf4")
+    arg = next(iter(bad))
+    with pytest.raises(exc, match=arg):
+        layer.weight = Params4bit(torch.randn(32, 256), requires_grad=False, **bad)

@@ -312,6 +312,8 @@ class Embedding4bit(_QuantizedTable):
     def _carried_stats(self, w: Params4bit) -> Optional[Fq.QuantState]:
         return Linear4bit._carried_stats(self, w)
 
+    _take_settings = Linear4bit._take_settings
+
     def _param_attrs(self) -> dict:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
                     quant_type=self.quant_type, quant_storage=self.quant_storage)

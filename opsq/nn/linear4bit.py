@@ -328,11 +328,21 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                              "quant_state (use Params4bit.from_prequantized)")
         return w.quant_state
 
+    def _take_settings(self, w: Params4bit) -> None:
+        """A float ``Params4bit``'s blocksize, quant_type, compress_statistics and
+        quant_storage become the layer's (checked: ValueError / TypeError naming the setting),
+        as bitsandbytes quantizes a ``Params4bit`` with its own settings."""
+        check_quant_type(w.quant_type)
+        check_blocksize(w.blocksize)
+        check_quant_storage(w.quant_storage)
+        for k, v in w._attrs().items():
+            setattr(self, k, v)
+
     def _quantize_weight(self, w: Params4bit) -> bool:
         packed, state = Fq.quantize_4bit(
-            w.data.contiguous().to(self._parameters["weight"].device), blocksize=w.blocksize,
-            compress_statistics=w.compress_statistics, quant_type=w.quant_type,
-            quant_storage=w.quant_storage)
+            w.data.contiguous().to(self._parameters["weight"].device), blocksize=self.blocksize,
+            compress_statistics=self.compress_statistics, quant_type=self.quant_type,
+            quant_storage=self.quant_storage)
         self.weight_dtype = w.dtype
         self._set_quantized(packed, state)
         return True
