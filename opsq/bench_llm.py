@@ -8,7 +8,10 @@ weights); every ``nn.Linear`` but ``lm_head`` is swapped for the variant's layer
 Measures per variant (:func:`measure_variant`):
 
 * ``generate compiled``: ``model.generate`` with ``cache_implementation="static"`` and
-  ``CompileConfig(fullgraph=True)`` (transformers' documented fast path), 32-token prompt,
+  ``CompileConfig(fullgraph=True)`` (transformers' documented fast path; for opsq's 4-bit
+  models ``CompileConfig(fullgraph=True, mode=None, options=opsq.fusion.compile_options())``,
+  the same mode plus the merge of sibling linears, and the row ``generate compiled, unmerged``
+  without it), 32-token prompt,
   greedy. ms/token = (time of N new tokens - time of 1) / (N - 1), median of 3 after warm-up
   (the prompt's prefill cancels). GPU ms/token from ``torch.profiler`` kernel time over the same
   difference; host ms/token = the rest (time the GPU sat idle waiting for the host).
@@ -51,6 +54,9 @@ LLM_MEASURES = {
     # the merge's A/B in one run
     "decode step, unmerged": ("ms", "speedup", {}),
     "generate compiled": ("ms/token", "speedup", {"nf4": 2.0}),
+    # transformers' CompileConfig without opsq.fusion's pass (4-bit models only; "generate
+    # compiled" passes it as CompileConfig(mode=None, options=opsq.fusion.compile_options()))
+    "generate compiled, unmerged": ("ms/token", "speedup", {}),
     "generate opsq decoder": ("ms/token", "speedup", {"nf4": 2.0}),
     "generate eager": ("ms/token", "speedup", {"nf4": 1.0, "int8_t6": 0.8, "int8_t0": 0.8}),
     "prefill 2048": ("ms", "ratio", {"nf4": 1.15}),
@@ -272,9 +278,16 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
         return _per_token(generate, eager_tokens, 1, reps)
     attempt("generate eager", eager)
 
-    def compiled():
+    from opsq.nn import Linear4bit
+    four_bit = any(isinstance(m, Linear4bit) for m in model.modules())
+
+    def compiled(merge_linears: bool):
         from torch._dynamo.utils import counters
-        kw = dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True))
+
+        from opsq.fusion import compile_options
+        config = (CompileConfig(fullgraph=True, mode=None, options=compile_options())
+                  if merge_linears else CompileConfig(fullgraph=True))
+        kw = dict(cache_implementation="static", compile_config=config)
         skips0 = counters["inductor"]["cudagraph_skips"]
         generate(new_tokens, **kw)  # compile, record the CUDA graphs
         generate(new_tokens, **kw)
@@ -284,10 +297,13 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
         return dict(res, peak_mem_bytes=torch.cuda.max_memory_allocated(),
                     cudagraph_skips=int(counters["inductor"]["cudagraph_skips"] - skips0),
                     timed_recompiles=int(counters["stats"]["unique_graphs"] - graphs0))
-    attempt("generate compiled", compiled)
-    if hasattr(model, "_compiled_call"):  # transformers' compiled forward: free its graphs
-        del model._compiled_call
-    torch._dynamo.reset()
+    for name, merge in (("generate compiled", four_bit), ("generate compiled, unmerged", None)):
+        if merge is None and not four_bit:
+            continue
+        attempt(name, lambda: compiled(bool(merge)))
+        if hasattr(model, "_compiled_call"):  # transformers' compiled forward: free its graphs
+            del model._compiled_call
+        torch._dynamo.reset()
 
     dec = None
 
@@ -317,8 +333,7 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
         attempt("generate opsq decoder", fast)
     del dec
     torch._dynamo.reset()
-    from opsq.nn import Linear4bit
-    if any(isinstance(m, Linear4bit) for m in model.modules()):
+    if four_bit:
         attempt("decode step, unmerged", lambda: decode_step(False)[1])
         torch._dynamo.reset()
     torch.cuda.empty_cache()

@@ -79,14 +79,9 @@ class StaticGreedyDecoder:
         if not compile:
             self.forward = model.__call__
         elif merge_linears and backend == "inductor":
-            # torch.compile takes a mode or options, not both: the mode's options, plus the pass
-            from torch._inductor import list_mode_options
-
-            from .fusion import MergeLinear4bitPass
-            options = dict(list_mode_options(mode) if mode else {},
-                           post_grad_custom_post_pass=MergeLinear4bitPass())
+            from .fusion import compile_options
             self.forward = torch.compile(model.__call__, backend=backend, fullgraph=True,
-                                         options=options)
+                                         options=compile_options(mode))
         else:
             self.forward = torch.compile(model.__call__, mode=mode, backend=backend,
                                          fullgraph=True)

@@ -10,8 +10,10 @@ CUDA kernel streams all the group's weights in one launch. Each output keeps its
 merged op computes every weight exactly as ``linear_4bit`` does alone.
 
 The rewrite runs on the post-grad graph of Inductor (:class:`MergeLinear4bitPass`, passed as
-``torch.compile(..., options={"post_grad_custom_post_pass": MergeLinear4bitPass()})``;
-:class:`opsq.decoding.StaticGreedyDecoder` does so by default) or on any FX graph.
+``torch.compile(..., options=compile_options("reduce-overhead"))``;
+:class:`opsq.decoding.StaticGreedyDecoder` does so by default, and transformers' compiled
+``generate`` takes ``CompileConfig(fullgraph=True, mode=None, options=compile_options())``) or
+on any FX graph.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import operator
 
 import torch
 
-__all__ = ["merge_linear_4bit", "MergeLinear4bitPass", "MAX_MERGED"]
+__all__ = ["merge_linear_4bit", "MergeLinear4bitPass", "compile_options", "MAX_MERGED"]
 
 #: Weights a merged call takes at most (the CUDA kernel's segment count); larger groups are cut
 #: into several calls.
@@ -54,6 +56,11 @@ def _arguments(node: torch.fx.Node) -> dict | None:
     return args
 
 
+def _check_max_merged(max_merged: int) -> None:
+    if max_merged < 2:
+        raise ValueError(f"max_merged must be >= 2, got {max_merged}")
+
+
 def merge_linear_4bit(graph: torch.fx.Graph, max_merged: int = MAX_MERGED) -> int:
     """Rewrite sibling ``opsq::linear_4bit`` calls of ``graph`` in place.
 
@@ -74,8 +81,7 @@ def merge_linear_4bit(graph: torch.fx.Graph, max_merged: int = MAX_MERGED) -> in
     Raises:
         ValueError: ``max_merged`` < 2.
     """
-    if max_merged < 2:
-        raise ValueError(f"max_merged must be >= 2, got {max_merged}")
+    _check_max_merged(max_merged)
     order = {n: i for i, n in enumerate(graph.nodes)}
     groups: dict = {}
     for node in graph.nodes:
@@ -161,6 +167,7 @@ class MergeLinear4bitPass(CustomGraphPass):
     hash of this file, so a changed pass recompiles."""
 
     def __init__(self, max_merged: int = MAX_MERGED):
+        _check_max_merged(max_merged)
         self.max_merged = max_merged
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -169,3 +176,30 @@ class MergeLinear4bitPass(CustomGraphPass):
     def uuid(self):
         digest = get_hash_for_files((__file__,)).hex() if get_hash_for_files else ""
         return f"{digest}-{self.max_merged}"
+
+    def __eq__(self, other) -> bool:  # equal settings: equal passes (transformers compares
+        # CompileConfigs to decide whether to compile again)
+        return type(other) is type(self) and other.max_merged == self.max_merged
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.max_merged))
+
+
+def compile_options(mode: str | None = "reduce-overhead", max_merged: int = MAX_MERGED) -> dict:
+    """Inductor options of ``torch.compile`` ``mode`` plus :class:`MergeLinear4bitPass`.
+
+    ``torch.compile`` takes a mode or options, not both, so the mode's options
+    (``torch._inductor.list_mode_options``) are spelled out: pass the result as
+    ``torch.compile(fn, fullgraph=True, options=compile_options())``, or to transformers as
+    ``CompileConfig(fullgraph=True, mode=None, options=compile_options())``.
+
+    Args:
+        mode: a ``torch.compile`` mode (default ``"reduce-overhead"``: CUDA graphs) or None.
+        max_merged: weights a merged call takes at most (>= 2; the CUDA kernel takes
+            ``MAX_MERGED`` a launch).
+    Raises:
+        ValueError: ``max_merged`` < 2. RuntimeError: an unknown ``mode`` (torch's).
+    """
+    from torch._inductor import list_mode_options
+    return dict(list_mode_options(mode) if mode else {},
+                post_grad_custom_post_pass=MergeLinear4bitPass(max_merged))

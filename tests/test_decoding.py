@@ -83,3 +83,39 @@ def test_decoder_merges_sibling_4bit_linears_under_inductor(monkeypatch):
     assert torch.equal(got, want[:, 7:])
     layers = model.config.num_hidden_layers
     assert merged and merged[0] == 2 * layers, merged
+
+
+def test_transformers_compiled_generate_takes_the_merge_pass(monkeypatch):
+    """transformers' compiled generate with ``CompileConfig(mode=None,
+    options=opsq.fusion.compile_options(None))`` (Inductor on the CPU): the eager tokens, two
+    merged calls a layer, and one compile for two generate calls with equal (not identical)
+    configs."""
+    import torch._inductor.config as inductor_config
+    from transformers import CompileConfig
+
+    from opsq import fusion
+    merged = []
+    real = fusion.merge_linear_4bit
+    monkeypatch.setattr(fusion, "merge_linear_4bit",
+                        lambda graph, max_merged=fusion.MAX_MERGED:
+                        merged.append(real(graph, max_merged)) or merged[-1])
+    model = _model("nf4")
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+              eos_token_id=None, cache_implementation="static")
+    want = model.generate(ids, **kw)
+
+    def config():
+        c = CompileConfig(fullgraph=True, mode=None, options=fusion.compile_options(None))
+        c._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        return c
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False):
+        got = model.generate(ids, compile_config=config(), **kw)
+        compiled = model._compiled_call
+        again = model.generate(ids, compile_config=config(), **kw)
+    torch._dynamo.reset()
+    assert torch.equal(got, want) and torch.equal(again, want)
+    assert model._compiled_call is compiled
+    layers = model.config.num_hidden_layers
+    assert merged and merged[0] == 2 * layers, merged

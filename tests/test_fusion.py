@@ -124,3 +124,21 @@ def test_inductor_pass_merges_a_layer_and_keeps_its_bytes():
     assert merged == [1]
     for g, w in zip(got, want):
         assert torch.equal(g, w)
+
+
+def test_compile_options_spell_out_the_mode_and_add_the_pass():
+    from torch._inductor import list_mode_options
+
+    from opsq.fusion import MAX_MERGED, compile_options
+    opts = compile_options("reduce-overhead")
+    assert {k: v for k, v in opts.items() if k != "post_grad_custom_post_pass"} \
+        == list_mode_options("reduce-overhead")
+    p = opts["post_grad_custom_post_pass"]
+    assert isinstance(p, MergeLinear4bitPass) and p.max_merged == MAX_MERGED
+    assert compile_options(None) == {"post_grad_custom_post_pass": MergeLinear4bitPass()}
+    assert MergeLinear4bitPass(2) != MergeLinear4bitPass(3)
+    assert MergeLinear4bitPass(2).uuid() != MergeLinear4bitPass(3).uuid()
+    with pytest.raises(ValueError, match="max_merged must be >= 2"):
+        compile_options(max_merged=1)
+    with pytest.raises(ValueError, match="max_merged must be >= 2"):
+        MergeLinear4bitPass(0)

@@ -15,8 +15,10 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 RUN = {"layer": "layer = Linear4bit(4096, 4096", "hf": "cfg = OpsqConfig(load_in_4bit=True",
        "hf_enable": "opsq.hf.enable_transformers()", "peft": "opsq.lora.peft_config(LoraConfig",
        "export": "program = torch.export.export(model"}
-# blocks deliberately not run: the reader's own model builders / a 2-process launch
-NOT_RUN = ("StaticGreedyDecoder(model", "fully_shard", "build_model(linear=")
+# blocks deliberately not run: the reader's own model builders / a 2-process launch / the
+# merge pass in transformers' compiled generate (tests/test_decoding.py runs it on a tiny Llama)
+NOT_RUN = ("StaticGreedyDecoder(model", "fully_shard", "build_model(linear=",
+           "compile_config=config")
 
 
 def _block(key):
