@@ -60,17 +60,23 @@ def test_decoder_checks_arguments():
         dec.seek(16)
 
 
-def test_decoder_merges_sibling_4bit_linears_under_inductor(monkeypatch):
-    """The Inductor decoder (CPU here) with merged q/k/v and gate/up calls gives generate's
-    tokens; the pass merged two groups a layer."""
-    import torch._inductor.config as inductor_config
-
+def _count_merges(monkeypatch) -> list:
+    """A list that gets the number of merged calls of each run of opsq.fusion's pass."""
     from opsq import fusion
     merged = []
     real = fusion.merge_linear_4bit
     monkeypatch.setattr(fusion, "merge_linear_4bit",
                         lambda graph, max_merged=fusion.MAX_MERGED:
                         merged.append(real(graph, max_merged)) or merged[-1])
+    return merged
+
+
+def test_decoder_merges_sibling_4bit_linears_under_inductor(monkeypatch):
+    """The Inductor decoder (CPU here) with merged q/k/v and gate/up calls gives generate's
+    tokens; the pass merged two groups a layer."""
+    import torch._inductor.config as inductor_config
+
+    merged = _count_merges(monkeypatch)
     model = _model("nf4")
     ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(1))
     want = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False,
@@ -94,11 +100,7 @@ def test_transformers_compiled_generate_takes_the_merge_pass(monkeypatch):
     from transformers import CompileConfig
 
     from opsq import fusion
-    merged = []
-    real = fusion.merge_linear_4bit
-    monkeypatch.setattr(fusion, "merge_linear_4bit",
-                        lambda graph, max_merged=fusion.MAX_MERGED:
-                        merged.append(real(graph, max_merged)) or merged[-1])
+    merged = _count_merges(monkeypatch)
     model = _model("nf4")
     ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(2))
     kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
