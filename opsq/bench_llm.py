@@ -297,10 +297,11 @@ def measure_variant(model: nn.Module, timer, dev, prompt_len: int = 32, new_toke
         return dict(res, peak_mem_bytes=torch.cuda.max_memory_allocated(),
                     cudagraph_skips=int(counters["inductor"]["cudagraph_skips"] - skips0),
                     timed_recompiles=int(counters["stats"]["unique_graphs"] - graphs0))
-    for name, merge in (("generate compiled", four_bit), ("generate compiled, unmerged", None)):
-        if merge is None and not four_bit:
-            continue
-        attempt(name, lambda: compiled(bool(merge)))
+    runs = [("generate compiled", four_bit)]
+    if four_bit:
+        runs.append(("generate compiled, unmerged", False))
+    for name, merge in runs:
+        attempt(name, lambda: compiled(merge))
         if hasattr(model, "_compiled_call"):  # transformers' compiled forward: free its graphs
             del model._compiled_call
         torch._dynamo.reset()
