@@ -408,13 +408,14 @@ def llm_rows(results: dict, layers: int) -> list:
 
 def format_llm(rows: list) -> list:
     """Text lines of the llm family's table (one line per variant and measure)."""
-    lines = [f"{'measure':26s} {'variant':11s} {'ms':>9s} {'bf16 ms':>9s} {'x bf16':>7s} "
+    W = max(len(m) for m in LLM_MEASURES)  # the measure column's width
+    lines = [f"{'measure':{W}s} {'variant':11s} {'ms':>9s} {'bf16 ms':>9s} {'x bf16':>7s} "
              f"{'x bnb':>6s} {'gpu ms':>7s} {'host ms':>7s}  target"]
     for r in rows:
         if r.get("op") == "logits":
             continue
         if "error" in r:
-            lines.append(f"{r['op']:26s} {r['variant']:11s} ERROR {r['error'][:90]}")
+            lines.append(f"{r['op']:{W}s} {r['variant']:11s} ERROR {r['error'][:90]}")
             continue
 
         def f(v, spec):
@@ -427,19 +428,19 @@ def format_llm(rows: list) -> list:
         if "host_ok" in r:
             tgt += f"{'; ' if tgt else ''}host {r['host_ratio_vs_bf16']:.2f}x bf16 " \
                    f"{'ok' if r['host_ok'] else 'MISS'}"
-        lines.append(f"{r['op']:26s} {r['variant']:11s} {r['ms']:9.3f} "
+        lines.append(f"{r['op']:{W}s} {r['variant']:11s} {r['ms']:9.3f} "
                      f"{f(r.get('baseline_ms'), '9.3f'):>9s} {f(r.get('speedup'), '7.2f'):>7s} "
                      f"{f(r.get('vs_bnb'), '6.2f'):>6s} {f(r.get('gpu_ms'), '7.3f'):>7s} "
                      f"{f(r.get('host_ms'), '7.3f'):>7s}  {tgt}")
     lg = [r for r in rows if r.get("op") == "logits"]
     if lg:
-        lines.append(f"{'logits / memory':26s} {'variant':11s} {'cos bf16':>9s} {'cos bnb':>9s} "
+        lines.append(f"{'logits / memory':{W}s} {'variant':11s} {'cos bf16':>9s} {'cos bnb':>9s} "
                      f"{'weights GB':>10s} {'peak GB':>8s}")
         for r in lg:
             def g(k, spec, scale=1.0):
                 v = r.get(k)
                 return "-" if v is None else format(v / scale, spec)
-            lines.append(f"{'':26s} {r['variant']:11s} {g('cos_vs_bf16', '9.5f'):>9s} "
+            lines.append(f"{'':{W}s} {r['variant']:11s} {g('cos_vs_bf16', '9.5f'):>9s} "
                          f"{g('cos_vs_bnb', '9.5f'):>9s} {g('weight_bytes', '10.2f', 1e9):>10s} "
                          f"{g('peak_mem_bytes', '8.2f', 1e9):>8s}"
                          + ("" if "ok" not in r else f"  cos >= {COSINE_MIN} "

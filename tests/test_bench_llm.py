@@ -99,3 +99,33 @@ def test_llm_rows_and_table():
 
 def test_parse_only_knows_llm():
     assert bench.parse_only("llm") == ("llm",)
+
+
+def test_measure_variant_runs_every_measure_on_the_cpu(monkeypatch):
+    """measure_variant end to end on a tiny model, with the CUDA calls stubbed (the timings are
+    the GPU machine's; this catches a broken measure before device time is spent on it): every
+    measure of the 4-bit model gives a number (the merged and unmerged compiled generate and
+    decode step included), bf16 has no "unmerged" rows, and the table prints them."""
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(L, "_cuda_kernel_ms", lambda fn: (fn(), 0.0)[1])
+    cpu = torch.device("cpu")
+    res = {}
+    for v in ("bf16", "nf4"):
+        model = L.build_llm(v, cpu, config=L.llama_config(2, **TINY), seed=3)
+        res[v] = L.measure_variant(model, lambda fn: (fn(), 1.0)[1], cpu, new_tokens=6,
+                                   eager_tokens=3, prefill_len=8, reps=1, log=lambda s: None)
+        torch._dynamo.reset()
+    want = set(L.LLM_MEASURES)
+    assert want - set(res["nf4"]) == set(), want - set(res["nf4"])
+    assert {m for m in want if "unmerged" in m} & set(res["bf16"]) == set()
+    for v, r in res.items():
+        for m in want & set(r):
+            assert "error" not in r[m] and r[m]["ms"] > 0, (v, m, r[m])
+    lines = L.format_llm(L.llm_rows(res, 2))
+    rows = [ln for ln in lines if ln.startswith(tuple(want))]
+    assert len(rows) == sum(len(want & set(r)) for r in res.values())
+    # the variant column starts at one offset: the measure column fits its longest name
+    w = max(map(len, want))
+    assert all(ln[w] == " " and ln[w + 1] in "bn" for ln in rows), "\n".join(rows)
