@@ -20,12 +20,9 @@ from torch.utils.checkpoint import checkpoint
 from opsq.autograd import MatMul8bit
 from opsq.lora import LoRALinear
 from opsq.nn import Linear4bit, Linear8bitLt
+from opsq.testing import DEVICES
 
 D, H = 64, 96
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
 class Block(nn.Module):

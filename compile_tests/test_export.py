@@ -11,11 +11,7 @@ import pytest
 import torch
 
 import opsq  # noqa: F401  (registers torch.ops.opsq.*)
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
+from opsq.testing import DEVICES
 
 
 _PROBE = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "aoti_probe.py"

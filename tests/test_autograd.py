@@ -25,13 +25,10 @@ from opsq.autograd import (MatMul4Bit, MatMul8bit, MatMul8bitLt, MatmulLtState, 
                            matmul_4bit)
 from opsq._autograd import NATIVE_AUTOGRAD_OPS, autograd_function
 from opsq.nn import Linear4bit, Linear8bitLt
+from opsq.testing import DEVICES
 
 ops = torch.ops.opsq
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
 def dname(dtype: torch.dtype) -> str:

@@ -23,14 +23,11 @@ import opsq.functional as Fq
 from opsq import reference as ref
 from opsq._constants import create_dynamic_map
 from opsq.nn import Embedding4bit, Embedding8bit, Linear4bit, Linear8bitLt
+from opsq.testing import DEVICES
 
 ops = torch.ops.opsq
 META = "meta"
 OK = "ok"
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 torch.manual_seed(0)
 _A = torch.randn(4, 64)

@@ -23,11 +23,8 @@ from opsq._constants import dynamic_map_on
 from opsq.autograd import matmul_4bit
 from opsq.nn import Linear4bit, Params4bit
 from opsq.outlier_tools import OutlierTracer
+from opsq.testing import DEVICES
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 FLOATS = [torch.float16, torch.bfloat16, torch.float32]
 
 

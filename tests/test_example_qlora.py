@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from opsq.testing import DEVICES
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "lora_qlora.py"
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
 def load_example():

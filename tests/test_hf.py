@@ -24,14 +24,11 @@ from opsq.integrations import replace_with_bnb_linear  # noqa: E402
 from opsq.nn import Int8Params, Linear4bit, Linear8bitLt, Params4bit  # noqa: E402
 
 from fixture_utils import FIXTURES  # noqa: E402
+from opsq.testing import DEVICES  # noqa: E402
 
 HF_BNB = FIXTURES / "hf-bnb-0.50.2"
 HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
 def _placement(device: str) -> dict:

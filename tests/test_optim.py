@@ -20,13 +20,9 @@ import opsq
 from opsq import optim
 from opsq._constants import create_dynamic_map
 from opsq.optim import GlobalOptimManager, unsigned_dynamic_map
+from opsq.testing import DEVICES
 
 ops = torch.ops.opsq
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 
 @pytest.fixture(autouse=True)

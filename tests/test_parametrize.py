@@ -18,11 +18,8 @@ from opsq.reference.fourbit import unpack_codes
 
 from fixture_utils import fixture_cases, load_fixture, quant_meta
 from module_state import assert_unchanged, snapshot
+from opsq.testing import DEVICES
 
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # 2-D, 3-D MoE experts (E, N, K), an odd element count (padded tail), 4-D with a partial block.
 SHAPES = [(48, 96), (4, 24, 40), (3, 5, 7), (2, 3, 4, 33)]

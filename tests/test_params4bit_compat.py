@@ -9,11 +9,7 @@ import torch
 
 from opsq import functional as Fq
 from opsq.nn import Embedding4bit, Linear4bit, Params4bit
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
+from opsq.testing import DEVICES
 
 
 def _weight(device, nested=True, shape=(48, 128)):

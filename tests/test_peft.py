@@ -21,12 +21,9 @@ import opsq  # noqa: E402
 import opsq.functional as Fq  # noqa: E402
 from opsq.lora import peft_config  # noqa: E402
 from opsq.nn import Linear4bit, Linear8bitLt, LinearNF4  # noqa: E402
+from opsq.testing import DEVICES  # noqa: E402
 
 K, N = 128, 96
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=(
-               pytest.mark.cuda,
-               pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")))]
 
 # Base layers: (id, how to quantize an nn.Linear). Every 4-bit setting merging must keep.
 BASES = {
