@@ -34,6 +34,20 @@ def test_linear8bitlt_positional_orders():
         assert Linear8bitLt(64, 16, True, False, False, 3.0).threshold == 3.0
 
 
+def test_linear8bitlt_positional_and_keyword_mix():
+    # bitsandbytes >= 0.45 code: threshold by position, device / index by keyword
+    layer = Linear8bitLt(64, 16, True, False, 6.0, device="meta")
+    assert layer.weight.device.type == "meta" and layer.threshold == 6.0
+    layer = Linear8bitLt(64, 16, True, False, 6.0, index=3, device="meta")
+    assert (layer.index, layer.weight.device.type) == (3, "meta")
+    layer = Linear8bitLt(64, 16, True, False, 6.0, None, "meta")
+    assert layer.weight.device.type == "meta"
+    with pytest.raises(TypeError, match="multiple values for argument 'threshold'"):
+        Linear8bitLt(64, 16, True, False, 6.0, threshold=2.0)
+    with pytest.raises(TypeError, match="at most 7 positional"):
+        Linear8bitLt(64, 16, True, False, 6.0, None, "cpu", 1)
+
+
 def test_threshold_has_one_home():
     layer = _int8(threshold=0.0)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))

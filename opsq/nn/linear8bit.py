@@ -113,9 +113,11 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         input_features: K. output_features: N. bias: add a bias ``(N,)``.
         has_fp16_weights: keep a float, trainable weight.
         memory_efficient_backward: bitsandbytes < 0.45's fifth argument, accepted for
-            compatibility (True warns: opsq's backward never keeps a dequantized weight). A
-            number in this position is bitsandbytes >= 0.45's positional ``threshold`` (that
-            signature has no ``memory_efficient_backward``) and is read as such.
+            compatibility (True warns: opsq's backward never keeps a dequantized weight).
+            Positional arguments after ``has_fp16_weights`` follow either bitsandbytes order:
+            a bool first is < 0.45's ``(memory_efficient_backward, threshold, index,
+            device)``, anything else >= 0.45's ``(threshold, index, device)``; keyword
+            arguments always mean what they name.
         threshold: outlier threshold, finite and >= 0 (0 disables the mixed-precision
             decomposition). Stored in ``state.threshold`` (bitsandbytes' ``MatmulLtState``),
             its one home: ``layer.threshold`` and ``layer.state.threshold`` are the same value.
@@ -124,18 +126,34 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
     Shapes:
         input ``(..., K)`` fp16/bf16/fp32 → output ``(..., N)`` of the same dtype.
     Raises:
-        ValueError: ``threshold`` negative, NaN or infinite.
+        ValueError: ``threshold`` negative, NaN or infinite. TypeError: too many positional
+        arguments, or one given both by position and by keyword.
     """
 
     def __init__(self, input_features: int, output_features: int, bias: bool = True,
-                 has_fp16_weights: bool = True, memory_efficient_backward=False,
+                 has_fp16_weights: bool = True, *args, memory_efficient_backward: bool = False,
                  threshold: float = 0.0, index=None, device=None):
-        if not isinstance(memory_efficient_backward, bool):
-            # bitsandbytes >= 0.45 positional order: (.., has_fp16_weights, threshold, index,
-            # device); shift the arguments back into place.
+        if args:
+            # the positional arguments after has_fp16_weights, in either bitsandbytes order:
+            # < 0.45 (memory_efficient_backward, threshold, index, device), told apart by a
+            # bool first; >= 0.45 (threshold, index, device). Keywords stay what they name.
+            names = (("memory_efficient_backward", "threshold", "index", "device")
+                     if isinstance(args[0], bool) else ("threshold", "index", "device"))
+            if len(args) > len(names):
+                raise TypeError(f"Linear8bitLt takes at most {4 + len(names)} positional "
+                                f"arguments in this order, got {4 + len(args)}")
+            given = dict(memory_efficient_backward=memory_efficient_backward,
+                         threshold=threshold, index=index, device=device)
+            defaults = dict(memory_efficient_backward=False, threshold=0.0, index=None,
+                            device=None)
+            for name, value in zip(names, args):
+                if given[name] is not defaults[name] and given[name] != defaults[name]:
+                    raise TypeError(f"Linear8bitLt got multiple values for argument {name!r}")
+                given[name] = value
             memory_efficient_backward, threshold, index, device = (
-                False, memory_efficient_backward, None if threshold == 0.0 else threshold, index)
-        elif memory_efficient_backward:
+                given["memory_efficient_backward"], given["threshold"], given["index"],
+                given["device"])
+        if memory_efficient_backward:
             warnings.warn("Linear8bitLt: memory_efficient_backward is deprecated and ignored "
                           "(opsq's backward never keeps a dequantized weight)",
                           DeprecationWarning, stacklevel=2)
