@@ -676,6 +676,10 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     (the op's ``layout="tiled16"``; nothing is un-packed) and gives the same values as a
     never-moved weight, so PEFT merges and transformers' dequantize see no difference.
 
+    Codes passed transposed (``A.t()``, shape ``(1, n)``, as older bitsandbytes callers wrote
+    ``dequantize_4bit(weight.t(), state).t()``) give the result transposed, as bitsandbytes'
+    ``dequantize_4bit`` does for any ``A`` of one row.
+
     Raises:
         ValueError: neither a ``quant_state`` nor ``absmax`` and ``out``.
     """
@@ -691,8 +695,8 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
                                          *quant_state.nested_args(),
                                          quant_state.layout)
     if out is not None:
-        return out.copy_(res)
-    return res
+        res = out.copy_(res)
+    return res.t() if A.dim() == 2 and A.shape[0] == 1 and res.dim() == 2 else res
 
 
 def quantize_nf4(A, absmax=None, out=None, blocksize=64, compress_statistics=False,

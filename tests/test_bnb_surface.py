@@ -778,3 +778,19 @@ def test_get_paged_needs_cuda_or_pages():
     assert (t == 3).all()
     with pytest.raises(ValueError, match="paged"):
         Fq.prefetch_tensor(torch.zeros(4, device="cuda"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dequantize_4bit_of_transposed_codes_comes_back_transposed(device):
+    """bitsandbytes' dequantize_4bit shim: codes passed as ``weight.t()`` (one row) give the
+    result transposed, so ``dequantize_4bit(w.t(), state).t()`` is the weight again; a square
+    weight would otherwise come back silently transposed."""
+    W = torch.randn(64, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    packed, state = Fq.quantize_4bit(W, quant_type="nf4")
+    want = Fq.dequantize_4bit(packed, state)
+    assert packed.shape[1] == 1
+    got = Fq.dequantize_4bit(packed.t(), state)
+    assert torch.equal(got, want.t())
+    assert torch.equal(Fq.dequantize_4bit(packed.t(), state).t(), want)
+    out = torch.empty_like(want)
+    assert torch.equal(Fq.dequantize_4bit(packed.t(), state, out=out), want.t())
