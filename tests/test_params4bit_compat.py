@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opsq import functional as Fq
-from opsq.nn import Embedding4bit, Linear4bit, Params4bit
+from opsq.nn import Embedding4bit, Int8Params, Linear4bit, Linear8bitLt, Params4bit
 from opsq.testing import DEVICES
 
 
@@ -140,3 +140,33 @@ def test_assigned_float_params4bit_with_bad_settings_is_rejected(bad, exc):
     arg = next(iter(bad))
     with pytest.raises(exc, match=arg):
         layer.weight = Params4bit(torch.randn(32, 256), requires_grad=False, **bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer_fp16_weights", [False, True])
+def test_assigned_float_int8params_keeps_its_has_fp16_weights(device, layer_fp16_weights):
+    """A float Int8Params assigned to a Linear8bitLt brings its has_fp16_weights (as
+    bitsandbytes' Int8Params.to decides by its own flag): True stays a float, trainable weight;
+    False is quantized on the move, with its SCB, whatever the layer said before."""
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9)).to(device)
+    for param_fp16_weights in (True, False):
+        layer = Linear8bitLt(64, 32, bias=False, has_fp16_weights=layer_fp16_weights)
+        layer.weight = Int8Params(W.clone(), requires_grad=param_fp16_weights,
+                                  has_fp16_weights=param_fp16_weights)
+        layer = layer.to(device)
+        assert layer.has_fp16_weights is param_fp16_weights
+        if param_fp16_weights:
+            assert layer.weight.dtype == torch.float32 and layer.weight.requires_grad
+            assert "SCB" not in layer.state_dict()
+        else:
+            CB, SCB, _ = Fq.int8_vectorwise_quant(W.to(device))
+            assert torch.equal(layer.weight.data, CB)
+            assert torch.equal(layer.state_dict()["SCB"], SCB)
+        want = Linear8bitLt.from_float(torch.nn.Linear(64, 32, bias=False), threshold=0.0,
+                                       has_fp16_weights=param_fp16_weights)
+        want.weight = Int8Params(W.clone(), requires_grad=param_fp16_weights,
+                                 has_fp16_weights=param_fp16_weights)
+        want = want.to(device)
+        with torch.no_grad():
+            assert torch.equal(layer(x), want(x))
