@@ -165,6 +165,12 @@ def test_embedding_and_max_norm():
     torch.testing.assert_close(out, torch_ref(idx), rtol=1e-6, atol=1e-7)
     assert torch.equal(capped.weight, w_before)  # never renormalised in place
     assert (out.norm(dim=-1) <= 0.5 + 1e-5).all()
+    # the weight's gradient is nn.Embedding's: the rows' upstream gradient, not rescaled
+    G = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * G).sum().backward()
+    fresh = nn.Embedding(30, 16, max_norm=0.5, _weight=w_before.clone())
+    (fresh(idx) * G).sum().backward()
+    torch.testing.assert_close(capped.weight.grad, fresh.weight.grad, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

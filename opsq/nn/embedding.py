@@ -58,7 +58,8 @@ class Embedding(nn.Embedding):
     Shapes:
         input ``(...)`` int32/int64 in ``[0, num_embeddings)`` → ``(..., embedding_dim)``.
     ``max_norm`` rescales the looked-up rows to norm <= max_norm in the output only: unlike
-    ``nn.Embedding`` the weight is never renormalised in place (``forward`` mutates nothing).
+    ``nn.Embedding`` the weight is never renormalised in place (``forward`` mutates nothing);
+    the output's values and the weight's gradient are ``nn.Embedding``'s for that call.
     Raises:
         TypeError: non-integer input. RuntimeError: an index out of range.
     """
@@ -84,7 +85,9 @@ class Embedding(nn.Embedding):
             norms = emb.detach().norm(p=self.norm_type, dim=-1, keepdim=True)
             scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7),
                                 torch.ones_like(norms))
-            emb = emb * scale
+            # the rescaled values, with the gradient of the looked-up rows (as nn.Embedding's
+            # in-place renorm gives it: the renorm itself is not differentiated)
+            emb = (emb * scale).detach() + (emb - emb.detach())
         return emb.reshape(*input.shape, self.embedding_dim)
 
 
