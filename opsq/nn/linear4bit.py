@@ -46,7 +46,8 @@ class Params4bit(nn.Parameter):
         data: the float weight, or packed codes with ``bnb_quantized=True``.
         requires_grad: always False for quantized data.
         quant_state: the state of packed ``data``.
-        blocksize: 32..4096, elements per absmax block (default 64).
+        blocksize: 32..4096, elements per absmax block (default 64; None means 64, as in
+            bitsandbytes).
         compress_statistics: nested (8-bit) absmax.
         quant_type: "nf4" or "fp4".
         quant_storage: dtype of the packed storage.
@@ -62,7 +63,7 @@ class Params4bit(nn.Parameter):
         if data is None:
             data = torch.empty(0)
         self = torch.Tensor._make_subclass(cls, data, requires_grad)
-        self.blocksize = blocksize
+        self.blocksize = 64 if blocksize is None else blocksize  # None: bitsandbytes' default
         self.compress_statistics = compress_statistics
         self.quant_type = quant_type
         self.quant_state = quant_state
