@@ -173,7 +173,7 @@ def test_assigned_float_int8params_keeps_its_has_fp16_weights(device, layer_fp16
 
 
 def test_params4bit_blocksize_none_is_64():
-    """bitsandbytes' Params4bit reads blocksize=None as 64 (transformers passes it through)."""
+    """bitsandbytes' Params4bit reads blocksize=None as 64."""
     W = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
     p = Params4bit(W, blocksize=None, quant_type="nf4")
     assert p.blocksize == 64 and p.to("cpu").quant_state.blocksize == 64
