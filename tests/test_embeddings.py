@@ -134,6 +134,9 @@ def test_embedding8bit(dtype):
     exact = q.weight.double() * q.SCB.double()[:, None] / 127  # fp64 dequantization oracle
     torch.testing.assert_close(out.double(), exact[idx].to(dtype).double(), rtol=1e-2 if
                                dtype == torch.bfloat16 else 1e-6, atol=0)
+    # bitsandbytes' own arithmetic, bit for bit: CB * (SCB / 127) in fp32, then the dtype
+    bnb = (q.weight[idx].float() * (q.SCB[idx].unsqueeze(-1) / 127.0)).to(dtype)
+    assert torch.equal(out, bnb)
     w = emb.weight.detach().double()
     half_step = w.abs().amax(1, keepdim=True) / 127 / 2  # int8 rounding, per row
     rounding = w.abs().amax() * 2 ** -8 if dtype == torch.bfloat16 else 0.0  # output cast

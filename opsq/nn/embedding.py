@@ -25,7 +25,6 @@ from ..optim import GlobalOptimManager
 from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
 from .linear4bit import Linear4bit, Params4bit, _as_packed
 from .linear8bit import Int8Params, Linear8bitLt
-from .switchback import dequantize_int8_rows
 
 __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
            "Embedding8bit"]
@@ -436,8 +435,8 @@ class Embedding8bit(_QuantizedTable):
     """Embedding table stored in int8 with one absmax per row, bitsandbytes' ``Embedding8bit``
     (the LLM.int8 row-wise format: ``CB = round(W * 127 / SCB)``, ``SCB`` the row's max |W|).
 
-    A lookup gathers the int8 rows and their scales and dequantizes them with
-    ``torch.ops.opsq.mm_dequant``. The state dict holds ``weight`` (int8 ``CB``) and ``SCB``
+    A lookup gathers the int8 rows and their scales and dequantizes them as bitsandbytes does,
+    ``CB * (SCB / 127)`` in fp32, then in the table's dtype. The state dict holds ``weight`` (int8 ``CB``) and ``SCB``
     (bitsandbytes cannot save this layer; opsq can, and also loads a float table).
 
     Args:
@@ -518,8 +517,9 @@ class Embedding8bit(_QuantizedTable):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         idx = self._indices(input)
-        rows = dequantize_int8_rows(self.weight[idx], self.SCB[idx], self.dtype)
-        return rows.reshape(*input.shape, self.embedding_dim)
+        # bitsandbytes' arithmetic: CB * (SCB / 127) in fp32, then the table's dtype
+        rows = self.weight[idx].to(torch.float32) * (self.SCB[idx].unsqueeze(-1) / 127.0)
+        return rows.to(self.dtype).reshape(*input.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}, "
