@@ -177,3 +177,44 @@ def test_params4bit_blocksize_none_is_64():
     W = torch.randn(16, 128, generator=torch.Generator().manual_seed(3))
     p = Params4bit(W, blocksize=None, quant_type="nf4")
     assert p.blocksize == 64 and p.to("cpu").quant_state.blocksize == 64
+
+
+def _reference_forward(x, packed, state, bias):
+    W = Fq.dequantize_4bit(packed, state)
+    return torch.nn.functional.linear(x, W.to(x.dtype), bias)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_written_through_parameters_dict_brings_its_state(device):
+    """accelerate's set_module_tensor_to_device and transformers' bitsandbytes loader write
+    ``module._parameters["weight"] = Params4bit(..., module=module).to(dev)`` /
+    ``Params4bit.from_prequantized(..., module=module)``, around ``__setattr__``. The module
+    adopts the new codes and statistics (as bitsandbytes sets ``module.quant_state``), from
+    meta and over an already quantized weight; before, the first route left a module that
+    was not quantized and the second kept the old statistics in forward, silently."""
+    g = torch.Generator().manual_seed(21)
+    W1, W2 = torch.randn(64, 256, generator=g), torch.randn(64, 256, generator=g)
+    x = torch.randn(3, 256, generator=g).to(device)
+    # 1. from meta, accelerate's route: a new Params4bit of the old one's settings, moved
+    m = Linear4bit(256, 64, bias=False, quant_type="nf4", compress_statistics=False,
+                   device="meta")
+    kwargs = dict(m.weight.__dict__)
+    new = Params4bit(W1, requires_grad=False, **kwargs).to(device)
+    m._parameters["weight"] = new
+    packed1, state1 = Fq.quantize_4bit(W1.to(device), quant_type="nf4")
+    assert m.is_quantized and m.weight is new
+    torch.testing.assert_close(m(x), _reference_forward(x, packed1, state1, None),
+                               rtol=1e-5, atol=1e-5)
+    # 2. over a quantized weight: transformers' route with a bitsandbytes state dict
+    packed2, state2 = Fq.quantize_4bit(W2, quant_type="nf4")
+    stats = state2.as_dict(packed=True)
+    m._parameters["weight"] = Params4bit.from_prequantized(packed2, stats, device=device,
+                                                           module=m)
+    want = torch.nn.functional.linear(x, Fq.dequantize_4bit(packed2, state2).to(device))
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+    sd = m.state_dict()
+    assert torch.equal(sd["weight"].cpu(), packed2)
+    assert torch.equal(sd["weight.absmax"].cpu(), stats["absmax"])
+    # a chunk (another shape) keeps the free-standing behaviour
+    free = Params4bit.from_prequantized(packed2, stats, device=device, module=None)
+    assert free.module is None and free.quant_state is not None

@@ -107,12 +107,29 @@ class Params4bit(nn.Parameter):
                                                          want)
         state.layout = want
 
+    def _to_module(self, packed: torch.Tensor, state: Fq.QuantState) -> Optional["Params4bit"]:
+        """Quantized data of a parameter that names its module (``module=``, as bitsandbytes'
+        loaders pass it) goes to that module, as bitsandbytes sets ``module.quant_state``: the
+        module adopts ``(packed, state)`` (its layout included) and its own weight parameter is
+        returned, so that a caller who then writes ``module._parameters["weight"] = result``
+        (accelerate, transformers) leaves codes and statistics that belong together. None where
+        there is no such module or the shapes differ (a chunk of the weight)."""
+        m = self.module
+        if m is None or not hasattr(m, "_set_quantized") or state.shape is None \
+                or tuple(state.shape) != tuple(getattr(m, "weight_shape", ())):
+            return None
+        m._set_quantized(packed, state)
+        return m.weight
+
     def _quantize(self, device) -> "Params4bit":
         w = self.data.contiguous().to(device)
         packed, state = Fq.quantize_4bit(w, blocksize=self.blocksize,
                                          compress_statistics=self.compress_statistics,
                                          quant_type=self.quant_type,
                                          quant_storage=self.quant_storage)
+        owned = self._to_module(packed, state)
+        if owned is not None:
+            return owned
         out = type(self)(packed, False, state, module=self.module, bnb_quantized=True,
                          **self._attrs())
         out._settle_layout()
@@ -124,6 +141,8 @@ class Params4bit(nn.Parameter):
                           **kwargs) -> "Params4bit":
         """Wrap packed codes and their bitsandbytes state-dict entries (``absmax``,
         ``quant_map``, ``quant_state.bitsandbytes__<type>``, nested entries) on ``device``.
+        With ``module`` (a 4-bit layer of this shape) the layer adopts them and its weight
+        parameter is returned (see ``_to_module``).
 
         Raises:
             ValueError: malformed ``quantized_stats``.
@@ -132,6 +151,9 @@ class Params4bit(nn.Parameter):
         out = cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
                   compress_statistics=state.nested, quant_type=state.quant_type,
                   quant_storage=data.dtype, module=module, bnb_quantized=True)
+        owned = out._to_module(out.data, state)  # a module given: it adopts the weight
+        if owned is not None:
+            return owned
         out._settle_layout()  # free-standing: tiled16 on an eligible CUDA device
         return out
 
