@@ -436,8 +436,9 @@ class Embedding8bit(_QuantizedTable):
     (the LLM.int8 row-wise format: ``CB = round(W * 127 / SCB)``, ``SCB`` the row's max |W|).
 
     A lookup gathers the int8 rows and their scales and dequantizes them as bitsandbytes does,
-    ``CB * (SCB / 127)`` in fp32, then in the table's dtype. The state dict holds ``weight`` (int8 ``CB``) and ``SCB``
-    (bitsandbytes cannot save this layer; opsq can, and also loads a float table).
+    ``CB * (SCB / 127)`` in fp32, then in the table's dtype. The state dict holds ``weight``
+    (int8 ``CB``) and ``SCB`` (bitsandbytes cannot save this layer; opsq can, and also loads a
+    float table).
 
     Args:
         num_embeddings: rows. embedding_dim: columns.
