@@ -20,8 +20,10 @@ Two ways to put adapters on opsq's :class:`~opsq.nn.Linear4bit` / :class:`~opsq.
   ``peft_config(LoraConfig(...))`` registers opsq's PEFT layers (:class:`PeftLinear4bit`,
   :class:`PeftLinear8bitLt`) through ``LoraConfig``'s custom-module hook
   (``_register_custom_module``, PEFT's documented, experimental API for custom layers). They
-  train like PEFT's bitsandbytes layers, and ``merge`` / ``unmerge`` / ``merge_and_unload``
-  dequantize the base weight, add or subtract the adapters' delta in fp32 and quantize the
+  train like PEFT's bitsandbytes layers (each adapter's output cast to the base output's dtype
+  before it is added, outside autocast), and ``merge`` / ``unmerge`` / ``merge_and_unload``
+  dequantize the base weight (4-bit: to its own dtype, then fp32, as PEFT's bitsandbytes merge
+  reads it), add or subtract the adapters' delta in fp32 and quantize the
   result again into the same layer (same quant_type, blocksize, nesting and storage for 4-bit;
   new ``CB``/``SCB`` for int8), as PEFT does for bitsandbytes. Merging is lossy: the merged
   layer carries a new rounding error of about one quantization step, so a delta much smaller
@@ -208,13 +210,15 @@ def peft_config(config: Any = None, /, **kwargs: Any):
 
 # ---- the quantized base weight as fp32, and back ---------------------------------------------
 def _dequantized_4bit(layer: Linear4bit) -> torch.Tensor:
-    """``layer``'s weight dequantized to fp32 ``(N, K)``."""
+    """``layer``'s weight ``(N, K)`` dequantized to its own dtype (``weight_dtype``), then fp32:
+    what PEFT's merge of a bitsandbytes layer adds the delta to (``dequantize_4bit`` in
+    ``quant_state.dtype``), so merged codes equal PEFT + bitsandbytes' byte for byte."""
     state = layer.quant_state  # rebuilt from the module's tensors on each access: ours to edit
     if state is None:
         raise RuntimeError("Linear4bit: the weight is not quantized yet, nothing to merge into; "
                            "move the layer to a device first")
-    state.dtype = torch.float32
-    return Fq.dequantize_4bit(layer.weight, state)
+    state.dtype = layer.weight_dtype
+    return Fq.dequantize_4bit(layer.weight, state).float()
 
 
 def _requantize_4bit(layer: Linear4bit, weight: torch.Tensor) -> None:
@@ -329,12 +333,17 @@ def _peft_layers() -> dict[str, type]:
             if self.merged:
                 return result
             out_dtype = result.dtype
+            # PEFT's bitsandbytes layers' arithmetic (peft/tuners/lora/bnb.py): outside autocast
+            # the input is cast to the adapter's dtype and each adapter's output to the base
+            # output's dtype before it is added; under autocast neither is cast
+            convert = not torch.is_autocast_enabled()
             for name in self.active_adapters:
                 if name not in self.lora_A:
                     continue
                 lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-                xa = self._cast_input_dtype(x, lora_A.weight.dtype)
-                result = result + lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+                xa = self._cast_input_dtype(x, lora_A.weight.dtype) if convert else x
+                out = lora_B(lora_A(self.lora_dropout[name](xa))) * self.scaling[name]
+                result = result + (out.to(out_dtype) if convert else out)
             return result.to(out_dtype)
 
         # ---- merging ---------------------------------------------------------------------------

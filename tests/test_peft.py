@@ -76,12 +76,13 @@ def randomize_adapters(model: nn.Module, std: float = 0.25, name: str = "default
                 nn.init.normal_(m.lora_B[name].bias, std=std)
 
 
-def dequantized(layer: nn.Module) -> torch.Tensor:
-    """fp32 ``(N, K)`` weight of an opsq quantized layer."""
+def dequantized(layer: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """fp32 ``(N, K)`` weight of an opsq quantized layer (a 4-bit one dequantized to ``dtype``
+    first: its ``weight_dtype`` is what PEFT's merge adds the delta to)."""
     if isinstance(layer, Linear4bit):
         state = layer.quant_state
-        state.dtype = torch.float32
-        return Fq.dequantize_4bit(layer.weight, state)
+        state.dtype = dtype
+        return Fq.dequantize_4bit(layer.weight, state).float()
     if not layer.is_quantized:  # has_fp16_weights
         return layer.weight.detach().float()
     return Fq.int8_vectorwise_dequant(layer.weight, layer.SCB)
@@ -165,13 +166,15 @@ def test_lora_variants_are_refused_clearly():
 
 # ---- forward ----------------------------------------------------------------------------------
 def lora_reference(layer, x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
-    """``base(x) + scaling * B(A(dropped))`` with the adapter part in float64."""
+    """``base(x) + scaling * B(A(dropped))``, the adapter part in float64 and rounded to the
+    base output's dtype before the sum, as PEFT's bitsandbytes layers add it."""
     A = layer.lora_A["default"].weight.double()
     B = layer.lora_B["default"]
     update = dropped.double() @ A.T @ B.weight.double().T
     if B.bias is not None:
         update = update + B.bias.double()
-    return layer.get_base_layer()(x).double() + layer.scaling["default"] * update
+    base = layer.get_base_layer()(x)
+    return base.double() + (layer.scaling["default"] * update).to(base.dtype).double()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -182,12 +185,18 @@ def test_forward_equals_base_plus_scaled_adapter(base, dtype, device):
     randomize_adapters(model)
     layer = lora_layers(model)["q_proj"]
     x = torch.randn(5, 3, K, device=device, dtype=dtype)
-    # The output is the base's dtype; the sum is rounded to it once.
+    # The output is the base's dtype: the adapter's output is rounded to it, then the sum.
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=1e-5)
     layer.eval()  # dropout off
     y = layer(x)
     assert y.dtype == dtype and y.shape == (5, 3, N)
     torch.testing.assert_close(y.double(), lora_reference(layer, x, x), **tol)
+    # PEFT's bitsandbytes-layer arithmetic (peft/tuners/lora/bnb.py), byte for byte
+    with torch.no_grad():
+        xa = x.to(layer.lora_A["default"].weight.dtype)
+        adapter = layer.lora_B["default"](layer.lora_A["default"](xa)) * layer.scaling["default"]
+        base = layer.get_base_layer()(x)
+        assert torch.equal(y, base + adapter.to(base.dtype))
     layer.train()  # dropout on: the same mask as F.dropout draws from the same seed
     torch.manual_seed(7)
     y = layer(x)
@@ -281,7 +290,8 @@ def test_merge_and_unload_requantizes_into_the_same_layer(base, device):
     for name, m in layers.items():
         b = m.get_base_layer()
         delta = m.get_delta_weight("default")
-        expected[name] = (settings(b), dequantized(b) + delta,
+        w_base = dequantized(b, getattr(b, "weight_dtype", None))  # what PEFT merges into
+        expected[name] = (settings(b), w_base + delta,
                           b.bias.detach().float() + m.lora_B["default"].bias.float()
                           * m.scaling["default"], m)
     torch.manual_seed(3)
@@ -343,7 +353,9 @@ def test_merge_then_unmerge_restores_base_within_requantization_error(base, devi
         assert base_layer.weight is params0[name]  # requantized in place
         with torch.no_grad():  # merged: the LoRA layer is its base, no adapter added again
             torch.testing.assert_close(m(x[name]), base_layer(x[name]), rtol=0, atol=0)
-    merged_w = {n: dequantized(m.get_base_layer()) for n, m in layers.items()}
+    merged_w = {n: dequantized(m.get_base_layer(), getattr(m.get_base_layer(), "weight_dtype",
+                                                           None))
+                for n, m in layers.items()}
     model.unmerge_adapter()
     for name, m in layers.items():
         b = m.get_base_layer()
