@@ -41,12 +41,17 @@ Differences from transformers + bitsandbytes, on purpose:
 
 * ``model.is_loaded_in_4bit`` / ``is_loaded_in_8bit`` are not set: transformers reads them to
   import bitsandbytes (``num_parameters``, ``.to()`` of 8-bit models). ``model.is_quantized`` and
-  ``model.quantization_method`` are set as usual.
-* ``BitsAndBytesConfig``'s ``bnb_4bit_compute_dtype`` default (float32) is what bitsandbytes
-  replaces by the input's dtype at the first forward of a bf16/fp32 input; opsq's layers never
-  change it in ``forward``, so it is resolved when the model is built: float32 becomes "the
-  input's dtype" (``None``) unless the model is fp16 (then bitsandbytes keeps fp32 too).
-  :class:`OpsqConfig` passes its ``bnb_4bit_compute_dtype`` as given (default ``None``).
+  ``model.quantization_method`` are set as usual. PEFT's ``prepare_model_for_kbit_training``
+  reads them too (to turn gradient checkpointing on): use
+  :func:`opsq.lora.prepare_model_for_kbit_training`, which sets them for PEFT's call only.
+* ``BitsAndBytesConfig``'s ``bnb_4bit_compute_dtype`` (float32 when not given) is passed by
+  transformers to bitsandbytes' ``Linear4bit``, which then computes in fp32 (it casts the input
+  to fp32 and the output back). opsq reads a float32 compute dtype from ``BitsAndBytesConfig``
+  as "the input's dtype" (``None``) unless the model is fp16, so a bf16 model computes in bf16:
+  its logits differ from bitsandbytes' by bf16 rounding (the same top tokens in the fixtures'
+  runs), at the 16-bit kernels' speed. For bitsandbytes' fp32 numbers pass
+  ``OpsqConfig(bnb_4bit_compute_dtype=torch.float32)``; :class:`OpsqConfig` passes its
+  ``bnb_4bit_compute_dtype`` as given (default ``None``).
 """
 from __future__ import annotations
 

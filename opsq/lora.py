@@ -46,7 +46,7 @@ from .nn.linear4bit import Linear4bit
 from .nn.linear8bit import Linear8bitLt
 
 __all__ = ["LoRALinear", "add_lora", "mark_only_lora_trainable", "lora_parameters",
-           "lora_state_dict", "peft_config"]
+           "lora_state_dict", "peft_config", "prepare_model_for_kbit_training"]
 
 
 class LoRALinear(nn.Module):
@@ -206,6 +206,38 @@ def peft_config(config: Any = None, /, **kwargs: Any):
     config._register_custom_module({Linear4bit: layers["PeftLinear4bit"],
                                     Linear8bitLt: layers["PeftLinear8bitLt"]})
     return config
+
+
+def prepare_model_for_kbit_training(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """PEFT's ``prepare_model_for_kbit_training`` for a model with opsq layers: the base frozen,
+    16-bit parameters (not the packed weights) cast to fp32, and, as for bitsandbytes models,
+    gradient checkpointing and input gradients turned on.
+
+    PEFT turns those two on only where ``model.is_loaded_in_4bit`` / ``is_loaded_in_8bit`` is
+    set; opsq's transformers integration leaves them unset (transformers imports bitsandbytes
+    where it reads them), so called on its own PEFT silently skips the checkpointing and a run
+    needs far more activation memory than with bitsandbytes. This sets the flags of the layers
+    the model holds for the duration of PEFT's call only. Arguments after ``model`` are PEFT's
+    (``use_gradient_checkpointing``, ``gradient_checkpointing_kwargs``, ...).
+
+    Raises:
+        ImportError: peft is not installed.
+    """
+    from peft import prepare_model_for_kbit_training as prepare
+    kinds = {"is_loaded_in_4bit": Linear4bit, "is_loaded_in_8bit": Linear8bitLt}
+    names = [n for n, cls in kinds.items() if any(isinstance(m, cls) for m in model.modules())]
+    missing = object()
+    saved = {n: model.__dict__.get(n, missing) for n in names}
+    try:
+        for n in names:
+            model.__dict__[n] = True
+        return prepare(model, *args, **kwargs)
+    finally:
+        for n, v in saved.items():
+            if v is missing:
+                model.__dict__.pop(n, None)
+            else:
+                model.__dict__[n] = v
 
 
 # ---- the quantized base weight as fp32, and back ---------------------------------------------

@@ -528,3 +528,41 @@ def test_transformers_qlora_train_merge_save(bits, device, tmp_path):
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").to(device)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits.float(), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", ["nf4", "int8_t6"])
+def test_prepare_model_for_kbit_training_turns_checkpointing_on(variant, device):
+    """PEFT's prepare_model_for_kbit_training turns on gradient checkpointing and input
+    gradients only for a model flagged is_loaded_in_4bit/8bit, which opsq's models are not:
+    opsq.lora.prepare_model_for_kbit_training sets the flags for PEFT's call only; a LoRA step
+    then trains through the checkpointed layers."""
+    pytest.importorskip("transformers")
+    from peft import get_peft_model
+    from peft import prepare_model_for_kbit_training as peft_prepare
+
+    from opsq import bench_llm as L
+    from opsq.lora import prepare_model_for_kbit_training
+    tiny = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+
+    def model():
+        m = L.build_llm("bf16", torch.device(device), config=L.llama_config(2, **tiny), seed=3)
+        for _, parent in list(m.named_modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear and name != "lm_head":
+                    setattr(parent, name, L.quantized_layer(variant, child))
+        return m
+    alone = peft_prepare(model())
+    assert not alone.is_gradient_checkpointing  # what this function is for
+    m = prepare_model_for_kbit_training(model())
+    assert m.is_gradient_checkpointing
+    assert "is_loaded_in_4bit" not in m.__dict__ and "is_loaded_in_8bit" not in m.__dict__
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(4)).to(device)
+    assert m.get_input_embeddings()(ids).requires_grad
+    pm = get_peft_model(m, peft_config(r=4, target_modules=["q_proj", "v_proj"]))
+    pm.train()
+    pm(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "lora_B" in n]  # (lora_B starts at 0)
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+                         for g in grads)
