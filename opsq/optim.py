@@ -34,9 +34,10 @@ the paper), so their weights keep 32-bit state (``{"optim_bits": 32}``).
 :class:`GlobalOptimManager`; an optimizer reads a parameter's overrides (module overrides,
 ``override_config`` and ``register_parameters`` entries) at construction and again when it
 creates the parameter's state at its first step (bitsandbytes' documented order registers
-overrides after constructing the optimizer), and merges them over the group's hyperparameters at
-every step. A first step run under ``torch.compile`` uses the overrides known at construction
-(the manager's weak-reference tables are not traceable).
+overrides after constructing the optimizer) and at any eager step after an override was
+registered or changed (as bitsandbytes reads them at every step), and merges them over the
+group's hyperparameters at every step. A step run under ``torch.compile`` uses the overrides
+known at its last eager read (the manager's weak-reference tables are not traceable).
 
 Unlike bitsandbytes, entries never keep a module or a parameter alive (weak references), a
 module override follows the module's *current* parameter (so ``.to()``, FSDP or re-assignment do
@@ -94,6 +95,8 @@ class GlobalOptimManager(Singleton):
         self._module_overrides: list[tuple[weakref.ref, str, dict]] = []
         self.index2config: dict[tuple[int, int], dict] = {}
         self.uses_config_override = False
+        #: bumped by every registration: an optimizer re-reads its overrides when it changed
+        self.revision = getattr(self, "revision", 0) + 1
 
     _setup = initialize
 
@@ -126,6 +129,7 @@ class GlobalOptimManager(Singleton):
         for p in parameters:
             self._param_configs.setdefault(p, {}).update(key_value_dict)
         self.uses_config_override = True
+        self.revision += 1
 
     def register_module_override(self, module: nn.Module, param_name: str,
                                  config: dict) -> None:
@@ -146,6 +150,7 @@ class GlobalOptimManager(Singleton):
         self._module_overrides = [e for e in self._module_overrides if e[0]() is not None]
         self._module_overrides.append((weakref.ref(module), param_name, dict(config)))
         self.uses_config_override = True
+        self.revision += 1
 
     # ---- queries ------------------------------------------------------------------------------
     def get_config(self, p: torch.Tensor) -> Optional[dict]:
@@ -187,6 +192,7 @@ class GlobalOptimManager(Singleton):
                 config = self.get_config(p)
                 if config is not None:
                     self.index2config[(gi, pi)] = config
+        self.revision += 1
         return self.index2config
 
 
@@ -305,6 +311,7 @@ class Optimizer8bit(torch.optim.Optimizer):
         #: a parameter's state is made, so overrides registered after construction count.
         self._overrides: dict[tuple[int, int], dict] = {}
         self._resolve_overrides()
+        self._revision = self.mng.revision
         for p in chain.from_iterable(g["params"] for g in self.param_groups):
             self._qmap(True, p.device)  # made here: building a map is not traceable
             self._qmap(False, p.device)
@@ -440,6 +447,11 @@ class Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if not torch.compiler.is_compiling() and self._revision != self.mng.revision:
+            # an override registered or changed since the last step: read them all again (the
+            # manager's weak-reference tables are not traceable: a compiled step keeps them)
+            self._resolve_overrides()
+            self._revision = self.mng.revision
         for gindex, group in enumerate(self.param_groups):
             for pindex, p in enumerate(group["params"]):
                 if p.grad is None:

@@ -396,6 +396,29 @@ def test_global_optim_manager_overrides():
     assert opt.state[lin.weight]["state1"].dtype == torch.float32
 
 
+def test_override_changed_after_the_first_step_counts():
+    """bitsandbytes reads the manager at every step: an override set or changed mid-run (lr 0
+    to freeze a tensor, new betas) applies from the next eager step."""
+    GlobalOptimManager.get_instance().initialize()
+    mng = GlobalOptimManager.get_instance()
+    torch.manual_seed(5)
+    w, b = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(64))
+    opt = optim.AdamW8bit([w, b], lr=1e-2, min_8bit_size=0)
+
+    def step():
+        w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+        opt.step()
+    step()
+    mng.override_config(w, "lr", 0.0)  # after the state exists
+    before = w.detach().clone()
+    step()
+    assert torch.equal(w.detach(), before) and opt.get_config(0, 0, opt.param_groups[0])["lr"] == 0
+    mng.override_config(w, "lr", 1e-2)
+    step()
+    assert not torch.equal(w.detach(), before)
+    mng.initialize()
+
+
 # ---- torch.compile -----------------------------------------------------------------------------
 def test_compiled_step_fullgraph_no_graph_breaks():
     from torch._dynamo.utils import counters
