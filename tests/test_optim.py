@@ -419,6 +419,36 @@ def test_override_changed_after_the_first_step_counts():
     mng.initialize()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", ["AdamW8bit", "AdEMAMix8bit"])
+def test_nonfinite_gradient_in_8bit_two_state_update_is_skipped(cls, device):
+    """bitsandbytes' 8-bit blockwise Adam/AdEMAMix kernel skips an element whose gradient is
+    inf or NaN: its parameter stays (no decay either), its states become 0. Without that, one
+    bad element turns its block's absmax, and so its 256 parameters, into NaN for good."""
+    bad = [17, 300]  # in blocks 0 and 1 of 256
+
+    def run(poison):
+        params = _params(device, shapes=((4096,),))
+        grads = _grads(params, 3)
+        grads[1][0][bad[0]] = float("inf") if poison else 0.0
+        grads[1][0][bad[1]] = float("nan") if poison else 0.0
+        opt = getattr(optim, cls)(params, min_8bit_size=0, weight_decay=0.1)
+        trail = []
+        for gs in grads:
+            params[0].grad = gs[0].clone()
+            opt.step()
+            trail.append(params[0].detach().clone())
+        return trail, opt.state[params[0]]
+    trail, state = run(True)
+    assert torch.isfinite(trail[-1]).all()
+    for k in ("absmax1", "absmax2"):
+        assert torch.isfinite(state[k]).all(), k
+    assert torch.equal(trail[1][bad], trail[0][bad])  # step 2 left them alone
+    # blocks without a bad element are those of a run with finite gradients there
+    clean, _ = run(False)
+    assert torch.equal(trail[-1][512:], clean[-1][512:])
+
+
 # ---- torch.compile -----------------------------------------------------------------------------
 def test_compiled_step_fullgraph_no_graph_breaks():
     from torch._dynamo.utils import counters

@@ -265,8 +265,11 @@ update8_kernel(const T* __restrict__ g, T* __restrict__ p, States8 st, int64_t n
       update_one<O>(h, gf, pp, a, ab, b, dir, u2);
       pp = add_rn(pp, -mul_rn(h.step_size, dir));
       const bool keep = h.skip_zeros && gf == 0.0f;
-      const bool real = e + j < lim;  // padding elements count as 0 in the block's max
-      np[j] = keep ? pv[j] : pp;
+      // two-state (adam, ademamix): a non-finite gradient leaves its parameter and zeroes its
+      // states (bitsandbytes' 8-bit blockwise kernel), so one inf cannot poison a block's absmax
+      const bool bad = kTwo && !isfinite(gf);
+      const bool real = e + j < lim && !bad;  // padding elements count as 0 in the block's max
+      np[j] = keep || bad ? pv[j] : pp;
       n1[j] = real ? (keep ? s1[j] : a) : 0.0f;
       n1b[j] = real ? (keep ? s1b[j] : ab) : 0.0f;
       n2[j] = real ? (keep ? s2[j] : b) : 0.0f;

@@ -23,6 +23,11 @@ state instead; here every optimizer uses the current update's norm.)
 
 ``skip_zeros``: elements whose gradient is exactly 0 keep their parameter and states.
 
+8-bit two-state updates (adam, ademamix): an element whose gradient is inf or NaN keeps its
+parameter (no decay either) and gets zero states, as bitsandbytes' 8-bit blockwise kernel does,
+so that one non-finite gradient cannot turn its block's absmax, and with it 256 parameters,
+into NaN. (The 32-bit updates propagate it to that element, as bitsandbytes' do.)
+
 8-bit blockwise: the states are dequantized (``qmap[code] · absmax[block]``), updated as above
 in fp32, the parameter is updated from the fp32 states, and the states are re-quantized per block
 of 256 to the nearest map entry after scaling by the block's new max |state|.
@@ -169,6 +174,11 @@ def optimizer_update_8bit_blockwise(optimizer_name: str, g: torch.Tensor, p: tor
                                      beta3, alpha, eps, weight_decay, step, lr)
     if skip_zeros:
         new_p, new_s1, new_s2 = _skip_zeros(gf, (new_p, pf), (new_s1, s1), (new_s2, s2), two)
+    if optimizer_name in ("adam", "ademamix"):  # two states: a non-finite gradient is skipped
+        bad = ~torch.isfinite(gf)
+        new_p = torch.where(bad, pf, new_p)
+        new_s1 = torch.where(bad, 0.0, new_s1)
+        new_s2 = torch.where(bad, 0.0, new_s2)
     p.copy_(new_p.view(p.shape))
     if two:
         (q0, m0), (q1, m1) = (quantize_blockwise(new_s1[i], qmap1, OPTIMIZER_BLOCKSIZE)
