@@ -676,9 +676,10 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     (the op's ``layout="tiled16"``; nothing is un-packed) and gives the same values as a
     never-moved weight, so PEFT merges and transformers' dequantize see no difference.
 
-    Codes passed transposed (``A.t()``, shape ``(1, n)``, as older bitsandbytes callers wrote
-    ``dequantize_4bit(weight.t(), state).t()``) give the result transposed, as bitsandbytes'
-    ``dequantize_4bit`` does for any ``A`` of one row.
+    Codes passed transposed (``A.t()``, shape ``(1, n)``, ``n > 1``, as older bitsandbytes
+    callers wrote ``dequantize_4bit(weight.t(), state).t()``) give the result transposed, as
+    bitsandbytes' ``dequantize_4bit`` does for an ``A`` of one row (which it also does for the
+    ``(1, 1)`` codes of a weight of one byte; opsq does not).
 
     Raises:
         ValueError: neither a ``quant_state`` nor ``absmax`` and ``out``.
@@ -696,7 +697,9 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
                                          quant_state.layout)
     if out is not None:
         res = out.copy_(res)
-    return res.t() if A.dim() == 2 and A.shape[0] == 1 and res.dim() == 2 else res
+    # (a (1, 1) tensor is the packed form of a weight of <= 2 codes a byte, not a transposed one)
+    return res.t() if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and res.dim() == 2 \
+        else res
 
 
 def quantize_nf4(A, absmax=None, out=None, blocksize=64, compress_statistics=False,

@@ -794,3 +794,12 @@ def test_dequantize_4bit_of_transposed_codes_comes_back_transposed(device):
     assert torch.equal(Fq.dequantize_4bit(packed.t(), state).t(), want)
     out = torch.empty_like(want)
     assert torch.equal(Fq.dequantize_4bit(packed.t(), state, out=out), want.t())
+
+
+def test_dequantize_4bit_of_a_one_byte_weight_is_not_transposed():
+    """Codes of shape (1, 1) are the packed form of a weight of <= 2 codes, not transposed
+    codes: opsq's own dequantizations (PEFT merge, transformers' dequantize) go through here."""
+    W = torch.randn(1, 2, generator=torch.Generator().manual_seed(6))
+    packed, state = Fq.quantize_4bit(W, blocksize=64, quant_type="nf4")
+    assert packed.shape == (1, 1)
+    assert Fq.dequantize_4bit(packed, state).shape == (1, 2)

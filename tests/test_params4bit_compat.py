@@ -218,3 +218,26 @@ def test_weight_written_through_parameters_dict_brings_its_state(device):
     # a chunk (another shape) keeps the free-standing behaviour
     free = Params4bit.from_prequantized(packed2, stats, device=device, module=None)
     assert free.module is None and free.quant_state is not None
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_rejected_params4bit_assignment_leaves_the_layer_as_it_was(kind):
+    """A float Params4bit of another shape assigned to a quantized layer is rejected, and the
+    layer keeps its settings, codes and outputs (its settings are taken only on success)."""
+    g = torch.Generator().manual_seed(11)
+    if kind == "linear":
+        layer = Linear4bit(256, 32, bias=False, quant_type="nf4",
+                           compress_statistics=False).to("cpu")
+        x = torch.randn(2, 256, generator=g)
+    else:
+        layer = Embedding4bit(32, 256, quant_type="nf4").to("cpu")
+        x = torch.tensor([0, 5, 31])
+    want, sd = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="shape"):
+        layer.weight = Params4bit(torch.randn(16, 256, generator=g), blocksize=128,
+                                  quant_type="fp4", compress_statistics=True,
+                                  quant_storage=torch.bfloat16)
+    assert (layer.blocksize, layer.quant_type, layer.quant_storage) == (64, "nf4", torch.uint8)
+    assert torch.equal(layer(x), want)
+    after = layer.state_dict()
+    assert set(after) == set(sd) and all(torch.equal(after[k], v) for k, v in sd.items())

@@ -210,16 +210,17 @@ class QuantizedWeightMixin:
     they are. A subclass names ``_weight_types`` and defines ``_carried_stats(w)`` (the
     statistics ``w`` carries, None for float values; raises ValueError for codes without
     them), ``_set_quantized(codes, stats)`` and ``_quantize_weight(w)`` (quantize float ``w``
-    for a quantized module; False leaves ``w`` to be set as is), and may define
-    ``_take_settings(w)`` (adopt the settings a float ``w`` carries).
+    for a quantized module, with the settings ``w`` carries; False leaves ``w`` to be set as
+    is), and may define ``_take_settings(w)`` (a module not quantized yet adopts the settings a
+    float ``w`` carries, for its quantization at the next move).
     """
 
     _weight_types: tuple = ()
 
     def _take_settings(self, w) -> None:
-        """The quantization settings a float ``w`` of ``_weight_types`` carries become the
-        module's, so that it is quantized with them (as bitsandbytes quantizes a ``Params4bit``
-        with its own). Default: none."""
+        """The quantization settings a float ``w`` of ``_weight_types`` carries become those of
+        this module, not quantized yet, so that it is quantized with them (as bitsandbytes
+        quantizes a ``Params4bit`` with its own). Default: none."""
 
     def __setattr__(self, name: str, value) -> None:
         if name == "weight" and isinstance(value, self._weight_types) \
@@ -239,8 +240,9 @@ class QuantizedWeightMixin:
         if stats is not None:
             self._set_quantized(w.data, stats)
             return True
-        self._take_settings(w)
         if self._quantized_now() and w.device.type != "meta":
+            # quantized with w's own settings; the module takes them only once it succeeded
             return self._quantize_weight(w)
+        self._take_settings(w)
         return False
 

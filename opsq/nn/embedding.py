@@ -316,6 +316,16 @@ class Embedding4bit(_QuantizedTable):
 
     _take_settings = Linear4bit._take_settings
 
+    def _quantize_weight(self, w) -> bool:
+        """A float table assigned to the quantized table: a ``Params4bit`` with its own
+        settings (as bitsandbytes), another tensor with the table's."""
+        if not isinstance(w, Params4bit):
+            return super()._quantize_weight(w)
+        packed, state = Fq.quantize_4bit(
+            w.data.contiguous().to(self._parameters["weight"].device), **w._attrs())
+        self._set_quantized(packed, state)
+        return True
+
     def _param_attrs(self) -> dict:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
                     quant_type=self.quant_type, quant_storage=self.quant_storage)

@@ -362,10 +362,10 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
             setattr(self, k, v)
 
     def _quantize_weight(self, w: Params4bit) -> bool:
+        # w's own settings: the layer takes them from the state in _set_quantized, and keeps
+        # its own where quantizing or the shape check fails
         packed, state = Fq.quantize_4bit(
-            w.data.contiguous().to(self._parameters["weight"].device), blocksize=self.blocksize,
-            compress_statistics=self.compress_statistics, quant_type=self.quant_type,
-            quant_storage=self.quant_storage)
+            w.data.contiguous().to(self._parameters["weight"].device), **w._attrs())
         self.weight_dtype = w.dtype
         self._set_quantized(packed, state)
         return True

@@ -218,14 +218,15 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         return w.SCB
 
     def _take_settings(self, w: Int8Params) -> None:
-        """A float ``Int8Params``'s ``has_fp16_weights`` becomes the layer's: a trainable
-        weight stays float (quantized per call), a frozen one is quantized on the next move,
-        as bitsandbytes' ``Int8Params.to`` decides by its own flag."""
+        """A float ``Int8Params``'s ``has_fp16_weights`` becomes the layer's (not quantized
+        yet): a trainable weight stays float (quantized per call), a frozen one is quantized on
+        the next move, as bitsandbytes' ``Int8Params.to`` decides by its own flag."""
         self.has_fp16_weights = bool(w.has_fp16_weights)
 
     def _quantize_weight(self, w: Int8Params) -> bool:
         if w.has_fp16_weights:  # a trainable float weight: quantized per call from now on
             self._parameters["weight_scb"] = None
+            self.has_fp16_weights = True
             return False
         CB, SCB, _ = Fq.int8_vectorwise_quant(
             w.data.contiguous().to(self._parameters["weight"].device))
