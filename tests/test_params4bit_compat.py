@@ -234,10 +234,12 @@ def test_rejected_params4bit_assignment_leaves_the_layer_as_it_was(kind):
         x = torch.tensor([0, 5, 31])
     want, sd = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
     with pytest.raises(ValueError, match="shape"):
-        layer.weight = Params4bit(torch.randn(16, 256, generator=g), blocksize=128,
-                                  quant_type="fp4", compress_statistics=True,
+        layer.weight = Params4bit(torch.randn(16, 256, generator=g).to(torch.bfloat16),
+                                  blocksize=128, quant_type="fp4", compress_statistics=True,
                                   quant_storage=torch.bfloat16)
     assert (layer.blocksize, layer.quant_type, layer.quant_storage) == (64, "nf4", torch.uint8)
+    if kind == "linear":
+        assert layer.weight_dtype == torch.float32
     assert torch.equal(layer(x), want)
     after = layer.state_dict()
     assert set(after) == set(sd) and all(torch.equal(after[k], v) for k, v in sd.items())

@@ -366,8 +366,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         # its own where quantizing or the shape check fails
         packed, state = Fq.quantize_4bit(
             w.data.contiguous().to(self._parameters["weight"].device), **w._attrs())
-        self.weight_dtype = w.dtype
-        self._set_quantized(packed, state)
+        self._set_quantized(packed, state)  # (weight_dtype from the state: w's dtype)
         return True
 
     @property
