@@ -1,6 +1,8 @@
 """CPU tests of the llm benchmark family's pieces (the timed runs need a GPU: `opsq bench
 --only llm`): the model builder swaps every linear but lm_head for the variant's layer and keeps
 the function, the rows compare against bf16 and bitsandbytes, the table prints."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -122,7 +124,8 @@ def test_measure_variant_runs_every_measure_on_the_cpu(monkeypatch):
     assert {m for m in want if "unmerged" in m} & set(res["bf16"]) == set()
     for v, r in res.items():
         for m in want & set(r):
-            assert "error" not in r[m] and r[m]["ms"] > 0, (v, m, r[m])
+            # (a number: per-token ms is a difference of two wall times, noisy on a CPU)
+            assert "error" not in r[m] and math.isfinite(r[m]["ms"]), (v, m, r[m])
     lines = L.format_llm(L.llm_rows(res, 2))
     rows = [ln for ln in lines if ln.startswith(tuple(want))]
     assert len(rows) == sum(len(want & set(r)) for r in res.values())
