@@ -572,7 +572,9 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     Args:
         A: float tensor (fp16/bf16/fp32), any shape.
         code: fp32 ``(256,)`` map; default :func:`create_dynamic_map`.
-        absmax, out: optional outputs to write (fp32 ``(blocks,)``, uint8 ``A.shape``).
+        absmax, out: optional outputs to write (fp32 ``(blocks,)``, uint8 ``A.shape``); without
+            ``nested`` the state holds ``absmax`` itself, as bitsandbytes' does (with it, the
+            fp32 absmax is written there and the state holds its nested codes).
         blocksize: elements per block, one of ``opsq._constants.BLOCKWISE_BLOCKSIZES``
             (powers of two, 32..16384).
         nested: also quantize the absmax (offset = :func:`nested_offset`, same blocksize).
@@ -581,9 +583,12 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     Raises:
         TypeError / ValueError: bad dtype or blocksize.
     """
-    if code is None:
-        code = dynamic_map_on(A.device)
+    # the state holds its own copy of the map (as bitsandbytes: a caller's map may change later)
+    code = dynamic_map_on(A.device) if code is None else code
+    code = code.to(A.device, copy=True)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
+    if absmax is not None and not nested:  # the state holds the caller's buffer, as bitsandbytes
+        am = absmax.copy_(am)
     if nested:
         offset = nested_offset(am)
         qa, state2 = quantize_blockwise(am - offset, blocksize=blocksize, nested=False)
@@ -591,7 +596,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                            offset=offset, state2=state2)
     else:
         state = QuantState(absmax=am, code=code, blocksize=blocksize, dtype=A.dtype)
-    if absmax is not None:
+    if absmax is not None and nested:
         absmax.copy_(am)
     if out is not None:
         out.copy_(q)

@@ -803,3 +803,16 @@ def test_dequantize_4bit_of_a_one_byte_weight_is_not_transposed():
     packed, state = Fq.quantize_4bit(W, blocksize=64, quant_type="nf4")
     assert packed.shape == (1, 1)
     assert Fq.dequantize_4bit(packed, state).shape == (1, 2)
+
+
+def test_quantize_blockwise_state_owns_its_map_and_holds_the_absmax_buffer():
+    """bitsandbytes' quantize_blockwise stores a copy of ``code`` (a caller's later change of
+    the map does not reach the state) and, given ``absmax=``, that buffer itself."""
+    A = torch.randn(5000, generator=torch.Generator().manual_seed(8))
+    code = Fq.create_dynamic_map()
+    buf = torch.empty(2)
+    q, state = Fq.quantize_blockwise(A, code=code, absmax=buf)
+    want = Fq.dequantize_blockwise(q, state)
+    assert state.absmax is buf and state.code is not code
+    code.mul_(-1.0)  # the caller reuses its map
+    assert torch.equal(Fq.dequantize_blockwise(q, state), want)
