@@ -647,3 +647,25 @@ def test_passing_checks_skip_torch_check(monkeypatch):
     with pytest.raises(ValueError, match="blocksize must be one of"):
         torch.ops.opsq.quantize_4bit(x, 48, "nf4", torch.uint8)
     assert calls == [ValueError]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_layers_reject_what_a_cast_would_hide(device, compiled):
+    """Linear4bit with a compute_dtype casts its input in and the output back: an int, bool or
+    complex input would come back truncated; quantized tables indexed from another device
+    would read garbage. Both raise, naming the input, in eager and under compile."""
+    torch._dynamo.reset()
+    lin = Linear4bit(64, 16, compute_dtype=torch.float32).to(device)
+    emb = Embedding8bit(10, 64).to(device)
+
+    def run(fn, *a):
+        f = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+        return f(*a)
+    for x in (torch.ones(2, 64, dtype=torch.int64, device=device),
+              torch.ones(2, 64, dtype=torch.bool, device=device)):
+        with pytest.raises((TypeError, torch._dynamo.exc.Unsupported), match="floating-point"):
+            run(lin, x)
+    with pytest.raises((ValueError, torch._dynamo.exc.Unsupported), match="table's device"):
+        run(emb, torch.tensor([1, 2], device="meta"))
+    torch._dynamo.reset()

@@ -30,13 +30,18 @@ __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "Emb
            "Embedding8bit"]
 
 
-def _check_indices(layer: str, input: torch.Tensor, num_embeddings: int) -> torch.Tensor:
-    """Flat int64 indices; dtype checked here, range checked on the device without a sync
-    (``_assert_async``: raises at once on the CPU, a device-side assert on CUDA)."""
+def _check_indices(layer: str, input: torch.Tensor, num_embeddings: int,
+                   device: torch.device) -> torch.Tensor:
+    """Flat int64 indices; dtype and device (the table's, ``device``) checked here, range
+    checked on the device without a sync (``_assert_async``: raises at once on the CPU, a
+    device-side assert on CUDA)."""
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{layer}: input must be a tensor of indices, got {type(input).__name__}")
     if input.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{layer}: input must be int32 or int64 indices, got {input.dtype}")
+    if input.device != device:  # (a CPU table indexed with meta indices reads garbage)
+        raise ValueError(f"{layer}: input must be on the table's device ({device}), got "
+                         f"{input.device}")
     idx = input.reshape(-1).to(torch.int64)
     torch._assert_async(((idx >= 0) & (idx < num_embeddings)).all(),
                         f"{layer}: input holds an index outside [0, num_embeddings="
@@ -77,7 +82,7 @@ class Embedding(nn.Embedding):
         self._fill_padding_idx_with_zero()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        idx = _check_indices(type(self).__name__, input, self.num_embeddings)
+        idx = _check_indices(type(self).__name__, input, self.num_embeddings, self.weight.device)
         emb = F.embedding(idx, self.weight, self.padding_idx, None, self.norm_type,
                           self.scale_grad_by_freq, self.sparse)
         if self.max_norm is not None:
@@ -161,7 +166,7 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
         if not self.is_quantized:
             raise RuntimeError(f"{name}: the table is not quantized yet; move the layer to a "
                                "device (.to(device)), use from_float, or load a state dict")
-        return _check_indices(name, input, self.num_embeddings)
+        return _check_indices(name, input, self.num_embeddings, self.weight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

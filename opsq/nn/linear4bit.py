@@ -671,6 +671,8 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                 "MixedPrecisionPolicy param_dtype different from a floating quant_storage); use "
                 "quant_storage=torch.uint8 with FSDP2 mixed precision")
         cdt = self.compute_dtype
+        if cdt is not None and not x.is_floating_point():  # (the cast in and out would hide it)
+            raise TypeError(f"Linear4bit: input must be a floating-point tensor, got {x.dtype}")
         if cdt is not None and x.dtype != cdt and not torch.compiler.is_compiling():
             self.set_compute_type(x)
         xc = x if cdt is None or x.dtype == cdt else x.to(cdt)
