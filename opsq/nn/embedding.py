@@ -320,16 +320,8 @@ class Embedding4bit(_QuantizedTable):
         return Linear4bit._carried_stats(self, w)
 
     _take_settings = Linear4bit._take_settings
-
-    def _quantize_weight(self, w) -> bool:
-        """A float table assigned to the quantized table: a ``Params4bit`` with its own
-        settings (as bitsandbytes), another tensor with the table's."""
-        if not isinstance(w, Params4bit):
-            return super()._quantize_weight(w)
-        packed, state = Fq.quantize_4bit(
-            w.data.contiguous().to(self._parameters["weight"].device), **w._attrs())
-        self._set_quantized(packed, state)
-        return True
+    # (a float Params4bit, the only weight type adopted here, with its own settings)
+    _quantize_weight = Linear4bit._quantize_weight
 
     def _param_attrs(self) -> dict:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,

@@ -107,19 +107,21 @@ class Params4bit(nn.Parameter):
                                                          want)
         state.layout = want
 
-    def _to_module(self, packed: torch.Tensor, state: Fq.QuantState) -> Optional["Params4bit"]:
-        """Quantized data of a parameter that names its module (``module=``, as bitsandbytes'
-        loaders pass it) goes to that module, as bitsandbytes sets ``module.quant_state``: the
-        module adopts ``(packed, state)`` (its layout included) and its own weight parameter is
-        returned, so that a caller who then writes ``module._parameters["weight"] = result``
-        (accelerate, transformers) leaves codes and statistics that belong together. None where
-        there is no such module or the shapes differ (a chunk of the weight)."""
-        m = self.module
-        if m is None or not hasattr(m, "_set_quantized") or state.shape is None \
-                or tuple(state.shape) != tuple(getattr(m, "weight_shape", ())):
-            return None
-        m._set_quantized(packed, state)
-        return m.weight
+    def _placed(self) -> "Params4bit":
+        """A newly quantized or loaded parameter where it lands. One that names its module
+        (``module=``, as bitsandbytes' loaders pass it) goes to that module, as bitsandbytes
+        sets ``module.quant_state``: the module adopts the codes and state (its layout
+        included) and its own weight parameter is returned, so that a caller who then writes
+        ``module._parameters["weight"] = result`` (accelerate, transformers) leaves codes and
+        statistics that belong together. Otherwise (no such module, or other shapes: a chunk of
+        the weight) it stays free-standing, in the layout its device wants."""
+        m, state = self.module, self.quant_state
+        if (m is not None and hasattr(m, "_set_quantized") and state.shape is not None
+                and tuple(state.shape) == tuple(getattr(m, "weight_shape", ()))):
+            m._set_quantized(self.data, state)
+            return m.weight
+        self._settle_layout()
+        return self
 
     def _quantize(self, device) -> "Params4bit":
         w = self.data.contiguous().to(device)
@@ -127,13 +129,8 @@ class Params4bit(nn.Parameter):
                                          compress_statistics=self.compress_statistics,
                                          quant_type=self.quant_type,
                                          quant_storage=self.quant_storage)
-        owned = self._to_module(packed, state)
-        if owned is not None:
-            return owned
-        out = type(self)(packed, False, state, module=self.module, bnb_quantized=True,
-                         **self._attrs())
-        out._settle_layout()
-        return out
+        return type(self)(packed, False, state, module=self.module, bnb_quantized=True,
+                          **self._attrs())._placed()
 
     @classmethod
     def from_prequantized(cls, data: torch.Tensor, quantized_stats: dict[str, Any],
@@ -142,20 +139,15 @@ class Params4bit(nn.Parameter):
         """Wrap packed codes and their bitsandbytes state-dict entries (``absmax``,
         ``quant_map``, ``quant_state.bitsandbytes__<type>``, nested entries) on ``device``.
         With ``module`` (a 4-bit layer of this shape) the layer adopts them and its weight
-        parameter is returned (see ``_to_module``).
+        parameter is returned (see ``_placed``).
 
         Raises:
             ValueError: malformed ``quantized_stats``.
         """
         state = Fq.QuantState.from_dict(quantized_stats, device=device)
-        out = cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
-                  compress_statistics=state.nested, quant_type=state.quant_type,
-                  quant_storage=data.dtype, module=module, bnb_quantized=True)
-        owned = out._to_module(out.data, state)  # a module given: it adopts the weight
-        if owned is not None:
-            return owned
-        out._settle_layout()  # free-standing: tiled16 on an eligible CUDA device
-        return out
+        return cls(data.to(device), requires_grad, state, blocksize=state.blocksize,
+                   compress_statistics=state.nested, quant_type=state.quant_type,
+                   quant_storage=data.dtype, module=module, bnb_quantized=True)._placed()
 
     def to(self, *args, **kwargs):
         device = _parse_to_device(*args, **kwargs)
@@ -256,6 +248,13 @@ def _packed_copy(data: torch.Tensor, state: Optional[Fq.QuantState]):
     return (data, state) if state is None else _as_packed(data, state)
 
 
+def _check_settings(quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
+    """A 4-bit layer's settings: ValueError / TypeError naming the one that is wrong."""
+    check_quant_type(quant_type)
+    check_blocksize(blocksize)
+    check_quant_storage(quant_storage)
+
+
 _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
                "weight_nested_quant_map", "weight_offset")
 class _KeyPath:
@@ -318,9 +317,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
                  device=None, blocksize: int = 64):
         if compute_dtype is not None:
             check_float_dtype("compute_dtype", compute_dtype)
-        check_quant_type(quant_type)
-        check_blocksize(blocksize)
-        check_quant_storage(quant_storage)
+        _check_settings(quant_type, blocksize, quant_storage)
         super().__init__(input_features, output_features, bias, device)
         self.weight = Params4bit(self.weight.data, requires_grad=False,
                                  compress_statistics=compress_statistics, quant_type=quant_type,
@@ -355,9 +352,7 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         """A float ``Params4bit``'s blocksize, quant_type, compress_statistics and
         quant_storage become the layer's (checked: ValueError / TypeError naming the setting),
         as bitsandbytes quantizes a ``Params4bit`` with its own settings."""
-        check_quant_type(w.quant_type)
-        check_blocksize(w.blocksize)
-        check_quant_storage(w.quant_storage)
+        _check_settings(w.quant_type, w.blocksize, w.quant_storage)
         for k, v in w._attrs().items():
             setattr(self, k, v)
 
