@@ -587,7 +587,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     code = dynamic_map_on(A.device) if code is None else code
     code = code.to(A.device, copy=True)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
-    if absmax is not None and not nested:  # the state holds the caller's buffer, as bitsandbytes
+    if absmax is not None:  # (an unnested state holds the caller's buffer, as bitsandbytes')
         am = absmax.copy_(am)
     if nested:
         offset = nested_offset(am)
@@ -596,8 +596,6 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
                            offset=offset, state2=state2)
     else:
         state = QuantState(absmax=am, code=code, blocksize=blocksize, dtype=A.dtype)
-    if absmax is not None and nested:
-        absmax.copy_(am)
     if out is not None:
         out.copy_(q)
         q = out
