@@ -78,13 +78,11 @@ class StaticGreedyDecoder:
         self.compiled = bool(compile)
         if not compile:
             self.forward = model.__call__
-        elif merge_linears and backend == "inductor":
-            from .fusion import compile_options
-            self.forward = torch.compile(model.__call__, backend=backend, fullgraph=True,
-                                         options=compile_options(mode))
         else:
-            self.forward = torch.compile(model.__call__, mode=mode, backend=backend,
-                                         fullgraph=True)
+            from .fusion import compile_options
+            how = (dict(options=compile_options(mode)) if merge_linears and backend == "inductor"
+                   else dict(mode=mode))  # (torch.compile takes a mode or options, not both)
+            self.forward = torch.compile(model.__call__, backend=backend, fullgraph=True, **how)
         self._ids: Optional[torch.Tensor] = None   # (B, 1) int64: the token to feed next
         self._pos: Optional[torch.Tensor] = None   # (1,) int64: its cache position
         self._warm = 0
