@@ -134,8 +134,10 @@ def test_embedding8bit(dtype):
     exact = q.weight.double() * q.SCB.double()[:, None] / 127  # fp64 dequantization oracle
     torch.testing.assert_close(out.double(), exact[idx].to(dtype).double(), rtol=1e-2 if
                                dtype == torch.bfloat16 else 1e-6, atol=0)
-    # bitsandbytes' own arithmetic, bit for bit: CB * (SCB / 127) in fp32, then the dtype
-    bnb = (q.weight[idx].float() * (q.SCB[idx].unsqueeze(-1) / 127.0)).to(dtype)
+    # bitsandbytes' own arithmetic on CUDA, bit for bit: CB * (SCB / 127) in fp32, then the
+    # dtype, where torch's CUDA division by a scalar multiplies by fp32(1 / 127)
+    inv127 = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(127.0, dtype=torch.float32)
+    bnb = (q.weight[idx].float() * (q.SCB[idx].unsqueeze(-1) * inv127)).to(dtype)
     assert torch.equal(out, bnb)
     w = emb.weight.detach().double()
     half_step = w.abs().amax(1, keepdim=True) / 127 / 2  # int8 rounding, per row

@@ -442,8 +442,9 @@ class Embedding8bit(_QuantizedTable):
     """Embedding table stored in int8 with one absmax per row, bitsandbytes' ``Embedding8bit``
     (the LLM.int8 row-wise format: ``CB = round(W * 127 / SCB)``, ``SCB`` the row's max |W|).
 
-    A lookup gathers the int8 rows and their scales and dequantizes them as bitsandbytes does,
-    ``CB * (SCB / 127)`` in fp32, then in the table's dtype. The state dict holds ``weight``
+    A lookup gathers the int8 rows and their scales and dequantizes them as bitsandbytes does on
+    CUDA, ``CB * (SCB / 127)`` in fp32 with the division done as torch does it there, a product
+    with fp32(1 / 127), then in the table's dtype; the same bytes on every device. The state dict holds ``weight``
     (int8 ``CB``) and ``SCB`` (bitsandbytes cannot save this layer; opsq can, and also loads a
     float table).
 
@@ -525,8 +526,10 @@ class Embedding8bit(_QuantizedTable):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         idx = self._indices(input)
-        # bitsandbytes' arithmetic: CB * (SCB / 127) in fp32, then the table's dtype
-        rows = self.weight[idx].to(torch.float32) * (self.SCB[idx].unsqueeze(-1) / 127.0)
+        # bitsandbytes' arithmetic: CB * (SCB / 127) in fp32, then the table's dtype. torch
+        # divides by a Python scalar on CUDA as a product with fp32(1 / 127) and on the CPU
+        # exactly (1 ulp apart); the product is written out so that every device gives CUDA's
+        rows = self.weight[idx].to(torch.float32) * (self.SCB[idx].unsqueeze(-1) * (1.0 / 127.0))
         return rows.to(self.dtype).reshape(*input.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
