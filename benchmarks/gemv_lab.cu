@@ -83,7 +83,7 @@ void launch_tiled16(const Bufs& b) {
   auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false>;
   static int sms = 0;
   static const bool opted_in = [&] {
-    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kLutBytes));
+    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiled16SmemBytes));
     CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     return true;
   }();
@@ -96,7 +96,7 @@ void launch_tiled16(const Bufs& b) {
   segs.N[0] = b.N;
   segs.cta_begin[1] = grid;
   segs.count = 1;
-  kernel<<<grid, kTiled16Warps * 32, kLutBytes>>>(b.A, b.M, b.K, segs, g_planes);
+  kernel<<<grid, kTiled16Warps * 32, kTiled16SmemBytes>>>(b.A, b.M, b.K, segs, g_planes);
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).

@@ -78,7 +78,7 @@ def check_tiled16(shape: Sequence, blocksize: int, name: str = "shapeB") -> None
 
 def device_supports_tiled16(device) -> bool:
     """Whether a weight on ``device`` may take the tiled16 layout: a CUDA device on which the
-    extension's tiled16 kernel has sm_90 code that runs (and its 64 KB of shared memory could
+    extension's tiled16 kernel has sm_90 code that runs (and its 68 KB of shared memory could
     be granted). False on every other device, and where the extension is not built."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():

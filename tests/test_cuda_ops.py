@@ -725,6 +725,31 @@ def test_linear_4bit_tiled16_prefill_equals_packed(dtype, nested):
                 assert torch.equal(got, want), (N, K, M, shifted, bias is None)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_linear_4bit_tiled16_unaligned_statistics(nested):
+    """The decode kernel copies statistics 16 bytes at a time: tiled16 statistics 8 bytes (plain)
+    or 4 bytes (nested codes) off 16-byte alignment take the dequantize + cuBLAS route for few
+    rows, the same bytes as that computation, and the aligned copy takes the kernel (matching
+    the reference)."""
+    need("linear_4bit")
+    dtype = torch.bfloat16
+    N, K = 256, 1024
+    packed, tB, absmax, tA, extra = _tiled16_weight(N, K, nested, 1300)
+    shift = 4 if nested else 2  # elements: 4 bytes of uint8 codes, 8 bytes of fp32
+    room = torch.empty(tA.numel() + shift, dtype=tA.dtype, device=DEV)
+    room[shift:] = tA
+    tA_off = room[shift:]
+    assert tA_off.data_ptr() % 16 != 0 and torch.equal(tA_off, tA)
+    for M in (1, 5, 16):
+        A = randn((M, K), dtype, seed=1310 + M, scale=0.5)
+        got = OPS.linear_4bit(A, tB, [N, K], tA_off, 64, "nf4", None, *extra, layout="tiled16")
+        W = OPS.dequantize_4bit(packed, absmax, 64, "nf4", [N, K], dtype, *extra)
+        assert torch.equal(got, torch.nn.functional.linear(A, W)), M
+        kernel = OPS.linear_4bit(A, tB, [N, K], tA, 64, "nf4", None, *extra, layout="tiled16")
+        want = ref.linear_4bit(A, packed, [N, K], absmax, 64, "nf4", None, *extra)
+        assert_matmul_close(kernel, want, dtype)
+
+
 # =============================================================================================
 # 8-bit blockwise
 # =============================================================================================

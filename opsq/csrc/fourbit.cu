@@ -639,7 +639,7 @@ void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, con
 }
 
 // ---- tiled16 --------------------------------------------------------------------------------
-// gemv4_tiled16_kernel<T, NESTED> given its 64 KB of dynamic shared memory on the current device
+// gemv4_tiled16_kernel<T, NESTED> given its kTiled16SmemBytes of dynamic shared memory on the current device
 // (cudaFuncSetAttribute, once per device and instantiation); false where the device cannot
 // (the op then dequantizes from the tiled16 layout and multiplies with cuBLAS).
 template <typename T, bool NESTED, bool MERGED = false>
@@ -648,7 +648,7 @@ bool tiled16_opted_in() {
   return once_per_device(known, []() -> std::optional<bool> {
     if (cudaFuncSetAttribute(gemv4_tiled16_kernel<T, NESTED, MERGED>,
                              cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             kLutBytes) != cudaSuccess) {
+                             kTiled16SmemBytes) != cudaSuccess) {
       (void)cudaGetLastError();
       return false;
     }
@@ -729,7 +729,7 @@ void launch_gemv4_tiled16(const T* A, int M, int64_t K, Tiled16Segments<T> segs,
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(given));
   cfg.blockDim = dim3(kTiled16Warps * 32);
-  cfg.dynamicSmemBytes = kLutBytes;
+  cfg.dynamicSmemBytes = kTiled16SmemBytes;
   cfg.stream = stream;
   cfg.attrs = &attr;
 #define OPSQ_TILED16(NESTED, MERGED)                                                         \
@@ -939,15 +939,13 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   const auto xp = reinterpret_cast<uintptr_t>(x.data_ptr());
   if (tiled) {
     // Few rows: the tiled16 kernel, 8 rows a launch. Otherwise (fp32, many rows, unaligned
-    // pointers, a device that cannot give a CTA 64 KB) the weight is dequantized straight from
+    // pointers, a device that cannot give a CTA kTiled16SmemBytes) the weight is dequantized straight from
     // the tiled16 layout (dequant4_tiled16_kernel: the same values as from the packed bytes)
     // and multiplied by cuBLAS, as the packed path below does.
     const bool nested = absmax.scalar_type() == at::kByte;
     const at::Tensor am_c = absmax.contiguous();
-    const auto ap = reinterpret_cast<uintptr_t>(am_c.data_ptr());
-    const bool kernel = M <= kGemvMaxRows && xp % 16 == 0 &&
-                        reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0 &&
-                        ap % (nested ? 2 : 8) == 0 &&
+    const bool kernel = M <= kGemvMaxRows && xp % 16 == 0 && tiled16_aligned(codes.data_ptr()) &&
+                        tiled16_aligned(am_c.data_ptr()) &&
                         ((dt == at::kHalf && tiled16_kernel_ready<__half>(nested)) ||
                          (dt == at::kBFloat16 && tiled16_kernel_ready<__nv_bfloat16>(nested)));
     if (!kernel) {
@@ -1064,8 +1062,7 @@ std::vector<at::Tensor> linear_4bit_merged_cuda(
     if (!merged) break;
     codes.push_back(B[g].contiguous());
     stats.push_back(absmax[g].contiguous());
-    merged = reinterpret_cast<uintptr_t>(codes.back().data_ptr()) % 16 == 0 &&
-             reinterpret_cast<uintptr_t>(stats.back().data_ptr()) % (nested ? 2 : 8) == 0;
+    merged = tiled16_aligned(codes.back().data_ptr()) && tiled16_aligned(stats.back().data_ptr());
   }
   merged = merged && ((dt == at::kHalf && tiled16_kernel_ready<__half, true>(nested)) ||
                       (dt == at::kBFloat16 && tiled16_kernel_ready<__nv_bfloat16, true>(nested)));

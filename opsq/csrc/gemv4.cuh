@@ -323,9 +323,9 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 }
 
 // ---- the tiled16 decode kernel (production form of gemv_lab's persistent v5) -----------------
-// benchmarks/NOTES.md, "gemv_4bit v5" and "The gemv repack": 73-74 % of copy bandwidth at
-// 8192->28672 and 28672->8192 (H100, bf16, M = 1) against 57-58 % for gemv4_kernel on the packed
-// layout. Two changes from gemv4_kernel:
+// benchmarks/NOTES.md, "gemv_4bit v5", "The gemv repack" and "Twelfth session": 74-75 % of copy
+// bandwidth at 8192->28672 and 28672->8192 (H100, bf16, M = 1) against 57-58 % for gemv4_kernel
+// on the packed layout. Three changes from gemv4_kernel:
 //  * The look-up: a byte of packed codes is two consecutive codes, exactly one 32-bit register
 //    of an mma A fragment. A 256-entry table maps the byte to that register, (code[b >> 4],
 //    code[b & 15]) rounded to T, unscaled (absmax is applied after the mma as in gemv4_kernel).
@@ -336,15 +336,36 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 //  * Persistent CTAs (kTiled16CtasPerSm an SM): each fills the table once and walks row tiles
 //    blockIdx.x, + gridDim.x, ...; a warp's (tile, step) items form one stream, so the next
 //    tile's first loads are in flight while the current tile's last step computes.
+//  * The next item's codes and statistics travel by cp.async (L2 to shared memory, 16 bytes a
+//    lane) into one of the warp's two slots while the current item computes from the other: no
+//    registers hold bytes in flight. A slot's 2 KB of codes sit in the unused upper 128 bytes of
+//    16 of the table's 256-byte rows; its 256 bytes of statistics after the table. 5-17 % faster
+//    than the same stream loaded into registers at every lab shape (1.2 us of 11.9 at 4096^2);
+//    deeper rings (3-6 slots a warp) were no faster (NOTES).
 // The weight is in the tiled16 layout (opsq/_tiled16.py; Tiled16Lane above): blocksize 64,
 // N % 16 == 0, K % 256 == 0; each warp load reads 512 contiguous bytes. NESTED: absmax holds the
 // uint8 codes in the same tiled order, decoded as AbsmaxSmem<true>::get does (mul_rn of the
 // nested code and nested_absmax, add_rn of the offset); a step's 4 blocks of a row lie in one
 // nested block (the 4 start at a multiple of 4 and nested blocks hold >= 32), so one
-// nested_absmax a row and step. M <= 8 rows of A a launch; fp16 or bf16.
+// nested_absmax a row and step. M <= 8 rows of A a launch; fp16 or bf16. Codes and statistics
+// 16-byte aligned (tiled16_aligned).
 constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
+constexpr int kTiled16Slots = 2;      // a warp's ring: the item computing and the next
+static_assert(kTiled16Warps * kTiled16Slots * 16 <= 256, "the code slots fill the table's holes");
+// the table, then each slot's statistics (256 bytes plain, 64 nested)
+constexpr int kTiled16SmemBytes = kLutBytes + kTiled16Warps * kTiled16Slots * 256;
+// What the kernel's 16-byte copies need of a codes or statistics pointer.
+inline bool tiled16_aligned(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
+               "l"(__cvta_generic_to_global(src))
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
 
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
 __device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
@@ -399,8 +420,8 @@ template <typename T> struct Tiled16Segments {
 
 // MERGED: several weights (each CTA finds its own once, then runs as for one weight over its
 // share of CTAs); otherwise segment 0 is read straight from the kernel parameters.
-template <typename T, bool NESTED, bool MERGED = false, int WARPS = kTiled16Warps>
-__global__ void __launch_bounds__(WARPS * 32, kTiled16CtasPerSm)
+template <typename T, bool NESTED, bool MERGED = false>
+__global__ void __launch_bounds__(kTiled16Warps * 32, kTiled16CtasPerSm)
 gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<T> segs,
                      CodePlanes planes) {
   const uint8_t* __restrict__ W = segs.W[0];
@@ -430,7 +451,8 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
     ctas = end - cta0;
   }
   constexpr int NC = kGemvStepK / 64;  // chunks a step
-  extern __shared__ __align__(16) uint32_t lut_words[];
+  constexpr int WARPS = kTiled16Warps;
+  extern __shared__ __align__(16) uint32_t lut_words[];  // kTiled16SmemBytes
   __shared__ AbsmaxSmem<NESTED> ams;
   __shared__ float red[WARPS][16][8];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
@@ -439,38 +461,38 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
   const T* xr = A + int64_t{has_x ? g : 0} * K + q * 16;
   const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(lut_words));
   const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
-  struct Wt {
-    uint32_t a[NC][2], b[NC][2];
-    Tiled16Scales<NESTED> sc;
+  // slot j of this warp: codes of chunk c at code_slot(j) + c * 1024 (table rows
+  // (warp * kTiled16Slots + j) * 16 + c * 4 + lane / 8, upper halves), statistics at scale_slot(j)
+  auto code_slot = [&](int j) -> uint32_t {
+    return lut + ((warp * kTiled16Slots + j) * 16 + (lane >> 3)) * 256 + 128 + (lane & 7) * 16;
   };
-  auto load = [&](int64_t tile, int64_t s, Wt& w) {
+  auto scale_slot = [&](int j) -> uint32_t {
+    return lut + kLutBytes + (warp * kTiled16Slots + j) * 256;
+  };
+  // nested: the rows' nested_absmax of the item in flight (plain: unused)
+  float nna = 0.f, nnb = 0.f;
+  auto issue = [&](int64_t tile, int64_t s, int j) {  // item (tile, s) into slot j
     const int64_t run = tile * steps + s;
+    const uint32_t dst = code_slot(j);
+    const uint8_t* src = W + run * 2048 + lane * 16;
 #pragma unroll
-    for (int c = 0; c < NC; ++c) {
-      uint4 v;
-      if constexpr (NESTED) {
-        v = load_tiled16_codes(W, run, c, lane);
-        w.sc.q[c] = __ldg(reinterpret_cast<const uint16_t*>(am.qabsmax + run * 64 + c * 16) + g);
-      } else {
-        const Tiled16Lane t = load_tiled16(W, am.absmax, run, c, lane);
-        v = t.codes;
-        w.sc.sa[c] = t.absmax.x;
-        w.sc.sb[c] = t.absmax.y;
-      }
-      w.a[c][0] = v.x; w.a[c][1] = v.y; w.b[c][0] = v.z; w.b[c][1] = v.w;
-    }
-    if constexpr (NESTED) {  // the block index of row tile * 16 + g's first chunk of step s
+    for (int c = 0; c < NC; ++c) cp_async16(dst + c * 1024, src + c * 512);
+    if constexpr (NESTED) {
+      if (lane < 4) cp_async16(scale_slot(j) + lane * 16, am.qabsmax + run * 64 + lane * 16);
+      // the block index of row tile * 16 + g's first chunk of step s
       const int64_t blk = (tile * 16 + g) * (K / 64) + s * NC;
-      w.sc.na = __ldg(am.nested_absmax + (blk >> am.nested_log2));
-      w.sc.nb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
+      nna = __ldg(am.nested_absmax + (blk >> am.nested_log2));
+      nnb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
+    } else {
+      if (lane < 16) cp_async16(scale_slot(j) + lane * 16, am.absmax + run * 64 + lane * 4);
     }
+    cp_async_commit();
   };
   int64_t tile = static_cast<int64_t>(blockIdx.x) - cta0, s = warp;
-  Wt buf;
   // Launched as a programmatic dependent (fourbit.cu): until pdl_wait the kernel before this one
   // on the stream may still be running, so this prologue touches nothing it could write: the
   // table (from the kernel arguments) and L2 prefetches of each warp's first run (L2 is where
-  // writes land, so a prefetch cannot make a read stale). Loads into registers come after.
+  // writes land, so a prefetch cannot make a read stale). Copies into shared memory come after.
   if (tile < ntiles && s < steps) {
     const int64_t run = tile * steps + s;
     if (lane < 16) prefetch_l2(W + run * 2048 + lane * 128);  // the run's 2 KB of codes
@@ -478,9 +500,10 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
                                            : static_cast<const void*>(am.absmax + run * 64 +
                                                                       (lane - 16) * 32));
   }
-  lut_build<WARPS * 32>(lut_words, planes);
+  lut_build<WARPS * 32>(lut_words, planes);  // (rows' lower halves; the copies fill the upper)
   pdl_wait();  // W, absmax and A are visible from here
-  if (tile < ntiles && s < steps) load(tile, s, buf);
+  int slot = 0;
+  if (tile < ntiles && s < steps) issue(tile, s, slot);
   ams.load(am);
   __syncthreads();
   float acc[4] = {0.f, 0.f, 0.f, 0.f};
@@ -491,9 +514,33 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
       nt += ctas;
       ns = warp;
     }
-    const Wt cur = buf;
-    if (nt < ntiles && ns < steps) load(nt, ns, buf);  // in flight while this item computes
     if (s < steps) {
+      cp_async_wait_all();  // this item's copies have landed ...
+      __syncwarp();         // ... the other lanes' too; and every lane is done with the other slot
+      uint32_t ca[NC][2], cb[NC][2];
+      Tiled16Scales<NESTED> sc;
+      const uint32_t cs = code_slot(slot), ss = scale_slot(slot);
+#pragma unroll
+      for (int c = 0; c < NC; ++c) {
+        asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(ca[c][0]), "=r"(ca[c][1]), "=r"(cb[c][0]), "=r"(cb[c][1])
+                     : "r"(cs + c * 1024));
+        if constexpr (NESTED) {
+          uint16_t v;
+          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(ss + c * 16 + 2 * g));
+          sc.q[c] = v;
+        } else {
+          asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];"
+                       : "=f"(sc.sa[c]), "=f"(sc.sb[c])
+                       : "r"(ss + (c * 8 + g) * 8));
+        }
+      }
+      if constexpr (NESTED) {
+        sc.na = nna;
+        sc.nb = nnb;
+      }
+      slot ^= 1;
+      if (nt < ntiles && ns < steps) issue(nt, ns, slot);  // in flight while this item computes
       const T* xs = xr + s * kGemvStepK;
       uint32_t xw[NC][8];
 #pragma unroll
@@ -513,24 +560,24 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
         float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
-          const uint32_t f0[4] = {lut_get<0>(lut, cur.a[c][i], lane4),
-                                  lut_get<0>(lut, cur.b[c][i], lane4),
-                                  lut_get<1>(lut, cur.a[c][i], lane4),
-                                  lut_get<1>(lut, cur.b[c][i], lane4)};
+          const uint32_t f0[4] = {lut_get<0>(lut, ca[c][i], lane4),
+                                  lut_get<0>(lut, cb[c][i], lane4),
+                                  lut_get<1>(lut, ca[c][i], lane4),
+                                  lut_get<1>(lut, cb[c][i], lane4)};
           mma16816<T>(d, f0, xw[c][4 * i], xw[c][4 * i + 1]);
-          const uint32_t f1[4] = {lut_get<2>(lut, cur.a[c][i], lane4),
-                                  lut_get<2>(lut, cur.b[c][i], lane4),
-                                  lut_get<3>(lut, cur.a[c][i], lane4),
-                                  lut_get<3>(lut, cur.b[c][i], lane4)};
+          const uint32_t f1[4] = {lut_get<2>(lut, ca[c][i], lane4),
+                                  lut_get<2>(lut, cb[c][i], lane4),
+                                  lut_get<3>(lut, ca[c][i], lane4),
+                                  lut_get<3>(lut, cb[c][i], lane4)};
           mma16816<T>(d, f1, xw[c][4 * i + 2], xw[c][4 * i + 3]);
         }
         float sa, sb;
         if constexpr (NESTED) {
-          sa = add_rn(mul_rn(ams.ncode[cur.sc.q[c] & 0xffu], cur.sc.na), ams.offset);
-          sb = add_rn(mul_rn(ams.ncode[(cur.sc.q[c] >> 8) & 0xffu], cur.sc.nb), ams.offset);
+          sa = add_rn(mul_rn(ams.ncode[sc.q[c] & 0xffu], sc.na), ams.offset);
+          sb = add_rn(mul_rn(ams.ncode[(sc.q[c] >> 8) & 0xffu], sc.nb), ams.offset);
         } else {
-          sa = cur.sc.sa[c];
-          sb = cur.sc.sb[c];
+          sa = sc.sa[c];
+          sb = sc.sb[c];
         }
         acc[0] = fmaf(sa, d[0], acc[0]);
         acc[1] = fmaf(sa, d[1], acc[1]);
