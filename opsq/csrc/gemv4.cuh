@@ -469,12 +469,8 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
   auto scale_slot = [&](int j) -> uint32_t {
     return lut + kLutBytes + (warp * kTiled16Slots + j) * 256;
   };
-  // nested: the rows' nested_absmax of the item in flight and the blocks they were read for; a
-  // row's entry changes every >= 8 steps (nested blocks hold >= 32 blocks), and a warp's next
-  // item is 8 steps on or in the next tile, so it is re-read only where the index moved (plain:
-  // unused)
+  // nested: the rows' nested_absmax of the item in flight (plain: unused)
   float nna = 0.f, nnb = 0.f;
-  int64_t nia = -1, nib = -1;
   auto issue = [&](int64_t tile, int64_t s, int j) {  // item (tile, s) into slot j
     const int64_t run = tile * steps + s;
     const uint32_t dst = code_slot(j);
@@ -485,11 +481,8 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
       if (lane < 4) cp_async16(scale_slot(j) + lane * 16, am.qabsmax + run * 64 + lane * 16);
       // the block index of row tile * 16 + g's first chunk of step s
       const int64_t blk = (tile * 16 + g) * (K / 64) + s * NC;
-      const int64_t ia = blk >> am.nested_log2, ib = (blk + 8 * (K / 64)) >> am.nested_log2;
-      if (ia != nia) nna = __ldg(am.nested_absmax + ia);
-      if (ib != nib) nnb = __ldg(am.nested_absmax + ib);
-      nia = ia;
-      nib = ib;
+      nna = __ldg(am.nested_absmax + (blk >> am.nested_log2));
+      nnb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
     } else {
       if (lane < 16) cp_async16(scale_slot(j) + lane * 16, am.absmax + run * 64 + lane * 4);
     }
