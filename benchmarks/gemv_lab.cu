@@ -283,6 +283,9 @@ int main(int argc, char** argv) {
       CK(cudaMemset(b.out, 0xff, M * b.N * 2)); return [&, name](auto fn) {
         const int idx = g_idx++;
         if (g_only >= 0 && idx != g_only) return;
+        // GEMV_LAB_TILED_ONLY: the tiled16 rows and their loads-only row alone (a short run)
+        static const bool tiled_only = getenv("GEMV_LAB_TILED_ONLY") != nullptr;
+        if (tiled_only && (strncmp(name, "v4", 2) == 0 || strstr(name, "(drain)") != nullptr)) return;
         fn(); CK(cudaDeviceSynchronize());
         if (g_only >= 0) { printf("ran %s once\n", name); return; }
         CK(cudaMemcpy(ho.data(), b.out, M * b.N * 2, cudaMemcpyDeviceToHost));
