@@ -1,9 +1,8 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
 // CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), loads-only kernels,
-// the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), the
-// extension's gemv4_tiled16_kernel over that layout and a candidate form of it at 2 or 3 CTAs an
-// SM (tiled16_ctas_kernel), on the shapes of opsq bench's gemv family and Llama's merged launches
-// (4096->6144, 4096->28672), without torch. Each output is checked against a float64 host reference (relerr: max error
+// the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), and the
+// extension's gemv4_tiled16_kernel over that layout, on the shapes of opsq bench's gemv family and
+// Llama's merged launches (4096->6144, 4096->28672), without torch. Each output is checked against a float64 host reference (relerr: max error
 // over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
@@ -99,126 +98,6 @@ void launch_tiled16(const Bufs& b) {
   segs.count = 1;
   kernel<<<grid, kTiled16Warps * 32, kTiled16SmemBytes>>>(b.A, b.M, b.K, segs, g_planes);
 }
-// Candidate (benchmarks/NOTES.md "The next device run"): gemv4_tiled16_kernel (plain, bf16, one
-// weight) at CTAS CTAs an SM. At 3, 24 warps an SM (registers <= 85: the codes, statistics and
-// activations of one chunk at a time instead of a whole item) and 396 resident CTAs on an H100,
-// so that a 384-tile launch (the merged q/k/v, 4096->6144) runs in one round instead of two;
-// shared memory 3 x (68 + 5) KB. The arithmetic is the production kernel's: the bytes equal.
-template <int CTAS>
-__global__ void __launch_bounds__(kTiled16Warps * 32, CTAS)
-tiled16_ctas_kernel(const __nv_bfloat16* __restrict__ A, int M, int64_t K, const uint8_t* __restrict__ W,
-                    const float* __restrict__ absmax, int64_t N, __nv_bfloat16* __restrict__ out,
-                    CodePlanes planes) {
-  using T = __nv_bfloat16;
-  constexpr int NC = 4, WARPS = kTiled16Warps;
-  extern __shared__ __align__(16) uint32_t lut_words[];
-  __shared__ float red[WARPS][16][8];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const int64_t steps = K / kGemvStepK, ntiles = N / 16;
-  const bool has_x = g < M;
-  const T* xr = A + int64_t{has_x ? g : 0} * K + q * 16;
-  const uint32_t lut = static_cast<uint32_t>(__cvta_generic_to_shared(lut_words));
-  const uint32_t lane4 = static_cast<uint32_t>(lane) * 4u;
-  const uint8_t* smem = reinterpret_cast<const uint8_t*>(lut_words);
-  auto code_off = [&](int j) -> uint32_t {
-    return ((warp * kTiled16Slots + j) * 16 + (lane >> 3)) * 256 + 128 + (lane & 7) * 16;
-  };
-  auto scale_off = [&](int j) -> uint32_t { return kLutBytes + (warp * kTiled16Slots + j) * 256; };
-  auto issue = [&](int64_t tile, int64_t s, int j) {
-    const int64_t run = tile * steps + s;
-    const uint8_t* src = W + run * 2048 + lane * 16;
-#pragma unroll
-    for (int c = 0; c < NC; ++c) cp_async16(lut + code_off(j) + c * 1024, src + c * 512);
-    if (lane < 16) cp_async16(lut + scale_off(j) + lane * 16, absmax + run * 64 + lane * 4);
-    cp_async_commit();
-  };
-  int64_t tile = blockIdx.x, s = warp;
-  if (tile < ntiles && s < steps && lane < 16) prefetch_l2(W + (tile * steps + s) * 2048 + lane * 128);
-  lut_build<WARPS * 32>(lut_words, planes);
-  pdl_wait();
-  int slot = 0;
-  if (tile < ntiles && s < steps) issue(tile, s, slot);
-  __syncthreads();
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  while (tile < ntiles) {
-    int64_t nt = tile, ns = s + WARPS;
-    const bool last = ns >= steps;
-    if (last) { nt += gridDim.x; ns = warp; }
-    if (s < steps) {
-      cp_async_wait_all();
-      __syncwarp();
-      const uint32_t co = code_off(slot), so = scale_off(slot);
-      slot ^= 1;
-      if (nt < ntiles && ns < steps) issue(nt, ns, slot);
-      const T* xs = xr + s * kGemvStepK;
-#pragma unroll
-      for (int c = 0; c < NC; ++c) {
-        const uint4 v = *reinterpret_cast<const uint4*>(smem + co + c * 1024);
-        const float2 sc = *reinterpret_cast<const float2*>(smem + so + (c * 8 + g) * 8);
-        uint32_t xw[8];
-        if (has_x) {
-          const uint4* xp = reinterpret_cast<const uint4*>(xs + c * 64);
-          const uint4 v0 = __ldg(xp), v1 = __ldg(xp + 1);
-          xw[0] = v0.x; xw[1] = v0.y; xw[2] = v0.z; xw[3] = v0.w;
-          xw[4] = v1.x; xw[5] = v1.y; xw[6] = v1.z; xw[7] = v1.w;
-        } else {
-#pragma unroll
-          for (int i = 0; i < 8; ++i) xw[i] = 0;
-        }
-        const uint32_t ca[2] = {v.x, v.y}, cb[2] = {v.z, v.w};
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const uint32_t f0[4] = {lut_get<0>(lut, ca[i], lane4), lut_get<0>(lut, cb[i], lane4),
-                                  lut_get<1>(lut, ca[i], lane4), lut_get<1>(lut, cb[i], lane4)};
-          mma16816<T>(d, f0, xw[4 * i], xw[4 * i + 1]);
-          const uint32_t f1[4] = {lut_get<2>(lut, ca[i], lane4), lut_get<2>(lut, cb[i], lane4),
-                                  lut_get<3>(lut, ca[i], lane4), lut_get<3>(lut, cb[i], lane4)};
-          mma16816<T>(d, f1, xw[4 * i + 2], xw[4 * i + 3]);
-        }
-        acc[0] = fmaf(sc.x, d[0], acc[0]);
-        acc[1] = fmaf(sc.x, d[1], acc[1]);
-        acc[2] = fmaf(sc.y, d[2], acc[2]);
-        acc[3] = fmaf(sc.y, d[3], acc[3]);
-      }
-    }
-    if (last) {
-      red[warp][g][2 * q] = acc[0];
-      red[warp][g][2 * q + 1] = acc[1];
-      red[warp][g + 8][2 * q] = acc[2];
-      red[warp][g + 8][2 * q + 1] = acc[3];
-      acc[0] = acc[1] = acc[2] = acc[3] = 0.f;
-      __syncthreads();
-      if (threadIdx.x < 128) {
-        const int r = threadIdx.x >> 3, n = threadIdx.x & 7;
-        if (n < M) {
-          float y = red[0][r][n];
-#pragma unroll
-          for (int w = 1; w < WARPS; ++w) y += red[w][r][n];
-          out[int64_t{n} * N + tile * 16 + r] = Cvt<T>::from_float(y);
-        }
-      }
-      __syncthreads();
-    }
-    tile = nt;
-    s = ns;
-  }
-}
-template <int CTAS>
-void launch_ctas(const Bufs& b) {
-  auto kernel = tiled16_ctas_kernel<CTAS>;
-  static int sms = 0, resident = 0;
-  static const bool opted_in = [&] {
-    CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiled16SmemBytes));
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, kernel, kTiled16Warps * 32, kTiled16SmemBytes));
-    printf("tiled16_ctas_kernel<%d>: %d CTAs resident an SM\n", CTAS, resident);
-    return true;
-  }();
-  (void)opted_in;
-  const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * std::min(CTAS, resident)));
-  kernel<<<grid, kTiled16Warps * 32, kTiled16SmemBytes>>>(b.A, b.M, b.K, b.Wt, b.absmax_t, b.N, b.out, g_planes);
-}
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
 static void tile16_repack(const std::vector<uint8_t>& w, const std::vector<float>& a, int64_t N, int64_t K,
@@ -304,8 +183,6 @@ int main(int argc, char** argv) {
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
     check("gemv4_tiled16_kernel (extension)")([&] { launch_tiled16(b); });
-    check("tiled16 per-chunk, 2 CTAs an SM")([&] { launch_ctas<2>(b); });
-    check("tiled16 per-chunk, 3 CTAs an SM")([&] { launch_ctas<3>(b); });
     {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
       std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;
