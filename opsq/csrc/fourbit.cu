@@ -639,9 +639,9 @@ void launch_gemv4(const T* A, int M, int64_t K, const uint8_t* W, int64_t N, con
 }
 
 // ---- tiled16 --------------------------------------------------------------------------------
-// gemv4_tiled16_kernel<T, NESTED> given its kTiled16SmemBytes of dynamic shared memory on the current device
-// (cudaFuncSetAttribute, once per device and instantiation); false where the device cannot
-// (the op then dequantizes from the tiled16 layout and multiplies with cuBLAS).
+// gemv4_tiled16_kernel<T, NESTED> given its kTiled16SmemBytes of dynamic shared memory on the
+// current device (cudaFuncSetAttribute, once per device and instantiation); false where the
+// device cannot (the op then dequantizes from the tiled16 layout and multiplies with cuBLAS).
 template <typename T, bool NESTED, bool MERGED = false>
 bool tiled16_opted_in() {
   static std::array<std::atomic<int8_t>, C10_COMPILE_TIME_MAX_GPUS> known{};
@@ -939,9 +939,9 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   const auto xp = reinterpret_cast<uintptr_t>(x.data_ptr());
   if (tiled) {
     // Few rows: the tiled16 kernel, 8 rows a launch. Otherwise (fp32, many rows, unaligned
-    // pointers, a device that cannot give a CTA kTiled16SmemBytes) the weight is dequantized straight from
-    // the tiled16 layout (dequant4_tiled16_kernel: the same values as from the packed bytes)
-    // and multiplied by cuBLAS, as the packed path below does.
+    // pointers, a device that cannot give a CTA kTiled16SmemBytes) the weight is dequantized
+    // straight from the tiled16 layout (dequant4_tiled16_kernel: the same values as from the
+    // packed bytes) and multiplied by cuBLAS, as the packed path below does.
     const bool nested = absmax.scalar_type() == at::kByte;
     const at::Tensor am_c = absmax.contiguous();
     const bool kernel = M <= kGemvMaxRows && xp % 16 == 0 && tiled16_aligned(codes.data_ptr()) &&

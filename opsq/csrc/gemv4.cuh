@@ -364,8 +364,12 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
                "l"(__cvta_generic_to_global(src))
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+}
 
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
 __device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {

@@ -444,9 +444,9 @@ class Embedding8bit(_QuantizedTable):
 
     A lookup gathers the int8 rows and their scales and dequantizes them as bitsandbytes does on
     CUDA, ``CB * (SCB / 127)`` in fp32 with the division done as torch does it there, a product
-    with fp32(1 / 127), then in the table's dtype; the same bytes on every device. The state dict holds ``weight``
-    (int8 ``CB``) and ``SCB`` (bitsandbytes cannot save this layer; opsq can, and also loads a
-    float table).
+    with fp32(1 / 127), then in the table's dtype; the same bytes on every device. The state
+    dict holds ``weight`` (int8 ``CB``) and ``SCB`` (bitsandbytes cannot save this layer; opsq
+    can, and also loads a float table).
 
     Args:
         num_embeddings: rows. embedding_dim: columns.
