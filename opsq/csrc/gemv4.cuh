@@ -373,11 +373,12 @@ __device__ __forceinline__ void cp_async_wait_all() {
 
 // The table entry for byte b: low half code[b >> 4], high half code[b & 15] (bits of T).
 __device__ __forceinline__ uint32_t lut_entry(const CodePlanes& t, int b) {
-  auto bits = [&](int c) {
-    const uint32_t lo = (t.lo[c >> 2] >> (8 * (c & 3))) & 0xffu;
-    const uint32_t hi = (t.hi[c >> 2] >> (8 * (c & 3))) & 0xffu;
-    return lo | (hi << 8);
+  // byte c of a plane by byte permutes (no run-time index into the planes' registers)
+  auto byte_of = [](const uint32_t (&p)[4], int c) {
+    const uint32_t sel = static_cast<uint32_t>(c & 7);
+    return (c < 8 ? prmt(p[0], p[1], sel) : prmt(p[2], p[3], sel)) & 0xffu;
   };
+  auto bits = [&](int c) { return byte_of(t.lo, c) | (byte_of(t.hi, c) << 8); };
   return bits(b >> 4) | (bits(b & 15) << 16);
 }
 
