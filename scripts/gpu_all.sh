@@ -4,7 +4,8 @@
 # (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
 # training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
 # per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
-# (kernel families; the llm family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
+# (every kernel family, int8_linear and optim included, unless BENCH_ONLY narrows it; the llm
+# family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
 # decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
 # int8_prof (scripts/profile_int8_small_m.py: Linear8bitLt's kernels at M <= 16),
 # compute-sanitizer memcheck/racecheck over the op tests, and `lab` (benchmarks/gemv_lab.cu and
@@ -130,7 +131,7 @@ if has qlora_bench; then
 fi
 if has bench; then
   t0=$(date +%s)
-  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --only ${BENCH_ONLY:-gemv,4bit,int8,transform,igemmlt,decode,prefill,qlora} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --only ${BENCH_ONLY:-gemv,4bit,int8,int8_linear,transform,igemmlt,decode,prefill,qlora,optim} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
 fi
 if has llm_prof; then
