@@ -195,3 +195,28 @@ def test_linear8bitlt_loads_legacy_tiled_weight():
 def test_linear8bitlt_rejects_negative_threshold():
     with pytest.raises(ValueError, match="threshold"):
         Linear8bitLt(8, 8, threshold=-1.0)
+
+
+@pytest.mark.parametrize("make", [lambda: Linear4bit(96, 32, quant_type="nf4"),
+                                  lambda: Linear4bit(96, 32, quant_type="fp4",
+                                                     compress_statistics=False),
+                                  lambda: Linear8bitLt(96, 32, has_fp16_weights=False)])
+def test_parameter_order_does_not_depend_on_how_the_layer_was_quantized(make):
+    """torch optimizers key their state by parameter position: a layer quantized by a move and
+    one quantized by a state-dict load list [weight, bias, ...statistics] alike (the move used to
+    put the bias first), so an optimizer checkpoint of one resumes into the other."""
+    torch.manual_seed(3)
+    moved = make().to("cpu")
+    loaded = make()
+    loaded.load_state_dict(moved.state_dict())
+    names = [n for n, _ in moved.named_parameters()]
+    assert names == [n for n, _ in loaded.named_parameters()]
+    assert names[:2] == ["weight", "bias"] and list(moved.state_dict())[:2] == ["weight", "bias"]
+    moved.bias.requires_grad_(True)
+    opt = torch.optim.Adam([p for p in moved.parameters() if p.requires_grad], lr=1e-3)
+    moved(torch.randn(2, 96)).sum().backward()
+    opt.step()
+    loaded.bias.requires_grad_(True)
+    opt2 = torch.optim.Adam([p for p in loaded.parameters() if p.requires_grad], lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.state[loaded.bias]["exp_avg"], opt.state[moved.bias]["exp_avg"])

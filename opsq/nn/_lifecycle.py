@@ -179,7 +179,9 @@ def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> Non
 
 def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -> None:
     """``base._apply(fn)`` for everything but the quantized tensors ``names``, which only follow
-    device moves (never dtype casts), keeping parameter/buffer kind."""
+    device moves (never dtype casts), keeping parameter/buffer kind and the order of the
+    module's parameters and buffers (torch optimizers key their state by that order)."""
+    order = (list(module._parameters), list(module._buffers))
     held = {}
     for name in names:
         if name in module._parameters:
@@ -197,6 +199,11 @@ def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -
                     nn.Parameter(t, requires_grad=False)
             else:
                 module._buffers[name] = t
+        for d, keys in zip((module._parameters, module._buffers), order):
+            items = {k: d[k] for k in keys if k in d}
+            items.update((k, v) for k, v in d.items() if k not in items)
+            d.clear()
+            d.update(items)
 
 
 class QuantizedWeightMixin:
