@@ -1,5 +1,6 @@
 """Embedding layers: float (Embedding, StableEmbedding), 4-bit and 8-bit tables, and the
 GlobalOptimManager registry they use."""
+import copy
 import gc
 import weakref
 
@@ -228,3 +229,29 @@ def test_global_optim_manager_registry():
     gc.collect()
     assert ref() is None
     mng.initialize()
+
+
+@pytest.mark.parametrize("cls", [Embedding4bit, Embedding8bit])
+def test_quantized_table_output_dtype_follows_every_conversion(cls):
+    """The output dtype follows the module's dtype conversions as nn.Embedding's does: alone
+    (.half()), together with a move (.to("cpu", dtype), .to(device=..., dtype=...), .to(tensor)),
+    before or after quantization, and .double() (Embedding4bit dequantizes in fp32 then casts);
+    a state-dict load keeps the module's dtype. The bytes stay those of the fp32 lookup, cast."""
+    idx = torch.tensor([[1, 7, 3], [0, 59, 7]])
+    emb = _table(60, 24, dtype=torch.float32, seed=11)
+    base = cls.from_float(emb)
+    want = base(idx)
+    for moves, convert in ((False, lambda m: m.half()),
+                           (True, lambda m: m.to("cpu", torch.float16)),
+                           (True, lambda m: m.to(device="cpu", dtype=torch.float16)),
+                           (True, lambda m: m.to(torch.empty(0, dtype=torch.float16)))):
+        m = convert(copy.deepcopy(base))
+        assert m.dtype == torch.float16 and torch.equal(m(idx), want.half())
+        if moves:
+            fresh = convert(cls(60, 24))  # quantized by this move
+            assert fresh.is_quantized and fresh(idx).dtype == torch.float16
+    m = copy.deepcopy(base).double()
+    assert m(idx).dtype == torch.float64 and torch.equal(m(idx), want.double())
+    m = copy.deepcopy(base).half()
+    m.load_state_dict(base.state_dict())  # an fp32 table's checkpoint
+    assert m(idx).dtype == torch.float16 and torch.equal(m(idx), want.half())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import functional as Fq
-from .._constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES
+from .._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
 from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
@@ -152,10 +152,11 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
             super()._apply(fn, recurse)
             self.dtype = self.weight.dtype
             return self
-        if device is None:  # a dtype conversion: the output follows it
-            converted = fn(torch.empty(0, dtype=self.dtype))
-            if converted.is_floating_point():
-                self.dtype = converted.dtype
+        # a dtype conversion (alone, with a move: .to("cuda", torch.float16), or .to(tensor)):
+        # the output follows it; the probe sits on the target device, so only the cast applies
+        converted = fn(torch.empty(0, dtype=self.dtype, device=device or "cpu"))
+        if converted.is_floating_point():
+            self.dtype = converted.dtype
         _held_apply(self, nn.Embedding, fn, recurse, device, to_empty, self._quantized_names())
         self._rewrap_weight()
         return self
@@ -180,6 +181,7 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
         incoming = state_dict.pop(wkey, None)
         own = self.weight.device
         device = own if own.type != "meta" or incoming is None else incoming.device
+        dtype = self.dtype  # the output dtype stays the module's, as nn.Embedding's does
         try:
             if incoming is None:
                 raise ValueError("the quantized weight is missing")
@@ -193,6 +195,7 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
         except (ValueError, TypeError, RuntimeError) as e:
             error_msgs.append(f"While loading {wkey}: {e}")
             return
+        self.dtype = dtype
         _load_without_weight(self, nn.Embedding, state_dict, prefix, local_metadata, strict,
                              missing_keys, unexpected_keys, error_msgs)
 
@@ -403,12 +406,14 @@ class Embedding4bit(_QuantizedTable):
         byte_idx = blocks.unsqueeze(2) * half + torch.arange(half, device=idx.device)
         packed = raw[byte_idx.clamp(max=raw.numel() - 1)].reshape(-1, 1)
         absmax = self._absmax_of_blocks(blocks).reshape(-1)
+        # (a table converted to a dtype the op does not write, e.g. .double(): fp32, then cast)
+        compute = self.dtype if self.dtype in FLOAT_DTYPES else torch.float32
         rows = torch.ops.opsq.dequantize_4bit(packed, absmax, bs, self.quant_type,
-                                              [idx.shape[0], span * bs], self.dtype)
+                                              [idx.shape[0], span * bs], compute)
         if max_offset:
             cols = (start - first * bs).unsqueeze(1) + torch.arange(D, device=idx.device)
             rows = rows.gather(1, cols)
-        return rows.reshape(*input.shape, D)
+        return rows.to(self.dtype).reshape(*input.shape, D)
 
     def extra_repr(self) -> str:
         fields = ("quant_type", "blocksize", "compress_statistics", "quant_storage", "dtype",
