@@ -532,7 +532,7 @@ def fix_4bit_weight_quant_state_from_module(module: nn.Module) -> None:
     if weight.dim() != 2 or weight.shape[1] != 1:
         raise ValueError(f"module.weight must be packed 4-bit codes of shape (k, 1), got "
                          f"{tuple(weight.shape)}")
-    from .nn.linear4bit import Params4bit  # opsq.nn imports this module
+    from .nn.linear4bit import Params4bit, attach_quant_state  # opsq.nn imports this module
     if not isinstance(weight, Params4bit):
         weight = Params4bit(weight.data, requires_grad=False, quant_state=state,
                             blocksize=state.blocksize, compress_statistics=state.nested,
@@ -540,7 +540,7 @@ def fix_4bit_weight_quant_state_from_module(module: nn.Module) -> None:
                             module=module, bnb_quantized=True)
         # plain registration: the module's statistics are already in place, nothing to adopt
         nn.Module.__setattr__(module, "weight", weight)
-    weight.quant_state = state
+    attach_quant_state(weight, state)
 
 
 # ---- 8-bit blockwise -----------------------------------------------------------------------

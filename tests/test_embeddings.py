@@ -255,3 +255,23 @@ def test_quantized_table_output_dtype_follows_every_conversion(cls):
     m = copy.deepcopy(base).half()
     m.load_state_dict(base.state_dict())  # an fp32 table's checkpoint
     assert m(idx).dtype == torch.float16 and torch.equal(m(idx), want.half())
+
+
+@pytest.mark.parametrize("cls", [Embedding4bit, Embedding8bit])
+def test_table_weight_written_into_parameters_is_adopted(cls):
+    """Another table's quantized weight written straight into ``_parameters`` brings its
+    statistics at the next move (the table used to pair it with its own, 1.2 off); the 4-bit
+    table also takes bitsandbytes' in-place swap (``weight.data = ...; weight.quant_state =
+    ...``) at once."""
+    idx = torch.tensor([[1, 7, 3], [0, 59, 7]])
+    a = cls.from_float(_table(60, 24, seed=21))
+    b = cls.from_float(_table(60, 24, seed=22))
+    b._parameters["weight"] = a.weight
+    b.to("cpu")
+    assert torch.equal(b(idx), a(idx))
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+    if cls is Embedding4bit:
+        c = cls.from_float(_table(60, 24, seed=23))
+        c.weight.data = a.weight.data.clone()
+        c.weight.quant_state = a.weight.quant_state
+        assert torch.equal(c(idx), a(idx))

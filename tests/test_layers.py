@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import opsq
+from opsq.testing import DEVICES
 from opsq.nn import Int8Params, Linear4bit, Linear8bitLt, LinearFP4, LinearNF4, Params4bit
 
 
@@ -220,3 +221,58 @@ def test_parameter_order_does_not_depend_on_how_the_layer_was_quantized(make):
     opt2 = torch.optim.Adam([p for p in loaded.parameters() if p.requires_grad], lr=1e-3)
     opt2.load_state_dict(opt.state_dict())
     assert torch.equal(opt2.state[loaded.bias]["exp_avg"], opt.state[moved.bias]["exp_avg"])
+
+
+def _pair(make, device, seed_a=0, seed_b=1):
+    torch.manual_seed(seed_a)
+    a = make().to(device)
+    torch.manual_seed(seed_b)
+    b = make().to(device)
+    b.bias = a.bias
+    return a, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bitsandbytes_in_place_weight_swap_is_adopted(device):
+    """bitsandbytes' idiom for swapping a 4-bit layer's weight in place, ``weight.data = codes;
+    weight.quant_state = state`` (its layers read weight.quant_state at every call): the layer
+    computes with the new codes and state at once (it used to keep its old statistics)."""
+    make = lambda: Linear4bit(128, 64, quant_type="nf4", compress_statistics=False)  # noqa: E731
+    a, b = _pair(make, device)
+    x = torch.randn(3, 128, device=device)
+    assert not torch.equal(a(x), b(x))
+    b.weight.data = a.weight.data.clone()
+    b.weight.quant_state = a.weight.quant_state
+    assert torch.equal(b(x), a(x))
+    assert torch.equal(b.state_dict()["weight.absmax"], a.state_dict()["weight.absmax"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", ["4bit", "from_prequantized", "int8"])
+def test_weight_written_into_parameters_is_adopted_at_the_next_move(kind, device):
+    """A quantized weight written straight into ``module._parameters`` (another layer's
+    ``Params4bit``, a checkpoint's ``Params4bit`` without ``module=``, transformers' 8-bit
+    ``Int8Params(CB)`` then ``weight.SCB = SCB``) brings its statistics at the module's next
+    move, as an assignment does (the layer used to pair the new codes with its old statistics,
+    silently, even after moves)."""
+    if kind == "int8":
+        make = lambda: Linear8bitLt(128, 64, has_fp16_weights=False)  # noqa: E731
+    else:
+        make = lambda: Linear4bit(128, 64, quant_type="nf4")  # noqa: E731
+    a, b = _pair(make, device)
+    x = torch.randn(3, 128, device=device)
+    if kind == "4bit":
+        b._parameters["weight"] = a.weight
+    elif kind == "from_prequantized":
+        sd = a.state_dict()
+        stats = {k[len("weight."):]: v for k, v in sd.items() if k.startswith("weight.")}
+        b._parameters["weight"] = Params4bit.from_prequantized(sd["weight"], stats,
+                                                               device=device)
+    else:
+        b._parameters["weight"] = Int8Params(a.weight.data.clone(), requires_grad=False,
+                                             has_fp16_weights=False)
+        b.weight.SCB = a.SCB.clone()
+    b.to(device)
+    assert torch.equal(b(x), a(x))
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k

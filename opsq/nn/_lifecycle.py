@@ -177,6 +177,12 @@ def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> Non
             state_dict.pop(prefix + name, None)
 
 
+def _same_storage(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """Whether two tensors view one storage (a statistic and the module's copy of it)."""
+    return (a is not None and b is not None
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+
+
 def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -> None:
     """``base._apply(fn)`` for everything but the quantized tensors ``names``, which only follow
     device moves (never dtype casts), keeping parameter/buffer kind and the order of the
@@ -241,6 +247,21 @@ class QuantizedWeightMixin:
             return self.is_quantized
         except AttributeError:
             return False
+
+    def _weight_is_foreign(self, w) -> bool:
+        """Whether quantized ``w`` carries statistics other than this module's (it was placed
+        through ``module._parameters`` or came from another layer). Default: never."""
+        return False
+
+    def _adopt_foreign_weight(self) -> None:
+        """A quantized weight written straight into ``_parameters`` (``b._parameters["weight"] =
+        a.weight``, a checkpoint's ``Params4bit`` without ``module=``, transformers' 8-bit
+        ``Int8Params(CB)`` then ``weight.SCB = SCB``) is adopted with its own statistics at the
+        module's next move, as an assignment would have (bitsandbytes' layers read the
+        statistics from the weight at every call); ``_apply`` calls this first."""
+        w = self._parameters.get("weight")
+        if w is not None and self._quantized_now() and self._weight_is_foreign(w):
+            self.weight = w
 
     def _adopt_weight(self, w) -> bool:
         stats = self._carried_stats(w)

@@ -23,8 +23,9 @@ from .._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
 from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
-from .linear4bit import Linear4bit, Params4bit, _as_packed
-from .linear8bit import Int8Params, Linear8bitLt
+from .linear4bit import (Linear4bit, Params4bit, _as_packed, attach_quant_state,
+                         params4bit_is_foreign)
+from .linear8bit import Int8Params, Linear8bitLt, int8_is_foreign
 
 __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
            "Embedding8bit"]
@@ -143,6 +144,7 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
         return True
 
     def _apply(self, fn, recurse=True):
+        self._adopt_foreign_weight()
         device, to_empty = _apply_intent(fn)
         w = self.weight
         if (not self.is_quantized and device is not None and device.type != "meta"
@@ -315,9 +317,12 @@ class Embedding4bit(_QuantizedTable):
             self.weight_nested_absmax = self.weight_nested_quant_map = self.weight_offset = None
         nn.Module.__setattr__(self, "weight", Params4bit(
             packed, False, None, bnb_quantized=True, module=self, **self._param_attrs()))
-        self.weight.quant_state = self.quant_state
+        attach_quant_state(self.weight, self.quant_state)
 
     _weight_types = (Params4bit,)
+
+    def _weight_is_foreign(self, w) -> bool:
+        return params4bit_is_foreign(self, w)
 
     def _carried_stats(self, w: Params4bit) -> Optional[Fq.QuantState]:
         return Linear4bit._carried_stats(self, w)
@@ -336,7 +341,7 @@ class Embedding4bit(_QuantizedTable):
             w = Params4bit(w.data, False, None, bnb_quantized=True, module=self,
                            **self._param_attrs())
             self._parameters["weight"] = w
-        w.quant_state = self.quant_state
+        attach_quant_state(w, self.quant_state)
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, quant_type: Optional[str] = None,
@@ -494,6 +499,9 @@ class Embedding8bit(_QuantizedTable):
         nn.Module.__setattr__(self, "weight", Int8Params(CB, False, False, CB, self.SCB))
 
     _weight_types = (Int8Params,)
+
+    def _weight_is_foreign(self, w) -> bool:
+        return int8_is_foreign(w, self.SCB)
 
     def _carried_stats(self, w: Int8Params) -> Optional[torch.Tensor]:
         return Linear8bitLt._carried_stats(self, w)

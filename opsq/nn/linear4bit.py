@@ -72,6 +72,18 @@ class Params4bit(nn.Parameter):
         self.module = module
         return self
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "quant_state" and value is not None:
+            # bitsandbytes' idiom for swapping a layer's weight in place (``weight.data =
+            # codes; weight.quant_state = state``: its layers read weight.quant_state at every
+            # call): the module this parameter is the weight of adopts the codes and the state
+            # now, as an assignment of the parameter would; opsq's own writes go through
+            # attach_quant_state and adopt nothing
+            m = self.__dict__.get("module")
+            if m is not None and m._parameters.get("weight") is self:
+                m.weight = self
+
     def _attrs(self) -> dict[str, Any]:
         return dict(blocksize=self.blocksize, compress_statistics=self.compress_statistics,
                     quant_type=self.quant_type, quant_storage=self.quant_storage)
@@ -233,6 +245,18 @@ def _params4bit_torch_function(cls, func, types, args=(), kwargs=None):
 
 
 Params4bit.__torch_function__ = classmethod(_params4bit_torch_function)
+
+
+def params4bit_is_foreign(module: nn.Module, w) -> bool:
+    """A quantized ``Params4bit`` that is not ``module``'s own (its state is another's)."""
+    return (isinstance(w, Params4bit) and w.bnb_quantized and w.quant_state is not None
+            and w.__dict__.get("module") is not module)
+
+
+def attach_quant_state(weight: Params4bit, state: Optional[Fq.QuantState]) -> None:
+    """Set ``weight.quant_state`` to a state its module already holds (the layers' own
+    bookkeeping), without the adoption a user's assignment triggers."""
+    weight.__dict__["quant_state"] = state
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
@@ -522,10 +546,14 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
 
     def _sync_weight_state(self) -> None:
         if isinstance(self.weight, Params4bit):
-            self.weight.quant_state = self.quant_state
+            attach_quant_state(self.weight, self.quant_state)
             self.weight.bnb_quantized = self.is_quantized
 
+    def _weight_is_foreign(self, w) -> bool:
+        return params4bit_is_foreign(self, w)
+
     def _apply(self, fn, recurse=True):
+        self._adopt_foreign_weight()
         device, to_empty = _apply_intent(fn)
         w = self.weight
         if not self.is_quantized and isinstance(w, Params4bit) and w.bnb_quantized:

@@ -16,8 +16,8 @@ from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
 from ..meta._common import check_threshold
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
                          _drop_internal_keys, _held_apply, _load_without_weight,
-                         _parse_to_device, _pickle_state, _save_without_quantized, _set_tensor,
-                         _value)
+                         _parse_to_device, _pickle_state, _same_storage,
+                         _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Int8Params", "Linear8bitLt"]
 
@@ -97,6 +97,12 @@ class Int8Params(nn.Parameter):
 
     def cpu(self):
         return self.to(device="cpu")
+
+
+def int8_is_foreign(w, scb: Optional[torch.Tensor]) -> bool:
+    """Int8 codes ``w`` whose row scales ``w.SCB`` are not the module's ``scb``."""
+    return (isinstance(w, Int8Params) and w.dtype == torch.int8 and w.SCB is not None
+            and not _same_storage(w.SCB, scb))
 
 
 class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
@@ -265,7 +271,11 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
         self.state.CB = self.weight.data if self.is_quantized else None
         self.state.SCB = self.SCB
 
+    def _weight_is_foreign(self, w) -> bool:
+        return int8_is_foreign(w, self.weight_scb)
+
     def _apply(self, fn, recurse=True):
+        self._adopt_foreign_weight()
         device, to_empty = _apply_intent(fn)
         w = self.weight
         if not self.is_quantized and isinstance(w, Int8Params) and w.CB is not None \
