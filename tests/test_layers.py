@@ -276,3 +276,27 @@ def test_weight_written_into_parameters_is_adopted_at_the_next_move(kind, device
     assert torch.equal(b(x), a(x))
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("kind", ["4bit", "int8"])
+def test_assign_load_into_a_quantized_meta_layer(kind):
+    """``load_state_dict(sd, assign=True)`` into a quantized layer whose tensors are on meta
+    (``from_float`` of a meta ``nn.Linear``, or ``.to("meta")`` for offloading) takes the
+    checkpoint's tensors, as torch's assign does (the codes and statistics used to be "copied"
+    into the meta tensors, a no-op, and the layer failed at its first call)."""
+    torch.manual_seed(5)
+    if kind == "4bit":
+        src = Linear4bit(128, 64, quant_type="nf4").to("cpu")
+        from_meta = lambda lin: Linear4bit.from_float(lin, quant_type="nf4")  # noqa: E731
+        moved = lambda: Linear4bit(128, 64, quant_type="nf4").to("cpu").to("meta")  # noqa: E731
+    else:
+        src = Linear8bitLt(128, 64, has_fp16_weights=False).to("cpu")
+        from_meta = lambda lin: Linear8bitLt.from_float(lin, threshold=0.0)  # noqa: E731
+        moved = lambda: Linear8bitLt(128, 64, has_fp16_weights=False).to("cpu").to("meta")  # noqa: E731
+    with torch.device("meta"):
+        lin = nn.Linear(128, 64)
+    x = torch.randn(2, 128)
+    for layer in (from_meta(lin), moved()):
+        layer.load_state_dict(src.state_dict(), assign=True)
+        assert all(t.device.type == "cpu" for t in layer.parameters())
+        assert torch.equal(layer(x), src(x))

@@ -510,8 +510,10 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
         self._sync_weight_state()
 
     def _same_layout(self, packed: torch.Tensor, state: Fq.QuantState) -> bool:
-        """Whether ``packed``/``state`` fit the current tensors exactly (in-place load)."""
-        return (self.is_quantized and packed.shape == self.weight.shape
+        """Whether ``packed``/``state`` fit the current tensors exactly (in-place load; never
+        into meta tensors, where a copy is a no-op: a meta layer takes the incoming tensors)."""
+        return (self.is_quantized and self.weight.device.type != "meta"
+                and packed.shape == self.weight.shape
                 and packed.dtype == self.weight.dtype and state.nested == self.compress_statistics
                 and state.blocksize == self.blocksize and state.quant_type == self.quant_type
                 and state.absmax.shape == self.weight_absmax.shape

@@ -348,7 +348,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
                                                   [self.out_features, self.in_features])
                 device = self.weight.device if self.weight.device.type != "meta" else CB.device
                 if self.is_quantized and CB.shape == self.weight.shape \
-                        and CB.dtype == self.weight.dtype \
+                        and CB.dtype == self.weight.dtype and self.weight.device.type != "meta" \
                         and SCB.numel() == self.out_features:  # in place: keeps FSDP2 shards
                     _copy_into(self.weight, CB)
                     _copy_into(self.weight_scb, SCB.reshape(-1).to(torch.float32))
