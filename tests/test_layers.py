@@ -300,3 +300,21 @@ def test_assign_load_into_a_quantized_meta_layer(kind):
         layer.load_state_dict(src.state_dict(), assign=True)
         assert all(t.device.type == "cpu" for t in layer.parameters())
         assert torch.equal(layer(x), src(x))
+
+
+def test_nested_layer_saves_with_safetensors_save_model(tmp_path):
+    """safetensors' save_model takes a nested 4-bit layer whose block count is not a multiple of
+    the nested blocksize: every statistic owns its storage (the reference quantizer returned
+    the uint8 codes as a view into its padded buffer, which save_model refuses)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(2)
+    layer = Linear4bit(64, 64, quant_type="nf4", compress_statistics=True).to("cpu")
+    sd = layer.state_dict()
+    for k, v in sd.items():
+        assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
+    path = tmp_path / "m.safetensors"
+    safetensors_torch.save_model(nn.Sequential(layer), str(path))
+    fresh = nn.Sequential(Linear4bit(64, 64, quant_type="nf4", compress_statistics=True))
+    safetensors_torch.load_model(fresh, str(path))
+    x = torch.randn(2, 64)
+    assert torch.equal(fresh(x), layer(x))

@@ -16,6 +16,13 @@ def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
 
 
+def _unblock(blocks: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` values of padded ``blocks``, flat, in a storage of their own (a view into
+    the padded one would be saved whole, and safetensors' save_model refuses such a tensor)."""
+    flat = blocks.reshape(-1)
+    return flat if flat.numel() == n else flat[:n].clone()
+
+
 def nearest_code(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index (uint8) of the entry of ``code`` nearest to each element of ``x``."""
     sorted_code, order = torch.sort(code)
@@ -33,7 +40,7 @@ def quantize_blockwise(A: torch.Tensor, code: torch.Tensor, blocksize: int):
     # A subnormal absmax has no finite fp32 reciprocal: divide instead (0 * inf would be NaN).
     normed = torch.where(torch.isinf(scale)[:, None], x / absmax[:, None], normed)
     q = nearest_code(normed, code.reshape(-1).float())
-    return q.reshape(-1)[:n].reshape(shape), absmax
+    return _unblock(q, n).reshape(shape), absmax
 
 
 def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
@@ -42,4 +49,4 @@ def dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tens
     n = A.numel()
     values = code.reshape(-1).float()[A.reshape(-1).long()]
     out = _blocks(values, blocksize) * absmax.reshape(-1, 1)
-    return out.reshape(-1)[:n].to(dtype).reshape(shape)
+    return _unblock(out, n).to(dtype).reshape(shape)

@@ -18,7 +18,7 @@ from .. import _tiled16
 from ..meta._common import ceil_div, numel_of
 from ..meta.fourbit import (check_dequantize_4bit, check_linear_4bit, check_linear_4bit_merged,
                             check_quantize_4bit)
-from .blockwise import dequantize_blockwise
+from .blockwise import _blocks, _unblock, dequantize_blockwise
 
 
 def _nf4_codes(x: torch.Tensor) -> torch.Tensor:
@@ -33,12 +33,6 @@ def _fp4_codes(x: torch.Tensor) -> torch.Tensor:
     codes = torch.tensor(FP4_CODES_ASCENDING, dtype=torch.uint8, device=x.device)
     idx = torch.bucketize(x.abs(), thresholds, right=False)
     return codes[idx] | ((x < 0).to(torch.uint8) << 3)
-
-
-def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
-    n = flat.numel()
-    blocks = ceil_div(n, blocksize)
-    return F.pad(flat, (0, blocks * blocksize - n)).view(blocks, blocksize)
 
 
 def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str,
@@ -94,7 +88,7 @@ def dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant
     scales = resolve_absmax(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     values = code_table(quant_type, A.device)[unpack_codes(A, n).long()]
     out = _blocks(values, blocksize) * scales.reshape(-1, 1)
-    return out.reshape(-1)[:n].to(dtype).reshape(out_shape)
+    return _unblock(out, n).to(dtype).reshape(out_shape)
 
 
 def linear_4bit(A: torch.Tensor, B: torch.Tensor, shapeB, absmax: torch.Tensor, blocksize: int,
