@@ -275,3 +275,16 @@ def test_table_weight_written_into_parameters_is_adopted(cls):
         c.weight.data = a.weight.data.clone()
         c.weight.quant_state = a.weight.quant_state
         assert torch.equal(c(idx), a(idx))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_embedding4bit_get_model_state_dict(nested):
+    """torch.distributed.checkpoint's get_model_state_dict resolves Embedding4bit's dotted
+    bitsandbytes keys (weight.absmax, weight.quant_state.bitsandbytes__*) as Linear4bit's: it
+    raised AttributeError ('QuantState' object has no attribute 'bitsandbytes__fp4')."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    m = nn.Sequential(Embedding4bit(100, 64, compress_statistics=nested)).to("cpu")
+    sd = get_model_state_dict(m)
+    want = m.state_dict()
+    assert set(sd) == set(want)
+    assert all(torch.equal(sd[k], want[k]) for k in want)

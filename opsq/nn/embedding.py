@@ -23,8 +23,8 @@ from .._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
 from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
-from .linear4bit import (Linear4bit, Params4bit, _as_packed, attach_quant_state,
-                         params4bit_is_foreign)
+from .linear4bit import (Bnb4bitWeightKeys, Linear4bit, Params4bit, _as_packed,
+                         attach_quant_state, params4bit_is_foreign)
 from .linear8bit import Int8Params, Linear8bitLt, int8_is_foreign
 
 __all__ = ["Embedding", "StableEmbedding", "Embedding4bit", "EmbeddingNF4", "EmbeddingFP4",
@@ -213,7 +213,7 @@ _STATE_4BIT = ("weight_absmax", "weight_quant_map", "weight_nested_absmax",
                "weight_nested_quant_map", "weight_offset")
 
 
-class Embedding4bit(_QuantizedTable):
+class Embedding4bit(Bnb4bitWeightKeys, _QuantizedTable):
     """Embedding table stored in 4 bit (NF4 / FP4), bitsandbytes' ``Embedding4bit``.
 
     The table ``(num_embeddings, embedding_dim)`` is quantized like a ``Linear4bit`` weight

@@ -295,7 +295,18 @@ _BNB_WEIGHT_KEYS = _KeyPath(weight=_KeyPath(
     quant_state=_KeyPath(bitsandbytes__nf4=None, bitsandbytes__fp4=None)))
 
 
-class Linear4bit(QuantizedWeightMixin, nn.Linear):
+class Bnb4bitWeightKeys:
+    """For modules whose state dict holds a 4-bit weight with bitsandbytes' dotted entries
+    (``Linear4bit``, ``Embedding4bit``): torch.distributed.checkpoint resolves
+    ``weight.absmax`` & co. through ``_fqn_modifiers``."""
+
+    _bnb_weight_keys = _BNB_WEIGHT_KEYS
+
+    def _fqn_modifiers(self) -> dict[str, str]:
+        return {"weight": "_bnb_weight_keys"} if self.is_quantized else {}
+
+
+class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
     """4-bit (NF4 / FP4) linear layer, bitsandbytes' ``Linear4bit``; QLoRA's storage format
     (Dettmers et al., "QLoRA", 2023).
 
@@ -394,12 +405,6 @@ class Linear4bit(QuantizedWeightMixin, nn.Linear):
 
     def _quantized_names(self) -> tuple[str, ...]:
         return ("weight",) + _STATE_4BIT if self.is_quantized else ()
-
-    def _fqn_modifiers(self) -> dict[str, str]:
-        # torch.distributed.checkpoint resolves "weight.absmax" & co. through this chain.
-        return {"weight": "_bnb_weight_keys"} if self.is_quantized else {}
-
-    _bnb_weight_keys = _BNB_WEIGHT_KEYS
 
     @property
     def quant_state(self) -> Optional[Fq.QuantState]:
