@@ -318,3 +318,13 @@ def test_nested_layer_saves_with_safetensors_save_model(tmp_path):
     safetensors_torch.load_model(fresh, str(path))
     x = torch.randn(2, 64)
     assert torch.equal(fresh(x), layer(x))
+
+
+@pytest.mark.parametrize("make", [lambda: Linear4bit(64, 32), lambda: Linear8bitLt(64, 32),
+                                  lambda: opsq.nn.Embedding4bit(10, 64),
+                                  lambda: opsq.nn.Embedding8bit(10, 64)])
+def test_torchscript_gets_a_clear_error(make):
+    """torch.jit.script of a quantized layer raises a RuntimeError naming the layer and the
+    supported routes (it failed inside the script compiler: "Unknown type annotation: 'str'")."""
+    with pytest.raises(RuntimeError, match="TorchScript.*torch.export"):
+        torch.jit.script(nn.Sequential(make().to("cpu")))

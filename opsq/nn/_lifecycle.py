@@ -230,6 +230,12 @@ class QuantizedWeightMixin:
 
     _weight_types: tuple = ()
 
+    def __prepare_scriptable__(self):
+        # torch.jit.script asks every module for this first: a clear error instead of a failure
+        # deep in the script compiler (the TorchScript tracer fails inside PyTorch as well)
+        raise RuntimeError(f"{type(self).__name__}: TorchScript (torch.jit.script) is not "
+                           "supported; use torch.export.export or torch.compile")
+
     def _take_settings(self, w) -> None:
         """The quantization settings a float ``w`` of ``_weight_types`` carries become those of
         this module, not quantized yet, so that it is quantized with them (as bitsandbytes
