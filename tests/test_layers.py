@@ -328,3 +328,19 @@ def test_torchscript_gets_a_clear_error(make):
     supported routes (it failed inside the script compiler: "Unknown type annotation: 'str'")."""
     with pytest.raises(RuntimeError, match="TorchScript.*torch.export"):
         torch.jit.script(nn.Sequential(make().to("cpu")))
+
+
+@pytest.mark.parametrize("make", [lambda: Linear4bit(64, 32, quant_type="nf4"),
+                                  lambda: Linear8bitLt(64, 32, has_fp16_weights=False),
+                                  lambda: opsq.nn.Embedding4bit(10, 64),
+                                  lambda: opsq.nn.Embedding8bit(10, 64)])
+def test_partial_load_reports_only_public_missing_keys(make):
+    """A partial strict=False load (the bias only, a LoRA-style dict) reports the missing keys of
+    the state dict's own names, as bitsandbytes does: 'weight', never the internal statistic
+    names (weight_absmax, weight_scb, ...) that no state dict holds."""
+    layer = make().to("cpu")
+    partial = {k: v for k, v in layer.state_dict().items() if k == "bias"}
+    result = layer.load_state_dict(partial, strict=False)
+    assert result.missing_keys == ["weight"]
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight"\.'):
+        layer.load_state_dict(partial)

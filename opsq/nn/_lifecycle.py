@@ -107,6 +107,13 @@ def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
         module._parameters.update(current)
 
 
+def _forget_internal_missing(module, prefix: str, missing_keys: list) -> None:
+    """Drop the internal statistic names (never in a state dict: bitsandbytes' keys carry their
+    values) from the missing keys a base load reported; a missing weight stays reported."""
+    internal = {prefix + name for name in module._quantized_names() if name != "weight"}
+    missing_keys[:] = [k for k in missing_keys if k not in internal]
+
+
 def _save_without_quantized(module, base, destination, prefix, keep_vars) -> None:
     """``base._save_to_state_dict`` without the internal statistics parameters (they are
     written under bitsandbytes' keys by the caller)."""

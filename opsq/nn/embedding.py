@@ -22,7 +22,8 @@ from .. import functional as Fq
 from .._constants import BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE, QUANT_TYPES
 from ..meta.fourbit import packed_numel
 from ..optim import GlobalOptimManager
-from ._lifecycle import QuantizedWeightMixin, _apply_intent, _held_apply, _load_without_weight
+from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _forget_internal_missing,
+                         _held_apply, _load_without_weight)
 from .linear4bit import (Bnb4bitWeightKeys, Linear4bit, Params4bit, _as_packed,
                          attach_quant_state, params4bit_is_foreign)
 from .linear8bit import Int8Params, Linear8bitLt, int8_is_foreign
@@ -176,8 +177,9 @@ class _QuantizedTable(QuantizedWeightMixin, nn.Embedding):
         wkey = prefix + "weight"
         extra = {k[len(prefix):]: state_dict[k] for k in self._quant_keys(state_dict, prefix)}
         if not extra and not (wkey in state_dict and self.is_quantized):  # plain float table
-            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
-                                                 missing_keys, unexpected_keys, error_msgs)
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            return _forget_internal_missing(self, prefix, missing_keys)
         for k in extra:
             state_dict.pop(prefix + k)
         incoming = state_dict.pop(wkey, None)

@@ -19,9 +19,9 @@ from ..meta._common import (check_blocksize, check_float_dtype, check_quant_stor
 from ..meta.fourbit import check_dequantize_4bit
 from ..fsdp import is_dtensor as _is_dtensor
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
-                         _drop_internal_keys, _held_apply, _load_without_weight,
-                         _parse_to_device, _pickle_state, _save_without_quantized, _set_tensor,
-                         _value)
+                         _drop_internal_keys, _forget_internal_missing, _held_apply,
+                         _load_without_weight, _parse_to_device, _pickle_state,
+                         _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
 
@@ -669,6 +669,7 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        _forget_internal_missing(self, prefix, missing_keys)
 
     def _device_for_load(self, incoming: torch.Tensor) -> torch.device:
         own = self.weight.device if self.weight is not None else incoming.device

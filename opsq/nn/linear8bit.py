@@ -15,8 +15,8 @@ from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
                           LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING)
 from ..meta._common import check_threshold
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
-                         _drop_internal_keys, _held_apply, _load_without_weight,
-                         _parse_to_device, _pickle_state, _same_storage,
+                         _drop_internal_keys, _forget_internal_missing, _held_apply,
+                         _load_without_weight, _parse_to_device, _pickle_state, _same_storage,
                          _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Int8Params", "Linear8bitLt"]
@@ -378,6 +378,7 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        _forget_internal_missing(self, prefix, missing_keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One op call. SCB None: a float weight (has_fp16_weights=True, or not yet moved),
