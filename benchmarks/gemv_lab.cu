@@ -1,8 +1,8 @@
 // gemv lab: times opsq's gemv4_kernel (opsq/csrc/gemv4.cuh) in several configurations (warps a
 // CTA, steps of loads in flight, chunk of 64 or 32 codes, nested absmax), loads-only kernels,
 // the kernel and a loads-only kernel over a repacked layout (TILED, tile16_repack), and the
-// extension's gemv4_tiled16_kernel over that layout, on the shapes of opsq bench's gemv family and
-// Llama's merged launches (4096->6144, 4096->28672), without torch. Each output is checked against a float64 host reference (relerr: max error
+// extension's gemv4_tiled16_kernel over that layout (plain and nested statistics), on the shapes
+// of opsq bench's gemv family and Llama's merged launches (4096->6144, 4096->28672), without torch. Each output is checked against a float64 host reference (relerr: max error
 // over 65 rows / max |reference|).
 //   nvcc -O3 -arch=sm_90 -std=c++17 -o /tmp/gemv_lab benchmarks/gemv_lab.cu && /tmp/gemv_lab
 // (scripts/gpu_all.sh phase `lab`; results in benchmarks/NOTES.md).
@@ -78,9 +78,11 @@ void launch4(const Bufs& b) {
   const ShiftMuls sh{65536u, 0x80000000u};
   kernel<<<(b.N + 15) / 16, WARPS * 32>>>(b.A, b.M, b.K, TILED ? b.Wt : b.W, b.N, am, 6, g_planes, sh, nullptr, b.out);
 }
-// the extension's tiled16 kernel (bf16, plain absmax, no bias), launched as fourbit.cu does
-void launch_tiled16(const Bufs& b) {
-  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, false>;
+// the extension's tiled16 kernel (bf16, no bias), launched as fourbit.cu does; NESTED: the
+// statistics `am` (uint8 codes in the tiled order, nested_absmax in block order)
+template <bool NESTED = false>
+void launch_tiled16(const Bufs& b, AbsmaxArgs am = {}) {
+  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, NESTED>;
   static int sms = 0;
   static const bool opted_in = [&] {
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiled16SmemBytes));
@@ -91,7 +93,7 @@ void launch_tiled16(const Bufs& b) {
   const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * kTiled16CtasPerSm));
   Tiled16Segments<__nv_bfloat16> segs{};
   segs.W[0] = b.Wt;
-  segs.am[0] = AbsmaxArgs{b.absmax_t};
+  segs.am[0] = NESTED ? am : AbsmaxArgs{b.absmax_t};
   segs.out[0] = b.out;
   segs.N[0] = b.N;
   segs.cta_begin[1] = grid;
@@ -100,10 +102,20 @@ void launch_tiled16(const Bufs& b) {
 }
 // gemv4_kernel<..., TILED>'s layout (gemv4.cuh) from the row-major packed codes and absmax
 // (blocksize 64; N % 16 == 0, K % 256 == 0).
+// The statistics' part alone (fp32 absmax, or the uint8 codes of nested statistics).
+template <typename S>
+static std::vector<S> tile16_stats(const std::vector<S>& a, int64_t N, int64_t K) {
+  const int64_t steps = K / 256;
+  std::vector<S> at(a.size());
+  for (int64_t b = 0; b < N / 16; ++b) for (int64_t s = 0; s < steps; ++s)
+    for (int c = 0; c < 4; ++c) for (int g = 0; g < 8; ++g) for (int h = 0; h < 2; ++h)
+      at[(b * steps + s) * 64 + c * 16 + 2 * g + h] = a[(b * 16 + g + 8 * h) * (K / 64) + s * 4 + c];
+  return at;
+}
 static void tile16_repack(const std::vector<uint8_t>& w, const std::vector<float>& a, int64_t N, int64_t K,
                           std::vector<uint8_t>& wt, std::vector<float>& at) {
   const int64_t steps = K / 256;
-  wt.assign(w.size(), 0); at.assign(a.size(), 0.f);
+  wt.assign(w.size(), 0);
   for (int64_t b = 0; b < N / 16; ++b) for (int64_t s = 0; s < steps; ++s) {
     const int64_t run = b * steps + s;
     for (int c = 0; c < 4; ++c) for (int lane = 0; lane < 32; ++lane) {
@@ -111,10 +123,10 @@ static void tile16_repack(const std::vector<uint8_t>& w, const std::vector<float
       for (int h = 0; h < 2; ++h) {
         const int64_t row = b * 16 + g + 8 * h;
         memcpy(&wt[run * 2048 + (c * 32 + lane) * 16 + h * 8], &w[row * (K / 2) + s * 128 + c * 32 + q * 8], 8);
-        at[run * 64 + c * 16 + 2 * g + h] = a[row * (K / 64) + s * 4 + c];
       }
     }
   }
+  at = tile16_stats(a, N, K);
 }
 static float bf(__nv_bfloat16 v) { uint16_t u; memcpy(&u, &v, 2); uint32_t x = uint32_t(u) << 16; float f; memcpy(&f, &x, 4); return f; }
 static float bfr(float f) { uint32_t x; memcpy(&x, &f, 4); x = (x + 0x7fff + ((x >> 16) & 1)) & 0xffff0000u; float r; memcpy(&r, &x, 4); return r; }
@@ -193,7 +205,12 @@ int main(int argc, char** argv) {
       CK(cudaMemcpy(doff, &off, 4, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dq, qa.data(), nb, cudaMemcpyHostToDevice));
       g_nested.qabsmax = dq; g_nested.nested_absmax = dn; g_nested.nested_code = dc; g_nested.offset = doff; g_nested.nested_log2 = 8;
       check("v4 c64 w4 d1 nested (vs plain)")([&] { launch4<64, 4, 1, true>(b); });
-      CK(cudaFree(dc)); CK(cudaFree(dn)); CK(cudaFree(doff)); CK(cudaFree(dq));
+      uint8_t* dqt;  // the same codes in the tiled16 order, for the extension's nested kernel
+      const std::vector<uint8_t> qat = tile16_stats(qa, b.N, b.K);
+      CK(cudaMalloc(&dqt, nb)); CK(cudaMemcpy(dqt, qat.data(), nb, cudaMemcpyHostToDevice));
+      AbsmaxArgs nt = g_nested; nt.qabsmax = dqt;
+      check("gemv4_tiled16_kernel nested (vs plain)")([&] { launch_tiled16<true>(b, nt); });
+      CK(cudaFree(dc)); CK(cudaFree(dn)); CK(cudaFree(doff)); CK(cudaFree(dq)); CK(cudaFree(dqt));
     }
     CK(cudaFree(b.W)); CK(cudaFree(b.absmax)); CK(cudaFree(b.A)); CK(cudaFree(b.out));
     CK(cudaFree(b.Wt)); CK(cudaFree(b.absmax_t));
