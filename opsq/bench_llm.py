@@ -40,11 +40,10 @@ LLM_VARIANTS = ("bf16", "nf4", "nf4_nested", "fp4", "int8_t6", "int8_t0", "bnb_n
 #: The variants run when none are named: all but ``nf4_packed`` (NF4 held in bitsandbytes'
 #: byte order on a device where opsq would tile it: the tiled16 layout's A/B, on request).
 LLM_DEFAULT_VARIANTS = LLM_VARIANTS[:-1]
-#: opsq variant -> the bitsandbytes variant of the same format (for ``vs_bnb`` and cosines).
-BNB_PEER = {"nf4": "bnb_nf4", "nf4_nested": "bnb_nf4", "int8_t6": "bnb_int8",
-            "int8_t0": "bnb_int8"}
-#: bitsandbytes variants whose quantization is bit-identical to an opsq one (logits cosine).
-SAME_FORMAT = {"nf4": "bnb_nf4", "int8_t6": "bnb_int8"}
+#: opsq variant -> the bitsandbytes variant of the same format and settings (``vs_bnb`` and
+#: the logits cosine): NF4 with plain statistics, LLM.int8 at threshold 6. ``nf4_nested`` and
+#: ``int8_t0`` have no bitsandbytes run of their settings, so no bitsandbytes column.
+BNB_PEER = {"nf4": "bnb_nf4", "int8_t6": "bnb_int8"}
 
 #: Measures, in table order: name -> (unit, target metric, {variant: target}).
 #: ``speedup`` = bf16 ms / variant ms (>= target); ``ratio`` = variant ms / bf16 ms (<= target).
@@ -398,7 +397,7 @@ def llm_rows(results: dict, layers: int) -> list:
         if isinstance(lg, torch.Tensor):
             if isinstance(bl, torch.Tensor):
                 row["cos_vs_bf16"] = cosine(lg, bl)
-            peer = results.get(SAME_FORMAT.get(variant, ""), {}).get("logits")
+            peer = results.get(BNB_PEER.get(variant, ""), {}).get("logits")
             if isinstance(peer, torch.Tensor):
                 row["cos_vs_bnb"] = cosine(lg, peer)
                 row["target"], row["ok"] = COSINE_MIN, bool(row["cos_vs_bnb"] >= COSINE_MIN)

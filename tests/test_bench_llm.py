@@ -132,3 +132,16 @@ def test_measure_variant_runs_every_measure_on_the_cpu(monkeypatch):
     # the variant column starts at one offset: the measure column fits its longest name
     w = max(map(len, want))
     assert all(ln[w] == " " and ln[w + 1] in "bn" for ln in rows), "\n".join(rows)
+
+
+def test_bnb_column_only_for_the_same_format():
+    """The llm table's bitsandbytes column compares a variant with bitsandbytes' run of the same
+    format and settings only: nf4 with bnb_nf4 (plain statistics), int8_t6 with bnb_int8
+    (threshold 6). nf4_nested and int8_t0 used to be compared with those runs too."""
+    res = _fake_results()
+    res["nf4_nested"] = res["nf4"]
+    rows = {(r["op"], r["variant"]): r for r in L.llm_rows(res, 32)}
+    assert "vs_bnb" in rows[("decode step (CUDA graph)", "nf4")]
+    assert "vs_bnb" not in rows[("decode step (CUDA graph)", "nf4_nested")]
+    assert "cos_vs_bnb" not in rows[("logits", "nf4_nested")]
+    assert L.BNB_PEER == {"nf4": "bnb_nf4", "int8_t6": "bnb_int8"}
