@@ -825,8 +825,9 @@ def _verdict(r: dict) -> str:
 def _result(rows: list, copy_bw: float, meta: Optional[dict] = None) -> dict:
     """The results dict: run metadata plus ``rows`` (a list of dicts, one per table line).
 
-    Keys: date (UTC ISO), gpu, torch, cuda, python, opsq, bitsandbytes (version or None),
-    copy_bandwidth_gbps, ``meta`` entries (families, quick, with_bnb), rows.
+    Keys: date (UTC ISO), gpu, torch, cuda, python, opsq, bitsandbytes and transformers
+    (versions, or None where not imported: the llm family's numbers depend on transformers'
+    generate), copy_bandwidth_gbps, ``meta`` entries (families, quick, with_bnb), rows.
     """
     import opsq
     return dict(
@@ -834,6 +835,7 @@ def _result(rows: list, copy_bw: float, meta: Optional[dict] = None) -> dict:
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
         python=platform.python_version(), opsq=opsq.__version__,
         bitsandbytes=getattr(sys.modules.get("bitsandbytes"), "__version__", None),
+        transformers=getattr(sys.modules.get("transformers"), "__version__", None),
         copy_bandwidth_gbps=copy_bw / 1e9, **(meta or {}), rows=list(rows))
 
 
@@ -868,7 +870,8 @@ def format_table(res: dict) -> str:
     bw = res.get("copy_bandwidth_gbps")
     lines = [f"opsq bench on {res.get('gpu', '?')} (torch {res.get('torch', '?')}, CUDA "
              f"{res.get('cuda', '?')}, Python {res.get('python', '?')}, opsq "
-             f"{res.get('opsq', '?')}, bitsandbytes {res.get('bitsandbytes') or 'absent'}) "
+             f"{res.get('opsq', '?')}, bitsandbytes {res.get('bitsandbytes') or 'absent'}"
+             f"{', transformers ' + res['transformers'] if res.get('transformers') else ''}) "
              f"{res.get('date', '')}; copy bandwidth {_fmt(bw, '.0f', '?')} GB/s"]
     for fam, rows in _grouped(res):
         title = FAMILY_TITLES.get(fam)

@@ -256,3 +256,12 @@ def test_prefill_times_keys_on_cpu(nf4):
     assert len(calls) == len(int8_keys) + (2 if nf4 else 0)
     assert p["outlier_cols"] == 4 and 0.5 < p["outlier_row_frac"] <= 1.0
     assert p["int8_t6_rel_err"] < 0.05  # the outlier columns go through the fp16 path
+
+
+def test_table_header_names_transformers_when_recorded():
+    """The llm family's numbers depend on transformers' generate: its version is recorded in
+    the results (``transformers``) and printed in the table's first line when present."""
+    head = bench.format_table({"gpu": "G", "torch": "2.x", "transformers": "5.17",
+                               "rows": []}).splitlines()[0]
+    assert "transformers 5.17" in head
+    assert "transformers" not in bench.format_table({"gpu": "G", "rows": []}).splitlines()[0]
