@@ -265,3 +265,14 @@ def test_table_header_names_transformers_when_recorded():
                                "rows": []}).splitlines()[0]
     assert "transformers 5.17" in head
     assert "transformers" not in bench.format_table({"gpu": "G", "rows": []}).splitlines()[0]
+
+
+def test_outlier_input_has_few_outlier_columns():
+    """The int8 family's threshold-6 input holds LLM.int8's few outlier features: exactly the 16
+    chosen columns reach |x| >= 6 (the family's old 2 N(0, 1) input at 8192 rows made every
+    column an outlier column)."""
+    x = torch.randn(512, 1024, generator=torch.Generator().manual_seed(4))
+    xo, cols = bench._with_outlier_columns(x, 16, 20.0)
+    hit = (xo.abs() >= 6.0).any(dim=0)
+    assert int(hit.sum()) == 16 and bool(hit[cols].all())
+    assert torch.equal(xo[:, ~hit], x[:, ~hit])
