@@ -156,6 +156,29 @@ def _timer() -> Callable[[Callable[[], object]], float]:
         return run
 
 
+def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_000_000) -> float:
+    """Median milliseconds of the GPU work of ``fn()`` when ``fn`` is host-heavy before its
+    launch (a compiled CUDA-graph call: Dynamo's guards, the graph tree's bookkeeping): before
+    each run the L2 is flushed and the stream kept busy for ``pad_cycles`` GPU clock cycles
+    (``torch.cuda._sleep``; ~1 ms at 2 GHz), so the host has launched the work before the start
+    event fires and its Python time never lands between the two events (do_bench does not
+    synchronise between runs: a slow host there read as GPU time)."""
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        torch.cuda._sleep(pad_cycles)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
 def _nbytes(*ts) -> int:
     """Total bytes of the given tensors (None skipped)."""
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
@@ -288,11 +311,12 @@ def build_decode_mlp(kind: str, dev, layers: int = 4, dim: int = 4096,
     return nn.Sequential(*mods).eval().requires_grad_(False)
 
 
-def decode_mlp_times(timer, dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nested"),
+def decode_mlp_times(dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nested"),
                      layers: int = 4, dim: int = 4096, hidden: int = 11008,
                      warmup: int = 5) -> dict:
     """Median ms of one batch-1 forward of :func:`build_decode_mlp` per kind, each compiled with
-    ``torch.compile(model, mode="reduce-overhead", fullgraph=True)`` (CUDA graphs).
+    ``torch.compile(model, mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), timed by
+    :func:`_replay_ms` (the host's guard and graph-tree time before each replay kept out).
 
     The input is one static ``(1, dim)`` bf16 tensor reused by every call (CUDA-graph replay
     reads it from a fixed address); ``warmup`` calls (>= 3: compile, record, replay) run before
@@ -325,7 +349,7 @@ def decode_mlp_times(timer, dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nes
             y = y.clone()  # the graph's output buffer is overwritten by the next replay
             torch.cuda.synchronize()
             graphs0 = counters["stats"]["unique_graphs"]
-            ms = timer(call)
+            ms = _replay_ms(call)
             ref = y if ref is None else ref
             out[kind] = dict(ms=ms, bytes=_module_bytes(model), rel_err=_rel_err(y, ref),
                              cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]
@@ -348,10 +372,22 @@ def _with_outlier_columns(x: torch.Tensor, n: int, scale: float):
     return xo, cols
 
 
+def _interleaved(timer, fns: dict, rounds: int = 3) -> dict:
+    """``{name: median over rounds of timer(fn)}``, the functions timed in turn each round: a
+    drift of the GPU's clocks or power over the run falls on every side of a ratio alike (timed
+    once each, one after the other, the same code read 1.10x and 1.22x in two runs)."""
+    times: dict = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(timer(fn))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
 def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
                   outlier_cols: int = 16, outlier_scale: float = 20.0,
                   nf4: bool = True) -> dict:
-    """Median ms of the prefill comparisons (eager layer calls under ``torch.no_grad()``).
+    """Median ms of the prefill comparisons (eager layer calls under ``torch.no_grad()``; each
+    side of a comparison timed in turn over three rounds, :func:`_interleaved`).
 
     * ``nf4_ms`` / ``bf16_ms`` (only with ``nf4``): ``Linear4bit`` (NF4, blocksize 64, bf16
       compute) on an ``(M, K)`` bf16 input vs ``F.linear`` with the bf16 ``(N, K)`` weight.
@@ -382,8 +418,8 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
                                        compute_dtype=torch.bfloat16).to(dev)
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, generator=gen)
             w = lin.weight
-            out["nf4_ms"] = timer(lambda q4=q4, x=x: q4(x))
-            out["bf16_ms"] = timer(lambda x=x, w=w: tF.linear(x, w))
+            out.update(_interleaved(timer, {"nf4_ms": lambda q4=q4, x=x: q4(x),
+                                            "bf16_ms": lambda x=x, w=w: tF.linear(x, w)}))
             out["nf4_rel_err"] = _rel_err(q4(x), tF.linear(x, w))
             del q4, lin, w, x
             torch.cuda.empty_cache()
@@ -395,12 +431,13 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
               for thr in (0.0, 6.0)}
         x = torch.randn(M, K, device=dev, dtype=torch.float16, generator=gen)
         xo, cols = _with_outlier_columns(x, outlier_cols, outlier_scale)
-        out["int8_ms"] = timer(lambda f=l8[0.0], x=x: f(x))
-        out["fp16_ms"] = timer(lambda x=x, w=w: tF.linear(x, w))
+        out.update(_interleaved(timer, {
+            "int8_ms": lambda f=l8[0.0], x=x: f(x),
+            "fp16_ms": lambda x=x, w=w: tF.linear(x, w),
+            "int8_t0_outlier_ms": lambda f=l8[0.0], xo=xo: f(xo),
+            "int8_t6_ms": lambda f=l8[6.0], xo=xo: f(xo),
+            "fp16_outlier_ms": lambda xo=xo, w=w: tF.linear(xo, w)}))
         out["int8_rel_err"] = _rel_err(l8[0.0](x), tF.linear(x, w))
-        out["int8_t0_outlier_ms"] = timer(lambda f=l8[0.0], xo=xo: f(xo))
-        out["int8_t6_ms"] = timer(lambda f=l8[6.0], xo=xo: f(xo))
-        out["fp16_outlier_ms"] = timer(lambda xo=xo, w=w: tF.linear(xo, w))
         ref = tF.linear(xo, w)
         out["int8_t0_outlier_rel_err"] = _rel_err(l8[0.0](xo), ref)
         out["int8_t6_rel_err"] = _rel_err(l8[6.0](xo), ref)
@@ -716,7 +753,7 @@ def run(quick: bool = False, with_bnb: bool = True,
     # ---- decode: compiled 4-layer NF4 MLP at batch 1 ----------------------------------------
     def bench_decode():
         kinds = ("bf16", "nf4") if quick else ("bf16", "nf4", "nf4_nested")
-        d = decode_mlp_times(timer, dev, kinds=kinds)
+        d = decode_mlp_times(dev, kinds=kinds)
         base = d["bf16"]
         for kind in kinds[1:]:
             r = d[kind]

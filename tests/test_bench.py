@@ -253,7 +253,7 @@ def test_prefill_times_keys_on_cpu(nf4):
     int8_keys = {"int8_ms", "fp16_ms", "int8_t0_outlier_ms", "int8_t6_ms", "fp16_outlier_ms"}
     assert int8_keys <= set(p)
     assert ({"nf4_ms", "bf16_ms"} <= set(p)) == nf4
-    assert len(calls) == len(int8_keys) + (2 if nf4 else 0)
+    assert len(calls) == 3 * (len(int8_keys) + (2 if nf4 else 0))  # three rounds each
     assert p["outlier_cols"] == 4 and 0.5 < p["outlier_row_frac"] <= 1.0
     assert p["int8_t6_rel_err"] < 0.05  # the outlier columns go through the fp16 path
 
@@ -276,3 +276,15 @@ def test_outlier_input_has_few_outlier_columns():
     hit = (xo.abs() >= 6.0).any(dim=0)
     assert int(hit.sum()) == 16 and bool(hit[cols].all())
     assert torch.equal(xo[:, ~hit], x[:, ~hit])
+
+
+def test_interleaved_times_each_function_in_turn():
+    """_interleaved times the functions in turn, round after round, and keeps each one's
+    median: a drift over the run falls on both sides of a ratio."""
+    calls, clock = [], iter(range(100))
+
+    def timer(fn):
+        calls.append(fn())
+        return float(next(clock))
+    out = bench._interleaved(timer, {"a": lambda: "a", "b": lambda: "b"}, rounds=3)
+    assert calls == ["a", "b"] * 3 and out == {"a": 2.0, "b": 3.0}
