@@ -46,6 +46,16 @@ class StaticGreedyDecoder:
     213 us per token for 8 bf16 Llama layers, 373 us with NF4 layers, under the profiler on the
     H200's host, ``benchmarks/NOTES.md``).
 
+    What it does not do: it reads nothing of the model's ``generation_config`` (no EOS stop,
+    no logits processors: exactly ``max_new_tokens`` greedy tokens), and it takes no attention
+    mask, so the rows of a batch must be prompts of one length with no padding (a padded row
+    attends to its pads). Its tokens are those of ``generate(..., do_sample=False,
+    cache_implementation="static")``; in bf16 the default dynamic cache can round differently.
+    It notices a change of the model between calls (its modules, its parameters' dtypes), of the
+    batch size and of ``torch.inference_mode``: the cache is rebuilt and the compiled step
+    re-checks its guards. Caches with sliding-window layers keep Dynamo's guards on every step
+    (the step's code changes when the window fills).
+
     Args:
         model: a transformers causal LM (``forward(input_ids, position_ids, cache_position,
             past_key_values | cache, use_cache)`` returning ``.logits``), on its device, in eval
@@ -86,6 +96,19 @@ class StaticGreedyDecoder:
         self._ids: Optional[torch.Tensor] = None   # (B, 1) int64: the token to feed next
         self._pos: Optional[torch.Tensor] = None   # (1,) int64: its cache position
         self._warm = 0
+        self._built_for = None  # what the cache and the warm steps were made for (_model_key)
+
+    def _model_key(self, batch: int) -> tuple:
+        """What a cache and a warm compiled step depend on: the model's modules (identity and
+        type), its tensors' identity, dtype, shape and device, the batch size and whether
+        inference mode is on (a cache allocated under it cannot be written outside)."""
+        tensors = [(id(t), t.dtype, tuple(t.shape), t.device)
+                   for t in (*self.model.parameters(), *self.model.buffers())]
+        modules = [(id(m), type(m)) for m in self.model.modules()]
+        return (batch, torch.is_inference_mode_enabled(), tuple(modules), tuple(tensors))
+
+    def _sliding(self) -> bool:
+        return any(getattr(layer, "is_sliding", False) for layer in getattr(self.cache, "layers", ()))
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -98,6 +121,12 @@ class StaticGreedyDecoder:
         if P >= self.max_cache_len:
             raise ValueError(f"the prompt ({P} tokens) must be shorter than max_cache_len "
                              f"({self.max_cache_len})")
+        key = self._model_key(input_ids.shape[0])
+        if key != self._built_for:  # a new batch size, dtype, module, ...: a fresh cache and
+            self.cache = _static_cache(self.model, self.max_cache_len)  # checked guards
+            self._ids = self._pos = None  # (made anew below, in the current inference mode)
+            self._warm = 0
+            self._built_for = key
         self.cache.reset()
         pos = torch.arange(P, device=input_ids.device)
         logits = self.model(input_ids=input_ids, position_ids=pos.unsqueeze(0),
@@ -130,11 +159,26 @@ class StaticGreedyDecoder:
 
     def seek(self, position: int) -> None:
         """Set the cache position of the next :meth:`decode_step` (0 <= position <
-        ``max_cache_len``; entries at and after it are overwritten as decoding goes on)."""
+        ``max_cache_len``; entries at and after it are overwritten as decoding goes on). The
+        cache's own write counters move with it (transformers' static layers that count their
+        writes instead of reading ``cache_position``).
+
+        Raises:
+            RuntimeError: before :meth:`prefill`. ValueError: ``position`` out of range.
+            NotImplementedError: a cache with sliding-window layers (the entries a full window
+            dropped cannot be restored)."""
         if self._pos is None:
             raise RuntimeError("call prefill(input_ids) before seek()")
         if not 0 <= position < self.max_cache_len:
             raise ValueError(f"position must be in [0, {self.max_cache_len}), got {position}")
+        if self._sliding():
+            raise NotImplementedError("seek: the cache has sliding-window layers")
+        for layer in getattr(self.cache, "layers", ()):
+            count = getattr(layer, "cumulative_length", None)
+            if isinstance(count, torch.Tensor):
+                count.fill_(position)
+            elif isinstance(count, int):
+                layer.cumulative_length = position
         self._pos.fill_(position)
 
     def _steps(self, out: torch.Tensor, start: int, stop: int) -> None:
@@ -165,8 +209,8 @@ class StaticGreedyDecoder:
         warm = min(max_new_tokens - 1, max(0, 3 - self._warm))
         self._steps(out, 1, 1 + warm)
         self._warm += warm
-        skip_guards = (torch.compiler.set_stance(skip_guard_eval_unsafe=True) if self.compiled
-                       else contextlib.nullcontext())
+        skip_guards = (torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+                       if self.compiled and not self._sliding() else contextlib.nullcontext())
         with skip_guards:
             self._steps(out, 1 + warm, max_new_tokens)
         return out

@@ -121,3 +121,74 @@ def test_transformers_compiled_generate_takes_the_merge_pass(monkeypatch):
     assert model._compiled_call is compiled
     layers = model.config.num_hidden_layers
     assert merged and merged[0] == 2 * layers, merged
+
+
+def _greedy(model, ids, n):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          cache_implementation="static", pad_token_id=0,
+                          eos_token_id=None)[:, ids.shape[1]:]
+
+
+def test_seek_rewinds_the_cache_too():
+    """seek(p) then a step fed token p continues as a prompt of p + 1 tokens would: the cache's
+    own write counters move with the position (transformers' static layers that count their
+    writes wrote past the rewind, and a loop of seeks ran off the cache's end)."""
+    model = _model("fp32")
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    dec = StaticGreedyDecoder(model, 32, compile=False)
+    buf = dec.prefill(ids)
+    for _ in range(3):  # repeated rewinds stay in the cache
+        dec.seek(2)
+        buf.copy_(ids[:, 2:3])
+        got = torch.cat([dec.decode_step().clone() for _ in range(9)], dim=1)
+        assert torch.equal(got, _greedy(model, ids[:, :3], 9))
+
+
+def test_decoder_follows_batch_dtype_and_inference_mode_changes():
+    """One decoder across calls with another batch size, after model.to(dtype), and in and out
+    of torch.inference_mode: a fresh cache each time (the first call's cache raised
+    index_copy_ shape / dtype errors and "Inplace update to inference tensor")."""
+    model = _model("fp32")
+    gen = torch.Generator().manual_seed(4)
+    one, three = torch.randint(3, 96, (1, 5), generator=gen), torch.randint(3, 96, (3, 5),
+                                                                           generator=gen)
+    dec = StaticGreedyDecoder(model, 32, compile=False)
+    with torch.inference_mode():
+        assert torch.equal(dec.generate(one, 6), _greedy(model, one, 6))
+    assert torch.equal(dec.generate(three, 6), _greedy(model, three, 6))
+    model.to(torch.bfloat16)
+    assert torch.equal(dec.generate(one, 6), _greedy(model, one, 6))
+
+
+def test_compiled_decoder_follows_a_module_change_after_warm_up():
+    """The warm decoder skips Dynamo's guard evaluation; a module swapped after a call is still
+    seen (the decoder re-checks guards when the model's modules or tensors changed: it used to
+    replay the old graph's tokens)."""
+    model = _model("fp32")
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(6))
+    dec = StaticGreedyDecoder(model, 32, compile=True, mode=None, backend="aot_eager")
+    before = _greedy(model, ids, 6)
+    assert torch.equal(dec.generate(ids, 6), before)
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.Tanh()
+        layer.self_attn.o_proj = torch.nn.Linear(64, 64, bias=True)
+    after = _greedy(model, ids, 6)
+    assert not torch.equal(after, before)  # (the change shows in the tokens)
+    assert torch.equal(dec.generate(ids, 6), after)
+    torch._dynamo.reset()
+
+
+def test_compiled_decoder_with_a_sliding_window_that_fills_after_warm_up():
+    """A sliding-window model whose window fills after the warm-up steps: the step's code
+    changes there, so such caches keep Dynamo's guards (it raised "Recompilation triggered
+    with skip_guard_eval_unsafe stance"); seek is refused for them."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    cfg = MistralConfig(num_hidden_layers=2, sliding_window=8, **TINY)
+    model = MistralForCausalLM(cfg).eval()
+    ids = torch.randint(3, 96, (1, 2), generator=torch.Generator().manual_seed(7))
+    dec = StaticGreedyDecoder(model, 32, compile=True, mode=None, backend="aot_eager")
+    assert torch.equal(dec.generate(ids, 16), _greedy(model, ids, 16))
+    with pytest.raises(NotImplementedError, match="sliding"):
+        dec.seek(1)
+    torch._dynamo.reset()
