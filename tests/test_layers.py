@@ -344,3 +344,56 @@ def test_partial_load_reports_only_public_missing_keys(make):
     assert result.missing_keys == ["weight"]
     with pytest.raises(RuntimeError, match=r'Missing key\(s\) in state_dict: "weight"\.'):
         layer.load_state_dict(partial)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows", [1, 32])
+def test_linear4bit_under_autocast_computes_in_its_input_dtype(device, rows):
+    """Under autocast (bf16) an fp32 call of Linear4bit returns what it returns without it, in
+    fp32, as the fake kernel and compiled graphs say: the op's own matmul (the reference's
+    F.linear, the CUDA op's dequantize + at::linear for many rows) is not recast."""
+    torch.manual_seed(8)
+    layer = Linear4bit(128, 64, quant_type="nf4").to(device)
+    x = torch.randn(rows, 128, device=device)
+    with torch.no_grad():
+        plain = layer(x)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            cast = layer(x)
+    assert cast.dtype == torch.float32 and torch.equal(cast, plain)
+
+
+def test_copied_layer_weight_is_bound_to_its_copy():
+    """A deepcopied or unpickled Linear4bit's weight names its new module, so bitsandbytes'
+    in-place swap is adopted there at once and a move does not re-adopt the layer's own weight
+    (the copy's weight named no module: the swap was lost until a move, which re-adopted)."""
+    make = lambda: Linear4bit(128, 64, quant_type="nf4", compress_statistics=False)  # noqa: E731
+    a, b = _pair(make, "cpu")
+    x = torch.randn(3, 128)
+    buf = io.BytesIO()
+    torch.save(b, buf)
+    buf.seek(0)
+    for c in (copy.deepcopy(b), torch.load(buf, weights_only=False)):
+        assert c.weight.module is c and not c._weight_is_foreign(c.weight)
+        c.weight.data = a.weight.data.clone()
+        c.weight.quant_state = a.weight.quant_state
+        assert torch.equal(c(x), a(x))
+
+
+def test_int8_weight_with_a_slice_of_a_fused_scale_storage_is_adopted():
+    """Two layers whose row scales are slices of one fused storage: the other layer's
+    Int8Params written into _parameters is still told apart from the layer's own and adopted
+    at the next move (the storages' bases compared equal)."""
+    a, b = _pair(lambda: Linear8bitLt(128, 64, has_fp16_weights=False), "cpu")
+    fused = torch.cat([a.weight_scb.detach(), b.weight_scb.detach()])
+    with torch.no_grad():
+        a.weight_scb = nn.Parameter(fused[:64], requires_grad=False)
+        b.weight_scb = nn.Parameter(fused[64:], requires_grad=False)
+    a._sync_weight_state()
+    b._sync_weight_state()
+    x = torch.randn(3, 128)
+    want = a(x)
+    b._parameters["weight"] = Int8Params(a.weight.data.clone(), requires_grad=False,
+                                         has_fp16_weights=False)
+    b.weight.SCB = a.SCB
+    b.to("cpu")
+    assert torch.equal(b(x), want)

@@ -184,10 +184,12 @@ def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> Non
             state_dict.pop(prefix + name, None)
 
 
-def _same_storage(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
-    """Whether two tensors view one storage (a statistic and the module's copy of it)."""
-    return (a is not None and b is not None
-            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+def _same_memory(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> bool:
+    """Whether two tensors view the same bytes (a statistic and the module's copy of it, maybe
+    in another dtype): same start and size (slices of one fused storage are told apart)."""
+    return (a is not None and b is not None and a.device == b.device
+            and a.data_ptr() == b.data_ptr()
+            and a.numel() * a.element_size() == b.numel() * b.element_size())
 
 
 def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -> None:

@@ -319,7 +319,7 @@ class Embedding4bit(Bnb4bitWeightKeys, _QuantizedTable):
             self.weight_nested_absmax = self.weight_nested_quant_map = self.weight_offset = None
         nn.Module.__setattr__(self, "weight", Params4bit(
             packed, False, None, bnb_quantized=True, module=self, **self._param_attrs()))
-        attach_quant_state(self.weight, self.quant_state)
+        attach_quant_state(self.weight, self.quant_state, self)
 
     _weight_types = (Params4bit,)
 
@@ -343,7 +343,7 @@ class Embedding4bit(Bnb4bitWeightKeys, _QuantizedTable):
             w = Params4bit(w.data, False, None, bnb_quantized=True, module=self,
                            **self._param_attrs())
             self._parameters["weight"] = w
-        attach_quant_state(w, self.quant_state)
+        attach_quant_state(w, self.quant_state, self)
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, quant_type: Optional[str] = None,

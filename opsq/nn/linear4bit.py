@@ -253,10 +253,14 @@ def params4bit_is_foreign(module: nn.Module, w) -> bool:
             and w.__dict__.get("module") is not module)
 
 
-def attach_quant_state(weight: Params4bit, state: Optional[Fq.QuantState]) -> None:
+def attach_quant_state(weight: Params4bit, state: Optional[Fq.QuantState],
+                       module: Optional[nn.Module] = None) -> None:
     """Set ``weight.quant_state`` to a state its module already holds (the layers' own
-    bookkeeping), without the adoption a user's assignment triggers."""
+    bookkeeping), without the adoption a user's assignment triggers; with ``module``, also bind
+    the weight to it (a deepcopied or unpickled weight comes back without its module)."""
     weight.__dict__["quant_state"] = state
+    if module is not None:
+        weight.__dict__["module"] = module
 
 
 def _rebuild_params4bit(data, requires_grad, quant_state, bnb_quantized, attrs):
@@ -553,7 +557,7 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
 
     def _sync_weight_state(self) -> None:
         if isinstance(self.weight, Params4bit):
-            attach_quant_state(self.weight, self.quant_state)
+            attach_quant_state(self.weight, self.quant_state, self)
             self.weight.bnb_quantized = self.is_quantized
 
     def _weight_is_foreign(self, w) -> bool:

@@ -16,7 +16,7 @@ from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
 from ..meta._common import check_threshold
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
                          _drop_internal_keys, _forget_internal_missing, _held_apply,
-                         _load_without_weight, _parse_to_device, _pickle_state, _same_storage,
+                         _load_without_weight, _parse_to_device, _pickle_state, _same_memory,
                          _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Int8Params", "Linear8bitLt"]
@@ -102,7 +102,7 @@ class Int8Params(nn.Parameter):
 def int8_is_foreign(w, scb: Optional[torch.Tensor]) -> bool:
     """Int8 codes ``w`` whose row scales ``w.SCB`` are not the module's ``scb``."""
     return (isinstance(w, Int8Params) and w.dtype == torch.int8 and w.SCB is not None
-            and not _same_storage(w.SCB, scb))
+            and not _same_memory(w.SCB, scb))
 
 
 class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
