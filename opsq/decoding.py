@@ -28,6 +28,17 @@ from torch import nn
 __all__ = ["StaticGreedyDecoder"]
 
 
+def _plain_static(layer) -> bool:
+    """A cache layer of transformers' ``StaticLayer`` kind (or, in versions without that class,
+    any layer): keys and values at their positions, nothing else to rewind (sliding windows are
+    told apart by ``is_sliding``; linear-attention layers of hybrid models are not this kind)."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return True
+    return isinstance(layer, StaticLayer)
+
+
 def _static_cache(model: nn.Module, max_cache_len: int):
     from transformers import StaticCache
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
@@ -171,15 +182,22 @@ class StaticGreedyDecoder:
             raise RuntimeError("call prefill(input_ids) before seek()")
         if not 0 <= position < self.max_cache_len:
             raise ValueError(f"position must be in [0, {self.max_cache_len}), got {position}")
-        if self._sliding():
-            raise NotImplementedError("seek: the cache has sliding-window layers")
-        for layer in getattr(self.cache, "layers", ()):
+        layers = list(getattr(self.cache, "layers", ()))
+        if self._sliding() or any(not _plain_static(layer) for layer in layers):
+            raise NotImplementedError("seek: the cache has sliding-window or other non-static "
+                                      "layers (their dropped entries or recurrent states "
+                                      "cannot be rewound)")
+        counters = []
+        for layer in layers:
             count = getattr(layer, "cumulative_length", None)
             if isinstance(count, torch.Tensor):
-                count.fill_(position)
+                counters.append(count)
             elif isinstance(count, int):
                 layer.cumulative_length = position
         self._pos.fill_(position)
+        if counters:  # one launch for all the layers (the bench times seek with each step)
+            torch._foreach_copy_(counters, [self._pos.reshape(()).to(counters[0].dtype)]
+                                 * len(counters))
 
     def _steps(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Decode the tokens ``out[:, start:stop]``."""
