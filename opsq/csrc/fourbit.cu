@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <array>
@@ -909,6 +910,15 @@ int64_t check_linear_4bit_args(const at::Tensor& A, const at::Tensor& B,
 }
 }  // namespace
 
+// at::linear in the op's own dtype: the caller's autocast must not recast it (this kernel runs
+// below the Autocast keys, but the ops it calls would re-enter them), so that the eager result
+// is the fake kernel's and the compiled graph's, as the reference kernels' (opsq/reference).
+static at::Tensor linear_in_dtype(const at::Tensor& x, const at::Tensor& W,
+                                  const std::optional<at::Tensor>& b) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return at::linear(x, W, b);
+}
+
 at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIntArrayRef shapeB,
                             const at::Tensor& absmax, int64_t blocksize,
                             c10::string_view quant_type, const std::optional<at::Tensor>& bias,
@@ -951,7 +961,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
     if (!kernel) {
       const at::Tensor W = dequant4_impl(codes, am_c, blocksize, nf4, {N, K}, dt, nested_absmax,
                                          nested_code, offset, nested_blocksize, /*tiled=*/true);
-      return at::linear(x, W, b).reshape(out_shape);
+      return linear_in_dtype(x, W, b).reshape(out_shape);
     }
     const Absmax am = prepare_absmax(am_c, nested_absmax, nested_code, offset, nested_blocksize);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -983,7 +993,7 @@ at::Tensor linear_4bit_cuda(const at::Tensor& A, const at::Tensor& B, c10::SymIn
   // Many rows (or fp32 / unaligned): dequantize the weight to A.dtype, then a cuBLAS product.
   const at::Tensor W = dequant4_impl(codes, absmax, blocksize, nf4, {N, K}, dt, nested_absmax,
                                      nested_code, offset, nested_blocksize);
-  return at::linear(x, W, b).reshape(out_shape);
+  return linear_in_dtype(x, W, b).reshape(out_shape);
 }
 
 
