@@ -87,6 +87,15 @@ def _parse_to_device(*args, **kwargs) -> Optional[torch.device]:
     return device
 
 
+def _in_order(d: dict, keys: list) -> None:
+    """Reorder ``d`` in place: ``keys`` (those present) first, in that order, then the rest
+    (torch optimizers key their state by the order of a module's parameters)."""
+    items = {k: d[k] for k in keys if k in d}
+    items.update((k, v) for k, v in d.items() if k not in items)
+    d.clear()
+    d.update(items)
+
+
 def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
     """Run ``base._load_from_state_dict`` for everything but the (already adopted) quantized
     tensors. What the base load assigns (``assign=True`` replaces the bias object) is kept; the
@@ -97,14 +106,8 @@ def _load_without_weight(module, base, state_dict, prefix, *args) -> None:
     try:
         base._load_from_state_dict(module, state_dict, prefix, *args)
     finally:
-        current = dict(module._parameters)
-        module._parameters.clear()
-        for name in order:
-            if name in held:
-                module._parameters[name] = held[name]
-            elif name in current:
-                module._parameters[name] = current.pop(name)
-        module._parameters.update(current)
+        module._parameters.update(held)
+        _in_order(module._parameters, order)
 
 
 def _forget_internal_missing(module, prefix: str, missing_keys: list) -> None:
@@ -214,11 +217,8 @@ def _held_apply(module: nn.Module, base, fn, recurse, device, to_empty, names) -
                     nn.Parameter(t, requires_grad=False)
             else:
                 module._buffers[name] = t
-        for d, keys in zip((module._parameters, module._buffers), order):
-            items = {k: d[k] for k in keys if k in d}
-            items.update((k, v) for k, v in d.items() if k not in items)
-            d.clear()
-            d.update(items)
+        _in_order(module._parameters, order[0])
+        _in_order(module._buffers, order[1])
 
 
 class QuantizedWeightMixin:
