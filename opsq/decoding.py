@@ -28,10 +28,13 @@ from torch import nn
 __all__ = ["StaticGreedyDecoder"]
 
 
-def _plain_static(layer) -> bool:
+def _rewindable(layer) -> bool:
     """A cache layer of transformers' ``StaticLayer`` kind (or, in versions without that class,
-    any layer): keys and values at their positions, nothing else to rewind (sliding windows are
-    told apart by ``is_sliding``; linear-attention layers of hybrid models are not this kind)."""
+    any layer) without a sliding window: keys and values at their positions, nothing else to
+    rewind (a full window's dropped entries and a hybrid model's linear-attention states are
+    not restored by moving a position)."""
+    if getattr(layer, "is_sliding", False):
+        return False
     try:
         from transformers.cache_utils import StaticLayer
     except ImportError:
@@ -183,7 +186,7 @@ class StaticGreedyDecoder:
         if not 0 <= position < self.max_cache_len:
             raise ValueError(f"position must be in [0, {self.max_cache_len}), got {position}")
         layers = list(getattr(self.cache, "layers", ()))
-        if self._sliding() or any(not _plain_static(layer) for layer in layers):
+        if not all(_rewindable(layer) for layer in layers):
             raise NotImplementedError("seek: the cache has sliding-window or other non-static "
                                       "layers (their dropped entries or recurrent states "
                                       "cannot be rewound)")
