@@ -130,6 +130,15 @@ def parse_only(text: Union[str, Iterable[str], None]) -> tuple:
     return tuple(f for f in FAMILIES if f in names)
 
 
+#: Bytes written before each timed run to flush the L2 (the H200's is 50 MB).
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def _median(times: list) -> float:
+    """The upper middle of ``times`` (the median of an odd count), as every timer here reports."""
+    return sorted(times)[len(times) // 2]
+
+
 def _timer() -> Callable[[Callable[[], object]], float]:
     """Median milliseconds of ``fn()`` with L2 flushed before each run."""
     try:
@@ -139,7 +148,7 @@ def _timer() -> Callable[[Callable[[], object]], float]:
             return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
         return run
     except Exception:  # pragma: no cover - triton missing
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+        flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
 
         def run(fn, iters=50):
             for _ in range(5):
@@ -153,8 +162,7 @@ def _timer() -> Callable[[Callable[[], object]], float]:
                 end.record()
                 torch.cuda.synchronize()
                 times.append(start.elapsed_time(end))
-            times.sort()
-            return times[len(times) // 2]
+            return _median(times)
         return run
 
 
@@ -165,7 +173,7 @@ def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_00
     (``torch.cuda._sleep``; ~1 ms at 2 GHz), so the host has launched the work before the start
     event fires and its Python time never lands between the two events (do_bench does not
     synchronise between runs: a slow host there read as GPU time)."""
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     for _ in range(3):
         fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
@@ -177,8 +185,7 @@ def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_00
         fn()
         end.record()
     torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    return times[len(times) // 2]
+    return _median([start.elapsed_time(end) for start, end in events])
 
 
 def _wall_ms(fn: Callable[[], object], reps: int = 20) -> float:
@@ -193,8 +200,7 @@ def _wall_ms(fn: Callable[[], object], reps: int = 20) -> float:
         fn()
         torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return times[len(times) // 2]
+    return _median(times)
 
 
 def _nbytes(*ts) -> int:
@@ -398,7 +404,7 @@ def _interleaved(timer, fns: dict, rounds: int = 3) -> dict:
     for _ in range(rounds):
         for name, fn in fns.items():
             times[name].append(timer(fn))
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: _median(t) for name, t in times.items()}
 
 
 def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
