@@ -35,7 +35,6 @@ KERNELS = {
 }
 
 
-
 def _outside_autocast(fn):
     """``fn`` with autocast off for its inputs' device types: a kernel computes in the dtypes its
     op documents, and an autocast region around an eager op call (CPU autocast) would recast
