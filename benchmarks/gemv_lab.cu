@@ -80,9 +80,9 @@ void launch4(const Bufs& b) {
 }
 // the extension's tiled16 kernel (bf16, no bias), launched as fourbit.cu does; NESTED: the
 // statistics `am` (uint8 codes in the tiled order, nested_absmax in block order)
-template <bool NESTED = false>
+template <bool NESTED = false, int CTAS = kTiled16CtasPerSm>
 void launch_tiled16(const Bufs& b, AbsmaxArgs am = {}) {
-  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, NESTED>;
+  auto kernel = opsq::gemv4_tiled16_kernel<__nv_bfloat16, NESTED, false, CTAS>;
   static int sms = 0;
   static const bool opted_in = [&] {
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTiled16SmemBytes));
@@ -90,7 +90,7 @@ void launch_tiled16(const Bufs& b, AbsmaxArgs am = {}) {
     return true;
   }();
   (void)opted_in;
-  const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * kTiled16CtasPerSm));
+  const int grid = static_cast<int>(std::min<int64_t>(b.N / 16, int64_t{sms} * CTAS));
   Tiled16Segments<__nv_bfloat16> segs{};
   segs.W[0] = b.Wt;
   segs.am[0] = NESTED ? am : AbsmaxArgs{b.absmax_t};
@@ -195,10 +195,17 @@ int main(int argc, char** argv) {
     check("v4 c64 w8 d1")([&] { launch4<64, 8, 1>(b); });
     check("v4 c64 w4 d1")([&] { launch4<64, 4, 1>(b); });
     check("gemv4_tiled16_kernel (extension)")([&] { launch_tiled16(b); });
-    {  // nested absmax: same values as ha through one nested block of 256 with code = identity-ish
+    check("gemv4_tiled16_kernel, 3 CTAs an SM")([&] { launch_tiled16<false, 3>(b); });
+    {  // nested absmax: ha's values through nested blocks of 256 with code = identity-ish; each
+       // nested block its own nested_absmax (0.7-0.9), so a lane reading another row's shows in relerr
       std::vector<float> code(256); for (int i = 0; i < 256; ++i) code[i] = (i - 127.5f) / 128.f;
-      std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256, 0.8f); const float off = 1.0f;
-      for (int64_t i = 0; i < nb; ++i) { int best = 0; for (int c = 0; c < 256; ++c) if (fabsf(code[c] * 0.8f + off - ha[i]) < fabsf(code[best] * 0.8f + off - ha[i])) best = c; qa[i] = best; }
+      std::vector<uint8_t> qa(nb); std::vector<float> na((nb + 255) / 256); const float off = 1.0f;
+      for (size_t j = 0; j < na.size(); ++j) na[j] = 0.7f + 0.05f * float(j % 5);
+      for (int64_t i = 0; i < nb; ++i) {
+        const float n = na[i >> 8];
+        int best = 0; for (int c = 0; c < 256; ++c) if (fabsf(code[c] * n + off - ha[i]) < fabsf(code[best] * n + off - ha[i])) best = c;
+        qa[i] = best;
+      }
       float *dc, *dn, *doff; uint8_t* dq;
       CK(cudaMalloc(&dc, 1024)); CK(cudaMalloc(&dn, na.size() * 4)); CK(cudaMalloc(&doff, 4)); CK(cudaMalloc(&dq, nb));
       CK(cudaMemcpy(dc, code.data(), 1024, cudaMemcpyHostToDevice)); CK(cudaMemcpy(dn, na.data(), na.size() * 4, cudaMemcpyHostToDevice));

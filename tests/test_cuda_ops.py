@@ -750,6 +750,28 @@ def test_linear_4bit_tiled16_unaligned_statistics(nested):
         assert_matmul_close(kernel, want, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("nbs", [NESTED_BLOCKSIZE, 32])
+def test_linear_4bit_tiled16_nested_equals_plain_of_decoded(dtype, nbs):
+    """The decode kernel on nested statistics gives the bytes it gives on plain statistics equal
+    to their decoded values (code[q] * nested_absmax, then + offset: two fp32 roundings): every
+    block's absmax reaches the same products. nested_absmax random per nested block, and shapes
+    whose 16-row tiles span several nested blocks, so a statistic decoded with another row's or
+    chunk's nested_absmax changes bytes."""
+    need_tiled16_device()
+    for i, (N, K) in enumerate([(1024, 4096), (6144, 1280), (48, 768), (256, 16384)]):
+        packed, tB, q, tq, extra = _tiled16_weight(N, K, True, 1400 + 11 * i, nbs)
+        nabs, code, offset, _ = extra
+        blocks = N * K // 64
+        decoded = code[q.long()] * nabs.repeat_interleave(nbs)[:blocks] + offset
+        _, tA = _tiled16.repack(packed, decoded, [N, K])
+        for M in (1, 3, 8):
+            A = randn((M, K), dtype, seed=1450 + M + i, scale=0.5)
+            got = OPS.linear_4bit(A, tB, [N, K], tq, 64, "nf4", None, *extra, layout="tiled16")
+            want = OPS.linear_4bit(A, tB, [N, K], tA, 64, "nf4", None, layout="tiled16")
+            assert torch.equal(got, want), (N, K, M)
+
+
 # =============================================================================================
 # 8-bit blockwise
 # =============================================================================================

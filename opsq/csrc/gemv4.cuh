@@ -345,10 +345,10 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 // The weight is in the tiled16 layout (opsq/_tiled16.py; Tiled16Lane above): blocksize 64,
 // N % 16 == 0, K % 256 == 0; each warp load reads 512 contiguous bytes. NESTED: absmax holds the
 // uint8 codes in the same tiled order, decoded as AbsmaxSmem<true>::get does (mul_rn of the
-// nested code and nested_absmax, add_rn of the offset); a step's 4 blocks of a row lie in one
-// nested block (the 4 start at a multiple of 4 and nested blocks hold >= 32), so one
-// nested_absmax a row and step. M <= 8 rows of A a launch; fp16 or bf16. Codes and statistics
-// 16-byte aligned (tiled16_aligned).
+// nested code and nested_absmax, add_rn of the offset) once a warp and item, in the slot, into
+// the plain layout (each lane one code of rows g' and g' + 8; before, the 4 lanes of a quad each
+// decoded all 8 of their rows' codes: 11-15 % slower than plain, twelfth session). M <= 8 rows
+// of A a launch; fp16 or bf16. Codes and statistics 16-byte aligned (tiled16_aligned).
 constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
@@ -403,11 +403,6 @@ __device__ __forceinline__ uint32_t lut_get(uint32_t lut, uint32_t w, uint32_t l
   return v;
 }
 
-// A lane's scales of one step: plain, the 4 chunks' absmax of rows g and g + 8; nested, the 4
-// chunks' two uint8 codes (row g in bits 0-7, row g + 8 in bits 8-15) and the rows' nested_absmax.
-template <bool NESTED> struct Tiled16Scales { float sa[4], sb[4]; };
-template <> struct Tiled16Scales<true> { uint32_t q[4]; float na, nb; };
-
 // The weights one launch streams (all of K columns, read by the same rows of A): weight g's
 // codes W[g], statistics am[g], bias[g] (or null), output out[g] (M x N[g]), streamed by the
 // CTAs cta_begin[g] .. cta_begin[g + 1] - 1. One weight for linear_4bit; up to
@@ -425,8 +420,9 @@ template <typename T> struct Tiled16Segments {
 
 // MERGED: several weights (each CTA finds its own once, then runs as for one weight over its
 // share of CTAs); otherwise segment 0 is read straight from the kernel parameters.
-template <typename T, bool NESTED, bool MERGED = false>
-__global__ void __launch_bounds__(kTiled16Warps * 32, kTiled16CtasPerSm)
+// CTAS: CTAs an SM the registers must allow (the lab also times 3; production kTiled16CtasPerSm).
+template <typename T, bool NESTED, bool MERGED = false, int CTAS = kTiled16CtasPerSm>
+__global__ void __launch_bounds__(kTiled16Warps * 32, CTAS)
 gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<T> segs,
                      CodePlanes planes) {
   const uint8_t* __restrict__ W = segs.W[0];
@@ -474,7 +470,8 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
   auto scale_slot = [&](int j) -> uint32_t {
     return lut + kLutBytes + (warp * kTiled16Slots + j) * 256;
   };
-  // nested: the rows' nested_absmax of the item in flight (plain: unused)
+  // nested: the nested_absmax of the item in flight, rows tile * 16 + (lane & 7) and + 8: the
+  // rows whose chunk lane / 8 this lane decodes (plain: unused)
   float nna = 0.f, nnb = 0.f;
   auto issue = [&](int64_t tile, int64_t s, int j) {  // item (tile, s) into slot j
     const int64_t run = tile * steps + s;
@@ -484,8 +481,8 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
     for (int c = 0; c < NC; ++c) cp_async16(dst + c * 1024, src + c * 512);
     if constexpr (NESTED) {
       if (lane < 4) cp_async16(scale_slot(j) + lane * 16, am.qabsmax + run * 64 + lane * 16);
-      // the block index of row tile * 16 + g's first chunk of step s
-      const int64_t blk = (tile * 16 + g) * (K / 64) + s * NC;
+      // the block index of chunk lane / 8 of step s, row tile * 16 + (lane & 7)
+      const int64_t blk = (tile * 16 + (lane & 7)) * (K / 64) + s * NC + (lane >> 3);
       nna = __ldg(am.nested_absmax + (blk >> am.nested_log2));
       nnb = __ldg(am.nested_absmax + ((blk + 8 * (K / 64)) >> am.nested_log2));
     } else {
@@ -523,26 +520,29 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
       cp_async_wait_all();  // this item's copies have landed ...
       __syncwarp();         // ... the other lanes' too; and every lane is done with the other slot
       uint32_t ca[NC][2], cb[NC][2];
-      Tiled16Scales<NESTED> sc;
+      float sa[NC], sb[NC];  // the chunks' absmax of rows g and g + 8
       const uint32_t cs = code_slot(slot), ss = scale_slot(slot);
+      if constexpr (NESTED) {
+        // The slot's 64 uint8 codes are decoded in place into the plain layout's 256 bytes, each
+        // code once a warp: lane l takes codes 2 l, 2 l + 1 (rows l & 7 and + 8 of chunk l / 8)
+        // to the float2 at 8 l (a lane of a quad would otherwise decode what its 3 neighbours do).
+        uint32_t v;
+        asm volatile("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(ss + 2 * lane));
+        const float da = add_rn(mul_rn(ams.ncode[v & 0xffu], nna), ams.offset);
+        const float db = add_rn(mul_rn(ams.ncode[v >> 8], nnb), ams.offset);
+        __syncwarp();  // every lane has read its codes before any float2 lands on them
+        asm volatile("st.shared.v2.f32 [%0], {%1,%2};" ::"r"(ss + 8 * lane), "f"(da), "f"(db)
+                     : "memory");
+        __syncwarp();
+      }
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
                      : "=r"(ca[c][0]), "=r"(ca[c][1]), "=r"(cb[c][0]), "=r"(cb[c][1])
                      : "r"(cs + c * 1024));
-        if constexpr (NESTED) {
-          uint16_t v;
-          asm volatile("ld.shared.u16 %0, [%1];" : "=h"(v) : "r"(ss + c * 16 + 2 * g));
-          sc.q[c] = v;
-        } else {
-          asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];"
-                       : "=f"(sc.sa[c]), "=f"(sc.sb[c])
-                       : "r"(ss + (c * 8 + g) * 8));
-        }
-      }
-      if constexpr (NESTED) {
-        sc.na = nna;
-        sc.nb = nnb;
+        asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];"
+                     : "=f"(sa[c]), "=f"(sb[c])
+                     : "r"(ss + (c * 8 + g) * 8));
       }
       slot ^= 1;
       if (nt < ntiles && ns < steps) issue(nt, ns, slot);  // in flight while this item computes
@@ -576,18 +576,10 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
                                   lut_get<3>(lut, cb[c][i], lane4)};
           mma16816<T>(d, f1, xw[c][4 * i + 2], xw[c][4 * i + 3]);
         }
-        float sa, sb;
-        if constexpr (NESTED) {
-          sa = add_rn(mul_rn(ams.ncode[sc.q[c] & 0xffu], sc.na), ams.offset);
-          sb = add_rn(mul_rn(ams.ncode[(sc.q[c] >> 8) & 0xffu], sc.nb), ams.offset);
-        } else {
-          sa = sc.sa[c];
-          sb = sc.sb[c];
-        }
-        acc[0] = fmaf(sa, d[0], acc[0]);
-        acc[1] = fmaf(sa, d[1], acc[1]);
-        acc[2] = fmaf(sb, d[2], acc[2]);
-        acc[3] = fmaf(sb, d[3], acc[3]);
+        acc[0] = fmaf(sa[c], d[0], acc[0]);
+        acc[1] = fmaf(sa[c], d[1], acc[1]);
+        acc[2] = fmaf(sb[c], d[2], acc[2]);
+        acc[3] = fmaf(sb[c], d[3], acc[3]);
       }
     }
     if (last) {  // every warp reaches its last item of the tile once: reduce the tile
