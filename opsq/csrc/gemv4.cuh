@@ -345,10 +345,10 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 // The weight is in the tiled16 layout (opsq/_tiled16.py; Tiled16Lane above): blocksize 64,
 // N % 16 == 0, K % 256 == 0; each warp load reads 512 contiguous bytes. NESTED: absmax holds the
 // uint8 codes in the same tiled order, decoded as AbsmaxSmem<true>::get does (mul_rn of the
-// nested code and nested_absmax, add_rn of the offset) once a warp and item, in the slot, into
-// the plain layout (each lane one code of rows g' and g' + 8; before, the 4 lanes of a quad each
-// decoded all 8 of their rows' codes: 11-15 % slower than plain, twelfth session). M <= 8 rows
-// of A a launch; fp16 or bf16. Codes and statistics 16-byte aligned (tiled16_aligned).
+// nested code and nested_absmax, add_rn of the offset) once a warp and item, each lane one code
+// pair, shuffled to the quads that use it (before, the 4 lanes of a quad each decoded all 8 of
+// their rows' codes: 11-15 % slower than plain, twelfth session). M <= 8 rows of A a launch;
+// fp16 or bf16. Codes and statistics 16-byte aligned (tiled16_aligned).
 constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
@@ -420,9 +420,8 @@ template <typename T> struct Tiled16Segments {
 
 // MERGED: several weights (each CTA finds its own once, then runs as for one weight over its
 // share of CTAs); otherwise segment 0 is read straight from the kernel parameters.
-// CTAS: CTAs an SM the registers must allow (the lab also times 3; production kTiled16CtasPerSm).
-template <typename T, bool NESTED, bool MERGED = false, int CTAS = kTiled16CtasPerSm>
-__global__ void __launch_bounds__(kTiled16Warps * 32, CTAS)
+template <typename T, bool NESTED, bool MERGED = false>
+__global__ void __launch_bounds__(kTiled16Warps * 32, kTiled16CtasPerSm)
 gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<T> segs,
                      CodePlanes planes) {
   const uint8_t* __restrict__ W = segs.W[0];
@@ -523,26 +522,30 @@ gemv4_tiled16_kernel(const T* __restrict__ A, int M, int64_t K, Tiled16Segments<
       float sa[NC], sb[NC];  // the chunks' absmax of rows g and g + 8
       const uint32_t cs = code_slot(slot), ss = scale_slot(slot);
       if constexpr (NESTED) {
-        // The slot's 64 uint8 codes are decoded in place into the plain layout's 256 bytes, each
-        // code once a warp: lane l takes codes 2 l, 2 l + 1 (rows l & 7 and + 8 of chunk l / 8)
-        // to the float2 at 8 l (a lane of a quad would otherwise decode what its 3 neighbours do).
+        // Each code of the slot's 64 is decoded once a warp: lane l takes codes 2 l, 2 l + 1
+        // (chunk l / 8, rows l & 7 and + 8) and the quads take their rows' values by shuffles
+        // (the 4 lanes of a quad would otherwise each decode all 8 of their rows' codes).
+        // Shuffles, not a shared-memory round trip: nothing orders the item's look-ups behind it.
         uint32_t v;
         asm volatile("ld.shared.u16 %0, [%1];" : "=r"(v) : "r"(ss + 2 * lane));
         const float da = add_rn(mul_rn(ams.ncode[v & 0xffu], nna), ams.offset);
         const float db = add_rn(mul_rn(ams.ncode[v >> 8], nnb), ams.offset);
-        __syncwarp();  // every lane has read its codes before any float2 lands on them
-        asm volatile("st.shared.v2.f32 [%0], {%1,%2};" ::"r"(ss + 8 * lane), "f"(da), "f"(db)
-                     : "memory");
-        __syncwarp();
+#pragma unroll
+        for (int c = 0; c < NC; ++c) {
+          sa[c] = __shfl_sync(0xffffffffu, da, c * 8 + g);
+          sb[c] = __shfl_sync(0xffffffffu, db, c * 8 + g);
+        }
       }
 #pragma unroll
       for (int c = 0; c < NC; ++c) {
         asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];"
                      : "=r"(ca[c][0]), "=r"(ca[c][1]), "=r"(cb[c][0]), "=r"(cb[c][1])
                      : "r"(cs + c * 1024));
-        asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];"
-                     : "=f"(sa[c]), "=f"(sb[c])
-                     : "r"(ss + (c * 8 + g) * 8));
+        if constexpr (!NESTED) {
+          asm volatile("ld.shared.v2.f32 {%0,%1}, [%2];"
+                       : "=f"(sa[c]), "=f"(sb[c])
+                       : "r"(ss + (c * 8 + g) * 8));
+        }
       }
       slot ^= 1;
       if (nt < ntiles && ns < steps) issue(nt, ns, slot);  // in flight while this item computes
