@@ -5,7 +5,8 @@ runs it under `ncu --kernel-name regex:...`): the 4-bit quantizer, the gemv at 8
 2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and at
 2048x14336->4096 with every column an outlier (also the tail transpose), and the 8-bit
 optimizer update; with the tiled16 layout (opsq/_tiled16.py): gemv4_tiled16_kernel at
-4096->4096 and 8192->28672, and dequant4_tiled16_kernel at 28672x8192 (the prefill path)."""
+4096->4096 and 8192->28672 (and nested at 8192->28672), and dequant4_tiled16_kernel at
+28672x8192 (the prefill path)."""
 import torch
 import opsq  # noqa: F401
 OPS = torch.ops.opsq
@@ -35,6 +36,11 @@ from opsq.functional import gemv_4bit, quantize_4bit
 W = torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
 p, qs = quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
 gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), p, state=qs)
+# ... and in the tiled16 layout (gemv4_tiled16_kernel<..., NESTED>; beside the plain launch at
+# 28672x8192 above: the nested gap's profile)
+pt, qt = _tiled16.repack(p, qs.absmax, [28672, 8192])
+OPS.gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), pt, [28672, 8192], qt,
+              64, "nf4", None, *qs.nested_args(), layout="tiled16")
 # Linear8bitLt threshold 6 at prefill size (2048x4096->4096, bench's outlier input)
 W8 = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
 CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)
