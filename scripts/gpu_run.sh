@@ -253,7 +253,7 @@ BENCH_RC=$?
 if [ "${OPSQ_NCU:-0}" = "1" ] && command -v ncu >/dev/null 2>&1; then
   timeout 300 ncu --clock-control none \
       --kernel-name regex:"gemv4_kernel|gemv4_tiled16|dequant4_tiled16|(^|[^e])quant4_kernel|dq_|int8_small_m|small_outliers|update8_kernel|rowreg|outlier_|igemm|mm_dequant" \
-      --launch-skip 0 --launch-count 36 --section SpeedOfLight --section Occupancy \
+      --launch-skip 0 --launch-count 48 --section SpeedOfLight --section Occupancy \
       --section WarpStateStats --section LaunchStats --section ComputeWorkloadAnalysis \
       --section InstructionStats --section MemoryWorkloadAnalysis \
       $PY scripts/ncu_case.py >"$OUT/ncu.log" 2>&1

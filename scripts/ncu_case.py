@@ -37,10 +37,18 @@ W = torch.randn(28672, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
 p, qs = quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
 gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), p, state=qs)
 # ... and in the tiled16 layout (gemv4_tiled16_kernel<..., NESTED>; beside the plain launch at
-# 28672x8192 above: the nested gap's profile)
+# 28672x8192 above), then plain and nested at 8192^2, where nested costs 8-16 % (the gap's profile)
 pt, qt = _tiled16.repack(p, qs.absmax, [28672, 8192])
 OPS.gemv_4bit(torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16), pt, [28672, 8192], qt,
               64, "nf4", None, *qs.nested_args(), layout="tiled16")
+W = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) * 0.02
+x = torch.randn(1, 8192, device="cuda", dtype=torch.bfloat16)
+p, am = OPS.quantize_4bit(W, 64, "nf4", torch.uint8)
+pt, at = _tiled16.repack(p, am, [8192, 8192])
+_, qs = quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+qt = _tiled16.repack_absmax(qs.absmax, [8192, 8192])
+OPS.gemv_4bit(x, pt, [8192, 8192], at, 64, "nf4", layout="tiled16")
+OPS.gemv_4bit(x, pt, [8192, 8192], qt, 64, "nf4", None, *qs.nested_args(), layout="tiled16")
 # Linear8bitLt threshold 6 at prefill size (2048x4096->4096, bench's outlier input)
 W8 = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
 CB, _, SCB, _, _ = OPS.double_quant(W8, 0.0)

@@ -347,8 +347,8 @@ gemv4_kernel(const T* __restrict__ A, int M, int64_t K, const uint8_t* __restric
 // uint8 codes in the same tiled order, decoded as AbsmaxSmem<true>::get does (mul_rn of the
 // nested code and nested_absmax, add_rn of the offset) once a warp and item, each lane one code
 // pair, shuffled to the quads that use it (before, the 4 lanes of a quad each decoded all 8 of
-// their rows' codes: 11-15 % slower than plain, twelfth session). M <= 8 rows of A a launch;
-// fp16 or bf16. Codes and statistics 16-byte aligned (tiled16_aligned).
+// their rows' codes; the time is about the same, NOTES "Thirteenth session"). M <= 8 rows of A
+// a launch; fp16 or bf16. Codes and statistics 16-byte aligned (tiled16_aligned).
 constexpr int kLutBytes = 256 * 256;
 constexpr int kTiled16Warps = 8;      // lab: 8 warps x 2 CTAs beat 4 x 3 at every shape
 constexpr int kTiled16CtasPerSm = 2;
