@@ -5,8 +5,8 @@ runs it under `ncu --kernel-name regex:...`): the 4-bit quantizer, the gemv at 8
 2048x4096->4096 (rowreg, outlier fix-up and compaction, igemm, the outlier epilogue) and at
 2048x14336->4096 with every column an outlier (also the tail transpose), and the 8-bit
 optimizer update; with the tiled16 layout (opsq/_tiled16.py): gemv4_tiled16_kernel at
-4096->4096 and 8192->28672 (and nested at 8192->28672), and dequant4_tiled16_kernel at
-28672x8192 (the prefill path)."""
+4096->4096 and 8192->28672 (and nested at 8192->28672), plain and nested at 8192->8192, and
+dequant4_tiled16_kernel at 28672x8192 (the prefill path)."""
 import torch
 import opsq  # noqa: F401
 OPS = torch.ops.opsq
