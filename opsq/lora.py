@@ -183,7 +183,11 @@ def peft_config(config: Any = None, /, **kwargs: Any):
     Returns:
         the ``LoraConfig``, with opsq's layers registered through
         ``LoraConfig._register_custom_module`` (not saved with the adapter: pass the loading
-        config through this function too).
+        config through this function too). The first call also registers them on every
+        ``LoraConfig`` built later in the process, so that the routes that read a config from
+        disk and take none (``PeftModel.load_adapter``, transformers' ``load_adapter``) wrap
+        opsq's layers the same way; without that, a second adapter got PEFT's plain
+        ``lora.Linear`` and ``merge_and_unload`` failed halfway, leaving earlier layers merged.
     Raises:
         ImportError: PEFT is not installed. TypeError: ``config`` is not a ``LoraConfig``
         (e.g. another PEFT method, or a path to one), or a ``LoraConfig`` with ``kwargs``.
@@ -202,10 +206,36 @@ def peft_config(config: Any = None, /, **kwargs: Any):
     if not isinstance(config, LoraConfig) or config.peft_type != PeftType.LORA:
         raise TypeError(f"peft_config: config must be a peft.LoraConfig (LoRA), got "
                         f"{type(config).__name__}")
+    _register_opsq_layers(config)
+    _register_on_every_lora_config(LoraConfig)
+    return config
+
+
+def _register_opsq_layers(config: Any) -> None:
+    """opsq's LoRA layers for its quantized layers, on one ``LoraConfig``."""
     layers = _peft_layers()
     config._register_custom_module({Linear4bit: layers["PeftLinear4bit"],
                                     Linear8bitLt: layers["PeftLinear8bitLt"]})
-    return config
+
+
+def _register_on_every_lora_config(lora_config_cls: type) -> None:
+    """From now on each new ``LoraConfig`` registers opsq's layers as it is built (a wrapper of
+    the dataclass's ``__post_init__``, installed once)."""
+    post_init = lora_config_cls.__post_init__
+    if getattr(post_init, "_opsq_registers", False):
+        return
+
+    def __post_init__(self, *args: Any, **kwargs: Any) -> None:
+        post_init(self, *args, **kwargs)
+        if self.peft_type == _peft_type_lora():
+            _register_opsq_layers(self)
+    __post_init__._opsq_registers = True
+    lora_config_cls.__post_init__ = __post_init__
+
+
+def _peft_type_lora() -> Any:
+    from peft import PeftType
+    return PeftType.LORA
 
 
 def prepare_model_for_kbit_training(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
@@ -217,15 +247,22 @@ def prepare_model_for_kbit_training(model: nn.Module, *args: Any, **kwargs: Any)
     set; opsq's transformers integration leaves them unset (transformers imports bitsandbytes
     where it reads them), so called on its own PEFT silently skips the checkpointing and a run
     needs far more activation memory than with bitsandbytes. This sets the flags of the layers
-    the model holds for the duration of PEFT's call only. Arguments after ``model`` are PEFT's
-    (``use_gradient_checkpointing``, ``gradient_checkpointing_kwargs``, ...).
+    the model holds for the duration of PEFT's call only; a model without transformers'
+    checkpointing methods (``gradient_checkpointing_enable`` and ``enable_input_require_grads`` or
+    ``get_input_embeddings``) is left unflagged, as PEFT leaves it. Arguments after ``model``
+    are PEFT's (``use_gradient_checkpointing``, ``gradient_checkpointing_kwargs``, ...).
 
     Raises:
         ImportError: peft is not installed.
     """
     from peft import prepare_model_for_kbit_training as prepare
     kinds = {"is_loaded_in_4bit": Linear4bit, "is_loaded_in_8bit": Linear8bitLt}
-    names = [n for n, cls in kinds.items() if any(isinstance(m, cls) for m in model.modules())]
+    # PEFT's checkpointing branch needs a transformers model's methods; a plain module is left
+    # unflagged, as PEFT leaves it (it would raise AttributeError on the missing methods)
+    transformers_like = hasattr(model, "gradient_checkpointing_enable") and (
+        hasattr(model, "enable_input_require_grads") or hasattr(model, "get_input_embeddings"))
+    names = [n for n, cls in kinds.items()
+             if transformers_like and any(isinstance(m, cls) for m in model.modules())]
     missing = object()
     saved = {n: model.__dict__.get(n, missing) for n in names}
     try:

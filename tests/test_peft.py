@@ -467,6 +467,51 @@ def test_adapter_save_and_load_gives_identical_outputs(base, device, tmp_path):
     assert isinstance(merged.q_proj, (Linear4bit, Linear8bitLt))
 
 
+@pytest.mark.parametrize("base", ["nf4", "int8-t6"])
+def test_second_adapter_from_load_adapter_is_quantization_aware(base, tmp_path):
+    """PeftModel.load_adapter reads its LoraConfig from disk and takes no config: after any
+    peft_config call, that config wraps opsq's layers too, so a second adapter on other modules
+    merges (before: PEFT's plain lora.Linear there, and merge_and_unload raised halfway through,
+    with the first adapter's layers already merged)."""
+    model, pristine = wrap(base, "cpu", target_modules=["q_proj"])
+    randomize_adapters(model)
+    model.save_pretrained(tmp_path / "a")
+    other = get_peft_model(copy.deepcopy(pristine),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"]))
+    assert type(other.base_model.model.v_proj) in (opsq.lora.PeftLinear4bit,
+                                                    opsq.lora.PeftLinear8bitLt)
+    randomize_adapters(other)
+    other.save_pretrained(tmp_path / "b")
+
+    loaded = PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "a",
+                                       config=peft_config(tmp_path / "a"))
+    loaded.load_adapter(tmp_path / "b", adapter_name="b")
+    inner = loaded.base_model.model
+    assert type(inner.v_proj) is type(inner.q_proj)
+    loaded.base_model.set_adapter(["default", "b"])
+    x = torch.randn(5, K)
+    with torch.no_grad():
+        both = loaded(x)
+        with loaded.disable_adapter():
+            base_out = loaded(x)
+    merged = loaded.merge_and_unload(adapter_names=["default", "b"])
+    assert isinstance(merged.q_proj, (Linear4bit, Linear8bitLt))
+    assert isinstance(merged.v_proj, (Linear4bit, Linear8bitLt))
+    with torch.no_grad():
+        out = merged(x)
+    assert error(out, both) < 0.25 * error(base_out, both)  # both adapters are in it
+
+
+def test_prepare_model_for_kbit_training_accepts_a_plain_module():
+    """A plain nn.Module (no transformers methods) with opsq layers: PEFT's function runs
+    unflagged, as it does for such a module (it raised AttributeError on the flags' branch)."""
+    model = Tiny("nf4", "cpu")
+    out = opsq.lora.prepare_model_for_kbit_training(model)
+    assert out is model
+    assert not any(p.requires_grad for p in model.parameters())
+    assert "is_loaded_in_4bit" not in model.__dict__
+
+
 def test_peft_model_pickles(tmp_path):
     # torch.save(model) finds the lazily built classes as opsq.lora.<name>.
     model, _ = wrap("nf4", "cpu")
