@@ -327,18 +327,35 @@ class _LoadQuantized(_OpsqOp):
     @staticmethod
     def _float_tensor(input_dict, model, full_layer_name):
         """A tensor this converter only passes through, cast to the dtype the model was built
-        with (``from_pretrained(..., dtype=...)``, fp32 for ``_keep_in_fp32_modules``):
-        transformers leaves the dtype of every tensor a quantizer's converter sees alone."""
+        with (``from_pretrained(..., dtype=...)``), or to the one transformers' keep-in-fp32 plan
+        gives it (:func:`_planned_dtype`): transformers leaves the dtype of every tensor a
+        quantizer's converter sees alone, its plan included."""
         (key, value), = input_dict.items()
         value = _first(value)
         try:
             target = model.get_parameter_or_buffer(full_layer_name)
         except (AttributeError, ValueError):
             return input_dict
-        if value.is_floating_point() and target.is_floating_point() \
-                and value.dtype != target.dtype:
-            value = value.to(target.dtype)
+        if value.is_floating_point() and target.is_floating_point():
+            dtype = _planned_dtype(model, full_layer_name, target.dtype)
+            if value.dtype != dtype:
+                value = value.to(dtype)
         return {key: value}
+
+
+def _planned_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype transformers' keep-in-fp32 plan gives tensor ``name`` of a model loaded in
+    ``dtype`` (``_keep_in_fp32_modules`` for fp16, ``_keep_in_fp32_modules_strict`` for fp16 and
+    bf16: fp32, e.g. T5's ``wo``), matched as transformers matches it; ``dtype`` where no entry
+    names it. (Before, a pre-quantized T5 reloaded in fp16 got ``wo`` in fp16, while quantizing
+    on load and bitsandbytes keep it in fp32.)"""
+    plan = getattr(model, "_get_dtype_plan", lambda _: {})(dtype)
+    if not plan:
+        return dtype
+    from transformers.core_model_loading import build_glob_alternation
+    pattern, group_to_glob, _ = build_glob_alternation(list(plan))
+    match = pattern.search(name)
+    return plan[group_to_glob[match.lastgroup]] if match else dtype
 
 
 def _loaded(module: nn.Module) -> nn.Parameter:

@@ -395,6 +395,33 @@ def test_opsq_config_checkpoint_round_trip(tiny_path, tmp_path, enabled):
     _assert_same_state(_load(tmp_path / "bnb"), model)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prequantized_reload_keeps_keep_in_fp32_modules(bits, tmp_path, enabled):
+    """T5 keeps `wo` in fp32 when loaded in fp16 (`_keep_in_fp32_modules`); transformers applies
+    that plan only to tensors no quantizer converter sees, so a pre-quantized checkpoint reloaded
+    in fp16 got `wo` in fp16 (bitsandbytes keeps fp32). Reload equals quantize-on-load: dtypes
+    and logits."""
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2,
+                                num_heads=4, decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "float")
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float16)
+         if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    load = transformers.AutoModelForSeq2SeqLM.from_pretrained
+    on_load = load(tmp_path / "float", dtype=torch.float16, quantization_config=q).eval()
+    on_load.save_pretrained(tmp_path / "quantized")
+    again = load(tmp_path / "quantized", dtype=torch.float16).eval()
+    wo = again.encoder.block[0].layer[1].DenseReluDense.wo.weight
+    assert wo.dtype == torch.float32
+    assert {n: p.dtype for n, p in again.named_parameters()} == \
+        {n: p.dtype for n, p in on_load.named_parameters()}
+    ids = torch.randint(2, 128, (2, 9))
+    with torch.no_grad():
+        want = on_load(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+        got = again(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # ---- torch.compile -----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(FIXTURE_CASES))
 def test_compile_fullgraph_no_graph_breaks(name, enabled):
