@@ -88,6 +88,24 @@ def code_table(quant_type: str, device=None) -> torch.Tensor:
     return table_on(quant_type, values, device)
 
 
+def quant_map(quant_type: str, device=None) -> torch.Tensor:
+    """The code table of ``quant_type`` as bitsandbytes stores it (``QuantState.quant_map``, a
+    checkpoint's ``weight.quant_map``, ``get_4bit_type``): :func:`code_table` except FP4's code
+    8, which is +0.0 there (bitsandbytes builds that table from the integer ``-0``) while its
+    dequantization gives -0.0 (the sign bit times 0), which :func:`code_table` keeps for the
+    kernels. A state's table is only stored and compared by value; the ops look codes up in
+    :func:`code_table`.
+
+    Returns:
+        fp32 ``(16,)`` on ``device``, owned by the caller.
+    Raises:
+        ValueError: ``quant_type`` is not "nf4" or "fp4".
+    """
+    if quant_type == "fp4":
+        return table_on("fp4_map", tuple(v + 0.0 for v in FP4_CODE), device)  # -0.0 + 0.0 = +0.0
+    return code_table(quant_type, device)
+
+
 #: Device-resident masters of :func:`table_on`, keyed by (name, device); never written.
 _RESIDENT: dict = {}
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE,
-                         QUANT_TYPES, code_table)
+                         QUANT_TYPES, quant_map)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
 from . import _tiled16
@@ -71,7 +71,7 @@ def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tens
         (bitsandbytes raises NotImplementedError for both).
     """
     if typename in QUANT_TYPES:
-        return code_table(typename, device)
+        return quant_map(typename, device)
     if typename == "int4":
         # divided on the CPU: a GPU's fp32 division may differ in the last ulp
         return (torch.tensor(_INT4_LEVELS, dtype=torch.float32) / 7.0).to(device)
@@ -652,7 +652,7 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
         ValueError: bad ``blocksize`` or ``quant_type``.
     """
     packed, am = torch.ops.opsq.quantize_4bit(A, blocksize, quant_type, quant_storage)
-    code = code_table(quant_type, A.device)
+    code = quant_map(quant_type, A.device)
     if compress_statistics:
         offset = nested_offset(am)
         qabsmax, state2 = quantize_blockwise(am - offset, blocksize=NESTED_BLOCKSIZE)
@@ -692,7 +692,7 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
             raise ValueError("dequantize_4bit needs quant_state, or absmax and out")
         quant_state = QuantState(absmax=absmax, shape=out.shape, dtype=out.dtype,
                                  blocksize=blocksize, quant_type=quant_type,
-                                 code=code_table(quant_type, A.device))
+                                 code=quant_map(quant_type, A.device))
     dtype = out.dtype if out is not None else quant_state.dtype
     res = torch.ops.opsq.dequantize_4bit(A, quant_state.absmax, quant_state.blocksize,
                                          quant_state.quant_type, list(quant_state.shape), dtype,

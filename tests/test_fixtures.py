@@ -179,6 +179,9 @@ def test_linear4bit_quantizes_like_bnb(case):
     ours = layer.state_dict()
     assert sorted(ours) == sorted(sd)
     assert torch.equal(ours["weight"], sd["weight"])
+    # the code table's bytes too: bitsandbytes stores FP4's code 8 as +0.0 (not -0.0)
+    assert torch.equal(ours["weight.quant_map"].view(torch.int32),
+                       sd["weight.quant_map"].view(torch.int32))
     assert torch.equal(ours["weight.quant_state.bitsandbytes__" + meta["quant_type"]],
                        sd["weight.quant_state.bitsandbytes__" + meta["quant_type"]]) or \
         "nested_blocksize" in meta  # nested_offset may differ in its last printed digit

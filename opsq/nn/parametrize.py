@@ -46,7 +46,7 @@ import torch.nn.utils.parametrize as P
 from torch import nn
 
 from .. import functional as Fq
-from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, code_table
+from .._constants import FLOAT_DTYPES, NESTED_BLOCKSIZE, code_table, quant_map
 from ..meta._common import ceil_div, check_blocksize, check_quant_type, check_type, numel_of
 from ..meta.fourbit import check_dequantize_4bit
 
@@ -120,7 +120,7 @@ class Bnb4bitParametrization(nn.Module):
                                    blocksize=self.nested_blocksize, dtype=torch.float32)
             offset = self.offset.reshape(())
         return Fq.QuantState(absmax=self.absmax, shape=self.shape,
-                             code=code_table(self.quant_type, self.absmax.device),
+                             code=quant_map(self.quant_type, self.absmax.device),
                              blocksize=self.blocksize, quant_type=self.quant_type,
                              dtype=self.dtype, offset=offset, state2=state2)
 
