@@ -347,8 +347,7 @@ def _planned_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> torch.dty
     """The dtype transformers' keep-in-fp32 plan gives tensor ``name`` of a model loaded in
     ``dtype`` (``_keep_in_fp32_modules`` for fp16, ``_keep_in_fp32_modules_strict`` for fp16 and
     bf16: fp32, e.g. T5's ``wo``), matched as transformers matches it; ``dtype`` where no entry
-    names it. (Before, a pre-quantized T5 reloaded in fp16 got ``wo`` in fp16, while quantizing
-    on load and bitsandbytes keep it in fp32.)"""
+    names it."""
     plan = getattr(model, "_get_dtype_plan", lambda _: {})(dtype)
     if not plan:
         return dtype

@@ -221,21 +221,17 @@ def _register_opsq_layers(config: Any) -> None:
 def _register_on_every_lora_config(lora_config_cls: type) -> None:
     """From now on each new ``LoraConfig`` registers opsq's layers as it is built (a wrapper of
     the dataclass's ``__post_init__``, installed once)."""
+    from peft import PeftType
     post_init = lora_config_cls.__post_init__
     if getattr(post_init, "_opsq_registers", False):
         return
 
     def __post_init__(self, *args: Any, **kwargs: Any) -> None:
         post_init(self, *args, **kwargs)
-        if self.peft_type == _peft_type_lora():
+        if self.peft_type == PeftType.LORA:
             _register_opsq_layers(self)
     __post_init__._opsq_registers = True
     lora_config_cls.__post_init__ = __post_init__
-
-
-def _peft_type_lora() -> Any:
-    from peft import PeftType
-    return PeftType.LORA
 
 
 def prepare_model_for_kbit_training(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
