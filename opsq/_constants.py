@@ -50,6 +50,9 @@ LAYOUTS_4BIT: tuple[str, ...] = ("packed", "tiled16")
 TILED16_ROWS = 16
 TILED16_STEP = 256
 TILED16_BLOCKSIZE = 64
+#: The 4-bit functions' blocksize where the caller passes ``blocksize=None`` (bitsandbytes'
+#: default, its signature's None).
+BLOCKSIZE_4BIT_DEFAULT = 64
 
 NF4_CODE: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_BLOCKSIZE,
-                         QUANT_TYPES, quant_map)
+                         QUANT_TYPES, BLOCKSIZE_4BIT_DEFAULT, quant_map)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
 from . import _tiled16
@@ -632,25 +632,29 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
 
 # ---- 4-bit ---------------------------------------------------------------------------------
 def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
-                  out: Optional[torch.Tensor] = None, blocksize: int = 64,
+                  out: Optional[torch.Tensor] = None, blocksize: Optional[int] = None,
                   compress_statistics: bool = False, quant_type: str = "fp4",
                   quant_storage: torch.dtype = torch.uint8):
     """Blockwise 4-bit (NF4 / FP4) quantization (QLoRA, Dettmers et al. 2023).
 
     Args:
         A: fp16/bf16/fp32 tensor of any shape (flattened row-major).
-        blocksize: elements per absmax block, one of 32..4096 (powers of two).
+        blocksize: elements per absmax block, one of 32..4096 (powers of two); None: 64, as
+            bitsandbytes.
         compress_statistics: nested absmax (offset = :func:`nested_offset`, the mean of absmax;
             absmax - offset quantized 8-bit blockwise with blocksize 256 and the dynamic map).
         quant_type: "nf4" or "fp4".
         quant_storage: dtype the packed bytes are viewed as.
-        absmax, out: optional outputs to copy into.
+        absmax, out: optional outputs to copy into (the state keeps its own fp32 absmax;
+            bitsandbytes' holds the ``absmax`` buffer).
     Returns:
         ``(packed (ceil(n/2/itemsize), 1) quant_storage, QuantState)``.
     Raises:
         TypeError: ``A`` not floating point or bad ``quant_storage``.
         ValueError: bad ``blocksize`` or ``quant_type``.
     """
+    if blocksize is None:
+        blocksize = BLOCKSIZE_4BIT_DEFAULT
     packed, am = torch.ops.opsq.quantize_4bit(A, blocksize, quant_type, quant_storage)
     code = quant_map(quant_type, A.device)
     if compress_statistics:
@@ -671,7 +675,7 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
 
 def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
                     absmax: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-                    blocksize: int = 64, quant_type: str = "fp4") -> torch.Tensor:
+                    blocksize: Optional[int] = None, quant_type: str = "fp4") -> torch.Tensor:
     """Dequantize packed 4-bit codes: ``code[q] * absmax[block]`` in ``quant_state.dtype``.
 
     Without ``quant_state``, ``absmax`` and ``out`` (which gives shape and dtype) are required.
@@ -684,9 +688,13 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
     bitsandbytes' ``dequantize_4bit`` does for an ``A`` of one row (which it also does for the
     ``(1, 1)`` codes of a weight of one byte; opsq does not).
 
+    ``blocksize`` (without ``quant_state``): None means 64, as in bitsandbytes.
+
     Raises:
         ValueError: neither a ``quant_state`` nor ``absmax`` and ``out``.
     """
+    if blocksize is None:
+        blocksize = BLOCKSIZE_4BIT_DEFAULT
     if quant_state is None:
         if absmax is None or out is None:
             raise ValueError("dequantize_4bit needs quant_state, or absmax and out")
@@ -705,24 +713,24 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
         else res
 
 
-def quantize_nf4(A, absmax=None, out=None, blocksize=64, compress_statistics=False,
+def quantize_nf4(A, absmax=None, out=None, blocksize=None, compress_statistics=False,
                  quant_storage=torch.uint8):
     """:func:`quantize_4bit` with ``quant_type="nf4"``."""
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "nf4", quant_storage)
 
 
-def quantize_fp4(A, absmax=None, out=None, blocksize=64, compress_statistics=False,
+def quantize_fp4(A, absmax=None, out=None, blocksize=None, compress_statistics=False,
                  quant_storage=torch.uint8):
     """:func:`quantize_4bit` with ``quant_type="fp4"``."""
     return quantize_4bit(A, absmax, out, blocksize, compress_statistics, "fp4", quant_storage)
 
 
-def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=64):
+def dequantize_nf4(A, quant_state=None, absmax=None, out=None, blocksize=None):
     """:func:`dequantize_4bit` with ``quant_type="nf4"``."""
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "nf4")
 
 
-def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=64):
+def dequantize_fp4(A, quant_state=None, absmax=None, out=None, blocksize=None):
     """:func:`dequantize_4bit` with ``quant_type="fp4"``."""
     return dequantize_4bit(A, quant_state, absmax, out, blocksize, "fp4")
 

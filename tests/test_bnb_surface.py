@@ -55,7 +55,36 @@ BNB_SIGNATURES = [
     (Ut.execute_and_return, [("command_string", _EMPTY)]),
     (matmul_4bit, [("A", _EMPTY), ("B", _EMPTY), ("quant_state", _EMPTY), ("out", None),
                    ("bias", None)]),
+    (Fq.quantize_4bit, [("A", _EMPTY), ("absmax", None), ("out", None), ("blocksize", None),
+                        ("compress_statistics", False), ("quant_type", "fp4"),
+                        ("quant_storage", torch.uint8)]),
+    (Fq.quantize_nf4, [("A", _EMPTY), ("absmax", None), ("out", None), ("blocksize", None),
+                       ("compress_statistics", False), ("quant_storage", torch.uint8)]),
+    (Fq.quantize_fp4, [("A", _EMPTY), ("absmax", None), ("out", None), ("blocksize", None),
+                       ("compress_statistics", False), ("quant_storage", torch.uint8)]),
+    (Fq.dequantize_4bit, [("A", _EMPTY), ("quant_state", None), ("absmax", None),
+                          ("out", None), ("blocksize", None), ("quant_type", "fp4")]),
+    (Fq.dequantize_nf4, [("A", _EMPTY), ("quant_state", None), ("absmax", None),
+                         ("out", None), ("blocksize", None)]),
+    (Fq.dequantize_fp4, [("A", _EMPTY), ("quant_state", None), ("absmax", None),
+                         ("out", None), ("blocksize", None)]),
 ]
+
+
+def test_4bit_blocksize_none_means_64():
+    """bitsandbytes' 4-bit functions default to blocksize=None and read it as 64; an explicit
+    None raised a schema error here."""
+    A = torch.randn(5, 96)
+    want, state = Fq.quantize_4bit(A, blocksize=64, quant_type="nf4")
+    for quantize in (lambda: Fq.quantize_4bit(A, blocksize=None, quant_type="nf4"),
+                     lambda: Fq.quantize_nf4(A, blocksize=None)):
+        got, s = quantize()
+        assert s.blocksize == 64 and torch.equal(got, want) and torch.equal(s.absmax, state.absmax)
+    out = torch.empty(5, 96)
+    by_absmax = Fq.dequantize_4bit(want, absmax=state.absmax, out=out, blocksize=None,
+                                   quant_type="nf4")
+    assert torch.equal(by_absmax, Fq.dequantize_4bit(want, state))
+    assert torch.equal(Fq.dequantize_nf4(want, state, blocksize=None), by_absmax)
 
 
 @pytest.mark.parametrize("fn,expected", BNB_SIGNATURES, ids=[f.__name__ for f, _ in
