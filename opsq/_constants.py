@@ -64,6 +64,8 @@ FP4_CODE: tuple[float, ...] = (
     0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
     -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25,
 )
+#: FP4_CODE as bitsandbytes stores it in ``quant_map`` (:func:`quant_map`): code 8 as +0.0.
+FP4_QUANT_MAP: tuple[float, ...] = tuple(v + 0.0 for v in FP4_CODE)  # -0.0 + 0.0 == +0.0
 #: Decision thresholds on |x| / absmax between consecutive FP4 magnitudes (codes 0, 1, 6, 7,
 #: 4, 5, 2, 3 in ascending order), as bitsandbytes' CUDA quantizer compares them (``x > t``
 #: selects the larger magnitude). 0.583333 sits ~5 ulp below the exact midpoint 7/12; keeping
@@ -105,7 +107,7 @@ def quant_map(quant_type: str, device=None) -> torch.Tensor:
         ValueError: ``quant_type`` is not "nf4" or "fp4".
     """
     if quant_type == "fp4":
-        return table_on("fp4_map", tuple(v + 0.0 for v in FP4_CODE), device)  # -0.0 + 0.0 = +0.0
+        return table_on("fp4_map", FP4_QUANT_MAP, device)
     return code_table(quant_type, device)
 
 
