@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer, timings, qlora_prof, llm_prof, decode_prof and int8_prof): build the extension, the CUDA op tests
+# sanitizer, timings, ncu_stalls, qlora_prof, llm_prof, decode_prof and int8_prof): build the extension, the CUDA op tests
 # (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
 # training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
 # per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
 # (every kernel family, int8_linear and optim included, unless BENCH_ONLY narrows it; the llm
 # family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
-# decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
+# ncu_stalls (Nsight Compute's warp stall reasons for the gemv, int8 small-M and double_quant
+# kernels of scripts/ncu_case.py), decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
 # int8_prof (scripts/profile_int8_small_m.py: Linear8bitLt's kernels at M <= 16),
 # compute-sanitizer memcheck/racecheck over the op tests, and `lab` (benchmarks/gemv_lab.cu and
 # optim_lab.cu: kernel variants timed without torch; LAB_ONLY=gemv,optim). Logs and results
@@ -66,6 +67,18 @@ if has timings; then
   note "kernel timings rc=$?"
   sed -n '/^copy bandwidth/,$p' "$OUT/timings_stdout.log" | grep -v "^====\|^build\|^opsq._C\|^ops with\|^pytest\|^bench " | head -60 | tee -a "$SUMMARY"
   grep -E "ncu rc|gemv4_kernel|quant4_kernel|DRAM Throughput|Duration|Issue Slots Busy|Achieved Occupancy|Registers Per" "$OUT/timings_stdout.log" | head -40 | tee -a "$SUMMARY"
+fi
+if has ncu_stalls; then
+  # Nsight Compute's warp stall reasons (cycles a warp spends in each, per issued instruction)
+  # for the kernels behind issue 14's open targets, as scripts/ncu_case.py launches them
+  t0=$(date +%s)
+  timeout ${NCU_STALLS_TIMEOUT:-240} ncu --clock-control none \
+      --kernel-name regex:"${NCU_STALLS_KERNELS:-gemv4_tiled16|int8_small_m|small_outliers|dq_stats|dq_quant}" \
+      --launch-count ${NCU_STALLS_COUNT:-14} --section SpeedOfLight --section SchedulerStats \
+      --section WarpStateStats --print-details all \
+      --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
+      $PY scripts/ncu_case.py >"$OUT/ncu_stalls.txt" 2>&1
+  note "ncu stall reasons rc=$? ($(( $(date +%s) - t0 ))s; ncu_stalls.txt)"
 fi
 if has qlora_prof; then
   timeout 300 $PY scripts/profile_qlora.py --steps 5 >"$OUT/qlora_profile.log" 2>&1
