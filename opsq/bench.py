@@ -3,8 +3,12 @@ run (device-to-device copy bandwidth), torch's bf16 path, and bitsandbytes when 
 
 Method: each op's *minimum bytes* (each input read once, each output written once) over its
 median time is its achieved bandwidth; efficiency = achieved / copy bandwidth. Timing uses
-``triton.testing.do_bench`` (CUDA events, L2 flushed before every run, median) when Triton is
-installed, else CUDA events around each call with a 256 MiB L2-flush write before it.
+``triton.testing.do_bench`` (CUDA events, L2 flushed before every run by a 256 MiB write,
+median) when Triton is installed, else CUDA events around each call with the same write before
+it. ``--flush read`` flushes with a 256 MiB read instead: do_bench's write leaves the L2 full
+of dirty lines, and a kernel that reads less than a few L2 sizes (a decode gemv) then also pays
+for writing them back, which the 2 GiB copy behind the efficiency scale hardly does
+(:func:`_timer`).
 
 Families (``--only``, comma-separated; default all):
 
@@ -139,47 +143,82 @@ def _median(times: list) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def _timer() -> Callable[[Callable[[], object]], float]:
-    """Median milliseconds of ``fn()`` with L2 flushed before each run."""
-    try:
-        from triton.testing import do_bench
-
-        def run(fn):
-            return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
-        return run
-    except Exception:  # pragma: no cover - triton missing
-        flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
-
-        def run(fn, iters=50):
-            for _ in range(5):
-                fn()
-            times = []
-            for _ in range(iters):
-                flush.zero_()
-                start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            return _median(times)
-        return run
+FLUSHES = ("write", "read")
 
 
-def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_000_000) -> float:
+def _l2_flush(flush: str = "write") -> Callable[[], object]:
+    """A callable that flushes the L2 cache before a timed run: ``"write"`` zeroes a 256 MiB
+    buffer (as ``triton.testing.do_bench`` does: the L2 is left full of dirty lines),
+    ``"read"`` reduces over one (the L2 is left cold and clean). See :func:`_timer`.
+
+    Raises:
+        ValueError: ``flush`` not in :data:`FLUSHES`.
+    """
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+    if flush == "write":
+        return torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda").zero_
+    return torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda").amax
+
+
+def _timer(flush: str = "write") -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``fn()`` with L2 flushed before each run.
+
+    ``flush="write"`` (the default): ``triton.testing.do_bench``, whose flush writes 256 MiB, so
+    each run starts with the L2 (50 MB on H100/H200) full of dirty lines that the timed work
+    writes back to DRAM as it evicts them: a kernel that reads ``b`` bytes pays for up to
+    min(b, L2) bytes of extra DRAM writes, a large share of a decode gemv's bytes and almost
+    none of the 2 GiB copy that sets the efficiency scale. ``flush="read"``: CUDA events around
+    each run after a 256 MiB *read* (:func:`_l2_flush`), which leaves the L2 cold and clean, as
+    a decode step leaves it (the weights before were read, not written). Either way: 25 warm-up
+    runs, the median of 100; the flush's ~85 us on the stream lets the host enqueue ``fn``
+    before the start event fires.
+
+    Raises:
+        ValueError: ``flush`` not in :data:`FLUSHES`.
+    """
+    clear = _l2_flush(flush)
+    if flush == "write":
+        try:
+            from triton.testing import do_bench
+
+            def run(fn):
+                return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+            return run
+        except Exception:  # pragma: no cover - triton missing: the same flush, timed below
+            pass
+
+    def run(fn, warmup=25, reps=100):
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                  for _ in range(reps)]
+        for start, end in events:
+            clear()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return _median([start.elapsed_time(end) for start, end in events])
+    return run
+
+
+def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_000_000,
+               flush: str = "write") -> float:
     """Median milliseconds of the GPU work of ``fn()`` when ``fn`` is host-heavy before its
     launch (a compiled CUDA-graph call: Dynamo's guards, the graph tree's bookkeeping): before
-    each run the L2 is flushed and the stream kept busy for ``pad_cycles`` GPU clock cycles
-    (``torch.cuda._sleep``; ~1 ms at 2 GHz), so the host has launched the work before the start
-    event fires and its Python time never lands between the two events (do_bench does not
-    synchronise between runs: a slow host there read as GPU time)."""
-    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    each run the L2 is flushed (``flush``, as :func:`_timer`) and the stream kept busy for
+    ``pad_cycles`` GPU clock cycles (``torch.cuda._sleep``; ~1 ms at 2 GHz), so the host has
+    launched the work before the start event fires and its Python time never lands between the
+    two events (do_bench does not synchronise between runs: a slow host there read as GPU
+    time)."""
+    clear = _l2_flush(flush)
     for _ in range(3):
         fn()
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(reps)]
     for start, end in events:
-        flush.zero_()
+        clear()
         torch.cuda._sleep(pad_cycles)
         start.record()
         fn()
@@ -337,10 +376,11 @@ def build_decode_mlp(kind: str, dev, layers: int = 4, dim: int = 4096,
 
 def decode_mlp_times(dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nested"),
                      layers: int = 4, dim: int = 4096, hidden: int = 11008,
-                     warmup: int = 5) -> dict:
+                     warmup: int = 5, flush: str = "write") -> dict:
     """Median ms of one batch-1 forward of :func:`build_decode_mlp` per kind, each compiled with
     ``torch.compile(model, mode="reduce-overhead", fullgraph=True)`` (CUDA graphs), timed by
-    :func:`_replay_ms` (the host's guard and graph-tree time before each replay kept out).
+    :func:`_replay_ms` (the host's guard and graph-tree time before each replay kept out; the
+    L2 flushed as ``flush`` says, see :func:`_timer`).
 
     The input is one static ``(1, dim)`` bf16 tensor reused by every call (CUDA-graph replay
     reads it from a fixed address); ``warmup`` calls (>= 3: compile, record, replay) run before
@@ -373,7 +413,7 @@ def decode_mlp_times(dev, kinds: Iterable[str] = ("bf16", "nf4", "nf4_nested"),
             y = y.clone()  # the graph's output buffer is overwritten by the next replay
             torch.cuda.synchronize()
             graphs0 = counters["stats"]["unique_graphs"]
-            ms = _replay_ms(call)
+            ms = _replay_ms(call, flush=flush)
             ref = y if ref is None else ref
             out[kind] = dict(ms=ms, bytes=_module_bytes(model), rel_err=_rel_err(y, ref),
                              cudagraph_skips=int(counters["inductor"]["cudagraph_skips"]
@@ -475,7 +515,8 @@ def prefill_times(timer, dev, M: int = 2048, K: int = 8192, N: int = 28672,
 def run(quick: bool = False, with_bnb: bool = True,
         only: Union[str, Iterable[str], None] = None,
         on_progress: Optional[Callable[[dict], None]] = None, llm_layers: int = 32,
-        llm_variants: Optional[Iterable[str]] = None, llm_new_tokens: int = 128) -> dict:
+        llm_variants: Optional[Iterable[str]] = None, llm_new_tokens: int = 128,
+        flush: str = "write") -> dict:
     """Run the benchmarks; returns the results dict (see ``--json`` and :func:`_result`).
 
     Args:
@@ -487,12 +528,17 @@ def run(quick: bool = False, with_bnb: bool = True,
         llm_layers, llm_variants, llm_new_tokens: the ``llm`` family's decoder layers (32:
             Llama-3-8B), variants (default ``opsq.bench_llm.LLM_DEFAULT_VARIANTS``) and new
             tokens per timed ``generate``.
+        flush: how the L2 is flushed before each timed run, ``"write"`` (do_bench's, the
+            default) or ``"read"`` (cold and clean); see :func:`_timer`. Recorded in the results.
     Returns:
         ``_result`` dict; a family that raised leaves a row with ``error`` and the run goes on.
     Raises:
         RuntimeError: no CUDA device. argparse.ArgumentTypeError: bad ``only``.
+        ValueError: ``flush`` not in :data:`FLUSHES`.
     """
     families = parse_only(only)
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
     if not torch.cuda.is_available():
         raise RuntimeError("opsq bench needs a CUDA device")
     import opsq
@@ -500,10 +546,11 @@ def run(quick: bool = False, with_bnb: bool = True,
     from opsq import functional as F
     ops = torch.ops.opsq
     dev = torch.device("cuda")
-    timer = _timer()
+    timer = _timer(flush)
     bF = _bnb() if with_bnb else None
     rows: list[dict] = []
-    meta = dict(families=list(families), quick=bool(quick), with_bnb=bF is not None)
+    meta = dict(families=list(families), quick=bool(quick), with_bnb=bF is not None,
+                flush=flush)
 
     # ---- the ceiling: device-to-device copy --------------------------------------------------
     src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
@@ -779,7 +826,7 @@ def run(quick: bool = False, with_bnb: bool = True,
     # ---- decode: compiled 4-layer NF4 MLP at batch 1 ----------------------------------------
     def bench_decode():
         kinds = ("bf16", "nf4") if quick else ("bf16", "nf4", "nf4_nested")
-        d = decode_mlp_times(dev, kinds=kinds)
+        d = decode_mlp_times(dev, kinds=kinds, flush=flush)
         base = d["bf16"]
         for kind in kinds[1:]:
             r = d[kind]
@@ -947,7 +994,8 @@ def format_table(res: dict) -> str:
              f"{res.get('cuda', '?')}, Python {res.get('python', '?')}, opsq "
              f"{res.get('opsq', '?')}, bitsandbytes {res.get('bitsandbytes') or 'absent'}"
              f"{', transformers ' + res['transformers'] if res.get('transformers') else ''}) "
-             f"{res.get('date', '')}; copy bandwidth {_fmt(bw, '.0f', '?')} GB/s"]
+             f"{res.get('date', '')}; copy bandwidth {_fmt(bw, '.0f', '?')} GB/s"
+             f"{'; L2 flushed by a read (cold, clean)' if res.get('flush') == 'read' else ''}"]
     for fam, rows in _grouped(res):
         title = FAMILY_TITLES.get(fam)
         lines += ["", f"== {fam}: {title} ==" if title else f"== {fam} =="]
@@ -1180,6 +1228,10 @@ def main(argv: Optional[list] = None) -> int:
                         "bnb_nf4,bnb_int8")
     p.add_argument("--llm-new-tokens", type=int, default=128, metavar="N",
                    help="new tokens per timed generate in the llm family (default 128)")
+    p.add_argument("--flush", choices=FLUSHES, default="write",
+                   help="how the L2 is flushed before each timed run: write (do_bench's 256 MiB "
+                        "write, the default: the run then pays for writing back dirty lines) "
+                        "or read (a 256 MiB read: cold and clean L2)")
     p.add_argument("--from-json", metavar="FILE",
                    help="do not run: print the table (and --plot) from a saved --json file")
     args = p.parse_args(argv)
@@ -1195,7 +1247,8 @@ def main(argv: Optional[list] = None) -> int:
         res = run(quick=args.quick, with_bnb=not args.no_bnb, only=args.only,
                   on_progress=(lambda r: _write_json(r, args.json)) if args.json else None,
                   llm_layers=args.llm_layers, llm_new_tokens=args.llm_new_tokens,
-                  llm_variants=args.llm_variants.split(",") if args.llm_variants else None)
+                  llm_variants=args.llm_variants.split(",") if args.llm_variants else None,
+                  flush=args.flush)
         if args.json:
             _write_json(res, args.json)
         if any("error" in r for r in res["rows"]):

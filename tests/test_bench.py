@@ -288,3 +288,22 @@ def test_interleaved_times_each_function_in_turn():
         return float(next(clock))
     out = bench._interleaved(timer, {"a": lambda: "a", "b": lambda: "b"}, rounds=3)
     assert calls == ["a", "b"] * 3 and out == {"a": 2.0, "b": 3.0}
+
+
+def test_flush_is_recorded_and_checked(monkeypatch, capsys):
+    """``--flush read`` is recorded in the results and named in the table's first line; a
+    flush other than write/read is refused by name, on the command line and in the functions
+    (before any CUDA work)."""
+    head = bench.format_table({"gpu": "G", "flush": "read", "rows": []}).splitlines()[0]
+    assert "L2 flushed by a read" in head
+    for res in ({"gpu": "G", "flush": "write", "rows": []}, {"gpu": "G", "rows": []}):
+        assert "flushed" not in bench.format_table(res).splitlines()[0]
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--flush", "sideways"])
+    assert e.value.code == 2 and "argument --flush: invalid choice" in capsys.readouterr().err
+    for call in (lambda: bench._timer("sideways"), lambda: bench._l2_flush("sideways"),
+                 lambda: bench.run(only="gemv", flush="sideways")):
+        with pytest.raises(ValueError, match="flush must be one of"):
+            call()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bench.main(["--flush", "read", "--only", "gemv"]) == 2  # parsed; then no device
