@@ -4,7 +4,8 @@
 # (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
 # training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
 # per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
-# (every kernel family, int8_linear and optim included, unless BENCH_ONLY narrows it; the llm
+# (every kernel family, int8_linear and optim included, unless BENCH_ONLY narrows it;
+# BENCH_FLUSH=read flushes the L2 by a read: opsq bench --flush; the llm
 # family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
 # ncu_stalls (Nsight Compute's warp stall reasons for the gemv, int8 small-M and double_quant
 # kernels of scripts/ncu_case.py), decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
@@ -67,6 +68,8 @@ if has timings; then
   note "kernel timings rc=$?"
   sed -n '/^copy bandwidth/,$p' "$OUT/timings_stdout.log" | grep -v "^====\|^build\|^opsq._C\|^ops with\|^pytest\|^bench " | head -60 | tee -a "$SUMMARY"
   grep -E "ncu rc|gemv4_kernel|quant4_kernel|DRAM Throughput|Duration|Issue Slots Busy|Achieved Occupancy|Registers Per" "$OUT/timings_stdout.log" | head -40 | tee -a "$SUMMARY"
+  [ -f "$OUT/ncu.log" ] && $PY scripts/ncu_digest.py "$OUT/ncu.log" >"$OUT/ncu_digest.txt" \
+    && cat "$OUT/ncu_digest.txt" >>"$SUMMARY"
 fi
 if has ncu_stalls; then
   # Nsight Compute's warp stall reasons (cycles a warp spends in each, per issued instruction)
@@ -144,7 +147,7 @@ if has qlora_bench; then
 fi
 if has bench; then
   t0=$(date +%s)
-  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --only ${BENCH_ONLY:-gemv,4bit,int8,int8_linear,transform,igemmlt,decode,prefill,qlora,optim} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
+  timeout ${BENCH_TIMEOUT:-540} $PY -m opsq.cli bench --only ${BENCH_ONLY:-gemv,4bit,int8,int8_linear,transform,igemmlt,decode,prefill,qlora,optim} --flush ${BENCH_FLUSH:-write} --plot "$OUT/bench.png" --json "$OUT/bench.json" >"$OUT/bench_table.log" 2>"$OUT/bench_progress.log"
   note "opsq bench rc=$? ($(( $(date +%s) - t0 ))s)"
 fi
 if has llm_prof; then
