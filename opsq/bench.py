@@ -146,6 +146,12 @@ def _median(times: list) -> float:
 FLUSHES = ("write", "read")
 
 
+def _check_flush(flush: str) -> None:
+    """Raises ValueError naming ``flush`` unless it is one of :data:`FLUSHES`."""
+    if flush not in FLUSHES:
+        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+
+
 def _l2_flush(flush: str = "write") -> Callable[[], object]:
     """A callable that flushes the L2 cache before a timed run: ``"write"`` zeroes a 256 MiB
     buffer (as ``triton.testing.do_bench`` does: the L2 is left full of dirty lines),
@@ -154,8 +160,7 @@ def _l2_flush(flush: str = "write") -> Callable[[], object]:
     Raises:
         ValueError: ``flush`` not in :data:`FLUSHES`.
     """
-    if flush not in FLUSHES:
-        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+    _check_flush(flush)
     if flush == "write":
         return torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda").zero_
     return torch.ones(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda").amax
@@ -170,14 +175,14 @@ def _timer(flush: str = "write") -> Callable[[Callable[[], object]], float]:
     min(b, L2) bytes of extra DRAM writes, a large share of a decode gemv's bytes and almost
     none of the 2 GiB copy that sets the efficiency scale. ``flush="read"``: CUDA events around
     each run after a 256 MiB *read* (:func:`_l2_flush`), which leaves the L2 cold and clean, as
-    a decode step leaves it (the weights before were read, not written). Either way: 25 warm-up
-    runs, the median of 100; the flush's ~85 us on the stream lets the host enqueue ``fn``
-    before the start event fires.
+    a decode step leaves it (the weights before were read, not written), 25 warm-up runs and
+    the median of 100 (do_bench: as many as fit 25 ms and 100 ms). Either way the flush's
+    ~85 us on the stream lets the host enqueue ``fn`` before the start event fires.
 
     Raises:
         ValueError: ``flush`` not in :data:`FLUSHES`.
     """
-    clear = _l2_flush(flush)
+    _check_flush(flush)
     if flush == "write":
         try:
             from triton.testing import do_bench
@@ -187,6 +192,7 @@ def _timer(flush: str = "write") -> Callable[[Callable[[], object]], float]:
             return run
         except Exception:  # pragma: no cover - triton missing: the same flush, timed below
             pass
+    clear = _l2_flush(flush)
 
     def run(fn, warmup=25, reps=100):
         for _ in range(warmup):
@@ -537,8 +543,7 @@ def run(quick: bool = False, with_bnb: bool = True,
         ValueError: ``flush`` not in :data:`FLUSHES`.
     """
     families = parse_only(only)
-    if flush not in FLUSHES:
-        raise ValueError(f"flush must be one of {FLUSHES}, got {flush!r}")
+    _check_flush(flush)
     if not torch.cuda.is_available():
         raise RuntimeError("opsq bench needs a CUDA device")
     import opsq
