@@ -954,7 +954,7 @@ def _result(rows: list, copy_bw: float, meta: Optional[dict] = None) -> dict:
 
     Keys: date (UTC ISO), gpu, torch, cuda, python, opsq, bitsandbytes and transformers
     (versions, or None where not imported: the llm family's numbers depend on transformers'
-    generate), copy_bandwidth_gbps, ``meta`` entries (families, quick, with_bnb), rows.
+    generate), copy_bandwidth_gbps, ``meta`` entries (families, quick, with_bnb, flush), rows.
     """
     import opsq
     return dict(
@@ -1234,9 +1234,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--llm-new-tokens", type=int, default=128, metavar="N",
                    help="new tokens per timed generate in the llm family (default 128)")
     p.add_argument("--flush", choices=FLUSHES, default="write",
-                   help="how the L2 is flushed before each timed run: write (do_bench's 256 MiB "
-                        "write, the default: the run then pays for writing back dirty lines) "
-                        "or read (a 256 MiB read: cold and clean L2)")
+                   help="how the L2 is flushed before each event-timed run: write (do_bench's "
+                        "256 MiB write, the default: the run then pays for writing back dirty "
+                        "lines) or read (a 256 MiB read: cold and clean L2); wall-clock rows "
+                        "(load-time quantize, the llm family's generate and prefill) never flush")
     p.add_argument("--from-json", metavar="FILE",
                    help="do not run: print the table (and --plot) from a saved --json file")
     args = p.parse_args(argv)

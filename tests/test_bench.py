@@ -305,5 +305,11 @@ def test_flush_is_recorded_and_checked(monkeypatch, capsys):
                  lambda: bench.run(only="gemv", flush="sideways")):
         with pytest.raises(ValueError, match="flush must be one of"):
             call()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert bench.main(["--flush", "read", "--only", "gemv"]) == 2  # parsed; then no device
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run", lambda **kw: seen.append(kw["flush"]) or
+                        {"gpu": "G", "flush": kw["flush"], "rows": []})
+    assert bench.main(["--flush", "read", "--only", "gemv"]) == 0
+    assert bench.main(["--only", "gemv"]) == 0
+    assert seen == ["read", "write"]  # the flag reaches run(); write is the default
+    assert "L2 flushed by a read" in capsys.readouterr().out.splitlines()[0]

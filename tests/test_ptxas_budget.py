@@ -3,11 +3,13 @@
 A kernel change that only compiles here runs on a device sessions later, and a register count
 that grows moves occupancy with no test failing: `update8_kernel` went from 48 to 68 registers
 with a one-line rule (dc7da0c) and the AdamW8bit step from 10.9 to 17.7 ms on the H100, unseen
-until the optimizer benchmark ran a day later (benchmarks/NOTES.md, fourteenth session). This
+until the optimizer benchmark ran two sessions later (benchmarks/NOTES.md, fourteenth session). This
 test compiles tests/ptxas/kernels.cu (the production templates from opsq/csrc, sm_90, the
 extension's optimisation flags) with ``nvcc -Xptxas -v`` and holds each instantiation to its
 register budget with no spills. A change that needs more registers raises the budget here, with
-its measurement in NOTES. Skipped where nvcc is not installed.
+its measurement in NOTES. The budgets are nvcc 13.0's counts (the device's toolkit too); another
+nvcc may count differently, and the failure message names the version. Skipped where nvcc is not
+installed.
 """
 import os
 import re
@@ -31,7 +33,9 @@ BUDGET.update({("gemv4_tiled16_kernel", f"{t}/{nested}/{merged}"): regs
                                               ("0", "1"): 114, ("1", "1"): 118}.items()})
 
 _NAMES = [
-    (re.compile(r"update8_kernelI(f|6__half|13__nv_bfloat16)LN\w*?3OptE(\d)E"), "update8_kernel"),
+    # the extension's encoder and decode source (Encoder8, maps read through L1), not the lab's
+    (re.compile(r"update8_kernelI(f|6__half|13__nv_bfloat16)LN\w*?3OptE(\d)ENS_8Encoder8ELb0E"),
+     "update8_kernel"),
     (re.compile(r"gemv4_tiled16_kernelI(6__half|13__nv_bfloat16)Lb([01])ELb([01])E"),
      "gemv4_tiled16_kernel"),
 ]
@@ -70,6 +74,8 @@ ptxas info    : Used 120 registers, used 1 barriers, 5136 bytes smem
 ptxas info    : Compiling entry function '_ZN4opsq12_GLOBAL__N_114update8_kernelIfLNS0_3OptE1ENS_8Encoder8ELb0EEEvPKT_' for 'sm_90'
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 56 registers, used 1 barriers, 4704 bytes smem
+ptxas info    : Compiling entry function '_ZN4opsq12_GLOBAL__N_114update8_kernelIfLNS0_3OptE1E13EncoderBucketLb1EEEvPKT_' for 'sm_90'
+ptxas info    : Used 64 registers, used 1 barriers, 4704 bytes smem
 ptxas info    : Compiling entry function '_ZN4opsq5otherEv' for 'sm_90'
 ptxas info    : Used 9 registers
 """
@@ -92,5 +98,7 @@ def test_hot_kernels_within_their_register_budget(tmp_path):
                                        sorted(set(found) - set(BUDGET)))
     over = {k: (regs, BUDGET[k]) for k, (regs, st, ld) in found.items() if regs > BUDGET[k]}
     spilled = {k: (st, ld) for k, (regs, st, ld) in found.items() if st or ld}
-    assert not over, f"registers above budget (used, budget): {over}"
-    assert not spilled, f"spills (store, load bytes): {spilled}"
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    version = version.strip().splitlines()[-1] if version.strip() else "nvcc (version unknown)"
+    assert not over, f"registers above budget (used, budget) with {version}: {over}"
+    assert not spilled, f"spills (store, load bytes) with {version}: {spilled}"

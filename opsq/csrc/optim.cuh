@@ -264,7 +264,7 @@ update8_kernel(const T* __restrict__ g, T* __restrict__ p, States8 st, int64_t n
       // two-state (adam, ademamix): a non-finite gradient leaves its parameter and zeroes its
       // states (bitsandbytes' 8-bit blockwise kernel), so one inf cannot poison a block's absmax.
       // The update runs on a zero gradient and zero states there, whose new states are +0
-      // exactly (each term a product of +0 and a beta in [0, 1)): the same bytes as zeroing
+      // exactly (beta x +0 plus (1 - beta) x +0, beta in [0, 1)): the same bytes as zeroing
       // the states after the update, which ptxas compiled to 68 registers instead of 48 (the
       // AdamW8bit step 10.9 -> 17.7 ms on the H100; NOTES, fourteenth session).
       const bool bad = kTwo && !isfinite(gf);
