@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The session's device run, phase by phase (PHASES, comma-separated; default: all but the
-# sanitizer, timings, ncu_stalls, qlora_prof, llm_prof, decode_prof and int8_prof): build the extension, the CUDA op tests
-# (scripts/gpu_run.sh's groups), the rest of the suite on CUDA (fixtures, opcheck, compiles,
+# sanitizer, timings, ncu_stalls, qlora_prof, llm_prof, decode_prof and int8_prof): build the
+# extension, the CUDA op tests (scripts/gpu_run.sh's groups), the rest of the suite on CUDA
+# (fixtures, opcheck, compiles,
 # training), the FSDP suites with NCCL on 2 GPUs, `opsq demo --device cuda`, the AOTInductor
 # per-model probe (aoti), the bitsandbytes optimizer fixture (optim_fixture), `opsq bench --json`
 # (every kernel family, int8_linear and optim included, unless BENCH_ONLY narrows it;
 # BENCH_FLUSH=read flushes the L2 by a read: opsq bench --flush; the llm
 # family is its own phase, `llm`, with LLM_LAYERS / LLM_VARIANTS),
 # ncu_stalls (Nsight Compute's warp stall reasons for the gemv, int8 small-M and double_quant
-# kernels of scripts/ncu_case.py), decode_prof (scripts/profile_decode.py: gemv chains per Llama shape, the decode step's kernels),
+# kernels of scripts/ncu_case.py), decode_prof (scripts/profile_decode.py: gemv chains per
+# Llama shape, the decode step's kernels),
 # int8_prof (scripts/profile_int8_small_m.py: Linear8bitLt's kernels at M <= 16),
 # compute-sanitizer memcheck/racecheck over the op tests, and `lab` (benchmarks/gemv_lab.cu and
 # optim_lab.cu: kernel variants timed without torch; LAB_ONLY=gemv,optim). Logs and results
