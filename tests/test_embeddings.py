@@ -288,3 +288,31 @@ def test_embedding4bit_get_model_state_dict(nested):
     want = m.state_dict()
     assert set(sd) == set(want)
     assert all(torch.equal(sd[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("how", ["fresh", "deepcopy", "pickle"])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_embedding4bit_copy_keeps_weight_bound(how, quantized):
+    """After copy.deepcopy / pickle the table's weight is bound to it again, so that
+    bitsandbytes' in-place swap (weight.data = codes; weight.quant_state = state) is adopted at
+    once, as for a fresh table and for Linear4bit (a copied table paired the new codes with the
+    old absmax)."""
+    import pickle
+    import opsq.functional
+    g = torch.Generator().manual_seed(0)
+    W1, W2 = torch.randn(20, 128, generator=g), torch.randn(20, 128, generator=g)
+    e = (EmbeddingNF4.from_float(nn.Embedding(20, 128, _weight=W1)) if quantized
+         else EmbeddingNF4(20, 128))
+    if how == "deepcopy":
+        e = copy.deepcopy(e)
+    elif how == "pickle":
+        e = pickle.loads(pickle.dumps(e))
+    assert e.weight.module is e
+    if not quantized:
+        e = e.to("cpu")
+    codes, state = opsq.functional.quantize_4bit(W2, quant_type="nf4")
+    e.weight.data = codes
+    e.weight.quant_state = state
+    idx = torch.tensor([0, 5, 19])
+    want = opsq.functional.dequantize_4bit(codes, state)[idx]
+    torch.testing.assert_close(e(idx), want, rtol=0, atol=0)

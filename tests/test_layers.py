@@ -397,3 +397,21 @@ def test_int8_weight_with_a_slice_of_a_fused_scale_storage_is_adopted():
     b.weight.SCB = a.SCB
     b.to("cpu")
     assert torch.equal(b(x), want)
+
+
+def test_int8params_deepcopy_keeps_cb_aliasing_data():
+    """copy.deepcopy of a quantized Int8Params keeps CB aliasing the copied data, as
+    bitsandbytes' does (one int8 buffer, not two); a CB apart from data stays apart."""
+    p = Int8Params(torch.randn(8, 16), requires_grad=False).to("cpu")
+    d = copy.deepcopy(p)
+    assert d.CB is not None and d.CB.data_ptr() == d.data_ptr()
+    assert d.data_ptr() != p.data_ptr()
+    assert torch.equal(d.data, p.data) and torch.equal(d.SCB, p.SCB)
+    assert d.SCB.data_ptr() != p.SCB.data_ptr()
+
+
+def test_int8params_deepcopy_of_a_separate_cb_stays_separate():
+    data = torch.zeros(2, 3, dtype=torch.int8)
+    cb = torch.ones(2, 3, dtype=torch.int8)
+    d = copy.deepcopy(Int8Params(data, False, False, cb, torch.ones(2)))
+    assert torch.equal(d.CB, cb) and d.CB.data_ptr() != d.data_ptr()

@@ -148,3 +148,34 @@ def test_switchback_bnb_int8_forward_16bit_backward(threshold):
     frozen = frozen.to("cpu")
     assert frozen.is_quantized and frozen.weight.dtype == torch.int8
     torch.testing.assert_close(frozen(x.detach()), y.detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", [SwitchBackLinearGlobal, SwitchBackLinearVectorwise])
+@pytest.mark.parametrize("conv", ["half", "bfloat16", "to_fp16_cpu", "double"])
+def test_prepared_switchback_survives_dtype_conversion(cls, conv):
+    """A layer prepared for eval keeps working after a dtype conversion of the model: its fp32
+    state_W and int8 W_int8 follow device moves only (a cast state_W made forward raise an
+    internal op's dtype error)."""
+    import copy
+    torch.manual_seed(0)
+    m = cls(32, 16).eval().prepare_for_eval()
+    ref = copy.deepcopy(m)
+    state = m.state_W.clone()
+    if conv == "half":
+        m, dt = m.half(), torch.float16
+    elif conv == "bfloat16":
+        m, dt = m.to(torch.bfloat16), torch.bfloat16
+    elif conv == "to_fp16_cpu":
+        m, dt = m.to("cpu", torch.float16), torch.float16
+    else:
+        m, dt = m.double(), None
+    assert m.state_W.dtype == torch.float32 and torch.equal(m.state_W, state)
+    assert m.W_int8.dtype == torch.int8
+    if dt is None:
+        return  # fp64 activations are not an int8 op input
+    x = torch.randn(5, 32).to(dt)
+    y = m(x)
+    assert y.dtype == dt
+    # same int8 weight and scales as before the conversion; only the bias was cast
+    ref.bias.data = m.bias.data.float()
+    torch.testing.assert_close(y.float(), ref(x.float()), rtol=2e-2, atol=2e-2)

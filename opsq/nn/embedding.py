@@ -345,6 +345,16 @@ class Embedding4bit(Bnb4bitWeightKeys, _QuantizedTable):
             self._parameters["weight"] = w
         attach_quant_state(w, self.quant_state, self)
 
+    def __setstate__(self, state: dict) -> None:
+        # copy.deepcopy and pickle rebuild the weight without its module (Params4bit pickles
+        # module=None): bind it to this table again, as Linear4bit does, so that bitsandbytes'
+        # in-place swap (weight.data = codes; weight.quant_state = state) is adopted at once
+        super().__setstate__(state)
+        w = self._parameters.get("weight")
+        if isinstance(w, Params4bit):
+            attach_quant_state(w, self.quant_state if self.is_quantized else w.quant_state,
+                               self)
+
     @classmethod
     def from_float(cls, embedding: nn.Embedding, quant_type: Optional[str] = None,
                    blocksize: int = 64, compress_statistics: bool = False,

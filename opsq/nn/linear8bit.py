@@ -64,8 +64,11 @@ class Int8Params(nn.Parameter):
         return self
 
     def __deepcopy__(self, memo):
-        return type(self)(self.data.clone(), self.requires_grad, self.has_fp16_weights,
-                          None if self.CB is None else self.data.clone(),
+        data = self.data.clone()
+        # CB is the weight's own bytes (as after quantization): the copy shares them too
+        cb = (None if self.CB is None else
+              data if _same_memory(self.CB, self.data) else self.CB.clone())
+        return type(self)(data, self.requires_grad, self.has_fp16_weights, cb,
                           None if self.SCB is None else self.SCB.clone())
 
     def __reduce_ex__(self, proto):

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._constants import FLOAT_DTYPES
+from ._lifecycle import _apply_intent, _held_apply
 from .linear8bit import Linear8bitLt
 
 __all__ = ["SwitchBackLinear", "SwitchBackLinearGlobal", "SwitchBackLinearGlobalMemEfficient",
@@ -162,6 +163,15 @@ class SwitchBackLinear(nn.Linear):
         if mode:
             self.W_int8 = self.state_W = None
         return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # the prepared int8 weight and its fp32 scales follow device moves only: a dtype
+        # conversion of the model (.half(), .to(torch.bfloat16)) must not round state_W
+        if self.state_W is None:
+            return super()._apply(fn, recurse)
+        device, to_empty = _apply_intent(fn)
+        _held_apply(self, nn.Linear, fn, recurse, device, to_empty, ("W_int8", "state_W"))
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.in_features, type(self).__name__)
