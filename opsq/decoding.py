@@ -64,11 +64,15 @@ class StaticGreedyDecoder:
     no logits processors: exactly ``max_new_tokens`` greedy tokens), and it takes no attention
     mask, so the rows of a batch must be prompts of one length with no padding (a padded row
     attends to its pads). Its tokens are those of ``generate(..., do_sample=False,
-    cache_implementation="static")``; in bf16 the default dynamic cache can round differently.
-    It notices a change of the model between calls (its modules, its parameters' dtypes), of the
-    batch size and of ``torch.inference_mode``: the cache is rebuilt and the compiled step
-    re-checks its guards. Caches with sliding-window layers keep Dynamo's guards on every step
-    (the step's code changes when the window fills).
+    cache_implementation="static")`` with the same cache length (generate sizes its static cache
+    to prompt + new tokens; a longer cache sums attention over more slots and in bf16 can round
+    differently, as can the default dynamic cache). It notices a change of the model between
+    calls (its modules, its parameters' dtypes), of the batch size and of
+    ``torch.inference_mode``: the cache is rebuilt and the compiled step re-checks its guards;
+    the first step of each call checks them anyway, so a change of the model's Python state
+    between calls (a flag such as PEFT's ``disable_adapter()``) is seen. A change in the middle
+    of a call is not. Caches with sliding-window layers keep Dynamo's guards on every step (the
+    step's code changes when the window fills).
 
     Args:
         model: a transformers causal LM (``forward(input_ids, position_ids, cache_position,
@@ -109,6 +113,7 @@ class StaticGreedyDecoder:
             self.forward = torch.compile(model.__call__, backend=backend, fullgraph=True, **how)
         self._ids: Optional[torch.Tensor] = None   # (B, 1) int64: the token to feed next
         self._pos: Optional[torch.Tensor] = None   # (1,) int64: its cache position
+        self._next = 0  # the same position on the host (checked without a sync)
         self._warm = 0
         self._built_for = None  # what the cache and the warm steps were made for (_model_key)
 
@@ -152,15 +157,25 @@ class StaticGreedyDecoder:
             self._pos = torch.empty(1, dtype=torch.long, device=ids.device)
         self._ids.copy_(ids)
         self._pos.fill_(P)
+        self._next = P
         return self._ids
 
     @torch.no_grad()
     def decode_step(self) -> torch.Tensor:
         """Feed the current token at the current position (one CUDA-graph replay once warm),
         store the greedy next token and advance the position. Returns the token buffer
-        ``(B, 1)`` (overwritten by the next step: copy what you keep)."""
+        ``(B, 1)`` (overwritten by the next step: copy what you keep).
+
+        Raises:
+            RuntimeError: before :meth:`prefill`. ValueError: the position is
+            ``max_cache_len`` (the cache is full; nothing is run)."""
         if self._ids is None:
             raise RuntimeError("call prefill(input_ids) before decode_step()")
+        if self._next >= self.max_cache_len:  # (the cache's index_copy_ would fail: on CUDA a
+            # device-side assert that ends the process's CUDA context)
+            raise ValueError(f"decode_step: the cache is full (position {self._next}, "
+                             f"max_cache_len {self.max_cache_len}); seek() back or prefill() "
+                             f"again, or make the decoder with a larger max_cache_len")
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
         pos = self._pos
@@ -169,6 +184,7 @@ class StaticGreedyDecoder:
                               **{self._cache_kw: self.cache}).logits
         self._ids.copy_(logits[:, -1:].argmax(-1))
         self._pos.add_(1)
+        self._next += 1
         return self._ids
 
     def seek(self, position: int) -> None:
@@ -198,6 +214,7 @@ class StaticGreedyDecoder:
             elif isinstance(count, int):
                 layer.cumulative_length = position
         self._pos.fill_(position)
+        self._next = position
         if counters:  # one launch for all the layers (the bench times seek with each step)
             torch._foreach_copy_(counters, [self._pos.reshape(()).to(counters[0].dtype)]
                                  * len(counters))
@@ -226,8 +243,11 @@ class StaticGreedyDecoder:
                           device=input_ids.device)
         out[:, :1] = self.prefill(input_ids)
         # The first calls compile and record (guards needed); after that every step hits the
-        # same cache entry and the guards can be skipped.
-        warm = min(max_new_tokens - 1, max(0, 3 - self._warm))
+        # same cache entry and the guards can be skipped. The first step of every call keeps
+        # its guards: the model's Python state may have changed since the last call without a
+        # module or tensor changing (PEFT's disable_adapter() / merge_adapter() flip plain
+        # attributes), and only a guarded step recompiles for it (one guard evaluation a call).
+        warm = min(max_new_tokens - 1, max(1, 3 - self._warm))
         self._steps(out, 1, 1 + warm)
         self._warm += warm
         skip_guards = (torch.compiler.set_stance(skip_guard_eval_unsafe=True)

@@ -192,3 +192,44 @@ def test_compiled_decoder_with_a_sliding_window_that_fills_after_warm_up():
     with pytest.raises(NotImplementedError, match="sliding"):
         dec.seek(1)
     torch._dynamo.reset()
+
+
+def test_compiled_decoder_follows_a_python_flag_change_after_warm_up():
+    """A change of the model's Python state between calls that changes no module or tensor
+    (PEFT's ``disable_adapter()``, a plain bool on each LoRA layer) is seen by the warm
+    compiled decoder: each call runs its first step with Dynamo's guards (the decoder used to
+    replay the adapters-on graph under ``disable_adapter()``)."""
+    peft = pytest.importorskip("peft")
+    from opsq.lora import peft_config
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_model("nf4"), peft_config(peft.LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False))).eval()
+    ids = torch.randint(3, 96, (1, 5), generator=torch.Generator().manual_seed(6))
+    dec = StaticGreedyDecoder(model, 32, compile=True, mode=None, backend="aot_eager")
+    on = _greedy(model, ids, 6)
+    assert torch.equal(dec.generate(ids, 6), on)
+    with model.disable_adapter():
+        off = _greedy(model, ids, 6)
+        assert not torch.equal(off, on)  # (the change shows in the tokens)
+        assert torch.equal(dec.generate(ids, 6), off)
+    assert torch.equal(dec.generate(ids, 6), on)  # and back
+    torch._dynamo.reset()
+
+
+def test_decode_step_past_the_cache_is_a_clear_error():
+    """decode_step with the cache full raises a ValueError naming max_cache_len and runs
+    nothing (it raised index_copy_'s IndexError after the cache's counters had moved; on CUDA a
+    device-side assert); the last slot is still usable, and seek() recovers."""
+    model = _model("fp32")
+    ids = torch.randint(3, 96, (1, 6), generator=torch.Generator().manual_seed(2))
+    dec = StaticGreedyDecoder(model, 8, compile=False)
+    buf = dec.prefill(ids)
+    dec.decode_step()
+    dec.decode_step()  # position 7: the last slot
+    with pytest.raises(ValueError, match="max_cache_len"):
+        dec.decode_step()
+    dec.seek(2)
+    buf.copy_(ids[:, 2:3])
+    got = torch.cat([dec.decode_step().clone() for _ in range(5)], dim=1)
+    assert torch.equal(got, _greedy(model, ids[:, :3], 5))
