@@ -18,16 +18,19 @@ def replace_linear(model: nn.Module, linear_replacement: Callable[..., nn.Module
                    post_processing_function: Optional[str] = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place, recursively) by
     ``linear_replacement(in_features, out_features, bias is not None)``, except modules whose
-    attribute name is in ``skip_modules``.
+    attribute name is in ``skip_modules`` (an iterable of names, or one name as a str).
 
     Args:
         copy_weights: copy the float weight and bias into the new module (they are quantized on
-            its first move to a device).
+            its first move to a device; a frozen weight or bias stays frozen). An opsq layer that
+            is quantized already passes its quantized weight on (with its statistics).
         post_processing_function: name of a method to call on each new module.
     Returns:
         ``model``.
     """
-    skip = set(skip_modules)
+    # A lone name (bitsandbytes' ``name not in skip_modules`` skips it); set("lm_head") would be
+    # its characters, so lm_head was converted.
+    skip = {skip_modules} if isinstance(skip_modules, str) else set(skip_modules)
     for name, module in list(model.named_children()):
         if len(list(module.children())) > 0:
             replace_linear(module, linear_replacement, skip, copy_weights,
@@ -36,13 +39,27 @@ def replace_linear(model: nn.Module, linear_replacement: Callable[..., nn.Module
             new = linear_replacement(module.in_features, module.out_features,
                                      module.bias is not None)
             if copy_weights:
-                new.weight.data = module.weight.data.clone()
-                if module.bias is not None:
-                    new.bias = nn.Parameter(module.bias.detach().clone())
+                _copy_weights(module, new)
             if post_processing_function is not None:
                 getattr(new, post_processing_function)()
             setattr(model, name, new)
     return model
+
+
+def _copy_weights(old: nn.Module, new: nn.Module) -> None:
+    """``replace_linear(copy_weights=True)``: ``old``'s weight and bias into ``new``. A float
+    weight is copied into ``new``'s own weight (quantized on its first move); an opsq layer that
+    is quantized already hands over its quantized weight, which ``new`` adopts with its statistics
+    (bitsandbytes shares the parameter); a frozen weight / bias stays frozen."""
+    weight = old.weight
+    if getattr(old, "is_quantized", False):
+        new.weight = weight
+    else:
+        new.weight.data = weight.data.clone()
+        if not weight.requires_grad:
+            new.weight.requires_grad_(False)
+    if old.bias is not None:
+        new.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=old.bias.requires_grad)
 
 
 def sync_gpu(t: torch.Tensor) -> None:
