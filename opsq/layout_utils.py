@@ -150,7 +150,10 @@ def maybe_rearrange_weight(state_dict: dict, prefix: str, local_metadata=None, s
     Usable as a ``load_state_dict`` pre-hook (``module._register_load_state_dict_pre_hook``);
     ``Linear8bitLt`` needs none, it undoes legacy layouts in its own loader. Does nothing when
     ``{prefix}weight`` is absent or ``{prefix}weight_format`` is absent or row-major; afterwards
-    ``{prefix}weight_format`` is ``tensor(0, dtype=uint8)``.
+    ``{prefix}weight_format`` is ``tensor(0, dtype=uint8)`` and stays in ``state_dict``
+    (bitsandbytes' hook deletes it): as a hook, on a module that owns a ``weight_format``
+    buffer, or with ``strict=False``; a strict load into a module without one reports the key
+    as unexpected.
 
     Args:
         state_dict: the checkpoint; ``{prefix}weight`` int8 tiled, either 2-D with the padded
