@@ -563,3 +563,63 @@ def fsdp2_tiled16_worker(rank, world, port, backend, results_dir):
     finally:
         _tiled16.device_supports_tiled16 = real
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+def fsdp2_load_mismatch_worker(rank, world, port, backend, results_dir):
+    """A checkpoint whose quantized tensors do not fit a sharded layer's (other statistics
+    settings; a layer not quantized before fully_shard) is refused with a message naming both
+    sides, and the sharded layer keeps working (before: FSDP2's load hook raised
+    "'Parameter' object has no attribute '_local_tensor'", or a Params4bit / DTensor error)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    device = setup(rank, world, port, backend)
+    try:
+        opts = StateDictOptions(full_state_dict=True)
+        x = torch.randn(3, 72, generator=torch.Generator().manual_seed(1)).to(device)
+        for nested_ckpt in (True, False):
+            torch.manual_seed(0)
+            ckpt = nn.Sequential(nn.Sequential(Linear4bit(
+                72, 100, quant_type="nf4", compress_statistics=nested_ckpt))).to(device)
+            want = {k: v.detach().clone() for k, v in ckpt.state_dict().items()}
+            torch.manual_seed(1)
+            model = nn.Sequential(nn.Sequential(Linear4bit(
+                72, 100, quant_type="nf4", compress_statistics=not nested_ckpt))).to(device)
+            before = model(x)
+            fully_shard(model[0])
+            fully_shard(model)
+            try:
+                set_model_state_dict(model, want, options=opts)
+            except RuntimeError as e:
+                assert "sharded (FSDP2 fully_shard)" in str(e), e
+                assert f"compress_statistics={nested_ckpt}" in str(e), e
+            else:
+                raise AssertionError("a checkpoint of other settings loaded into shards")
+            assert torch.equal(model(x), before)  # untouched, still sharded and working
+        # not quantized before fully_shard (meta layers, then to_empty)
+        torch.manual_seed(0)
+        ref = nn.Sequential(nn.Sequential(Linear4bit(72, 100, quant_type="nf4")),
+                            nn.Sequential(Linear8bitLt(100, 36, has_fp16_weights=False))
+                            ).to(device)
+        want = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+        with torch.device("meta"):
+            model = nn.Sequential(nn.Sequential(Linear4bit(72, 100, quant_type="nf4")),
+                                  nn.Sequential(Linear8bitLt(100, 36, has_fp16_weights=False)))
+        for m in model:
+            fully_shard(m)
+        fully_shard(model)
+        model.to_empty(device=device)
+        try:
+            set_model_state_dict(model, want, options=opts)
+        except RuntimeError as e:
+            msg = str(e)
+            assert "Linear4bit is sharded" in msg and "not quantized yet" in msg, msg
+            assert "Linear8bitLt is sharded" in msg and "from_float" in msg, msg
+        else:
+            raise AssertionError("a layer not quantized before fully_shard loaded codes")
+        report(rank, "mismatched checkpoints refused with a clear message")
+        with open(os.path.join(results_dir, f"fsdp2mismatch_rank{rank}.ok"), "w") as f:
+            f.write("ok")
+    finally:
+        dist.destroy_process_group()

@@ -78,3 +78,10 @@ def test_fsdp2_tiled16_state_dicts_are_bitsandbytes_bytes(backend, tmp_path):
     """Layers in the tiled16 decode layout, sharded: state dicts equal never-tiled layers'."""
     assert _spawn(fsdp_workers.fsdp2_tiled16_worker, backend, tmp_path) == [
         "fsdp2tiled_rank0.ok", "fsdp2tiled_rank1.ok"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_mismatched_checkpoint_refused_clearly(backend, tmp_path):
+    """A checkpoint that does not fit a sharded layer: a clear error, the layer unchanged."""
+    assert _spawn(fsdp_workers.fsdp2_load_mismatch_worker, backend, tmp_path) == [
+        "fsdp2mismatch_rank0.ok", "fsdp2mismatch_rank1.ok"]

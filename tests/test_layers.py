@@ -415,3 +415,34 @@ def test_int8params_deepcopy_of_a_separate_cb_stays_separate():
     cb = torch.ones(2, 3, dtype=torch.int8)
     d = copy.deepcopy(Int8Params(data, False, False, cb, torch.ones(2)))
     assert torch.equal(d.CB, cb) and d.CB.data_ptr() != d.data_ptr()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_packed_codes_without_statistics_report_missing_keys(nested, storage):
+    """A state dict holding the packed codes but none of bitsandbytes' statistics keys (what
+    torch.distributed.checkpoint's broadcast_from_rank0 hands the other ranks) reports the
+    missing keys (it said "a float weight of shape (N*K/2, 1) does not fit this layer") and
+    keeps the old codes with their statistics."""
+    torch.manual_seed(0)
+    src = Linear4bit(72, 100, quant_type="nf4", compress_statistics=nested,
+                     quant_storage=storage).to("cpu")
+    torch.manual_seed(1)
+    dst = Linear4bit(72, 100, quant_type="nf4", compress_statistics=nested,
+                     quant_storage=storage).to("cpu")
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    only_codes = {"weight": src.state_dict()["weight"].clone(), "bias": src.bias.detach().clone()}
+    with pytest.raises(RuntimeError) as e:
+        dst.load_state_dict(only_codes)
+    assert "Missing key(s)" in str(e.value) and "weight.absmax" in str(e.value), str(e.value)
+    assert "float weight" not in str(e.value)
+    res = dst.load_state_dict(only_codes, strict=False)
+    assert "weight.absmax" in res.missing_keys
+    after = dst.state_dict()
+    # the old codes and statistics are kept together (never new codes with old statistics)
+    for k in before:
+        if k != "bias":
+            assert torch.equal(after[k].view(torch.uint8) if after[k].dim() else after[k],
+                               before[k].view(torch.uint8) if before[k].dim() else before[k]), k
+    # a float weight of the layer's shape is still quantized as before
+    dst.load_state_dict({"weight": torch.randn(100, 72), "bias": torch.zeros(100)})

@@ -179,6 +179,19 @@ def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
+def _refuse_new_sharded_tensors(module: nn.Module, have: str, incoming: str) -> None:
+    """ValueError where adopting incoming quantized tensors would register new parameters in
+    place of ones FSDP2's ``fully_shard`` has sharded (it keeps its own references to them: the
+    load would end in an AttributeError inside FSDP2, or a layer that computes with tensors
+    FSDP2 no longer gathers). ``have`` / ``incoming`` describe both sides for the message."""
+    if _is_dtensor(module._parameters.get("weight")):
+        raise ValueError(
+            f"{type(module).__name__} is sharded (FSDP2 fully_shard) as {have}, but the "
+            f"checkpoint holds {incoming}; a sharded layer loads only into tensors of the same "
+            "shapes and settings. Build the layer with the checkpoint's settings, quantized "
+            "(e.g. from_float of a meta nn.Linear), before fully_shard")
+
+
 def _drop_internal_keys(module: nn.Module, state_dict: dict, prefix: str) -> None:
     """Forget our internal statistic names in an incoming state dict (the bitsandbytes keys
     carry the values; torch.distributed.checkpoint may add the internal ones)."""

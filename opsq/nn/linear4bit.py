@@ -21,6 +21,7 @@ from ..fsdp import is_dtensor as _is_dtensor
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
                          _drop_internal_keys, _forget_internal_missing, _held_apply,
                          _load_without_weight, _parse_to_device, _pickle_state,
+                         _refuse_new_sharded_tensors,
                          _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Params4bit", "Linear4bit", "LinearNF4", "LinearFP4"]
@@ -274,6 +275,13 @@ def _packed_copy(data: torch.Tensor, state: Optional[Fq.QuantState]):
     the state (None stays None, with the codes as they are)."""
     state = copy.deepcopy(state)
     return (data, state) if state is None else _as_packed(data, state)
+
+
+def _settings_text(storage, quant_type, blocksize, nested, absmax_shape) -> str:
+    """A 4-bit weight's settings, for error messages."""
+    return (f"4-bit codes (quant_storage={storage}, quant_type={quant_type!r}, "
+            f"blocksize={blocksize}, compress_statistics={nested}, "
+            f"absmax {tuple(absmax_shape)})")
 
 
 def _check_settings(quant_type: str, blocksize: int, quant_storage: torch.dtype) -> None:
@@ -553,7 +561,16 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
         if self._same_layout(packed, state):
             self._copy_quantized(packed, state)
         else:
+            _refuse_new_sharded_tensors(self, self._settings_text(), _settings_text(
+                packed.dtype, state.quant_type, state.blocksize, state.nested,
+                state.absmax.shape))
             self._set_quantized(packed, state)
+
+    def _settings_text(self) -> str:
+        if not self.is_quantized:
+            return f"a float weight not quantized yet ({tuple(self.weight.shape)})"
+        return _settings_text(self.weight.dtype, self.quant_type, self.blocksize,
+                              self.compress_statistics, self.weight_absmax.shape)
 
     def _sync_weight_state(self) -> None:
         if isinstance(self.weight, Params4bit):
@@ -639,6 +656,19 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
         wkey = prefix + "weight"
         qs_keys = [k for k in state_dict if k.startswith(wkey + ".")]
         incoming = state_dict.get(wkey)
+        if (not qs_keys and incoming is not None and self.is_quantized
+                and tuple(incoming.shape) != self.weight_shape
+                and tuple(incoming.shape) == tuple(self.weight.shape)
+                and incoming.dtype == self.weight.dtype):
+            # this layer's packed codes without any of their statistics (e.g.
+            # torch.distributed.checkpoint's broadcast_from_rank0, which carries parameter
+            # names only): never pair them with the old statistics, nor read them as a float
+            # weight; report bitsandbytes' keys that are missing, as Linear8bitLt reports SCB
+            state_dict.pop(wkey)
+            missing_keys.extend(wkey + "." + k for k in self.quant_state.as_dict(packed=True))
+            _load_without_weight(self, nn.Linear, state_dict, prefix, local_metadata, strict,
+                                 missing_keys, unexpected_keys, error_msgs)
+            return
         if qs_keys or (incoming is not None and self.is_quantized):
             if incoming is None:
                 missing_keys.append(wkey)

@@ -16,7 +16,8 @@ from .._constants import (INVERSE_LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING,
 from ..meta._common import check_threshold
 from ._lifecycle import (QuantizedWeightMixin, _apply_intent, _bits, _copy_into,
                          _drop_internal_keys, _forget_internal_missing, _held_apply,
-                         _load_without_weight, _parse_to_device, _pickle_state, _same_memory,
+                         _load_without_weight, _parse_to_device, _pickle_state,
+                         _refuse_new_sharded_tensors, _same_memory,
                          _save_without_quantized, _set_tensor, _value)
 
 __all__ = ["Int8Params", "Linear8bitLt"]
@@ -357,6 +358,10 @@ class Linear8bitLt(QuantizedWeightMixin, nn.Linear):
                     _copy_into(self.weight_scb, SCB.reshape(-1).to(torch.float32))
                     self._sync_weight_state()
                 else:
+                    _refuse_new_sharded_tensors(
+                        self, f"{tuple(self.weight.shape)} {self.weight.dtype}"
+                        + ("" if self.is_quantized else " (not quantized yet)"),
+                        f"int8 codes {tuple(CB.shape)} with {SCB.numel()} row scales")
                     self._set_quantized(CB.detach().to(device), SCB.detach().to(device))
             except (ValueError, TypeError, RuntimeError) as e:
                 error_msgs.append(f"While loading {wkey}: {e}")
