@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._autograd import apply_op
-from .functional import QuantState
+from .functional import QuantState, _copy_out
 from .layout_utils import (get_inverse_transform_indices, get_tile_inds,  # noqa: F401
                            supports_igemmlt, undo_layout)
 from .outlier_tools import GlobalOutlierPooler  # noqa: F401
@@ -76,7 +76,7 @@ class MatmulLtState:
 
 
 def _finish(res: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
-    return res if out is None else out.copy_(res)
+    return res if out is None else _copy_out(out, res)
 
 
 # =============================================================================================
@@ -170,7 +170,10 @@ def matmul_4bit(A: torch.Tensor, B: torch.Tensor, quant_state: QuantState,
         DeprecationWarning: the weight is in ``[K, N]`` orientation.
     """
     try:  # the hot path's only check; a missing state/shape or a 0-d A lands in the slow path
-        usual = A.shape[-1] == quant_state.shape[-1]
+        # (A.dim() first: under torch.compile, Dynamo raises a bare IndexError for a 0-d A's
+        # shape[-1] that no except clause sees, instead of the op's "A must have at least 1
+        # dimension")
+        usual = A.dim() > 0 and A.shape[-1] == quant_state.shape[-1]
     except (AttributeError, TypeError, IndexError):
         usual = False
     if not usual and _is_kn_weight(A, quant_state):

@@ -53,6 +53,30 @@ _AF4_BLOCKSIZE_64: tuple[float, ...] = (
 _INT4_LEVELS: tuple[int, ...] = (7, 6, 5, 4, 3, 2, 1, 0, 0, -1, -2, -3, -4, -5, -6, -7)
 
 
+def _copy_out(out: torch.Tensor, res: torch.Tensor, name: str = "out") -> torch.Tensor:
+    """Copy a result into a caller's ``out`` buffer, which must match it exactly: shape, dtype
+    and device (bitsandbytes' ``.out`` ops check the same). A bare ``out.copy_(res)`` would
+    broadcast into a larger ``out``, cast silently (an int32 product wrapped into an int8
+    ``out``, a float result truncated into an int one) or write to another device (a meta
+    ``out`` returned holding nothing).
+
+    Raises:
+        TypeError: ``out`` not a tensor, or of another dtype. ValueError: another shape or
+            device.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != res.shape:
+        raise ValueError(f"{name} must have shape {tuple(res.shape)} (the result's), got "
+                         f"{tuple(out.shape)}")
+    if out.dtype != res.dtype:
+        raise TypeError(f"{name} must have dtype {res.dtype} (the result's), got {out.dtype}")
+    if out.device != res.device:
+        raise ValueError(f"{name} must be on the result's device ({res.device}), got "
+                         f"{out.device}")
+    return out.copy_(res)
+
+
 def get_4bit_type(typename: str, device=None, blocksize: int = 64) -> torch.Tensor:
     """The 16-entry code table of a 4-bit data type, fp32 ``(16,)`` with values in [-1, 1],
     indexed by the 4-bit code (bitsandbytes 0.50 ``get_4bit_type``).
@@ -588,7 +612,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     code = code.to(A.device, copy=True)
     q, am = torch.ops.opsq.quantize_blockwise(A, code, blocksize)
     if absmax is not None:  # (an unnested state holds the caller's buffer, as bitsandbytes')
-        am = absmax.copy_(am)
+        am = _copy_out(absmax, am, "absmax")
     if nested:
         offset = nested_offset(am)
         qa, state2 = quantize_blockwise(am - offset, blocksize=blocksize, nested=False)
@@ -597,8 +621,7 @@ def quantize_blockwise(A: torch.Tensor, code: Optional[torch.Tensor] = None,
     else:
         state = QuantState(absmax=am, code=code, blocksize=blocksize, dtype=A.dtype)
     if out is not None:
-        out.copy_(q)
-        q = out
+        q = _copy_out(out, q)
     return q, state
 
 
@@ -626,7 +649,7 @@ def dequantize_blockwise(A: torch.Tensor, quant_state: Optional[QuantState] = No
     res = torch.ops.opsq.dequantize_blockwise(A, am.float(), quant_state.code,
                                               quant_state.blocksize, dtype)
     if out is not None:
-        return out.copy_(res)
+        return _copy_out(out, res)
     return res
 
 
@@ -666,10 +689,9 @@ def quantize_4bit(A: torch.Tensor, absmax: Optional[torch.Tensor] = None,
         state = QuantState(absmax=am, shape=A.shape, dtype=A.dtype, blocksize=blocksize,
                            code=code, quant_type=quant_type)
     if absmax is not None:
-        absmax.copy_(am)
+        _copy_out(absmax, am, "absmax")
     if out is not None:
-        out.copy_(packed)
-        packed = out
+        packed = _copy_out(out, packed)
     return packed, state
 
 
@@ -707,7 +729,7 @@ def dequantize_4bit(A: torch.Tensor, quant_state: Optional[QuantState] = None,
                                          *quant_state.nested_args(),
                                          quant_state.layout)
     if out is not None:
-        res = out.copy_(res)
+        res = _copy_out(out, res)
     # (a (1, 1) tensor is the packed form of a weight of <= 2 codes a byte, not a transposed one)
     return res.t() if A.dim() == 2 and A.shape[0] == 1 and A.shape[1] > 1 and res.dim() == 2 \
         else res
@@ -757,7 +779,7 @@ def gemv_4bit(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] = No
                                    state.quant_type, bias, *state.nested_args(),
                                    state.layout)
     if out is not None:
-        return out.copy_(res)
+        return _copy_out(out, res)
     return res
 
 
@@ -828,10 +850,10 @@ def int8_double_quant(A: torch.Tensor, col_stats=None, row_stats=None, out_col=N
         TypeError / ValueError as :func:`int8_vectorwise_quant`.
     """
     res = torch.ops.opsq.double_quant(A, float(threshold))
-    for dst, src in ((out_row, res[0]), (out_col, res[1]), (row_stats, res[2]),
-                     (col_stats, res[3])):
+    for name, dst, src in (("out_row", out_row, res[0]), ("out_col", out_col, res[1]),
+                           ("row_stats", row_stats, res[2]), ("col_stats", col_stats, res[3])):
         if dst is not None:
-            dst.copy_(src)
+            _copy_out(dst, src, name)
     return res
 
 
@@ -849,7 +871,7 @@ def int8_linear_matmul(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Ten
         raise TypeError(f"int8_linear_matmul: dtype must be torch.int32, got {dtype}")
     res = torch.ops.opsq.igemmlt(A, B)
     if out is not None:
-        return out.copy_(res)
+        return _copy_out(out, res)
     return res
 
 
@@ -870,7 +892,7 @@ def int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
         dtype = out.dtype
     res = torch.ops.opsq.mm_dequant(A, row_stats, col_stats, bias, dtype)
     if out is not None:
-        return out.copy_(res)
+        return _copy_out(out, res)
     return res
 
 
@@ -909,7 +931,7 @@ def transform(A: torch.Tensor, to_order: str, from_order: str = "row", out=None,
         raise ValueError("transform: a tiled A needs state=(shape, from_order)")
     res = torch.ops.opsq.transform(A, from_order, to_order, list(shape))
     if out is not None:
-        res = out.copy_(res)
+        res = _copy_out(out, res)
     return res, (tuple(shape), to_order)
 
 
@@ -947,7 +969,7 @@ def batched_igemm(A: torch.Tensor, B: torch.Tensor, out: Optional[torch.Tensor] 
     for i in range(A.shape[0]):
         res[i] = igemm(A[i], B[i], transposed_A=transposed_A, transposed_B=transposed_B)
     if out is not None:
-        return out.copy_(res)
+        return _copy_out(out, res)
     return res
 
 
