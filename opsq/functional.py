@@ -25,6 +25,7 @@ from ._constants import (BLOCKSIZES, BLOCKWISE_BLOCKSIZES, FLOAT_DTYPES, NESTED_
                          QUANT_TYPES, BLOCKSIZE_4BIT_DEFAULT, quant_map)
 from ._constants import check_int as _check_int
 from ._constants import create_dynamic_map  # one home; re-exported as bitsandbytes has it
+from ._composites import _check_out
 from . import _tiled16
 from ._constants import dynamic_map_on
 
@@ -62,18 +63,11 @@ def _copy_out(out: torch.Tensor, res: torch.Tensor, name: str = "out") -> torch.
 
     Raises:
         TypeError: ``out`` not a tensor, or of another dtype. ValueError: another shape or
-            device.
+            device (the ``.out`` overloads' check, :func:`opsq._composites._check_out`).
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(out).__name__}")
-    if out.shape != res.shape:
-        raise ValueError(f"{name} must have shape {tuple(res.shape)} (the result's), got "
-                         f"{tuple(out.shape)}")
-    if out.dtype != res.dtype:
-        raise TypeError(f"{name} must have dtype {res.dtype} (the result's), got {out.dtype}")
-    if out.device != res.device:
-        raise ValueError(f"{name} must be on the result's device ({res.device}), got "
-                         f"{out.device}")
+    _check_out(name, out, res)
     return out.copy_(res)
 
 
