@@ -197,16 +197,26 @@ def _timer(flush: str = "write") -> Callable[[Callable[[], object]], float]:
     def run(fn, warmup=25, reps=100):
         for _ in range(warmup):
             fn()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(reps)]
-        for start, end in events:
-            clear()
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        return _median([start.elapsed_time(end) for start, end in events])
+        return _event_ms(fn, clear, reps)
     return run
+
+
+def _event_ms(fn: Callable[[], object], clear: Callable[[], object], reps: int,
+              pad_cycles: int = 0) -> float:
+    """Median milliseconds of ``reps`` runs of ``fn()`` between two CUDA events, each after
+    ``clear()`` (an L2 flush) and, with ``pad_cycles``, ``torch.cuda._sleep(pad_cycles)``; one
+    synchronisation after the last run."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+              for _ in range(reps)]
+    for start, end in events:
+        clear()
+        if pad_cycles:
+            torch.cuda._sleep(pad_cycles)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return _median([start.elapsed_time(end) for start, end in events])
 
 
 def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_000_000,
@@ -221,16 +231,7 @@ def _replay_ms(fn: Callable[[], object], reps: int = 100, pad_cycles: int = 2_00
     clear = _l2_flush(flush)
     for _ in range(3):
         fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(reps)]
-    for start, end in events:
-        clear()
-        torch.cuda._sleep(pad_cycles)
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return _median([start.elapsed_time(end) for start, end in events])
+    return _event_ms(fn, clear, reps, pad_cycles)
 
 
 def _wall_ms(fn: Callable[[], object], reps: int = 20) -> float:
