@@ -277,7 +277,7 @@ def _packed_copy(data: torch.Tensor, state: Optional[Fq.QuantState]):
     return (data, state) if state is None else _as_packed(data, state)
 
 
-def _settings_text(storage, quant_type, blocksize, nested, absmax_shape) -> str:
+def _describe_codes(storage, quant_type, blocksize, nested, absmax_shape) -> str:
     """A 4-bit weight's settings, for error messages."""
     return (f"4-bit codes (quant_storage={storage}, quant_type={quant_type!r}, "
             f"blocksize={blocksize}, compress_statistics={nested}, "
@@ -561,7 +561,7 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
         if self._same_layout(packed, state):
             self._copy_quantized(packed, state)
         else:
-            _refuse_new_sharded_tensors(self, self._settings_text(), _settings_text(
+            _refuse_new_sharded_tensors(self, self._settings_text(), _describe_codes(
                 packed.dtype, state.quant_type, state.blocksize, state.nested,
                 state.absmax.shape))
             self._set_quantized(packed, state)
@@ -569,7 +569,7 @@ class Linear4bit(Bnb4bitWeightKeys, QuantizedWeightMixin, nn.Linear):
     def _settings_text(self) -> str:
         if not self.is_quantized:
             return f"a float weight not quantized yet ({tuple(self.weight.shape)})"
-        return _settings_text(self.weight.dtype, self.quant_type, self.blocksize,
+        return _describe_codes(self.weight.dtype, self.quant_type, self.blocksize,
                               self.compress_statistics, self.weight_absmax.shape)
 
     def _sync_weight_state(self) -> None:
